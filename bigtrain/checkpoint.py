@@ -1,0 +1,217 @@
+"""Run-dir checkpoints: layout, atomic save, discovery, verification, retention and resume.
+
+Layout: <run dir>/checkpoints/step-NNNNNNN/ holding the engine's tensor files, trainer.json
+(step, samples consumed, skipped steps, wandb run id, scheduler), config.yaml (resolved recipe),
+rng/rank-NNNNN.pt, and manifest.json. Everything is written into a hidden temp folder first; the
+manifest (size + sha256 of every file) is written last and the folder is renamed into place, so a
+`step-*` folder is complete by construction and a damaged one is caught by its checksums.
+Tensors go through the engine (`save_state` / `load_state`) so each strategy owns its format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from bigtrain.errors import UserError
+from bigtrain.strategy import Dist, barrier, broadcast_object
+
+MANIFEST = "manifest.json"
+TRAINER = "trainer.json"
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, truncated or corrupted; the message names the file."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs (resume is O(1): no data replay)."""
+
+    step: int = 0
+    samples_consumed: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    wandb_run_id: str | None = None
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"step-{step:07d}"
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: str, keep_last: int) -> Path:
+    """Write a complete checkpoint of `state` (collective: every rank calls it)."""
+    final = step_dir(run_dir, state.step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    barrier(dist)
+    engine.save_state(tmp)
+    torch.save(_rng_state(dist), tmp / "rng" / f"rank-{dist.rank:05d}.pt")
+    barrier(dist)
+    if dist.is_main:
+        (tmp / TRAINER).write_text(json.dumps({**asdict(state), "world_size": dist.world_size,
+                                               "scheduler": {"step": state.step}}, indent=1))
+        (tmp / "config.yaml").write_text(config_yaml)
+        files = {str(p.relative_to(tmp)): _file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {"step": state.step, "samples_consumed": state.samples_consumed, "files": files}
+        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        if final.exists():  # re-saving the same step (e.g. a finished run resumed): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        prune(run_dir, keep_last)
+    barrier(dist)
+    return final
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (0 keeps all)."""
+    if keep_last <= 0:
+        return
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _file_entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    part = path.with_name(path.name + ".part")
+    with open(part, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state(dist: Dist) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if dist.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dist.device)
+    return state
+
+
+def _restore_rng(folder: Path, dist: Dist, saved_world_size: int) -> None:
+    path = folder / "rng" / f"rank-{dist.rank:05d}.pt"
+    if saved_world_size != dist.world_size or not path.exists():
+        return  # a different world size: per-rank streams don't map over; keep the seeded ones
+    state = torch.load(path, weights_only=True)
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and dist.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], dist.device)
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Step folders, oldest first (temp folders of interrupted saves are never listed)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def verify(folder: Path) -> dict:
+    """Check the manifest and every file's size and sha256; return the manifest or raise CheckpointError."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"incomplete checkpoint {folder}: no {MANIFEST}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"corrupted checkpoint {folder}: unreadable {MANIFEST}") from None
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"incomplete checkpoint {folder}: missing {name}")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"truncated checkpoint file {path}: {size} bytes, manifest says {entry['bytes']}")
+        if _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"corrupted checkpoint file {path}: sha256 does not match the manifest")
+    return manifest
+
+
+def find_resume_checkpoint(resume: str, run_dir: Path, warn=print) -> Path | None:
+    """The checkpoint folder to resume from, or None for a fresh start.
+
+    auto: the newest complete checkpoint of the run dir, skipping (and naming) damaged ones.
+    A path: a checkpoint folder, or a run dir (its newest complete checkpoint); damage is an error.
+    """
+    if resume == "none":
+        return None
+    if resume == "auto":
+        for folder in reversed(list_checkpoints(run_dir)):
+            try:
+                verify(folder)
+                return folder
+            except CheckpointError as e:
+                warn(f"warning: {e} — falling back to an earlier checkpoint")
+        return None
+    path = Path(resume).expanduser()
+    if (path / MANIFEST).exists() or path.name.startswith("step-"):
+        verify(path)
+        return path
+    candidates = list_checkpoints(path)
+    if not candidates:
+        raise CheckpointError(f"checkpoint.resume: no checkpoint in '{path}'")
+    verify(candidates[-1])
+    return candidates[-1]
+
+
+def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print) -> TrainState:
+    """Load engine state + trainer state from the chosen checkpoint (collective). Rank 0 verifies."""
+    choice: tuple[str | None, str | None] = (None, None)
+    if dist.is_main:
+        try:
+            folder = find_resume_checkpoint(resume_setting, run_dir, warn)
+            choice = (str(folder) if folder else None, None)
+        except CheckpointError as e:
+            choice = (None, str(e))
+    folder_name, error = broadcast_object(dist, choice)
+    if error:
+        raise CheckpointError(error)
+    if folder_name is None:
+        return TrainState()
+    folder = Path(folder_name)
+    engine.load_state(folder)
+    saved = json.loads((folder / TRAINER).read_text())
+    _restore_rng(folder, dist, saved.get("world_size", 1))
+    fields = TrainState.__dataclass_fields__
+    return TrainState(**{k: v for k, v in saved.items() if k in fields})

@@ -1,0 +1,168 @@
+"""`bigtrain` subcommands: train, check, prepare, bench. Bad input exits 2 with one line; no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+
+from bigtrain.errors import UserError
+
+COMMANDS = ("train", "check", "prepare", "bench")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bigtrain", description="Train transformer LMs from one recipe, one core to many nodes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("recipe", help="recipe YAML file")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override recipe values")
+        return p
+
+    command("train", "train per the recipe (single process, or DDP under torchrun)")
+    check = command("check", "validate a recipe; print parameters, FLOPs/token, memory estimate, precision table")
+    check.add_argument("--keys", action="store_true", help="also list every recipe key with its help")
+    command("prepare", "tokenize and pack the recipe's data once into the cache")
+    bench = command("bench", "measure tokens/s, MFU and the step-time breakdown")
+    bench.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
+    bench.add_argument("--warmup", type=int, default=3, help="steps run before measuring (default 3)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "check": cmd_check, "prepare": cmd_prepare, "bench": cmd_bench}[args.command](args)
+    except UserError as e:
+        print(f"bigtrain: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # TrainingError and friends: one clear line, keep the traceback for bugs
+        from bigtrain.loop import TrainingError
+
+        if isinstance(e, TrainingError):
+            print(f"bigtrain: training stopped: {e}", file=sys.stderr, flush=True)
+            return 1
+        raise
+
+
+def _config(args, **kwargs):
+    from bigtrain.config import load_config
+
+    return load_config(args.recipe, args.overrides, **kwargs)
+
+
+def cmd_train(args) -> int:
+    from bigtrain.run import run_training
+
+    ctx = run_training(_config(args))
+    if ctx.dist.is_main:
+        print(f"bigtrain: finished step {ctx.state.step} · run dir {ctx.cfg.run_dir()}", file=sys.stderr)
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from bigtrain.data import load_prepared, prepare_data
+
+    cfg = _config(args)
+    prepare_data(cfg.data)
+    data = load_prepared(cfg.data, verify=True)
+    print(f"prepared {data.path}: vocab {data.vocab_size} · train {data.train.num_tokens:,} tokens "
+          f"({len(data.train):,} samples) · validation {data.validation.num_tokens:,} tokens "
+          f"({len(data.validation):,} samples)")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from bigtrain.config import describe
+    from bigtrain.models import count_params, spec_flops_per_token
+    from bigtrain.run import check_model, padded_vocab_size
+    from bigtrain.strategy import precision_table, resolve_strategy
+
+    cfg = _config(args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    spec = dataclasses.replace(check_model(cfg), vocab_size=padded_vocab_size(_vocab_size(cfg)))
+    params = count_params(spec)
+    flops = spec_flops_per_token(spec, cfg.data.seq_len)
+    table = precision_table(cfg.parallel.precision)
+    t = cfg.train
+    print(f"recipe {args.recipe}: valid")
+    print(f"run dir      {cfg.run_dir()}")
+    print(f"model        {cfg.model.arch}/{cfg.model.preset}: {spec.n_layers} layers × d_model {spec.d_model}, "
+          f"{spec.n_heads} heads ({spec.n_kv_heads} kv), d_ff {spec.d_ff}, {spec.norm}/{spec.position}/{spec.mlp}, "
+          f"vocab {spec.vocab_size}{', tied' if spec.tie_embeddings else ''}")
+    print(f"parameters   {params:,} ({params / 1e6:.1f}M)")
+    print(f"FLOPs/token  {flops:.4g} (training, seq_len {cfg.data.seq_len})")
+    print(f"batch        global {t.global_batch_size} = micro {t.micro_batch_size} × accumulation "
+          f"{t.accum_steps(world_size)} × data-parallel {world_size} · "
+          f"{t.global_batch_size * cfg.data.seq_len:,} tokens/step · {t.max_steps:,} steps")
+    print(f"strategy     {resolve_strategy(cfg.parallel.strategy, world_size)}"
+          f"{' · activation checkpointing' if cfg.parallel.activation_checkpointing else ''}"
+          f"{' · compile' if cfg.parallel.compile else ''}")
+    for name, gb in _memory_estimate_gb(spec, params, cfg).items():
+        print(f"memory       {name}: {gb:.2f} GB per rank (estimate)")
+    print("precision    " + "  ".join(f"{k}={v}" for k, v in table.as_strings().items()))
+    if args.keys:
+        print(describe())
+    return 0
+
+
+def _vocab_size(cfg) -> int:
+    """Vocabulary size without preparing data: the tokenizer file's, else the BPE size to train."""
+    if cfg.data.tokenizer:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(os.path.expanduser(cfg.data.tokenizer)).get_vocab_size()
+    return cfg.data.vocab_size
+
+
+def _memory_estimate_gb(spec, params: int, cfg) -> dict[str, float]:
+    """Weights + grads + AdamW state (16 bytes/param in mixed precision with fp32 master weights) and
+    activations (~34·s·b·d bytes per layer at 16-bit per Korthikanti et al.; SDPA keeps no s² scores;
+    one block's worth plus the block inputs with activation checkpointing), plus fp32 logits."""
+    b, s, d, layers = cfg.train.micro_batch_size, cfg.data.seq_len, spec.d_model, spec.n_layers
+    bytes_per_act = 2 if cfg.parallel.precision in ("bf16", "fp16") else 4
+    per_layer = 17 * s * b * d * bytes_per_act
+    activations = (layers * b * s * d * bytes_per_act + per_layer) if cfg.parallel.activation_checkpointing \
+        else layers * per_layer
+    logits = b * s * spec.vocab_size * (4 + bytes_per_act)
+    return {
+        "weights+grads+optimizer": params * 16 / 1e9,
+        "activations": (activations + logits) / 1e9,
+    }
+
+
+def cmd_bench(args) -> int:
+    from bigtrain.run import run_training
+
+    cfg = _config(args)
+    steps = args.warmup + args.steps
+    with tempfile.TemporaryDirectory(prefix="bigtrain-bench-") as tmp:
+        cfg = dataclasses.replace(
+            cfg,
+            run=dataclasses.replace(cfg.run, output_dir=tmp),
+            train=dataclasses.replace(cfg.train, max_steps=max(steps, cfg.train.max_steps), stop_at_step=steps),
+            checkpoint=dataclasses.replace(cfg.checkpoint, resume="none"),
+            logging=dataclasses.replace(cfg.logging, every=1, wandb="disabled", progress=False),
+        )
+        ctx = run_training(cfg, bench=True)
+    if not ctx.dist.is_main:
+        return 0
+    measured = [r for r in ctx.history if r["step"] > args.warmup]
+    mean = lambda key: sum(r[key] for r in measured) / len(measured)  # noqa: E731
+    step_s = mean("perf/step_time_s")
+    print(f"bench {args.recipe}: {len(measured)} steps after {args.warmup} warmup · "
+          f"{ctx.dist.world_size} × {ctx.dist.device.type} · precision {cfg.parallel.precision}")
+    print(f"tokens/s     {mean('perf/tokens_per_sec'):,.0f}")
+    print(f"MFU          {mean('perf/mfu'):.3f} (FLOPs/token {ctx.flops_per_token:.4g}, "
+          f"peak {ctx.peak_flops_per_sec / 1e9:,.0f} GFLOP/s per device)")
+    print(f"step time    {step_s * 1e3:.1f} ms = forward+backward {mean('perf/fwd_bwd_s') * 1e3:.1f} ms"
+          f" + optimizer {mean('perf/optim_s') * 1e3:.1f} ms + data {mean('perf/data_wait_frac') * step_s * 1e3:.2f} ms"
+          f" ({mean('perf/data_wait_frac') * 100:.2f}% waiting for data)")
+    print(f"memory       {max(r['perf/max_memory_gb'] for r in measured):.2f} GB peak")
+    return 0

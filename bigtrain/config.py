@@ -1,0 +1,389 @@
+"""Recipe schema, YAML loading, `section.key=value` overrides and validation.
+
+A recipe is a YAML mapping of sections (`run`, `model`, `data`, `task`, `train`, `optim`,
+`parallel`, `checkpoint`, `eval`, `logging`). `load_config` reads it with `yaml.safe_load`,
+merges command-line overrides, and validates everything in one pass — unknown keys (with a
+"did you mean"), types, choices and cross-field rules — before anything is built. The result
+is a frozen `Config`. Every field carries a one-line help text (`describe()` prints them).
+Derived numbers (accumulation steps, the run dir) are methods, never extra fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from bigtrain.errors import UserError
+
+
+class ConfigError(UserError):
+    """A recipe or override is invalid; the message names the key."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: Optional[str] = _opt(None, "run name; the run dir is output_dir/name (default: the recipe file's stem)")
+    output_dir: str = _opt("runs", "folder that holds run dirs")
+    seed: int = _opt(0, "seed for model init, data order and dropout")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = _opt("decoder", "model family: decoder")
+    preset: str = _opt("debug", "named size: debug, gpt2-124m, gpt2-355m, llama-1b, llama-8b")
+    n_layers: Optional[int] = _opt(None, "transformer blocks (default: the preset's)")
+    d_model: Optional[int] = _opt(None, "hidden width (default: the preset's)")
+    n_heads: Optional[int] = _opt(None, "attention heads (default: the preset's)")
+    n_kv_heads: Optional[int] = _opt(None, "key/value heads for grouped-query attention (default: the preset's)")
+    d_ff: Optional[int] = _opt(None, "MLP hidden width (default: the preset's)")
+    max_seq_len: Optional[int] = _opt(None, "longest sequence the model accepts (default: the preset's)")
+    norm: Optional[str] = _opt(None, "layernorm | rmsnorm (default: the preset's)")
+    position: Optional[str] = _opt(None, "learned | rope (default: the preset's)")
+    mlp: Optional[str] = _opt(None, "gelu | swiglu (default: the preset's)")
+    tie_embeddings: Optional[bool] = _opt(None, "share input embedding and output head (default: the preset's)")
+    bias: Optional[bool] = _opt(None, "biases in linear layers and norms (default: the preset's)")
+    dropout: Optional[float] = _opt(None, "dropout probability (default: the preset's)")
+    rope_theta: Optional[float] = _opt(None, "RoPE base frequency (default: the preset's)")
+    norm_eps: Optional[float] = _opt(None, "epsilon of the norms (default: the preset's)")
+    init_std: Optional[float] = _opt(None, "std of the normal weight init (default: the preset's)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = _opt("python-stdlib", "python-stdlib, a local text/json/jsonl/parquet/csv file or folder, a save_to_disk folder, or a hub dataset name")
+    subset: Optional[str] = _opt(None, "hub dataset config name")
+    text_column: str = _opt("text", "column holding the text")
+    validation_split: float = _opt(0.01, "fraction of documents held out for validation when the source has no validation split")
+    max_documents: Optional[int] = _opt(None, "use only the first N documents (quick runs and tests)")
+    tokenizer: Optional[str] = _opt(None, "path to a tokenizer.json; default: train a byte-level BPE of vocab_size on the corpus")
+    vocab_size: int = _opt(8192, "vocabulary size of the BPE trained when no tokenizer is given")
+    seq_len: int = _opt(256, "tokens per training sequence")
+    cache_dir: str = _opt("~/.cache/bigtrain", "where tokenizers and packed token shards are cached")
+    packing: bool = _opt(True, "pack documents into full sequences (false: one padded document per sample)")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: Literal["causal_lm"] = _opt("causal_lm", "training objective: causal_lm")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = _opt(1000, "optimizer steps of the whole run; the LR schedule ends here")
+    global_batch_size: int = _opt(32, "sequences per optimizer step, summed over ranks and accumulation")
+    micro_batch_size: int = _opt(8, "sequences per forward/backward on one rank")
+    stop_at_step: Optional[int] = _opt(None, "end this invocation after this step with a checkpoint; the schedule stays max_steps'")
+    max_skipped_steps: int = _opt(5, "stop with an error after this many non-finite steps in a row")
+
+    def accum_steps(self, dp_size: int) -> int:
+        """Micro-batches per optimizer step on each rank (derived, never set)."""
+        return self.global_batch_size // (self.micro_batch_size * dp_size)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = _opt(3e-4, "peak learning rate")
+    final_lr_ratio: float = _opt(0.1, "LR at max_steps as a fraction of lr (cosine/linear)")
+    schedule: Literal["cosine", "linear", "constant"] = _opt("cosine", "decay after warmup: cosine | linear | constant")
+    warmup_steps: int = _opt(0, "steps of linear warmup from 0 to lr")
+    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (not on norms, biases, embeddings' positions)")
+    betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas")
+    eps: float = _opt(1e-8, "AdamW epsilon")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping; the norm is still reported)")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    strategy: Literal["auto", "single", "ddp"] = _opt("auto", "auto (ddp when started with several processes, else single) | single | ddp")
+    precision: Literal["fp32", "bf16", "fp16"] = _opt("fp32", "fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)")
+    device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto (cuda when available) | cpu | cuda")
+    activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward to save memory")
+    compile: bool = _opt(False, "torch.compile each block")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = _opt(0, "save every N steps (0: only at the end); always at the end and at stop_at_step")
+    keep_last: int = _opt(3, "keep this many newest checkpoints (0: keep all)")
+    resume: str = _opt("auto", "auto (newest complete checkpoint in the run dir) | none | a checkpoint path")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = _opt(0, "evaluate every N steps (0: only at the end)")
+    max_samples: Optional[int] = _opt(None, "evaluate on the first N validation samples (default: all)")
+    micro_batch_size: Optional[int] = _opt(None, "eval sequences per forward (default: train.micro_batch_size)")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every: int = _opt(10, "log training metrics every N steps (1: every step)")
+    wandb: Literal["online", "offline", "disabled"] = _opt("disabled", "online | offline | disabled")
+    wandb_project: str = _opt("bigtrain", "wandb project")
+    wandb_entity: Optional[str] = _opt(None, "wandb entity (team or user)")
+    progress: bool = _opt(True, "live progress display on rank 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / (self.run.name or "run")
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (lists, not tuples) for config.yaml and wandb."""
+        return _plain(dataclasses.asdict(self))
+
+
+# Section name -> its dataclass, in recipe order.
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+# Suffixes that mark data.source as a local path that must exist.
+_DATA_SUFFIXES = (".txt", ".text", ".json", ".jsonl", ".parquet", ".csv")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(recipe: str | os.PathLike, overrides: list[str] = (), *, world_size: int | None = None) -> Config:
+    """Read a recipe, apply `section.key=value` overrides, validate, and return a frozen Config.
+
+    world_size defaults to $WORLD_SIZE (set by torchrun/accelerate/deepspeed) or 1.
+    """
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    if isinstance(raw.get("run") or {}, dict) and (raw.get("run") or {}).get("name") is None:
+        raw["run"] = {**(raw.get("run") or {}), "name": path.stem}
+    cfg = build_config(raw, where=str(path))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world_size=world_size)
+    return cfg
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override '{item}': expected section.key=value, e.g. optim.lr=1e-3")
+    section, name = parts
+    if section not in SECTIONS:
+        raise ConfigError(f"override '{item}': unknown section '{section}'{_did_you_mean(section, SECTIONS)}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"section '{section}' must be a mapping")
+    target[name] = value
+
+
+def build_config(raw: dict, *, where: str = "recipe") -> Config:
+    """Turn a nested dict into a Config, checking keys and types (no cross-field rules)."""
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section '{section}'{_did_you_mean(section, SECTIONS)}")
+    sections = {}
+    for section, cls in SECTIONS.items():
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section '{section}' must be a mapping, got {type(values).__name__}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            path = f"{section}.{key}"
+            if key not in hints:
+                raise ConfigError(f"{where}: unknown key '{path}'{_did_you_mean(path, _all_keys())}")
+            kwargs[key] = _check_type(value, hints[key], path, where)
+        sections[section] = cls(**kwargs)
+    return Config(**sections)
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _did_you_mean(word: str, options) -> str:
+    options = list(options)
+    # Also match on the bare key so 'train.lr' suggests 'optim.lr'.
+    bare = {o.split(".")[-1]: o for o in options}
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    if not close:
+        close = [bare[m] for m in difflib.get_close_matches(word.split(".")[-1], list(bare), n=1, cutoff=0.75)]
+    return f" — did you mean '{close[0]}'?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _check_type(value: Any, tp: Any, path: str, where: str) -> Any:
+    """Return value converted to tp (int→float, numeric strings→float, list→tuple), or raise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, path, where)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        choices = ", ".join(str(a) for a in typing.get_args(tp))
+        raise ConfigError(f"{where}: {path}={value!r} is not one of: {choices}")
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_check_type(v, a, path, where) for v, a in zip(value, args))
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: {path} must be {_type_name(tp)}, got {value!r}")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config, *, world_size: int = 1) -> None:
+    """Cross-field rules that need the whole config (and the data-parallel size)."""
+    t, o = cfg.train, cfg.optim
+
+    def positive(path: str, value: int | float | None, *, allow_zero: bool = False) -> None:
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            raise ConfigError(f"{path}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+    positive("train.max_steps", t.max_steps)
+    positive("train.global_batch_size", t.global_batch_size)
+    positive("train.micro_batch_size", t.micro_batch_size)
+    positive("train.max_skipped_steps", t.max_skipped_steps)
+    positive("data.seq_len", cfg.data.seq_len)
+    positive("data.vocab_size", cfg.data.vocab_size)
+    positive("data.max_documents", cfg.data.max_documents)
+    positive("optim.lr", o.lr, allow_zero=True)
+    positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+    positive("checkpoint.keep_last", cfg.checkpoint.keep_last, allow_zero=True)
+    positive("eval.every", cfg.eval.every, allow_zero=True)
+    positive("eval.max_samples", cfg.eval.max_samples)
+    positive("eval.micro_batch_size", cfg.eval.micro_batch_size)
+    positive("logging.every", cfg.logging.every)
+
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size × "
+            f"data-parallel size = {t.micro_batch_size} × {world_size} = {per_step}"
+        )
+    if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.max_steps:
+        raise ConfigError(f"train.stop_at_step={t.stop_at_step} must be in 1..train.max_steps ({t.max_steps})")
+    if o.warmup_steps > t.max_steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.max_steps={t.max_steps}")
+    if not 0.0 <= o.final_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.final_lr_ratio={o.final_lr_ratio} must be in [0, 1]")
+    if not 0.0 <= cfg.data.validation_split < 1.0:
+        raise ConfigError(f"data.validation_split={cfg.data.validation_split} must be in [0, 1)")
+    if not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas={list(o.betas)} must each be in [0, 1)")
+    if cfg.parallel.strategy == "single" and world_size > 1:
+        raise ConfigError(f"parallel.strategy=single but {world_size} processes were started — use ddp or one process")
+    _check_paths(cfg)
+
+
+def _check_paths(cfg: Config) -> None:
+    source = cfg.data.source
+    looks_local = source.startswith(("/", "./", "../", "~")) or source.lower().endswith(_DATA_SUFFIXES)
+    if looks_local and not Path(source).expanduser().exists():
+        raise ConfigError(f"data.source: no such file or folder '{source}'")
+    if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).expanduser().is_file():
+        raise ConfigError(f"data.tokenizer: no such file '{cfg.data.tokenizer}'")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not Path(resume).expanduser().exists():
+        raise ConfigError(f"checkpoint.resume: no such checkpoint '{resume}' (use auto, none or a path)")
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe() -> str:
+    """Every key with its type, default and help text (for `bigtrain check --keys`)."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {f.name}: {_type_name(hints[f.name])} = {f.default!r}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,233 @@
+"""Where documents come from: resolve `data.source` and load it as train/validation splits.
+
+Every source goes through Hugging Face `datasets` and ends as two `datasets.Dataset`s
+whose `data.text_column` holds one document per row:
+
+- `python-stdlib`: every `.py` file of this interpreter's standard library (no
+  site-packages), sorted by relative path — a small real corpus that needs no download;
+- a local `.txt`/`.text`, `.json`/`.jsonl`, `.parquet` or `.csv` file, or a folder of
+  files with one of those extensions;
+- a `save_to_disk` folder (`datasets.load_from_disk`);
+- otherwise a hub dataset name (`datasets.load_dataset(name, name=data.subset)`).
+
+When the source has no validation split, `data.validation_split` of the documents are held
+out by a stable hash of each document's key (its path for python-stdlib, else its row
+index), so the split never depends on random state, order of loading or the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bigtrain.errors import UserError
+
+if TYPE_CHECKING:
+    import datasets
+
+STDLIB = "python-stdlib"
+
+# File suffix -> `datasets` packaged builder.
+BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+# Any of these in a folder marks it as written by `Dataset(Dict).save_to_disk`.
+_SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved `data.source`: how to load it, and an identity string for cache keys."""
+
+    kind: str  # "stdlib" | "files" | "disk" | "hub"
+    identity: str  # changes whenever the documents may have changed
+    files: tuple[Path, ...] = ()  # the files to read ("stdlib", "files")
+    builder: str | None = None  # the `datasets` builder ("files")
+    root: Path | None = None  # stdlib folder or save_to_disk folder
+
+
+@dataclass
+class DocumentSplits:
+    train: "datasets.Dataset"
+    validation: "datasets.Dataset"
+
+
+def resolve_source(cfg) -> Source:
+    """Find out what `cfg.source` names (cheap: stats files, reads none)."""
+    source = cfg.source
+    if source == STDLIB:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        version = ".".join(map(str, sys.version_info[:3]))
+        return Source("stdlib", f"{STDLIB}:{version}:{root}", root=root)  # files listed when loaded
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        looks_local = source.startswith(("/", "./", "../", "~")) or path.suffix.lower() in BUILDERS
+        if looks_local:
+            raise UserError(f"data.source: no such file or folder '{source}'")
+        return Source("hub", f"hub:{source}:{cfg.subset}")
+
+    path = path.resolve()
+    if path.is_dir() and any((path / marker).exists() for marker in _SAVED_MARKERS):
+        files = tuple(sorted(p for p in path.rglob("*") if p.is_file()))
+        return Source("disk", _files_identity("disk", files), files=files, root=path)
+    files = _data_files(path, source)
+    builder = BUILDERS[files[0].suffix.lower()]
+    return Source("files", _files_identity(builder, files), files=files, builder=builder)
+
+
+def load_documents(cfg, source: Source, *, cache_dir: Path, num_proc: int | None = None) -> DocumentSplits:
+    """Load the source and return its train and validation documents.
+
+    `max_documents` keeps the first N documents of each split (sorted by path for
+    python-stdlib) before the validation split is drawn.
+    """
+    if source.kind == "stdlib":
+        splits = {"train": _load_stdlib(source, cfg.max_documents)}
+    elif source.kind == "disk":
+        splits = _as_dict(_load_from_disk(source.root, cfg.source))
+    else:
+        splits = _as_dict(_load_dataset(cfg, source, cache_dir=cache_dir, num_proc=num_proc))
+
+    train_name = "train" if "train" in splits else next(iter(splits))
+    val_name = next((n for n in ("validation", "test") if n in splits and n != train_name), None)
+    train = _take(splits[train_name], cfg.max_documents)
+    _check_text_column(train, cfg.text_column, cfg.source)
+    if val_name is not None:
+        validation = _take(splits[val_name], cfg.max_documents)
+        _check_text_column(validation, cfg.text_column, cfg.source)
+        return DocumentSplits(train, validation)
+
+    keys = list(train["path"]) if source.kind == "stdlib" else [str(i) for i in range(len(train))]
+    val_rows = held_out_rows(keys, cfg.validation_split)
+    val_set = set(val_rows)
+    train_rows = [i for i in range(len(train)) if i not in val_set]
+    return DocumentSplits(train.select(train_rows), train.select(val_rows))
+
+
+def held_out_rows(keys: list[str], fraction: float) -> list[int]:
+    """Rows whose key hashes into the first `fraction` of [0, 1) — a stable, order-free split.
+
+    With fraction > 0 and at least two documents, at least one is held out (the one with
+    the smallest hash), so a tiny corpus still gets a validation set.
+    """
+    if fraction <= 0 or len(keys) < 2:
+        return []
+    points = [_unit_hash(key) for key in keys]
+    rows = [i for i, x in enumerate(points) if x < fraction]
+    if not rows:
+        rows = [min(range(len(keys)), key=points.__getitem__)]
+    if len(rows) == len(keys):  # keep at least one training document
+        rows.remove(max(rows, key=points.__getitem__))
+    return rows
+
+
+def stable_hash(*parts) -> str:
+    """A short hex key for cache folders: the same parts give the same key on any machine."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _unit_hash(key: str) -> float:
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+# --------------------------------------------------------------------------- local paths
+
+
+def _stdlib_files(root: Path) -> tuple[Path, ...]:
+    skip = {"site-packages", "dist-packages"}
+    files = (p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
+    return tuple(sorted(files, key=lambda p: p.relative_to(root).as_posix()))
+
+
+def _data_files(path: Path, source: str) -> tuple[Path, ...]:
+    if path.is_file():
+        if path.suffix.lower() not in BUILDERS:
+            raise UserError(f"data.source: '{source}' is not a {_suffix_list()} file")
+        return (path,)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS and not p.name.startswith("."))
+    if not files:
+        raise UserError(f"data.source: folder '{source}' has no {_suffix_list()} files")
+    builders = {BUILDERS[p.suffix.lower()] for p in files}
+    if len(builders) > 1:
+        suffixes = ", ".join(sorted({p.suffix.lower() for p in files}))
+        raise UserError(f"data.source: folder '{source}' mixes {suffixes} files — keep one format per folder")
+    return tuple(files)
+
+
+def _files_identity(kind: str, files: tuple[Path, ...]) -> str:
+    parts = [kind] + [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return "|".join(parts)
+
+
+def _suffix_list() -> str:
+    return "/".join(BUILDERS)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _load_stdlib(source: Source, max_documents: int | None) -> "datasets.Dataset":
+    import datasets
+
+    files = _stdlib_files(source.root)[:max_documents]
+    paths = [p.relative_to(source.root).as_posix() for p in files]
+    texts = [p.read_bytes().decode("utf-8", errors="replace") for p in files]
+    return datasets.Dataset.from_dict({"text": texts, "path": paths})
+
+
+def _load_from_disk(root: Path, source: str):
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(root))
+    except Exception as e:  # a damaged or foreign folder
+        raise UserError(f"data.source: cannot load save_to_disk folder '{source}': {_first_line(e)}") from None
+
+
+def _load_dataset(cfg, source: Source, *, cache_dir: Path, num_proc: int | None):
+    import datasets
+
+    hf_cache = str(cache_dir / "hf-datasets")
+    try:
+        if source.kind == "files":
+            files = [str(p) for p in source.files]
+            return datasets.load_dataset(source.builder, data_files=files, cache_dir=hf_cache, num_proc=num_proc)
+        return datasets.load_dataset(cfg.source, name=cfg.subset, cache_dir=hf_cache, num_proc=num_proc)
+    except Exception as e:
+        if source.kind == "files":
+            raise UserError(f"data.source: cannot read '{cfg.source}' as {source.builder}: {_first_line(e)}") from None
+        subset = f" (data.subset={cfg.subset})" if cfg.subset else ""
+        raise UserError(
+            f"data.source: cannot load hub dataset '{cfg.source}'{subset}: {_first_line(e)} "
+            "— check the name and your connection, or point data.source at a local file"
+        ) from None
+
+
+def _as_dict(loaded) -> dict:
+    """A Dataset or DatasetDict as {split name: Dataset}."""
+    return dict(loaded) if hasattr(loaded, "keys") else {"train": loaded}
+
+
+def _take(ds: "datasets.Dataset", n: int | None) -> "datasets.Dataset":
+    return ds.select(range(min(n, len(ds)))) if n is not None and n < len(ds) else ds
+
+
+def _check_text_column(ds: "datasets.Dataset", column: str, source: str) -> None:
+    if column not in ds.column_names:
+        have = ", ".join(ds.column_names) or "none"
+        raise UserError(f"data.text_column: no column '{column}' in '{source}' (columns: {have})")
+    dtype = getattr(ds.features[column], "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise UserError(f"data.text_column: column '{column}' in '{source}' holds {dtype or 'non-text values'}, not text")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,180 @@
+"""The training loop: read it top to bottom.
+
+Each optimizer step: set the LR, fetch this rank's micro-batches, count the step's target tokens
+across all ranks, accumulate gradients (syncing only on the last micro-batch), clip, step (or
+skip a non-finite step everywhere), then maybe log, evaluate and checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from bigtrain.checkpoint import TrainState
+from bigtrain.data import GlobalSampler, eval_indices
+from bigtrain.metrics import StepTimer, max_memory_gb, mfu
+from bigtrain.optim import lr_at, set_lr
+from bigtrain.strategy import all_reduce_sum
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. too many non-finite steps in a row); exit code 1."""
+
+
+@dataclass
+class LoopContext:
+    """What the loop needs from run.py, built once in DESIGN.md's order."""
+
+    cfg: object  # bigtrain.config.Config
+    dist: object  # bigtrain.strategy.Dist
+    engine: object  # bigtrain.strategy.Engine
+    task: object  # bigtrain.tasks.Task
+    train_data: object  # indexable dataset of token arrays
+    val_data: object
+    logger: object  # bigtrain.metrics.MetricsLogger
+    flops_per_token: float
+    peak_flops_per_sec: float  # of one device
+    save_checkpoint: callable  # save_checkpoint(state) -> Path
+    bench: bool = False  # time forward/backward and optimizer separately; no eval, no checkpoints
+    history: list = field(default_factory=list)  # logged training records (bench reads them)
+    state: TrainState | None = None  # the final state, once train() returns
+
+
+def train(ctx: LoopContext, state: TrainState) -> TrainState:
+    cfg, dist, engine, task = ctx.cfg, ctx.dist, ctx.engine, ctx.task
+    device = dist.device
+    sampler = GlobalSampler(len(ctx.train_data), seed=cfg.run.seed, global_batch_size=cfg.train.global_batch_size,
+                            micro_batch_size=cfg.train.micro_batch_size, rank=dist.rank, world_size=dist.world_size)
+    end_step = cfg.train.stop_at_step or cfg.train.max_steps
+    timer = StepTimer()
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "fwd_bwd_s": 0.0, "optim_s": 0.0}
+    engine.model.train()
+
+    while state.step < end_step:
+        step = state.step + 1
+        lr = lr_at(cfg.optim, step, cfg.train.max_steps)
+        set_lr(engine.optimizer, lr)
+        timer.start_step()
+
+        with timer.data_wait():
+            batches = [task.collate([ctx.train_data[int(i)] for i in indices], device)
+                       for indices in sampler.rank_micro_batches(state.samples_consumed)]
+        # Normalise by the whole step's target count (all ranks, all micro-batches): DESIGN.md's loss contract.
+        # DDP averages gradients over ranks, hence the world_size factor.
+        local_targets = sum(task.count_targets(b) for b in batches)
+        targets = int(all_reduce_sum(dist, torch.tensor(float(local_targets), device=device)).item())
+        scale = dist.world_size / max(targets, 1)
+
+        t0 = time.perf_counter()
+        loss_sum = accumulate_gradients(engine, task, batches, scale)
+        grad_norm = float(engine.clip_grad_norm(cfg.optim.grad_clip))
+        step_loss = float(all_reduce_sum(dist, loss_sum)) / max(targets, 1)
+        t1 = time.perf_counter()
+
+        # A non-finite loss or gradient is the same on every rank (loss all-reduced, grads synced): skip together.
+        finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+        scale_before = engine.loss_scale
+        engine.step(finite)
+        if ctx.bench and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t2 = time.perf_counter()
+        state.step = step
+        state.samples_consumed += cfg.train.global_batch_size
+        _count_skip(cfg, state, finite, step_loss, grad_norm, scale_before)
+        step_time_s = timer.end_step()
+
+        window["loss"] += step_loss if finite else 0.0
+        window["steps"] += 1 if finite else 0
+        window["tokens"] += targets
+        window["fwd_bwd_s"] += t1 - t0
+        window["optim_s"] += t2 - t1
+        ctx.logger.progress(step, loss=step_loss, lr=lr, tokens_per_sec=targets / max(step_time_s, 1e-9))
+
+        if step % cfg.logging.every == 0 or step == end_step:
+            _log_train(ctx, state, window, timer.window(), lr, grad_norm)
+            window = dict.fromkeys(window, 0)
+        if ctx.bench:
+            continue
+        if (cfg.eval.every and step % cfg.eval.every == 0) or step == end_step:
+            metrics = evaluate(ctx)
+            ctx.logger.log(step, metrics)
+            ctx.logger.message(f"step {step}: eval loss {metrics['eval/loss']:.4f} ppl {metrics['eval/ppl']:.2f}")
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == end_step:
+            state.wandb_run_id = ctx.logger.wandb_run_id
+            ctx.save_checkpoint(state)
+    return state
+
+
+def accumulate_gradients(engine, task, batches: list[dict], scale: float) -> torch.Tensor:
+    """Forward/backward every micro-batch, all-reducing gradients only on the last; returns the summed loss."""
+    loss_sum = torch.zeros((), device=engine.dist.device)
+    for i, batch in enumerate(batches):
+        with engine.no_sync(sync=i == len(batches) - 1):
+            with engine.autocast():
+                loss = task.loss_sum(engine.model, batch)
+            engine.backward(loss * scale)
+        loss_sum += loss.detach().float()
+    return loss_sum
+
+
+def _count_skip(cfg, state: TrainState, finite: bool, loss: float, grad_norm: float, loss_scale: float | None) -> None:
+    """Count skipped steps; fail after max_skipped_steps in a row. An fp16 overflow with a finite loss
+    is the loss scaler doing its job (it backs off) and only counts against the limit once the scale is < 1."""
+    if finite:
+        state.consecutive_skips = 0
+        return
+    state.skipped_steps += 1
+    scaler_overflow = loss_scale is not None and math.isfinite(loss) and loss_scale >= 1.0
+    if not scaler_overflow:
+        state.consecutive_skips += 1
+    if state.consecutive_skips >= cfg.train.max_skipped_steps:
+        raise TrainingError(
+            f"{state.consecutive_skips} non-finite steps in a row (step {state.step}: loss={loss}, grad_norm={grad_norm}) "
+            f"— lower optim.lr, use parallel.precision=bf16, or check the data; train.max_skipped_steps="
+            f"{cfg.train.max_skipped_steps}")
+
+
+def _log_train(ctx: LoopContext, state: TrainState, window: dict, times: dict, lr: float, grad_norm: float) -> None:
+    time_s = max(times["time_s"], 1e-9)
+    tokens_per_sec = window["tokens"] / time_s
+    metrics = {
+        "train/loss": window["loss"] / window["steps"] if window["steps"] else float("nan"),
+        "train/lr": lr,
+        "train/grad_norm": grad_norm,
+        "train/skipped_steps": state.skipped_steps,
+        "train/samples_consumed": state.samples_consumed,
+        "perf/tokens_per_sec": tokens_per_sec,
+        "perf/mfu": mfu(ctx.flops_per_token, tokens_per_sec, ctx.peak_flops_per_sec * ctx.dist.world_size),
+        "perf/step_time_s": times["step_time_s"],
+        "perf/data_wait_frac": times["data_wait_s"] / time_s,
+        "perf/max_memory_gb": max_memory_gb(ctx.dist.device),
+    }
+    if ctx.bench:
+        metrics["perf/fwd_bwd_s"] = window["fwd_bwd_s"] / max(times["steps"], 1)
+        metrics["perf/optim_s"] = window["optim_s"] / max(times["steps"], 1)
+    if ctx.engine.loss_scale is not None:
+        metrics["train/loss_scale"] = ctx.engine.loss_scale
+    ctx.logger.log(state.step, metrics)
+    ctx.history.append({"step": state.step, **metrics})
+
+
+@torch.no_grad()
+def evaluate(ctx: LoopContext) -> dict[str, float]:
+    """Task metrics on the validation split; each rank takes a disjoint chunk (no padded duplicates)."""
+    cfg, dist, task, model = ctx.cfg, ctx.dist, ctx.task, ctx.engine.module
+    indices = eval_indices(len(ctx.val_data), dist.rank, dist.world_size, limit=cfg.eval.max_samples)
+    batch_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
+    was_training = model.training
+    model.eval()
+    sums = dict.fromkeys(task.eval_keys, 0.0)
+    for start in range(0, len(indices), batch_size):
+        batch = task.collate([ctx.val_data[int(i)] for i in indices[start:start + batch_size]], dist.device)
+        with ctx.engine.autocast():
+            for key, value in task.eval_sums(model, batch).items():
+                sums[key] += value
+    model.train(was_training)
+    totals = all_reduce_sum(dist, torch.tensor(list(sums.values()), dtype=torch.float64, device=dist.device))
+    return task.eval_metrics(dict(zip(sums, totals.tolist())))

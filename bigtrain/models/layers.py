@@ -1,0 +1,166 @@
+"""Transformer building blocks shared by the decoder and (later) the encoder.
+
+Owns: norm construction, rotary position embedding, attention (fused QKV, grouped-query,
+causal or bidirectional, SDPA), GELU and SwiGLU MLPs, and the pre-norm `Block`. Every
+block holds all of its own state, so strategies can wrap each one (activation
+checkpointing, FSDP) and call it as `block(x, attn_mask=None)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigtrain.models.presets import ModelSpec
+
+
+def build_norm(spec: ModelSpec) -> nn.Module:
+    """LayerNorm (with a bias iff spec.bias) or RMSNorm, as the spec says."""
+    if spec.norm == "rmsnorm":
+        return nn.RMSNorm(spec.d_model, eps=spec.norm_eps)  # F.rms_norm under the hood
+    return nn.LayerNorm(spec.d_model, eps=spec.norm_eps, bias=spec.bias)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half layout, as in HF Llama).
+
+    cos/sin tables are non-persistent buffers: they never enter a state_dict, and
+    `reset_buffers()` recomputes them after `to_empty()` from the meta device.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        # Angles in float32 whatever the buffer dtype: position * freq loses all precision in bf16.
+        device = self.cos.device
+        inv_freq = self.theta ** -(torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+        angles = torch.outer(torch.arange(self.max_seq_len, device=device, dtype=torch.float32), inv_freq)  # (T, hd/2)
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x (B, H, T, hd) by its positions 0..T-1."""
+        T = x.size(-2)
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)  # (T, hd/2)
+        x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, hd/2) each
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention with one fused QKV projection.
+
+    `causal=True` (decoder) masks the future via SDPA's is_causal; an explicit boolean
+    attn_mask (True = may attend) replaces it when given, e.g. for packed SFT documents.
+    """
+
+    def __init__(self, spec: ModelSpec, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        self.dropout = spec.dropout
+        # q: n_heads heads, k and v: n_kv_heads heads each.
+        self.qkv = nn.Linear(spec.d_model, (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim, bias=spec.bias)
+        self.out_proj = nn.Linear(spec.n_heads * spec.head_dim, spec.d_model, bias=spec.bias)
+        self.rope = (RotaryEmbedding(spec.head_dim, spec.max_seq_len, spec.rope_theta)
+                     if spec.position == "rope" else None)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape  # (B, T, C)
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
+
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)  # (B, T, T) -> (B, 1, T, T), broadcast over heads
+        native_gqa = False
+        if self.n_kv_heads != self.n_heads:
+            # SDPA's enable_gqa only reaches the flash kernel (CUDA, half precision, no mask);
+            # elsewhere it would fall back to the slow math kernel, so expand k/v instead.
+            native_gqa = attn_mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            if not native_gqa:
+                repeat = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal and attn_mask is None,
+            enable_gqa=native_gqa,
+        )  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, q_size)  # (B, T, H*hd)
+        return self.out_proj(y)
+
+
+class GeluMLP(nn.Module):
+    """GPT-2 MLP: d_model -> d_ff -> GELU (tanh approximation, as GPT-2) -> d_model."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.in_proj = nn.Linear(spec.d_model, spec.d_ff, bias=spec.bias)
+        self.out_proj = nn.Linear(spec.d_ff, spec.d_model, bias=spec.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(F.gelu(self.in_proj(x), approximate="tanh"))
+
+
+class SwiGLU(nn.Module):
+    """Llama MLP: out_proj(silu(gate(x)) * up(x)), with gate and up fused into one Linear."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.in_proj = nn.Linear(spec.d_model, 2 * spec.d_ff, bias=spec.bias)  # [gate; up]
+        self.out_proj = nn.Linear(spec.d_ff, spec.d_model, bias=spec.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.in_proj(x).chunk(2, dim=-1)  # (B, T, d_ff) each
+        return self.out_proj(F.silu(gate) * up)
+
+
+MLPS: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "swiglu": SwiGLU}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, spec: ModelSpec, causal: bool):
+        super().__init__()
+        self.attn_norm = build_norm(spec)
+        self.attn = Attention(spec, causal=causal)
+        self.mlp_norm = build_norm(spec)
+        self.mlp = MLPS[spec.mlp](spec)
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), attn_mask)  # (B, T, C)
+        x = x + (self.dropout(h) if self.dropout is not None else h)
+        h = self.mlp(self.mlp_norm(x))  # (B, T, C)
+        return x + (self.dropout(h) if self.dropout is not None else h)
+
+    def residual_projections(self) -> tuple[nn.Linear, nn.Linear]:
+        """The Linears that write into the residual stream (GPT-2 scales their init)."""
+        return self.attn.out_proj, self.mlp.out_proj
+
+
+@torch.no_grad()
+def init_module(module: nn.Module, std: float) -> None:
+    """Default init of one module: N(0, std) weights for Linear/Embedding, zero biases,
+    unit norm weights; rotary tables recomputed. Leaves other modules alone."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        nn.init.ones_(module.weight)
+    if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, RotaryEmbedding):
+        module.reset_buffers()

@@ -1,0 +1,171 @@
+"""Named model presets, the resolved ModelSpec, and pure size/FLOPs arithmetic on a spec.
+
+Nothing here allocates tensors, so `bigtrain check` can report the size of an 8B model
+on a laptop: `count_params(spec)` and `spec_flops_per_token(spec, seq_len)` are exact for
+the modules in `bigtrain/models/` (tests keep them in step with `Decoder.num_params()`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bigtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from bigtrain.config import ModelConfig
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+MLPS = ("gelu", "swiglu")
+
+# Every field a preset fills; ModelConfig has an optional override of the same name for each.
+SPEC_FIELDS = (
+    "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
+    "norm", "position", "mlp", "tie_embeddings", "bias", "dropout",
+    "rope_theta", "norm_eps", "init_std",
+)
+
+_GPT2_STYLE = dict(
+    norm="layernorm", position="learned", mlp="gelu", tie_embeddings=True, bias=True,
+    dropout=0.0, rope_theta=10000.0, norm_eps=1e-5, init_std=0.02,
+)
+_LLAMA3_STYLE = dict(
+    norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=True, bias=False,
+    dropout=0.0, rope_theta=500000.0, norm_eps=1e-5, init_std=0.02,
+)
+
+PRESETS: dict[str, dict] = {
+    # Tiny GPT-2-shaped model for tests and laptop smoke runs.
+    "debug": dict(_GPT2_STYLE, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4,
+                  d_ff=256, max_seq_len=256),
+    # GPT-2 small / medium (124.4M / 354.8M params with the 50257-token GPT-2 vocabulary).
+    "gpt2-124m": dict(_GPT2_STYLE, n_layers=12, d_model=768, n_heads=12, n_kv_heads=12,
+                      d_ff=3072, max_seq_len=1024),
+    "gpt2-355m": dict(_GPT2_STYLE, n_layers=24, d_model=1024, n_heads=16, n_kv_heads=16,
+                      d_ff=4096, max_seq_len=1024),
+    # Llama-3.2-1B shape (1.236B params with the 128256-token Llama 3 vocabulary).
+    "llama-1b": dict(_LLAMA3_STYLE, n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8,
+                     d_ff=8192, max_seq_len=2048),
+    # Llama-3-8B shape (8.03B params with the 128256-token Llama 3 vocabulary).
+    "llama-8b": dict(_LLAMA3_STYLE, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8,
+                     d_ff=14336, max_seq_len=8192, tie_embeddings=False),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Fully resolved model shape: a preset overlaid with the recipe's overrides."""
+
+    arch: str
+    preset: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    max_seq_len: int
+    norm: str
+    position: str
+    mlp: str
+    tie_embeddings: bool
+    bias: bool
+    dropout: float
+    rope_theta: float
+    norm_eps: float
+    init_std: float
+    vocab_size: int | None = None  # None until a tokenizer is known; needed to build or count
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+def resolve_spec(cfg: ModelConfig, vocab_size: int | None = None) -> ModelSpec:
+    """Overlay cfg's non-None overrides on its preset and check the result (key-named UserErrors)."""
+    if cfg.preset not in PRESETS:
+        raise UserError(f"model.preset: unknown preset '{cfg.preset}' — choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[cfg.preset])
+    for name in SPEC_FIELDS:
+        override = getattr(cfg, name, None)
+        if override is not None:
+            values[name] = override
+    spec = ModelSpec(arch=cfg.arch, preset=cfg.preset, vocab_size=vocab_size, **values)
+    _check(spec)
+    return spec
+
+
+def _check(spec: ModelSpec) -> None:
+    def fail(key: str, message: str) -> None:
+        raise UserError(f"model.{key}: {message}")
+
+    for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+        value = getattr(spec, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            fail(key, f"must be a positive integer, got {value!r}")
+    for key, choices in (("norm", NORMS), ("position", POSITIONS), ("mlp", MLPS)):
+        if getattr(spec, key) not in choices:
+            fail(key, f"unknown {key} '{getattr(spec, key)}' — choose one of {', '.join(choices)}")
+    if spec.d_model % spec.n_heads:
+        fail("n_heads", f"d_model {spec.d_model} is not divisible by n_heads {spec.n_heads} — "
+                        f"pick n_heads that divides d_model")
+    if spec.n_heads % spec.n_kv_heads:
+        fail("n_kv_heads", f"n_heads {spec.n_heads} is not divisible by n_kv_heads {spec.n_kv_heads} — "
+                           f"pick n_kv_heads that divides n_heads")
+    if spec.position == "rope" and spec.head_dim % 2:
+        fail("n_heads", f"rope needs an even head dim, got d_model/n_heads = {spec.head_dim}")
+    if not 0.0 <= spec.dropout < 1.0:
+        fail("dropout", f"must be in [0, 1), got {spec.dropout!r}")
+    for key in ("rope_theta", "norm_eps", "init_std"):
+        if not getattr(spec, key) > 0:
+            fail(key, f"must be > 0, got {getattr(spec, key)!r}")
+    if spec.vocab_size is not None and spec.vocab_size < 1:
+        raise ValueError(f"vocab_size must be positive, got {spec.vocab_size}")  # from the tokenizer, not the user
+
+
+def _block_matmul_weights(spec: ModelSpec) -> int:
+    """Weights of every Linear inside one block (what the matmul FLOPs are counted on)."""
+    d, hd = spec.d_model, spec.head_dim
+    qkv = d * (spec.n_heads + 2 * spec.n_kv_heads) * hd
+    attn_out = spec.n_heads * hd * d
+    mlp_in = d * spec.d_ff * (2 if spec.mlp == "swiglu" else 1)  # swiglu: gate and up
+    mlp_out = spec.d_ff * d
+    return qkv + attn_out + mlp_in + mlp_out
+
+
+def _require_vocab(spec: ModelSpec) -> int:
+    if spec.vocab_size is None:
+        raise ValueError("spec.vocab_size is None; resolve the spec with a vocab_size first")
+    return spec.vocab_size
+
+
+def count_params(spec: ModelSpec) -> int:
+    """Exact parameter count of the model `spec` describes (tied weights counted once)."""
+    vocab, d, hd = _require_vocab(spec), spec.d_model, spec.head_dim
+    bias = int(spec.bias)
+    norm = d * (2 if spec.norm == "layernorm" and spec.bias else 1)  # RMSNorm never has a bias
+    qkv_out = (spec.n_heads + 2 * spec.n_kv_heads) * hd
+    mlp_hidden = spec.d_ff * (2 if spec.mlp == "swiglu" else 1)
+    block_biases = bias * (qkv_out + d + mlp_hidden + d)
+    block = 2 * norm + _block_matmul_weights(spec) + block_biases
+
+    total = vocab * d + spec.n_layers * block + norm  # token embedding, blocks, final norm
+    if spec.position == "learned":
+        total += spec.max_seq_len * d
+    if not spec.tie_embeddings:
+        total += d * vocab  # lm_head (never has a bias)
+    return total
+
+
+def spec_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM / nanoGPT convention:
+
+        6 * N_matmul + 12 * n_layers * d_model * seq_len
+
+    N_matmul counts the weights of every Linear in the blocks plus the lm head's
+    d_model * vocab_size (also when tied: the head matmul is still done). Embedding
+    lookups, norms and biases are not matmuls and are left out; the second term is the
+    attention score and value matmuls (QK^T and AV), not halved for causal masking.
+    """
+    n_matmul = spec.n_layers * _block_matmul_weights(spec) + spec.d_model * _require_vocab(spec)
+    return float(6 * n_matmul + 12 * spec.n_layers * spec.d_model * seq_len)

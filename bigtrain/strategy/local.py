@@ -1,0 +1,89 @@
+"""`single` and `ddp` strategies: the model lives whole on each rank; DDP all-reduces gradients.
+
+Checkpoint tensors are written by rank 0 as plain `torch.save` files (model.pt, optimizer.pt,
+scaler.pt) and read back with `weights_only=True` on every rank, so a run saved on N ranks
+resumes on any other number of ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from bigtrain.strategy.dist import Dist
+from bigtrain.strategy.precision import PrecisionTable, autocast, make_grad_scaler
+from bigtrain.strategy.transforms import apply_transforms
+
+
+class LocalEngine:
+    """Forward/backward/step for one full model replica per rank (single process or DDP)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, dist: Dist,
+                 precision: PrecisionTable, parallel_cfg):
+        self.dist = dist
+        self.precision = precision
+        self.module = model  # the bare model: state dicts, FLOPs, eval
+        self.optimizer = optimizer
+        self.scaler = make_grad_scaler(precision, dist.device)
+        apply_transforms(model, parallel_cfg)
+        if dist.distributed:
+            device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.model = DistributedDataParallel(model, device_ids=device_ids)
+        else:
+            self.model = model
+
+    # ---------------------------------------------------------------- step pieces
+
+    def autocast(self):
+        return autocast(self.precision, self.dist.device)
+
+    def no_sync(self, sync: bool):
+        """Skip the gradient all-reduce unless `sync` (the last micro-batch of the step)."""
+        if sync or not self.dist.distributed:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Global gradient norm before clipping (inf/nan when non-finite); clips when max_norm > 0."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        limit = max_norm if max_norm > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), limit, foreach=True)
+
+    def step(self, finite: bool) -> None:
+        """Apply the update when gradients are finite; always advance the loss scaler."""
+        if self.scaler:
+            if finite:
+                self.scaler.step(self.optimizer)
+            self.scaler.update(new_scale=None if finite else self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def loss_scale(self) -> float | None:
+        return self.scaler.get_scale() if self.scaler else None
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save_state(self, folder: Path) -> None:
+        if not self.dist.is_main:
+            return
+        torch.save(self.module.state_dict(), folder / "model.pt")
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        if self.scaler:
+            torch.save(self.scaler.state_dict(), folder / "scaler.pt")
+
+    def load_state(self, folder: Path) -> None:
+        device = self.dist.device
+        self.module.load_state_dict(torch.load(folder / "model.pt", map_location=device, weights_only=True))
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+        if self.scaler and (folder / "scaler.pt").exists():
+            self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))

@@ -1,0 +1,56 @@
+"""`parallel.precision` resolved to one table of dtypes, plus autocast and loss scaling for it.
+
+The table is the contract every strategy implements and tests check real tensors against:
+parameter, compute, gradient-reduce, master-weight and optimizer-state dtypes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PrecisionTable:
+    name: str
+    param: torch.dtype
+    compute: torch.dtype
+    grad_reduce: torch.dtype
+    master_weights: torch.dtype
+    optimizer_state: torch.dtype
+    loss_scaling: bool
+
+    def as_strings(self) -> dict[str, str]:
+        return {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else str(v)) for k, v in asdict(self).items()}
+
+    def format(self) -> str:
+        rows = self.as_strings()
+        return "precision " + " · ".join(f"{k}={v}" for k, v in rows.items() if k != "name") + f"  ({self.name})"
+
+
+# Mixed precision keeps fp32 parameters, gradients and optimizer state; only the compute is low precision.
+_TABLES = {
+    "fp32": PrecisionTable("fp32", torch.float32, torch.float32, torch.float32, torch.float32, torch.float32, False),
+    "bf16": PrecisionTable("bf16", torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.float32, False),
+    "fp16": PrecisionTable("fp16", torch.float32, torch.float16, torch.float32, torch.float32, torch.float32, True),
+}
+
+
+def precision_table(name: str) -> PrecisionTable:
+    return _TABLES[name]
+
+
+def autocast(table: PrecisionTable, device: torch.device):
+    """Autocast context for the forward pass (a no-op for fp32)."""
+    if table.compute == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=table.compute)
+
+
+def make_grad_scaler(table: PrecisionTable, device: torch.device) -> torch.amp.GradScaler | None:
+    """Dynamic loss scaler for fp16 (None otherwise)."""
+    if not table.loss_scaling:
+        return None
+    return torch.amp.GradScaler(device.type)

@@ -1,0 +1,67 @@
+"""Shared test fixtures: a session-wide data cache and small recipe writers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One data cache for the whole session so the tiny corpus is tokenized once."""
+    return tmp_path_factory.mktemp("bigtrain-cache")
+
+
+def tiny_recipe(cache_dir: Path, run_dir_parent: Path, **sections) -> dict:
+    """A debug-size causal-LM recipe on a small slice of python-stdlib (fast on CPU)."""
+    recipe = {
+        "run": {"name": "tiny", "output_dir": str(run_dir_parent), "seed": 0},
+        "model": {"preset": "debug", "max_seq_len": 64},
+        "data": {"source": "python-stdlib", "max_documents": 60, "vocab_size": 512, "seq_len": 32,
+                 "cache_dir": str(cache_dir), "validation_split": 0.1},
+        "train": {"max_steps": 8, "global_batch_size": 8, "micro_batch_size": 4},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "eval": {"max_samples": 16},
+        "logging": {"every": 1, "progress": False},
+        "checkpoint": {"every": 0, "keep_last": 0},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600, module: str = "bigtrain") -> subprocess.CompletedProcess:
+    """Run `python -m bigtrain ARGS` the way a user would; returns the completed process."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=REPO)
+
+
+def run_torchrun(nproc: int, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N -m bigtrain ARGS` on CPU (gloo)."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "bigtrain", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)

@@ -1,0 +1,173 @@
+"""`bigtrain train` end to end, driven through the CLI like a user: loss, resume, accumulation,
+metrics, checkpoints and their damage, wandb offline."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli, tiny_recipe, write_recipe
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a run's metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "train/loss" in r], [r for r in records if "eval/loss" in r]
+
+
+def train(tmp_path: Path, cache_dir: Path, *overrides: str, name: str = "tiny", **sections):
+    recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_recipe(cache_dir, tmp_path / "runs", **sections))
+    result = run_cli("train", str(recipe), f"run.name={name}", *overrides)
+    return result, tmp_path / "runs" / name
+
+
+def test_train_lowers_loss_and_writes_run_dir(tmp_path, cache_dir):
+    result, run_dir = train(tmp_path, cache_dir, "train.max_steps=40", "eval.every=20", "checkpoint.every=20")
+    assert result.returncode == 0, result.stderr
+    records, evals = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 41))
+    first, last = records[0]["train/loss"], sum(r["train/loss"] for r in records[-5:]) / 5
+    assert last < first - 0.5, (first, last)  # from ~6.2 (ln 512): seen 6.23 → 5.37
+    assert [e["step"] for e in evals] == [20, 40] and evals[1]["eval/loss"] < evals[0]["eval/loss"]
+    assert evals[1]["eval/ppl"] == pytest.approx(math.exp(evals[1]["eval/loss"]))
+    assert (run_dir / "config.yaml").is_file()
+    assert json.loads((run_dir / "precision.json").read_text())["compute"] == "float32"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000020", "step-0000040"]
+
+
+def test_metrics_keys_tokens_per_sec_and_mfu_match_hand_calculation(tmp_path, cache_dir):
+    from bigtrain.metrics import peak_flops_per_sec
+
+    result, run_dir = train(tmp_path, cache_dir, "train.max_steps=4")
+    assert result.returncode == 0, result.stderr
+    records, evals = read_metrics(run_dir)
+    keys = {"step", "train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "perf/tokens_per_sec",
+            "perf/mfu", "perf/step_time_s", "perf/data_wait_frac", "perf/max_memory_gb"}
+    assert all(keys <= r.keys() for r in records)
+    assert {"eval/loss", "eval/ppl"} <= evals[-1].keys()
+    # Hand calculation: debug preset (2 layers, d 64, d_ff 256, tied), vocab 512, seq 32, 8 sequences per step.
+    layers, d, d_ff, vocab, seq = 2, 64, 256, 512, 32
+    n_matmul = layers * (3 * d * d + d * d + 2 * d * d_ff) + d * vocab
+    flops_per_token = 6 * n_matmul + 12 * layers * d * seq
+    peak = peak_flops_per_sec(torch.device("cpu"), torch.float32)
+    for r in records:
+        tokens_per_sec = 8 * seq / r["perf/step_time_s"]  # packed: every token is a target
+        assert r["perf/tokens_per_sec"] == pytest.approx(tokens_per_sec, rel=1e-6)
+        assert r["perf/mfu"] == pytest.approx(flops_per_token * tokens_per_sec / peak, rel=1e-6)
+        assert 0 <= r["perf/data_wait_frac"] < 1 and r["perf/max_memory_gb"] > 0
+
+
+def test_exact_resume_is_bitwise(tmp_path, cache_dir):
+    common = ("train.max_steps=8", "checkpoint.every=2", "optim.warmup_steps=3", "eval.every=4")
+    straight, straight_dir = train(tmp_path, cache_dir, *common, name="straight")
+    assert straight.returncode == 0, straight.stderr
+    half, resumed_dir = train(tmp_path, cache_dir, *common, "train.stop_at_step=4", name="resumed")
+    assert half.returncode == 0, half.stderr
+    assert read_metrics(resumed_dir)[0][-1]["step"] == 4
+    rest, _ = train(tmp_path, cache_dir, *common, name="resumed")
+    assert rest.returncode == 0, rest.stderr
+    assert "resuming at step 4" in rest.stderr
+
+    a, a_eval = read_metrics(straight_dir)
+    b, b_eval = read_metrics(resumed_dir)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/samples_consumed"):
+        assert [r[key] for r in a] == [r[key] for r in b], key  # bit for bit
+    assert [e["eval/loss"] for e in a_eval] == [e["eval/loss"] for e in b_eval]
+    wa = torch.load(straight_dir / "checkpoints/step-0000008/model.pt", weights_only=True)
+    wb = torch.load(resumed_dir / "checkpoints/step-0000008/model.pt", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_accumulation_invariance_logged_loss_and_lr(tmp_path, cache_dir, packing):
+    runs = {}
+    for micro in (8, 2, 1):
+        result, run_dir = train(tmp_path, cache_dir, "train.max_steps=3", f"train.micro_batch_size={micro}",
+                                f"data.packing={str(packing).lower()}", name=f"micro{micro}")
+        assert result.returncode == 0, result.stderr
+        runs[micro] = read_metrics(run_dir)[0]
+    for micro in (2, 1):
+        for ra, rb in zip(runs[8], runs[micro]):
+            assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-6)
+            assert rb["train/lr"] == ra["train/lr"]
+    assert runs[8][-1]["train/lr"] == pytest.approx(3e-3 * 0.1)  # final value exactly at max_steps
+
+
+def test_corrupted_checkpoint_is_named_and_auto_falls_back(tmp_path, cache_dir):
+    result, run_dir = train(tmp_path, cache_dir, "train.max_steps=6", "checkpoint.every=2")
+    assert result.returncode == 0, result.stderr
+    damaged = run_dir / "checkpoints/step-0000006/model.pt"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+
+    explicit, _ = train(tmp_path, cache_dir, "train.max_steps=8", f"checkpoint.resume={damaged.parent}")
+    assert explicit.returncode == 2
+    assert f"corrupted checkpoint file {damaged}" in explicit.stderr.strip().splitlines()[-1]
+
+    truncated = run_dir / "checkpoints/step-0000004/optimizer.pt"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    auto, _ = train(tmp_path, cache_dir, "train.max_steps=8")
+    assert auto.returncode == 0, auto.stderr
+    assert str(damaged) in auto.stderr and str(truncated) in auto.stderr
+    assert "resuming at step 2" in auto.stderr
+    steps = [r["step"] for r in read_metrics(run_dir)[0]]
+    assert steps == list(range(1, 9))  # steps after the checkpoint were dropped and redone, no repeats
+
+
+def test_corrupted_shard_is_named(tmp_path):
+    cache = tmp_path / "cache"
+    ok, _ = train(tmp_path, cache, "train.max_steps=2", name="first")
+    assert ok.returncode == 0, ok.stderr
+    shard = next(cache.glob("*/train/tokens-00000.bin"))
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad, run_dir = train(tmp_path, cache, "train.max_steps=2", name="second")
+    assert bad.returncode == 2
+    assert str(shard) in bad.stderr.strip().splitlines()[-1]
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_wandb_offline_run_holds_history_and_resume_keeps_id(tmp_path, cache_dir):
+    result, run_dir = train(tmp_path, cache_dir, "train.max_steps=4", "train.stop_at_step=2", "logging.wandb=offline")
+    assert result.returncode == 0, result.stderr
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run_id = runs[0].name.rsplit("-", 1)[-1]
+    assert json.loads((run_dir / "checkpoints/step-0000002/trainer.json").read_text())["wandb_run_id"] == run_id
+    history = next(runs[0].glob("*.wandb")).read_bytes()
+    assert b"train/loss" in history and b"perf/mfu" in history
+
+    again, _ = train(tmp_path, cache_dir, "train.max_steps=4", "logging.wandb=offline")
+    assert again.returncode == 0, again.stderr
+    ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert ids == {run_id}
+
+
+def test_fp16_trains_tiny_model_with_loss_scaling(tmp_path, cache_dir):
+    result, run_dir = train(tmp_path, cache_dir, "train.max_steps=6", "parallel.precision=fp16")
+    assert result.returncode == 0, result.stderr
+    records, _ = read_metrics(run_dir)
+    assert all(math.isfinite(r["train/loss"]) for r in records)
+    assert all(r["train/loss_scale"] > 0 for r in records)
+    assert records[-1]["train/loss"] < records[0]["train/loss"]
+    assert json.loads((run_dir / "precision.json").read_text())["compute"] == "float16"
+    assert (run_dir / "checkpoints/step-0000006/scaler.pt").is_file()
+
+
+def test_prepare_and_bench_commands(tmp_path, cache_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs"))
+    prepared = run_cli("prepare", str(recipe))
+    assert prepared.returncode == 0, prepared.stderr
+    assert "train" in prepared.stdout and "tokens" in prepared.stdout
+    bench = run_cli("bench", str(recipe), "--steps", "3", "--warmup", "1")
+    assert bench.returncode == 0, bench.stderr
+    for word in ("tokens/s", "MFU", "forward+backward", "optimizer", "waiting for data"):
+        assert word in bench.stdout
+    assert not (tmp_path / "runs").exists()  # bench leaves no run dir behind

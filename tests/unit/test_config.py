@@ -1,0 +1,124 @@
+"""Recipe loading, overrides and validation (bigtrain/config.py), and every shipped recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bigtrain.config import ConfigError, build_config, load_config, validate
+from tests.conftest import REPO, run_cli, write_recipe
+
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def test_recipes_exist():
+    names = {p.relative_to(REPO / "recipes").as_posix() for p in RECIPES}
+    assert {"quickstart.yaml", "pretrain/gpt2-124m.yaml", "pretrain/llama-1b.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_validates_and_names_its_command(recipe: Path):
+    cfg = load_config(recipe, world_size=1)
+    assert cfg.run.name
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("# Run:") and "bigtrain" in first, f"{recipe} must open with the command that runs it"
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_bigtrain_check_every_recipe(recipe: Path):
+    result = run_cli("check", str(recipe))
+    assert result.returncode == 0, result.stderr
+    assert "parameters" in result.stdout and "FLOPs/token" in result.stdout and "precision" in result.stdout
+
+
+def test_check_reports_gpt2_124m_size():
+    result = run_cli("check", "recipes/pretrain/gpt2-124m.yaml")
+    params = int(next(l for l in result.stdout.splitlines() if l.startswith("parameters")).split()[1].replace(",", ""))
+    assert 123e6 < params < 126e6  # GPT-2 small with 50257 → 50304 padded vocab
+
+
+def test_overrides_apply_with_types(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", {"train": {"max_steps": 10}})
+    cfg = load_config(recipe, ["optim.lr=1e-3", "train.max_steps=20", "optim.betas=[0.8, 0.9]",
+                               "parallel.activation_checkpointing=true", "run.name=abc"])
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
+    assert cfg.train.max_steps == 20
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert cfg.parallel.activation_checkpointing is True
+    assert cfg.run_dir() == Path("runs") / "abc"
+
+
+def test_run_name_defaults_to_recipe_stem(tmp_path):
+    cfg = load_config(write_recipe(tmp_path / "my-run.yaml", {}))
+    assert cfg.run.name == "my-run"
+
+
+def test_accumulation_is_derived():
+    cfg = build_config({"train": {"global_batch_size": 32, "micro_batch_size": 4}})
+    assert cfg.train.accum_steps(1) == 8 and cfg.train.accum_steps(2) == 4
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"train": {"lr": 1}}, "unknown key 'train.lr' — did you mean 'optim.lr'?"),
+    ({"optim": {"lrr": 1}}, "did you mean 'optim.lr'?"),
+    ({"trian": {}}, "unknown section 'trian' — did you mean 'train'?"),
+    ({"train": {"max_steps": "ten"}}, "train.max_steps must be int"),
+    ({"train": {"max_steps": True}}, "train.max_steps must be int"),
+    ({"parallel": {"precision": "fp8"}}, "parallel.precision='fp8' is not one of"),
+    ({"optim": {"betas": [0.9]}}, "optim.betas must be"),
+])
+def test_bad_keys_and_types_name_the_key(raw, message):
+    with pytest.raises(ConfigError) as info:
+        build_config(raw)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("raw, world, message", [
+    ({"train": {"global_batch_size": 12, "micro_batch_size": 8}}, 1, "train.global_batch_size=12 is not divisible"),
+    ({"train": {"global_batch_size": 16, "micro_batch_size": 4}}, 3, "4 × 3 = 12"),
+    ({"train": {"max_steps": 10, "stop_at_step": 11}}, 1, "train.stop_at_step=11"),
+    ({"optim": {"warmup_steps": 2000}, "train": {"max_steps": 10}}, 1, "optim.warmup_steps=2000"),
+    ({"train": {"micro_batch_size": 0}}, 1, "train.micro_batch_size=0 must be > 0"),
+    ({"data": {"source": "/no/such/file.jsonl"}}, 1, "data.source: no such file or folder '/no/such/file.jsonl'"),
+    ({"data": {"tokenizer": "/no/tok.json"}}, 1, "data.tokenizer: no such file '/no/tok.json'"),
+    ({"parallel": {"strategy": "single"}}, 2, "parallel.strategy=single"),
+])
+def test_cross_field_rules(raw, world, message):
+    with pytest.raises(ConfigError) as info:
+        validate(build_config(raw), world_size=world)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("content, args, message", [
+    ({"train": {"lr": 1e-3}}, [], "unknown key 'train.lr' — did you mean 'optim.lr'?"),
+    ({"train": {"max_steps": "x"}}, [], "train.max_steps must be int"),
+    ({"train": {"global_batch_size": 10, "micro_batch_size": 4}}, [], "train.global_batch_size=10 is not divisible"),
+    ({"data": {"source": "missing.jsonl"}}, [], "data.source: no such file or folder 'missing.jsonl'"),
+    ({}, ["optim.lr"], "override 'optim.lr': expected section.key=value"),
+    ({}, ["optimizer.lr=1"], "unknown section 'optimizer' — did you mean 'optim'?"),
+])
+@pytest.mark.parametrize("command", ["train", "check"])
+def test_bad_recipe_exits_2_with_one_line(tmp_path, content, args, message, command):
+    recipe = write_recipe(tmp_path / "bad.yaml", content)
+    result = run_cli(command, str(recipe), *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_recipe_and_bad_yaml_exit_2(tmp_path):
+    assert run_cli("check", str(tmp_path / "nope.yaml")).returncode == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    result = run_cli("check", str(bad))
+    assert result.returncode == 2 and "invalid YAML" in result.stderr
+
+
+def test_resolved_config_round_trips():
+    cfg = build_config({"optim": {"betas": [0.8, 0.9]}})
+    again = build_config(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    assert again == cfg

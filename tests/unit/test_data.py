@@ -1,0 +1,407 @@
+"""Tests for bigtrain/data: sources, tokenizer, prepared shards, global sampler, eval split (CPU, fast)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bigtrain.config import DataConfig
+from bigtrain.data import GlobalSampler, data_cache_path, eval_indices, load_prepared, prepare_data
+from bigtrain.data import prepare as prepare_module
+from bigtrain.data import shards as shards_module
+from bigtrain.data.shards import token_dtype
+from bigtrain.data.sources import held_out_rows, load_documents, resolve_source
+from bigtrain.errors import UserError
+
+SEQ_LEN = 64
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def cfg_cache(cfg) -> Path:
+    return Path(cfg.cache_dir).expanduser()
+
+
+def documents(cfg):
+    """(train texts, validation texts) exactly as prepare_data sees them."""
+    docs = load_documents(cfg, resolve_source(cfg), cache_dir=cfg_cache(cfg))
+    return list(docs.train[cfg.text_column]), list(docs.validation[cfg.text_column])
+
+
+def encode_docs(tokenizer, texts, eos_id):
+    return [enc.ids + [eos_id] for enc in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+@pytest.fixture(scope="module")
+def stdlib(tmp_path_factory):
+    """40 stdlib files, a 512-token BPE, prepared once for the module."""
+    cfg = DataConfig(max_documents=40, vocab_size=512, seq_len=SEQ_LEN, cache_dir=str(tmp_path_factory.mktemp("cache")))
+    return cfg, prepare_data(cfg, log=quiet)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(stdlib):
+    _, data = stdlib
+    return str(data.path / "tokenizer.json")
+
+
+def copy_cache(cfg, tmp_path):
+    """The same prepared cache under a fresh cache_dir, safe to damage."""
+    new = dataclasses.replace(cfg, cache_dir=str(tmp_path / "cache"))
+    shutil.copytree(cfg_cache(cfg), new.cache_dir)
+    return new
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def test_prepare_is_cached_and_does_not_retokenize(stdlib, monkeypatch):
+    cfg, data = stdlib
+    index = data.path / "index.json"
+    mtime = index.stat().st_mtime_ns
+
+    def fail(*args, **kwargs):
+        raise AssertionError("documents were loaded again")
+
+    monkeypatch.setattr(prepare_module, "load_documents", fail)
+    again = prepare_data(cfg, log=quiet)
+    assert again.path == data.path == data_cache_path(cfg)
+    assert index.stat().st_mtime_ns == mtime
+    assert again.train.num_tokens == data.train.num_tokens
+    assert not [p for p in cfg_cache(cfg).iterdir() if p.name.startswith(".tmp")]
+
+
+def test_index_lists_every_shard_with_checksum(stdlib):
+    _, data = stdlib
+    index = json.loads((data.path / "index.json").read_text())
+    assert index["version"] == 1 and index["seq_len"] == SEQ_LEN and index["vocab_size"] == 512
+    assert index["eos_id"] == data.tokenizer.token_to_id("<|endoftext|>")
+    assert index["pad_id"] == data.tokenizer.token_to_id("<|pad|>")
+    for split in ("train", "validation"):
+        info = index["splits"][split]
+        assert sum(s["num_tokens"] for s in info["shards"]) == info["num_tokens"]
+        offsets = np.load(data.path / split / "doc_offsets.npy")
+        assert offsets.dtype == np.int64 and len(offsets) == info["num_docs"] + 1 and offsets[-1] == info["num_tokens"]
+
+
+def test_small_vocab_uses_uint16_shards(stdlib):
+    _, data = stdlib
+    index = json.loads((data.path / "index.json").read_text())
+    assert index["dtype"] == "uint16"
+    shard = index["splits"]["train"]["shards"][0]
+    assert (data.path / "train" / shard["file"]).stat().st_size == 2 * shard["num_tokens"]
+    assert token_dtype(65535) == np.uint16 and token_dtype(65536) == np.uint32 and token_dtype(128_256) == np.uint32
+
+
+def test_stream_is_documents_each_followed_by_eos(stdlib):
+    cfg, data = stdlib
+    train_texts, val_texts = documents(cfg)
+    for texts, split in ((train_texts, data.train), (val_texts, data.validation)):
+        expected = np.concatenate([np.array(ids) for ids in encode_docs(data.tokenizer, texts, data.eos_id)])
+        np.testing.assert_array_equal(split.read(0, split.num_tokens), expected)
+        assert (split.read(0, split.num_tokens) == data.eos_id).sum() == len(texts)
+
+
+def test_packed_samples_are_overlapping_consecutive_windows(stdlib):
+    _, data = stdlib
+    train = data.train
+    assert len(train) == (train.num_tokens - 1) // SEQ_LEN
+    samples = np.stack([train[i] for i in range(len(train))])  # (N, seq_len + 1)
+    assert samples.shape == (len(train), SEQ_LEN + 1) and samples.dtype == np.int64
+    np.testing.assert_array_equal(samples[:-1, -1], samples[1:, 0])  # last target = next input
+    stream = train.read(0, train.num_tokens)
+    covered = np.concatenate([samples[:, :-1].reshape(-1), samples[-1, -1:]])
+    np.testing.assert_array_equal(covered, stream[: len(covered)])
+    assert train.num_tokens - len(covered) < SEQ_LEN  # only a partial last window is left out
+    with pytest.raises(IndexError):
+        train[len(train)]
+
+
+def test_unpacked_samples_are_documents_truncated(stdlib):
+    cfg, data = stdlib
+    docs = load_prepared(dataclasses.replace(cfg, packing=False), verify=False)
+    assert docs.path == data.path  # packing is a view, not a different cache
+    train_texts, _ = documents(cfg)
+    expected = [ids[: SEQ_LEN + 1] for ids in encode_docs(data.tokenizer, train_texts, data.eos_id) if len(ids) >= 2]
+    assert len(docs.train) == len(expected)
+    for i, ids in enumerate(expected):
+        np.testing.assert_array_equal(docs.train[i], ids)
+
+
+def test_shards_split_and_windows_cross_shard_boundaries(stdlib, tokenizer_file, tmp_path, monkeypatch):
+    cfg, data = stdlib
+    monkeypatch.setattr(shards_module, "MAX_SHARD_TOKENS", 1000)
+    small = dataclasses.replace(cfg, cache_dir=str(tmp_path / "cache"), max_documents=5, tokenizer=tokenizer_file)
+    path = data_cache_path(small)  # cheap: derivable before anything is prepared
+    assert not path.exists()
+    prepared = prepare_data(small, log=quiet)
+    assert prepared.path == path
+    shard_files = sorted((path / "train").glob("tokens-*.bin"))
+    assert len(shard_files) == -(-prepared.train.num_tokens // 1000) >= 3
+    whole = np.concatenate([np.fromfile(f, dtype=np.uint16) for f in shard_files]).astype(np.int64)
+    for i in range(len(prepared.train)):
+        np.testing.assert_array_equal(prepared.train[i], whole[i * SEQ_LEN : i * SEQ_LEN + SEQ_LEN + 1])
+
+
+def test_token_dataset_pickles_without_its_data(stdlib):
+    _, data = stdlib
+    data.train[0]  # opens the memmaps
+    blob = pickle.dumps(data.train)
+    assert len(blob) < 10_000
+    np.testing.assert_array_equal(pickle.loads(blob)[5], data.train[5])
+
+
+# --------------------------------------------------------------------------- validation split
+
+
+def test_validation_split_by_file_is_deterministic_and_disjoint(stdlib):
+    cfg, _ = stdlib
+    source = resolve_source(cfg)
+    wide = dataclasses.replace(cfg, validation_split=0.25)
+    first = load_documents(wide, source, cache_dir=cfg_cache(cfg))
+    second = load_documents(wide, source, cache_dir=cfg_cache(cfg))
+    train, val = set(first.train["path"]), set(first.validation["path"])
+    assert list(first.validation["path"]) == list(second.validation["path"])
+    assert train.isdisjoint(val) and len(train | val) == 40 and 0 < len(val) < 40
+    # By hash of the path, not by position: more documents keep the old assignment.
+    more = load_documents(dataclasses.replace(wide, max_documents=80), source, cache_dir=cfg_cache(cfg))
+    assert set(more.validation["path"]) & (train | val) == val
+
+
+def test_tiny_validation_fraction_still_holds_out_one_document():
+    keys = [f"doc{i}" for i in range(40)]
+    assert len(held_out_rows(keys, 0.01)) >= 1
+    assert held_out_rows(keys, 0.01) == held_out_rows(keys, 0.01)
+    assert held_out_rows(keys, 0.0) == []
+    assert len(held_out_rows(keys[:2], 0.99)) == 1  # never the whole corpus
+
+
+# --------------------------------------------------------------------------- local sources
+
+TEXTS = [f"def f{i}(x):\n    return x * {i}  # document {i}" for i in range(30)]
+LINES = [f"line {i}: the quick brown fox {i}" for i in range(30)]
+
+
+def write_source(kind: str, folder):
+    """Write TEXTS (or LINES for txt) in the given format; return (source path, expected documents)."""
+    import datasets
+
+    if kind == "jsonl":
+        path = folder / "docs.jsonl"
+        path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(TEXTS)))
+    elif kind == "jsonl-folder":
+        path = folder / "parts"
+        path.mkdir()
+        for part in range(3):
+            rows = TEXTS[part * 10 : (part + 1) * 10]
+            (path / f"part-{part}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    elif kind == "csv":
+        path = folder / "docs.csv"
+        datasets.Dataset.from_dict({"id": list(range(30)), "text": TEXTS}).to_csv(str(path), index=False)
+    elif kind == "parquet":
+        path = folder / "docs.parquet"
+        datasets.Dataset.from_dict({"text": TEXTS}).to_parquet(str(path))
+    elif kind == "txt":
+        path = folder / "docs.txt"
+        path.write_text("\n".join(LINES) + "\n")
+        return path, LINES
+    elif kind == "save_to_disk":
+        path = folder / "saved"
+        datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(path))
+    return path, TEXTS
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl-folder", "csv", "parquet", "txt", "save_to_disk"])
+def test_local_sources_prepare_every_document(kind, tokenizer_file, tmp_path):
+    path, texts = write_source(kind, tmp_path)
+    cfg = DataConfig(source=str(path), tokenizer=tokenizer_file, seq_len=16, validation_split=0.2, cache_dir=str(tmp_path / "c"))
+    data = prepare_data(cfg, log=quiet)
+    train_texts, val_texts = documents(cfg)
+    assert sorted(train_texts + val_texts) == sorted(texts) and val_texts
+    decoded = []
+    for split in (data.train, data.validation):
+        stream = split.read(0, split.num_tokens).tolist()
+        decoded += data.tokenizer.decode(stream, skip_special_tokens=False).split("<|endoftext|>")[:-1]
+    assert sorted(decoded) == sorted(texts)
+
+
+def test_save_to_disk_validation_split_is_used(tokenizer_file, tmp_path):
+    import datasets
+
+    saved = tmp_path / "saved"
+    splits = {"train": TEXTS[:20], "validation": TEXTS[20:]}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()}).save_to_disk(str(saved))
+    cfg = DataConfig(source=str(saved), tokenizer=tokenizer_file, cache_dir=str(tmp_path / "c"))
+    train_texts, val_texts = documents(cfg)
+    assert train_texts == TEXTS[:20] and val_texts == TEXTS[20:]
+
+
+def test_unpacked_drops_empty_documents(tokenizer_file, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    rows = ["first doc", "", "third doc is here"]
+    path.write_text("".join(json.dumps({"body": t}) + "\n" for t in rows))
+    cfg = DataConfig(source=str(path), text_column="body", tokenizer=tokenizer_file, validation_split=0.0, packing=False,
+                     seq_len=4, cache_dir=str(tmp_path / "c"))
+    data = prepare_data(cfg, log=quiet)
+    assert data.validation.num_tokens == 0 and len(data.validation) == 0
+    assert data.train.num_docs == 3 and len(data.train) == 2  # the empty one is only an EOS
+    expected = [ids[:5] for ids in encode_docs(data.tokenizer, [rows[0], rows[2]], data.eos_id)]
+    for i, ids in enumerate(expected):
+        np.testing.assert_array_equal(data.train[i], ids)
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def test_missing_source_file_names_it(tmp_path):
+    missing = str(tmp_path / "nope" / "docs.jsonl")
+    with pytest.raises(UserError, match=re.escape(f"data.source: no such file or folder '{missing}'")):
+        prepare_data(DataConfig(source=missing, cache_dir=str(tmp_path)), log=quiet)
+
+
+def test_missing_text_column_names_it_and_the_columns(tmp_path):
+    path, _ = write_source("jsonl", tmp_path)
+    cfg = DataConfig(source=str(path), text_column="content", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UserError, match=r"data.text_column: no column 'content' .*\(columns: text, id\)"):
+        prepare_data(cfg, log=quiet)
+
+
+def test_hub_name_offline_is_a_user_error(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail fast instead of retrying
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cfg = DataConfig(source="someone/not-a-dataset", cache_dir=str(tmp_path))
+    with pytest.raises(UserError, match="data.source: cannot load hub dataset 'someone/not-a-dataset'") as e:
+        prepare_data(cfg, log=quiet)
+    assert "\n" not in str(e.value)
+
+
+def test_tokenizer_without_eos_is_rejected(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    path = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]")).save(str(path))
+    path_docs, _ = write_source("jsonl", tmp_path)
+    cfg = DataConfig(source=str(path_docs), tokenizer=str(path), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UserError, match="no end-of-document token"):
+        prepare_data(cfg, log=quiet)
+
+
+def test_load_before_prepare_says_run_prepare(tmp_path):
+    cfg = DataConfig(max_documents=3, vocab_size=300, cache_dir=str(tmp_path))
+    with pytest.raises(UserError, match=r"data: not prepared .*run 'bigtrain prepare RECIPE'"):
+        load_prepared(cfg)
+    assert not (tmp_path / "tokenizers").exists()  # finding the cache path trained nothing
+
+
+def test_flipped_byte_in_shard_is_detected_and_named(stdlib, tmp_path):
+    cfg = copy_cache(stdlib[0], tmp_path)
+    path = data_cache_path(cfg)
+    shard = path / "train" / "tokens-00000.bin"
+    blob = bytearray(shard.read_bytes())
+    blob[1234] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    load_prepared(cfg, verify=False)  # same size: only the checksum can tell
+    expected = f"corrupted shard {re.escape(str(shard))}: sha256 mismatch .* delete {re.escape(str(path))} and run"
+    with pytest.raises(UserError, match=expected):
+        load_prepared(cfg, verify=True)
+
+
+def test_truncated_shard_is_detected_and_named(stdlib, tmp_path):
+    cfg = copy_cache(stdlib[0], tmp_path)
+    shard = data_cache_path(cfg) / "validation" / "tokens-00000.bin"
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 2)
+    with pytest.raises(UserError, match=f"corrupted shard {re.escape(str(shard))}: .*bytes, expected"):
+        load_prepared(cfg, verify=False)
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+def sampler(n, *, gbs=8, mbs=2, rank=0, world=1, seed=3):
+    return GlobalSampler(n, seed=seed, global_batch_size=gbs, micro_batch_size=mbs, rank=rank, world_size=world)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_each_epoch_visits_every_sample_once_across_ranks(world):
+    n, gbs = 48, 8
+    seen = []
+    for consumed in range(0, 2 * n, gbs):
+        for rank in range(world):
+            seen += [i for mb in sampler(n, gbs=gbs, rank=rank, world=world).rank_micro_batches(consumed) for i in mb]
+    assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n:]) == list(range(n))
+
+
+def test_epochs_have_different_orders():
+    s = sampler(48, gbs=48, mbs=48)
+    first, second = s.global_indices(0), s.global_indices(48)
+    assert sorted(first) == sorted(second) and not np.array_equal(first, second)
+    assert s.epoch(47) == 0 and s.epoch(48) == 1
+
+
+def test_rank_slices_are_disjoint_contiguous_and_split_into_micro_batches():
+    world, gbs, mbs = 4, 16, 2
+    whole = sampler(100, gbs=gbs, mbs=mbs, world=world).global_indices(40)
+    parts = []
+    for rank in range(world):
+        micro = sampler(100, gbs=gbs, mbs=mbs, rank=rank, world=world).rank_micro_batches(40)
+        assert len(micro) == gbs // world // mbs and all(len(mb) == mbs for mb in micro)
+        parts.append(np.concatenate(micro))
+    np.testing.assert_array_equal(np.concatenate(parts), whole)  # rank r holds [r*k:(r+1)*k]
+    assert len(set(np.concatenate(parts).tolist())) == gbs
+
+
+def test_global_order_does_not_depend_on_world_size_or_micro_batch():
+    for consumed in (0, 8, 96):
+        one = np.concatenate(sampler(50, mbs=4).rank_micro_batches(consumed))
+        two = np.concatenate([np.concatenate(sampler(50, mbs=1, rank=r, world=2).rank_micro_batches(consumed)) for r in range(2)])
+        np.testing.assert_array_equal(one, two)
+
+
+def test_resume_from_any_position_gives_the_same_order():
+    n, gbs = 37, 8
+    run = sampler(n, gbs=gbs)
+    history = [run.global_indices(c) for c in range(0, 200, gbs)]
+    for k, consumed in enumerate(range(0, 200, gbs)):
+        resumed = sampler(n, gbs=gbs)  # fresh object, as after a restart
+        np.testing.assert_array_equal(resumed.global_indices(consumed), history[k])
+    # Any integer position works, not only batch boundaries.
+    np.testing.assert_array_equal(sampler(n, gbs=gbs).global_indices(13)[:3], np.concatenate(history)[13:16])
+
+
+def test_global_batch_crossing_an_epoch_boundary():
+    n = 10
+    s = sampler(n, gbs=8, mbs=4)
+    batch = s.global_indices(8)  # positions 8..15: two of epoch 0, six of epoch 1
+    perm0 = np.random.default_rng([3, 0]).permutation(n)
+    perm1 = np.random.default_rng([3, 1]).permutation(n)
+    np.testing.assert_array_equal(batch, np.concatenate([perm0[8:], perm1[:6]]))
+    tiny = sampler(3, gbs=8, mbs=8).global_indices(0)  # a batch larger than the dataset spans 3 epochs
+    assert sorted(tiny[:3]) == sorted(tiny[3:6]) == [0, 1, 2]
+
+
+def test_sampler_rejects_indivisible_batch():
+    with pytest.raises(ValueError, match="not divisible"):
+        sampler(100, gbs=10, mbs=4, world=1)
+    with pytest.raises(ValueError, match="not divisible"):
+        sampler(100, gbs=8, mbs=2, world=3)
+
+
+@pytest.mark.parametrize("n,world,limit", [(10, 3, None), (7, 4, None), (100, 3, 11), (2, 4, None), (5, 2, 50)])
+def test_eval_indices_cover_every_sample_once(n, world, limit):
+    chunks = [eval_indices(n, rank, world, limit) for rank in range(world)]
+    np.testing.assert_array_equal(np.concatenate(chunks), np.arange(min(n, limit or n)))
+    assert max(map(len, chunks)) - min(map(len, chunks)) <= 1
