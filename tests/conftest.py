@@ -29,6 +29,26 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bigtrain-cache")
 
 
+@pytest.fixture(scope="session")
+def ragged_corpus(tmp_path_factory) -> Path:
+    """A jsonl of short documents of very uneven length (1 to 12 source lines each), so unpacked
+    batches really contain padding."""
+    import json
+    import random
+    import textwrap
+
+    lines = [l for l in Path(textwrap.__file__).read_text().splitlines() if l.strip()]
+    rng = random.Random(0)
+    docs, i = [], 0
+    while i < len(lines):
+        n = rng.randint(1, 12)
+        docs.append("\n".join(lines[i:i + n]))
+        i += n
+    path = tmp_path_factory.mktemp("ragged") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
 def tiny_recipe(cache_dir: Path, run_dir_parent: Path, **sections) -> dict:
     """A debug-size causal-LM recipe on a small slice of python-stdlib (fast on CPU)."""
     recipe = {

@@ -84,11 +84,12 @@ def test_exact_resume_is_bitwise(tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
-def test_accumulation_invariance_logged_loss_and_lr(tmp_path, cache_dir, packing):
+def test_accumulation_invariance_logged_loss_and_lr(tmp_path, cache_dir, ragged_corpus, packing):
+    data = () if packing else ("data.packing=false", f"data.source={ragged_corpus}")
     runs = {}
     for micro in (8, 2, 1):
         result, run_dir = train(tmp_path, cache_dir, "train.max_steps=3", f"train.micro_batch_size={micro}",
-                                f"data.packing={str(packing).lower()}", name=f"micro{micro}")
+                                *data, name=f"micro{micro}")
         assert result.returncode == 0, result.stderr
         runs[micro] = read_metrics(run_dir)[0]
     for micro in (2, 1):

@@ -1,0 +1,139 @@
+"""bigtrain's loop overhead against a bare PyTorch loop, measured side by side.
+
+Both step the same model (bigtrain's decoder, GPT-2 style: 6 layers × 384, seq 256, batch 8,
+~14M parameters), the same AdamW, dtype and clipping, on the same packed token data. The bare
+loop is nanoGPT-shaped: fetch a batch from the memmapped shard, forward (autocast for bf16),
+mean cross-entropy, backward, clip, step. Each measurement is a fresh process; the two are
+interleaved round by round so machine noise hits both alike. Tokens/s is taken from the median
+step time after warmup.
+
+    python benchmarks/overhead.py [--rounds 3] [--steps 15] [--warmup 3] [--precisions fp32 bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+SEQ, BATCH = 256, 8
+MODEL = {"arch": "decoder", "preset": "debug", "n_layers": 6, "d_model": 384, "n_heads": 6, "d_ff": 1536,
+         "max_seq_len": SEQ}
+
+
+def recipe(out: Path, precision: str, steps: int) -> dict:
+    return {
+        "run": {"name": f"overhead-{precision}", "output_dir": str(out), "seed": 0},
+        "model": MODEL,
+        "data": {"source": "python-stdlib", "vocab_size": 8192, "seq_len": SEQ},
+        "train": {"max_steps": steps, "global_batch_size": BATCH, "micro_batch_size": BATCH},
+        "optim": {"lr": 3e-4, "warmup_steps": 0, "schedule": "constant", "grad_clip": 1.0},
+        "parallel": {"precision": precision},
+        "checkpoint": {"every": 0, "resume": "none", "keep_last": 1},
+        "eval": {"max_samples": 8},
+        "logging": {"every": 1, "progress": False},
+    }
+
+
+BARE_LOOP = r'''
+import json, sys, time
+import numpy as np, torch, torch.nn.functional as F
+from bigtrain.config import build_config
+from bigtrain.data import load_prepared
+from bigtrain.models import build_model
+
+cfg = build_config(json.loads(sys.argv[1]))
+steps = int(sys.argv[2])
+data = load_prepared(cfg.data, verify=False)
+tokens = data.train.read(0, data.train.num_tokens)        # the same packed stream bigtrain trains on
+torch.manual_seed(0)
+model = build_model(cfg.model, -(-data.vocab_size // 64) * 64)
+decay = [p for p in model.parameters() if p.dim() >= 2]
+no_decay = [p for p in model.parameters() if p.dim() < 2]
+opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                        lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else None
+rng = np.random.default_rng(0)
+B, T = cfg.train.micro_batch_size, cfg.data.seq_len
+times = []
+for step in range(steps):
+    t0 = time.perf_counter()
+    starts = rng.integers(0, len(tokens) - T - 1, B)
+    batch = torch.from_numpy(np.stack([tokens[s:s + T + 1] for s in starts]))
+    x, y = batch[:, :-1], batch[:, 1:]
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        logits = model(x)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    loss.item()
+    times.append(time.perf_counter() - t0)
+print(json.dumps(times))
+'''
+
+
+def bare_step_times(cfg: dict, steps: int) -> list[float]:
+    out = subprocess.run([sys.executable, "-c", BARE_LOOP, json.dumps(cfg), str(steps)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bigtrain_step_times(cfg: dict, path: Path) -> list[float]:
+    path.write_text(yaml.safe_dump(cfg))
+    subprocess.run([sys.executable, "-m", "bigtrain", "train", str(path)], capture_output=True, text=True, check=True)
+    run_dir = Path(cfg["run"]["output_dir"]) / cfg["run"]["name"]
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["perf/step_time_s"] for r in records if "perf/step_time_s" in r]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=15, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    args = parser.parse_args()
+    total = args.warmup + args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        subprocess.run([sys.executable, "-m", "bigtrain", "prepare", str(_write(tmp / "prep.yaml", recipe(tmp, "fp32", 1)))],
+                       check=True, capture_output=True)
+        for precision in args.precisions:
+            ratios, bare_tps, ours_tps, waits = [], [], [], []
+            for r in range(args.rounds):
+                cfg = recipe(tmp / f"r{r}", precision, total)
+                bare = statistics.median(bare_step_times(cfg, total)[args.warmup:])
+                ours_times = bigtrain_step_times(cfg, tmp / f"{precision}-{r}.yaml")[args.warmup:]
+                ours = statistics.median(ours_times)
+                bare_tps.append(BATCH * SEQ / bare)
+                ours_tps.append(BATCH * SEQ / ours)
+                ratios.append(bare / ours)
+                records = [json.loads(l) for l in (tmp / f"r{r}" / cfg["run"]["name"] / "metrics.jsonl").read_text().splitlines()]
+                waits += [x["perf/data_wait_frac"] for x in records[args.warmup:] if "perf/data_wait_frac" in x]
+                print(f"{precision} round {r}: bare {bare_tps[-1]:,.0f} tok/s · bigtrain {ours_tps[-1]:,.0f} tok/s · "
+                      f"ratio {ratios[-1]:.3f}", flush=True)
+            mfus = [x["perf/mfu"] for x in records[args.warmup:] if "perf/mfu" in x]
+            print(f"{precision}: bigtrain/bare tokens/s ratio median {statistics.median(ratios):.3f} "
+                  f"(rounds {', '.join(f'{x:.3f}' for x in ratios)}) · bare {statistics.median(bare_tps):,.0f} tok/s · "
+                  f"bigtrain {statistics.median(ours_tps):,.0f} tok/s · perf/mfu {statistics.median(mfus):.3f} · "
+                  f"data wait {100 * statistics.median(waits):.2f}% of step time", flush=True)
+
+
+def _write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    main()
+    print(f"({time.time() - t0:.0f} s)")

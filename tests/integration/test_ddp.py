@@ -1,0 +1,56 @@
+"""DDP under torchrun (gloo, 2 CPU processes) against one process with the same global batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import run_cli, run_torchrun, tiny_recipe, write_recipe
+from tests.integration.test_train import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def test_ddp_matches_single_process(tmp_path, cache_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        cache_dir, tmp_path / "runs", train={"max_steps": 6, "global_batch_size": 8, "micro_batch_size": 2},
+        eval={"max_samples": 15}))  # 15 validation samples: not divisible by 2 ranks
+    single = run_cli("train", str(recipe), "run.name=single", "train.micro_batch_size=4")
+    assert single.returncode == 0, single.stderr
+    ddp = run_torchrun(2, "train", str(recipe), "run.name=ddp")
+    assert ddp.returncode == 0, ddp.stderr
+    assert "ddp × 2" in ddp.stderr and "accumulation 2" in ddp.stderr
+
+    a, a_eval = read_metrics(tmp_path / "runs/single")
+    b, b_eval = read_metrics(tmp_path / "runs/ddp")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5)
+        assert rb["train/lr"] == ra["train/lr"]
+        assert rb["train/samples_consumed"] == ra["train/samples_consumed"]
+    # Eval over an odd-sized validation set gives the single-process metrics (no padded duplicates).
+    assert b_eval[-1]["eval/loss"] == pytest.approx(a_eval[-1]["eval/loss"], rel=1e-5)
+    wa = torch.load(tmp_path / "runs/single/checkpoints/step-0000006/model.pt", weights_only=True)
+    wb = torch.load(tmp_path / "runs/ddp/checkpoints/step-0000006/model.pt", weights_only=True)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_run_resumes_on_one_process(tmp_path, cache_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        cache_dir, tmp_path / "runs", train={"max_steps": 6, "global_batch_size": 8, "micro_batch_size": 2}))
+    first = run_torchrun(2, "train", str(recipe), "train.stop_at_step=3")
+    assert first.returncode == 0, first.stderr
+    rest = run_cli("train", str(recipe))
+    assert rest.returncode == 0, rest.stderr
+    assert "resuming at step 3" in rest.stderr
+    records, _ = read_metrics(tmp_path / "runs/tiny")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert records[-1]["train/samples_consumed"] == 48
+
+
+def test_bad_recipe_under_torchrun_exits_nonzero_with_the_message(tmp_path, cache_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs", train={"global_batch_size": 6}))
+    result = run_torchrun(2, "train", str(recipe), "train.micro_batch_size=2")
+    assert result.returncode != 0
+    assert "train.global_batch_size=6 is not divisible by train.micro_batch_size × data-parallel size = 2 × 2 = 4" in result.stderr
