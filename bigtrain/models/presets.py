@@ -86,6 +86,8 @@ def resolve_spec(cfg: ModelConfig, vocab_size: int | None = None) -> ModelSpec:
     if cfg.preset not in PRESETS:
         raise UserError(f"model.preset: unknown preset '{cfg.preset}' — choose one of {', '.join(PRESETS)}")
     values = dict(PRESETS[cfg.preset])
+    if values["n_kv_heads"] == values["n_heads"] and getattr(cfg, "n_kv_heads", None) is None:
+        values["n_kv_heads"] = cfg.n_heads or values["n_heads"]  # multi-head presets stay multi-head
     for name in SPEC_FIELDS:
         override = getattr(cfg, name, None)
         if override is not None:

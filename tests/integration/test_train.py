@@ -99,6 +99,15 @@ def test_accumulation_invariance_logged_loss_and_lr(tmp_path, cache_dir, ragged_
     assert runs[8][-1]["train/lr"] == pytest.approx(3e-3 * 0.1)  # final value exactly at max_steps
 
 
+def test_keep_last_prunes_old_checkpoints_and_leaves_no_temp_folders(tmp_path, cache_dir):
+    result, run_dir = train(tmp_path, cache_dir, "train.max_steps=6", "checkpoint.every=2", "checkpoint.keep_last=2")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]
+    manifest = json.loads((run_dir / "checkpoints/step-0000006/manifest.json").read_text())
+    assert manifest["samples_consumed"] == 48
+    assert {"model.pt", "optimizer.pt", "trainer.json", "config.yaml", "rng/rank-00000.pt"} <= manifest["files"].keys()
+
+
 def test_corrupted_checkpoint_is_named_and_auto_falls_back(tmp_path, cache_dir):
     result, run_dir = train(tmp_path, cache_dir, "train.max_steps=6", "checkpoint.every=2")
     assert result.returncode == 0, result.stderr
@@ -172,3 +181,17 @@ def test_prepare_and_bench_commands(tmp_path, cache_dir):
     for word in ("tokens/s", "MFU", "forward+backward", "optimizer", "waiting for data"):
         assert word in bench.stdout
     assert not (tmp_path / "runs").exists()  # bench leaves no run dir behind
+
+
+@pytest.mark.slow
+def test_compile_and_activation_checkpointing_train_like_eager(tmp_path, cache_dir):
+    eager, eager_dir = train(tmp_path, cache_dir, "train.max_steps=3", name="eager")
+    assert eager.returncode == 0, eager.stderr
+    compiled, compiled_dir = train(tmp_path, cache_dir, "train.max_steps=3", "parallel.compile=true",
+                                   "parallel.activation_checkpointing=true", name="compiled")
+    assert compiled.returncode == 0, compiled.stderr
+    for a, b in zip(read_metrics(eager_dir)[0], read_metrics(compiled_dir)[0]):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
+    # State-dict keys are unchanged by the wrappers, so checkpoints move between the two settings.
+    keys = torch.load(compiled_dir / "checkpoints/step-0000003/model.pt", weights_only=True).keys()
+    assert keys == torch.load(eager_dir / "checkpoints/step-0000003/model.pt", weights_only=True).keys()

@@ -47,3 +47,14 @@ def test_accumulation_gives_the_same_gradients(cache_dir, ragged_corpus, tmp_pat
         relative = float((grads - reference).norm() / reference.norm())
         assert relative <= 1e-6, (micro, relative)
         assert loss == pytest.approx(ref_loss, rel=1e-6)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(cache_dir, tmp_path):
+    cfg = build_config(tiny_recipe(cache_dir, tmp_path))
+    prepare_data(cfg.data, log=lambda m: None)
+    data = load_prepared(cfg.data)
+    reference, ref_loss = step_gradients(cfg, data, 4)
+    ac = build_config(tiny_recipe(cache_dir, tmp_path, parallel={"activation_checkpointing": True}))
+    grads, loss = step_gradients(ac, data, 4)
+    assert float((grads - reference).norm() / reference.norm()) <= 1e-6
+    assert loss == pytest.approx(ref_loss, rel=1e-6)

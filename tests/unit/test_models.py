@@ -205,3 +205,13 @@ def test_bad_model_config_raises_user_error_naming_key(overrides, key):
 def test_unknown_preset_message_lists_choices():
     with pytest.raises(UserError, match="unknown preset 'x' — choose one of debug, gpt2-124m"):
         build_model(model_cfg("x"), VOCAB)
+
+
+def test_overriding_n_heads_of_a_multi_head_preset_keeps_it_multi_head():
+    from bigtrain.config import ModelConfig
+    from bigtrain.models import resolve_model_spec
+
+    spec = resolve_model_spec(ModelConfig(preset="debug", d_model=384, n_heads=6))
+    assert spec.n_kv_heads == 6
+    llama = resolve_model_spec(ModelConfig(preset="llama-1b", n_heads=16))
+    assert llama.n_kv_heads == 8  # grouped-query presets keep their kv heads
