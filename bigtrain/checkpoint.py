@@ -53,8 +53,12 @@ def step_dir(run_dir: Path, step: int) -> Path:
 # --------------------------------------------------------------------------- save
 
 
-def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: str, keep_last: int) -> Path:
-    """Write a complete checkpoint of `state` (collective: every rank calls it)."""
+def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: str, keep_last: int,
+         extra_files: dict[str, Path] | None = None) -> Path:
+    """Write a complete checkpoint of `state` (collective: every rank calls it).
+
+    extra_files: name → file copied in (the tokenizer, the label set), so a checkpoint stands alone.
+    """
     final = step_dir(run_dir, state.step)
     tmp = final.with_name(f".tmp-{final.name}")
     if dist.is_main:
@@ -68,6 +72,8 @@ def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: s
         (tmp / TRAINER).write_text(json.dumps({**asdict(state), "world_size": dist.world_size,
                                                "scheduler": {"step": state.step}}, indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, tmp / name)
         files = {str(p.relative_to(tmp)): _file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"step": state.step, "samples_consumed": state.samples_consumed, "files": files}
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
@@ -215,3 +221,47 @@ def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print) -
     _restore_rng(folder, dist, saved.get("world_size", 1))
     fields = TrainState.__dataclass_fields__
     return TrainState(**{k: v for k, v in saved.items() if k in fields})
+
+
+# --------------------------------------------------------------------------- init_from
+
+
+def resolve_init_checkpoint(path: str) -> Path:
+    """model.init_from → a verified checkpoint folder (a run dir means its newest complete checkpoint)."""
+    where = Path(path).expanduser()
+    if not where.exists():
+        raise CheckpointError(f"model.init_from: no such run dir or checkpoint '{path}'")
+    if (where / MANIFEST).exists():
+        verify(where)
+        return where
+    for folder in reversed(list_checkpoints(where)):
+        try:
+            verify(folder)
+            return folder
+        except CheckpointError:
+            continue
+    raise CheckpointError(f"model.init_from: no complete checkpoint in '{path}'")
+
+
+def load_init_weights(folder: Path, model: torch.nn.Module, *, arch: str) -> dict[str, list[str]]:
+    """Copy matching weights from a checkpoint into `model` (weights only: no optimizer, no step).
+
+    Returns {"loaded", "new", "unused"} tensor names. A tensor whose shape differs, or a checkpoint
+    of another architecture, is a one-line error naming the tensor.
+    """
+    import yaml
+
+    saved = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    saved_arch = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("model", {}).get("arch", "decoder")
+    own = model.state_dict()
+    if saved_arch != arch:
+        foreign = next((k for k in saved if k not in own), next(iter(saved)))
+        raise CheckpointError(f"model.init_from: {folder} holds a '{saved_arch}' model (e.g. tensor '{foreign}'), "
+                              f"but model.arch is '{arch}' — set model.arch: {saved_arch} or pick another checkpoint")
+    for name, tensor in own.items():
+        if name in saved and saved[name].shape != tensor.shape:
+            raise CheckpointError(f"model.init_from: tensor '{name}' is {tuple(saved[name].shape)} in {folder} but "
+                                  f"{tuple(tensor.shape)} in this model — the model settings must match the checkpoint's")
+    loaded = [k for k in own if k in saved]
+    model.load_state_dict({k: saved[k] for k in loaded}, strict=False)
+    return {"loaded": loaded, "new": [k for k in own if k not in saved], "unused": [k for k in saved if k not in own]}

@@ -1,4 +1,4 @@
-"""`bigtrain` subcommands: train, check, prepare, bench. Bad input exits 2 with one line; no traceback."""
+"""`bigtrain` subcommands: train, check, prepare, bench, eval. Bad input exits 2 with one line; no traceback."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import tempfile
 
 from bigtrain.errors import UserError
 
-COMMANDS = ("train", "check", "prepare", "bench")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,13 +29,19 @@ def _parser() -> argparse.ArgumentParser:
     bench = command("bench", "measure tokens/s, MFU and the step-time breakdown")
     bench.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
     bench.add_argument("--warmup", type=int, default=3, help="steps run before measuring (default 3)")
+    ev = sub.add_parser("eval", help="eval metrics of a run's checkpoint on the validation split",
+                        description="eval metrics of a run's checkpoint (default: the newest) on the validation split")
+    ev.add_argument("run_dir", help="run dir (runs/NAME)")
+    ev.add_argument("overrides", nargs="*", metavar="section.key=value", help="override the run's recipe values")
+    ev.add_argument("--checkpoint", help="checkpoint folder name (step-N or step-NNNNNNN) or path")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "check": cmd_check, "prepare": cmd_prepare, "bench": cmd_bench}[args.command](args)
+        commands = {"train": cmd_train, "check": cmd_check, "prepare": cmd_prepare, "bench": cmd_bench, "eval": cmd_eval}
+        return commands[args.command](args)
     except UserError as e:
         print(f"bigtrain: error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -68,10 +73,11 @@ def cmd_train(args) -> int:
 
 def cmd_prepare(args) -> int:
     from bigtrain.data import load_prepared, prepare_data
+    from bigtrain.run import with_init_tokenizer
 
-    cfg = _config(args)
-    prepare_data(cfg.data)
-    data = load_prepared(cfg.data, verify=True)
+    cfg = with_init_tokenizer(_config(args))
+    prepare_data(cfg.data, task=cfg.task.name)
+    data = load_prepared(cfg.data, task=cfg.task.name, verify=True)
     print(f"prepared {data.path}: vocab {data.vocab_size} · train {data.train.num_tokens:,} tokens "
           f"({len(data.train):,} samples) · validation {data.validation.num_tokens:,} tokens "
           f"({len(data.validation):,} samples)")
@@ -96,7 +102,8 @@ def cmd_check(args) -> int:
     print(f"model        {cfg.model.arch}/{cfg.model.preset}: {spec.n_layers} layers × d_model {spec.d_model}, "
           f"{spec.n_heads} heads ({spec.n_kv_heads} kv), d_ff {spec.d_ff}, {spec.norm}/{spec.position}/{spec.mlp}, "
           f"vocab {spec.vocab_size}{', tied' if spec.tie_embeddings else ''}")
-    print(f"parameters   {params:,} ({params / 1e6:.1f}M)")
+    head = " with a 2-label classifier (the label count comes from the data)" if cfg.task.name == "classification" else ""
+    print(f"parameters   {params:,} ({params / 1e6:.1f}M){head}")
     print(f"FLOPs/token  {flops:.4g} (training, seq_len {cfg.data.seq_len})")
     print(f"batch        global {t.global_batch_size} = micro {t.micro_batch_size} × accumulation "
           f"{t.accum_steps(world_size)} × data-parallel {world_size} · "
@@ -166,3 +173,48 @@ def cmd_bench(args) -> int:
           f" ({mean('perf/data_wait_frac') * 100:.2f}% waiting for data)")
     print(f"memory       {max(r['perf/max_memory_gb'] for r in measured):.2f} GB peak")
     return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from bigtrain import checkpoint
+    from bigtrain.config import load_config
+    from bigtrain.run import TOKENIZER_FILE, run_eval
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"eval: '{run_dir}' is not a run dir (no config.yaml)")
+    folder = _eval_checkpoint(run_dir, args.checkpoint)
+    tokenizer = folder / TOKENIZER_FILE if (folder / TOKENIZER_FILE).is_file() else run_dir / TOKENIZER_FILE
+    overrides = [f"data.tokenizer={tokenizer}", "checkpoint.resume=none", *args.overrides]
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    metrics = run_eval(cfg, folder)
+    if int(os.environ.get("RANK", "0")) == 0:
+        step = json.loads((folder / checkpoint.TRAINER).read_text())["step"]
+        out = run_dir / "eval" / f"{folder.name}.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps({"step": step, "checkpoint": str(folder), **metrics}, indent=1))
+        print(json.dumps({"step": step, **metrics}))
+        print(f"bigtrain: eval of {folder} → {out}", file=sys.stderr)
+    return 0
+
+
+def _eval_checkpoint(run_dir, name: str | None):
+    from pathlib import Path
+
+    from bigtrain import checkpoint
+
+    if name is None:
+        folder = checkpoint.find_resume_checkpoint("auto", run_dir, warn=lambda m: print(m, file=sys.stderr))
+        if folder is None:
+            raise UserError(f"eval: no complete checkpoint in {run_dir / 'checkpoints'}")
+        return folder
+    path = Path(name)
+    if not path.exists() and name.startswith("step-") and name[5:].isdigit():
+        path = checkpoint.step_dir(run_dir, int(name[5:]))
+    if not path.exists():
+        raise UserError(f"eval --checkpoint: no checkpoint '{name}' in {run_dir / 'checkpoints'}")
+    checkpoint.verify(path)
+    return path

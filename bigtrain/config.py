@@ -41,8 +41,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = _opt("decoder", "model family: decoder")
-    preset: str = _opt("debug", "named size: debug, gpt2-124m, gpt2-355m, llama-1b, llama-8b")
+    arch: str = _opt("decoder", "model family: decoder (GPT-2 / Llama style) | encoder (BERT style)")
+    preset: str = _opt("debug", "named size: debug, gpt2-124m, gpt2-355m, llama-1b, llama-8b (decoder); debug, bert-tiny, bert-base, bert-large (encoder)")
+    init_from: Optional[str] = _opt(None, "start from the weights of a run dir or checkpoint (weights only; its tokenizer comes along)")
     n_layers: Optional[int] = _opt(None, "transformer blocks (default: the preset's)")
     d_model: Optional[int] = _opt(None, "hidden width (default: the preset's)")
     n_heads: Optional[int] = _opt(None, "attention heads (default: the preset's)")
@@ -65,18 +66,25 @@ class DataConfig:
     source: str = _opt("python-stdlib", "python-stdlib, a local text/json/jsonl/parquet/csv file or folder, a save_to_disk folder, or a hub dataset name")
     subset: Optional[str] = _opt(None, "hub dataset config name")
     text_column: str = _opt("text", "column holding the text")
+    pair_column: Optional[str] = _opt(None, "classification: optional second text column (sentence pairs)")
+    label_column: str = _opt("label", "classification: column holding the label (strings or ints)")
+    prompt_column: str = _opt("prompt", "sft: column holding the prompt")
+    response_column: str = _opt("response", "sft: column holding the response")
+    messages_column: Optional[str] = _opt(None, "sft: column holding a chat-style list of {role, content} messages (instead of prompt/response)")
     validation_split: float = _opt(0.01, "fraction of documents held out for validation when the source has no validation split")
     max_documents: Optional[int] = _opt(None, "use only the first N documents (quick runs and tests)")
     tokenizer: Optional[str] = _opt(None, "path to a tokenizer.json; default: train a byte-level BPE of vocab_size on the corpus")
     vocab_size: int = _opt(8192, "vocabulary size of the BPE trained when no tokenizer is given")
     seq_len: int = _opt(256, "tokens per training sequence")
     cache_dir: str = _opt("~/.cache/bigtrain", "where tokenizers and packed token shards are cached")
-    packing: bool = _opt(True, "pack documents into full sequences (false: one padded document per sample)")
+    packing: bool = _opt(True, "pack documents (sft: prompt/response pairs, attention kept inside each) into full sequences; false: one padded example per sample")
 
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: Literal["causal_lm"] = _opt("causal_lm", "training objective: causal_lm")
+    name: Literal["causal_lm", "masked_lm", "classification", "sft"] = _opt("causal_lm", "training objective: causal_lm | masked_lm | classification | sft")
+    mask_prob: float = _opt(0.15, "masked_lm: fraction of non-special tokens selected (then 80% [MASK], 10% random, 10% kept)")
+    pooling: Literal["auto", "first", "last"] = _opt("auto", "classification: pool the first token (auto for encoders) or the last non-pad token (auto for decoders)")
 
 
 @dataclass(frozen=True)

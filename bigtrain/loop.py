@@ -18,6 +18,7 @@ from bigtrain.data import GlobalSampler, eval_indices
 from bigtrain.metrics import StepTimer, max_memory_gb, mfu
 from bigtrain.optim import lr_at, set_lr
 from bigtrain.strategy import all_reduce_sum
+from bigtrain.tasks import EVAL_KEY_OFFSET
 
 
 class TrainingError(Exception):
@@ -60,8 +61,7 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
         timer.start_step()
 
         with timer.data_wait():
-            batches = [task.collate([ctx.train_data[int(i)] for i in indices], device)
-                       for indices in sampler.rank_micro_batches(state.samples_consumed)]
+            batches = fetch_micro_batches(ctx, sampler, state.samples_consumed)
         # Normalise by the whole step's target count (all ranks, all micro-batches): DESIGN.md's loss contract.
         # DDP averages gradients over ranks, hence the world_size factor.
         local_targets = sum(task.count_targets(b) for b in batches)
@@ -101,11 +101,21 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == end_step:
             metrics = evaluate(ctx)
             ctx.logger.log(step, metrics)
-            ctx.logger.message(f"step {step}: eval loss {metrics['eval/loss']:.4f} ppl {metrics['eval/ppl']:.2f}")
+            ctx.logger.message(f"step {step}: " + " · ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == end_step:
             state.wandb_run_id = ctx.logger.wandb_run_id
             ctx.save_checkpoint(state)
     return state
+
+
+def fetch_micro_batches(ctx: LoopContext, sampler: GlobalSampler, consumed: int) -> list[dict]:
+    """This rank's collated micro-batches of the global batch starting at position `consumed`.
+    Each sample's key for the task is its global position in the training order."""
+    micro = ctx.cfg.train.micro_batch_size
+    first = consumed + ctx.dist.rank * (ctx.cfg.train.global_batch_size // ctx.dist.world_size)
+    return [ctx.task.collate([ctx.train_data[int(i)] for i in indices], range(first + j * micro, first + (j + 1) * micro),
+                             ctx.dist.device)
+            for j, indices in enumerate(sampler.rank_micro_batches(consumed))]
 
 
 def accumulate_gradients(engine, task, batches: list[dict], scale: float) -> torch.Tensor:
@@ -171,7 +181,8 @@ def evaluate(ctx: LoopContext) -> dict[str, float]:
     model.eval()
     sums = dict.fromkeys(task.eval_keys, 0.0)
     for start in range(0, len(indices), batch_size):
-        batch = task.collate([ctx.val_data[int(i)] for i in indices[start:start + batch_size]], dist.device)
+        chunk = indices[start:start + batch_size]
+        batch = task.collate([ctx.val_data[int(i)] for i in chunk], [EVAL_KEY_OFFSET + int(i) for i in chunk], dist.device)
         with ctx.engine.autocast():
             for key, value in task.eval_sums(model, batch).items():
                 sums[key] += value

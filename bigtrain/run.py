@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from bigtrain import checkpoint
 from bigtrain.config import Config, dump_yaml
 from bigtrain.data import load_prepared, prepare_data
 from bigtrain.errors import UserError
-from bigtrain.loop import LoopContext, train
+from bigtrain.loop import LoopContext, evaluate, train
 from bigtrain.metrics import MetricsLogger, peak_flops_per_sec
 from bigtrain.models import build_model, resolve_model_spec
 from bigtrain.optim import build_optimizer
@@ -20,19 +22,37 @@ from bigtrain.strategy import Dist, barrier, broadcast_object, build_engine, ini
 from bigtrain.tasks import build_task
 
 VOCAB_MULTIPLE = 64  # pad the embedding table so matmuls hit fast kernel sizes
+TOKENIZER_FILE = "tokenizer.json"
+LABELS_FILE = "labels.json"
 
 
 def padded_vocab_size(vocab_size: int) -> int:
     return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def check_model(cfg: Config):
-    """Resolve the model spec and check it against the data settings (no weights are built)."""
-    spec = resolve_model_spec(cfg.model)
+def check_model(cfg: Config, num_labels: int = 2):
+    """Resolve the model spec and check it against the data and task settings (no weights are built).
+    Classification specs carry num_labels (the real count is known once the data is prepared)."""
+    classify = cfg.task.name == "classification"
+    spec = resolve_model_spec(cfg.model, head="classify" if classify else "lm",
+                              num_labels=num_labels if classify else None, pooling=cfg.task.pooling)
     if cfg.data.seq_len > spec.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={spec.max_seq_len} "
                         f"(set model.max_seq_len or lower data.seq_len)")
+    needs = {"causal_lm": "decoder", "sft": "decoder", "masked_lm": "encoder"}.get(cfg.task.name)
+    if needs and spec.arch != needs:
+        raise UserError(f"task.name={cfg.task.name} needs model.arch: {needs}, got '{spec.arch}'")
     return spec
+
+
+def with_init_tokenizer(cfg: Config) -> Config:
+    """With model.init_from, the tokenizer comes from that checkpoint unless data.tokenizer is set."""
+    if not cfg.model.init_from or cfg.data.tokenizer:
+        return cfg
+    folder = checkpoint.resolve_init_checkpoint(cfg.model.init_from)
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise UserError(f"model.init_from: {folder} has no {TOKENIZER_FILE} — set data.tokenizer")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(folder / TOKENIZER_FILE)))
 
 
 def on_main(dist: Dist, fn):
@@ -54,39 +74,76 @@ def log_main(dist: Dist, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+@dataclasses.dataclass
+class Built:
+    cfg: Config
+    dist: Dist
+    data: object  # bigtrain.data.PreparedData
+    task: object
+    model: torch.nn.Module
+    engine: object
+    extra_files: dict  # run-dir files every checkpoint carries (tokenizer, labels)
+
+
+def build(cfg: Config, dist: Dist) -> Built:
+    """Data, task, model (with init_from weights), optimizer and engine, in that order."""
+    run_dir = cfg.run_dir()
+
+    # Data: rank 0 tokenizes and packs once (cached) and verifies the shards; the others then open them.
+    def prepare_and_verify():
+        prepare_data(cfg.data, task=cfg.task.name, log=lambda m: log_main(dist, m))
+        load_prepared(cfg.data, task=cfg.task.name, verify=True)
+
+    on_main(dist, prepare_and_verify)
+    data = load_prepared(cfg.data, task=cfg.task.name, verify=False)
+    task = build_task(cfg.task, data, seed=cfg.run.seed)
+    extra_files = {TOKENIZER_FILE: run_dir / TOKENIZER_FILE}
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data.path / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+        if getattr(data, "labels", None):
+            (run_dir / LABELS_FILE).write_text(json.dumps(data.labels))
+    if getattr(data, "labels", None):
+        extra_files[LABELS_FILE] = run_dir / LABELS_FILE
+
+    torch.manual_seed(cfg.run.seed)
+    head = {"classification": "classify"}.get(cfg.task.name, "lm")
+    labels = getattr(data, "labels", None)
+    model = build_model(cfg.model, padded_vocab_size(data.vocab_size), device=dist.device, head=head,
+                        num_labels=len(labels) if head == "classify" else None, pooling=cfg.task.pooling)
+    if cfg.model.init_from:
+        folder = checkpoint.resolve_init_checkpoint(cfg.model.init_from)
+        report = checkpoint.load_init_weights(folder, model, arch=cfg.model.arch)
+        if dist.is_main:
+            (run_dir / "init_from.json").write_text(json.dumps({"checkpoint": str(folder), **report}, indent=1))
+        log_main(dist, f"init_from {folder}: loaded {len(report['loaded'])} tensors · "
+                       f"new: {', '.join(report['new']) or 'none'} · unused: {', '.join(report['unused']) or 'none'}")
+    optimizer = build_optimizer(cfg.optim, model, dist.device)
+    engine = build_engine(cfg.parallel, model, optimizer, dist)
+    return Built(cfg, dist, data, task, model, engine, extra_files)
+
+
 def run_training(cfg: Config, *, bench: bool = False) -> LoopContext:
     """Train per the recipe; returns the loop context (state in ctx.state, logged records in ctx.history)."""
+    cfg = with_init_tokenizer(cfg)
     check_model(cfg)
     dist = init_distributed(cfg.parallel.device)
     logger = None
     try:
         run_dir = cfg.run_dir()
-        strategy = resolve_strategy(cfg.parallel.strategy, dist.world_size)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        b = build(cfg, dist)
+        state = checkpoint.resume(cfg.checkpoint.resume, run_dir, b.engine, dist, warn=lambda m: log_main(dist, m))
 
-        # Data: rank 0 tokenizes and packs once (cached) and verifies the shards; the others then open them.
-        def prepare_and_verify():
-            prepare_data(cfg.data, log=lambda m: log_main(dist, m))
-            load_prepared(cfg.data, verify=True)
-
-        on_main(dist, prepare_and_verify)
-        data = load_prepared(cfg.data, verify=False)
-        task = build_task(cfg.task, pad_id=data.pad_id)
-
-        torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg.model, padded_vocab_size(data.vocab_size), device=dist.device)
-        optimizer = build_optimizer(cfg.optim, model, dist.device)
-        engine = build_engine(cfg.parallel, model, optimizer, dist)
-        state = checkpoint.resume(cfg.checkpoint.resume, run_dir, engine, dist, warn=lambda m: log_main(dist, m))
-
-        table = engine.precision
+        table = b.engine.precision
         if dist.is_main:
             (run_dir / "precision.json").write_text(json.dumps(table.as_strings(), indent=1))
-        log_main(dist, f"bigtrain: {run_dir} · {strategy} × {dist.world_size} on {dist.device.type} · "
-                       f"{cfg.model.arch}/{cfg.model.preset} {model.num_params() / 1e6:.2f}M params · "
-                       f"{len(data.train)} train samples of {cfg.data.seq_len} tokens · "
+        log_main(dist, f"bigtrain: {run_dir} · {resolve_strategy(cfg.parallel.strategy, dist.world_size)} × "
+                       f"{dist.world_size} on {dist.device.type} · {cfg.task.name} · "
+                       f"{cfg.model.arch}/{cfg.model.preset} {b.model.num_params() / 1e6:.2f}M params · "
+                       f"{len(b.data.train)} train samples of ≤ {cfg.data.seq_len} tokens · "
                        f"accumulation {cfg.train.accum_steps(dist.world_size)}"
                        + (f" · resuming at step {state.step}" if state.step else ""))
         log_main(dist, table.format())
@@ -94,13 +151,13 @@ def run_training(cfg: Config, *, bench: bool = False) -> LoopContext:
         logger = MetricsLogger(cfg.logging, run_dir, enabled=dist.is_main, run_name=cfg.run.name,
                                config=cfg.to_dict(), total_steps=cfg.train.max_steps, start_step=state.step,
                                wandb_run_id=state.wandb_run_id)
-        peak = peak_flops_per_sec(dist.device, table.compute) if dist.is_main else 1.0
         config_yaml = dump_yaml(cfg)
         ctx = LoopContext(
-            cfg=cfg, dist=dist, engine=engine, task=task, train_data=data.train, val_data=data.validation,
-            logger=logger, flops_per_token=model.flops_per_token(cfg.data.seq_len), peak_flops_per_sec=peak,
-            save_checkpoint=lambda s: checkpoint.save(run_dir, s, engine, dist, config_yaml=config_yaml,
-                                                      keep_last=cfg.checkpoint.keep_last),
+            cfg=cfg, dist=dist, engine=b.engine, task=b.task, train_data=b.data.train, val_data=b.data.validation,
+            logger=logger, flops_per_token=b.model.flops_per_token(cfg.data.seq_len),
+            peak_flops_per_sec=peak_flops_per_sec(dist.device, table.compute) if dist.is_main else 1.0,
+            save_checkpoint=lambda s: checkpoint.save(run_dir, s, b.engine, dist, config_yaml=config_yaml,
+                                                      keep_last=cfg.checkpoint.keep_last, extra_files=b.extra_files),
             bench=bench,
         )
         ctx.state = train(ctx, state)
@@ -109,4 +166,20 @@ def run_training(cfg: Config, *, bench: bool = False) -> LoopContext:
     finally:
         if logger is not None:
             logger.close()
+        shutdown(dist)
+
+
+def run_eval(cfg: Config, folder: Path) -> dict[str, float]:
+    """The task's eval metrics of checkpoint `folder` on the validation split (every rank; same result)."""
+    check_model(cfg)
+    dist = init_distributed(cfg.parallel.device)
+    try:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=None))
+        b = build(cfg, dist)
+        b.engine.load_state(folder)
+        ctx = LoopContext(cfg=cfg, dist=dist, engine=b.engine, task=b.task, train_data=b.data.train,
+                          val_data=b.data.validation, logger=None, flops_per_token=0.0, peak_flops_per_sec=1.0,
+                          save_checkpoint=None)
+        return evaluate(ctx)
+    finally:
         shutdown(dist)

@@ -2,13 +2,18 @@
 
 Loss contract (DESIGN.md): a task returns the SUM of per-target losses; the loop divides by the
 global number of targets in the optimizer step (all ranks, all micro-batches), so the gradient
-is the same whatever the micro-batch size, accumulation steps or world size.
+is the same whatever the micro-batch size, accumulation steps or world size. A target is a
+predicted token (causal_lm, sft), a selected token (masked_lm) or an example (classification).
+
+`collate` gets each sample's key: a unique, world-size-independent integer (its global position
+in the training order, or its index offset by EVAL_KEY_OFFSET in eval). Tasks that draw per-sample
+randomness (masked_lm) seed from (seed, key), so masks survive resume and any world size.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -16,17 +21,54 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
+EVAL_KEY_OFFSET = 1 << 48  # eval samples draw from a stream disjoint from training positions
 
 
 class Task(Protocol):
     name: str
     eval_keys: tuple[str, ...]  # the sums eval_sums returns; all-reduced, then fed to eval_metrics
 
-    def collate(self, samples: list[np.ndarray], device: torch.device) -> dict[str, torch.Tensor]: ...
-    def count_targets(self, batch: dict[str, torch.Tensor]) -> int: ...
-    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
-    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]: ...
+    def collate(self, samples: list, keys: Sequence[int], device: torch.device) -> dict: ...
+    def count_targets(self, batch: dict) -> int: ...
+    def loss_sum(self, model: nn.Module, batch: dict) -> torch.Tensor: ...
+    def eval_sums(self, model: nn.Module, batch: dict) -> dict[str, float]: ...
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _pad(rows: list[np.ndarray], value: int, length: int | None = None) -> np.ndarray:
+    """Right-pad 1-D arrays into a (B, T) int64 array."""
+    length = length or max(len(r) for r in rows)
+    out = np.full((len(rows), length), value, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
+
+
+def _key_padding_mask(lengths: np.ndarray, length: int, device: torch.device) -> torch.Tensor | None:
+    """(B, 1, 1, T) bool, True where a key is a real token; None when nothing is padded."""
+    if (lengths == length).all():
+        return None
+    mask = np.arange(length)[None, :] < lengths[:, None]
+    return torch.from_numpy(mask[:, None, None, :]).to(device)
+
+
+def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _lm_metrics(sums: dict[str, float]) -> dict[str, float]:
+    loss = sums["loss_sum"] / max(sums["targets"], 1.0)
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+
+
+def _to(device: torch.device, **arrays: np.ndarray) -> dict:
+    return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in arrays.items()}
+
+
+# --------------------------------------------------------------------------- causal LM
 
 
 class CausalLM:
@@ -36,42 +78,187 @@ class CausalLM:
     name = "causal_lm"
     eval_keys = ("loss_sum", "targets")
 
-    def __init__(self, pad_id: int):
+    def __init__(self, *, pad_id: int, **_):
         self.pad_id = pad_id
 
-    def collate(self, samples: list[np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-        length = max(len(s) for s in samples) - 1
-        inputs = np.full((len(samples), length), self.pad_id, dtype=np.int64)  # (B, T)
-        labels = np.full((len(samples), length), IGNORE_INDEX, dtype=np.int64)  # (B, T)
-        for row, sample in enumerate(samples):
-            n = len(sample) - 1
-            inputs[row, :n] = sample[:-1]
-            labels[row, :n] = sample[1:]
-        return {
-            "input_ids": torch.from_numpy(inputs).to(device, non_blocking=True),
-            "labels": torch.from_numpy(labels).to(device, non_blocking=True),
-            "num_targets": int((labels != IGNORE_INDEX).sum()),  # counted on the host: no device sync
-        }
+    def collate(self, samples: list[np.ndarray], keys: Sequence[int], device: torch.device) -> dict:
+        inputs = _pad([s[:-1] for s in samples], self.pad_id)  # (B, T)
+        labels = _pad([s[1:] for s in samples], IGNORE_INDEX)  # (B, T)
+        return {**_to(device, input_ids=inputs, labels=labels),
+                "num_targets": int((labels != IGNORE_INDEX).sum())}  # counted on the host: no device sync
 
-    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+    def count_targets(self, batch: dict) -> int:
         return batch["num_targets"]
 
-    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(batch["input_ids"])  # (B, T, V)
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+    def loss_sum(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return _token_loss_sum(model(batch["input_ids"]), batch["labels"])  # logits (B, T, V)
 
-    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {"loss_sum": float(self.loss_sum(model, batch)), "targets": float(self.count_targets(batch))}
+    def eval_sums(self, model: nn.Module, batch: dict) -> dict[str, float]:
+        return {"loss_sum": float(self.loss_sum(model, batch)), "targets": float(batch["num_targets"])}
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        loss = sums["loss_sum"] / max(sums["targets"], 1.0)
-        return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+        return _lm_metrics(sums)
 
 
-TASKS = {"causal_lm": CausalLM}
+# --------------------------------------------------------------------------- masked LM
 
 
-def build_task(cfg_task, *, pad_id: int) -> Task:
-    return TASKS[cfg_task.name](pad_id=pad_id)
+class MaskedLM:
+    """BERT-style MLM: mask_prob of the non-special tokens are selected; of those 80% become the
+    mask token, 10% a random token, 10% stay. Selection is drawn from (seed, sample key), so the
+    same sample position gets the same masks on resume and on any world size. Loss over selected
+    tokens only."""
+
+    name = "masked_lm"
+    eval_keys = ("loss_sum", "targets", "correct")
+
+    def __init__(self, *, pad_id: int, mask_id: int, vocab_size: int, special_ids: Sequence[int],
+                 mask_prob: float, seed: int, **_):
+        self.pad_id, self.mask_id, self.vocab_size = pad_id, mask_id, vocab_size
+        self.special_ids = np.asarray(sorted(special_ids), dtype=np.int64)
+        self.mask_prob, self.seed = mask_prob, seed
+
+    def mask(self, tokens: np.ndarray, key: int) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, labels) of one sample: labels hold the original token where selected, else IGNORE_INDEX."""
+        rng = np.random.default_rng([self.seed, key])
+        selected = (rng.random(len(tokens)) < self.mask_prob) & ~np.isin(tokens, self.special_ids)
+        action = rng.random(len(tokens))
+        random_tokens = rng.integers(0, self.vocab_size, len(tokens))
+        inputs = np.where(selected & (action < 0.8), self.mask_id, tokens)
+        inputs = np.where(selected & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
+        labels = np.where(selected, tokens, IGNORE_INDEX)
+        return inputs, labels
+
+    def collate(self, samples: list[np.ndarray], keys: Sequence[int], device: torch.device) -> dict:
+        masked = [self.mask(s[:-1] if len(s) > 1 else s, int(k)) for s, k in zip(samples, keys)]
+        lengths = np.array([len(m[0]) for m in masked])
+        inputs = _pad([m[0] for m in masked], self.pad_id)  # (B, T)
+        labels = _pad([m[1] for m in masked], IGNORE_INDEX)  # (B, T)
+        return {**_to(device, input_ids=inputs, labels=labels),
+                "attn_mask": _key_padding_mask(lengths, inputs.shape[1], device),
+                "num_targets": int((labels != IGNORE_INDEX).sum())}
+
+    def count_targets(self, batch: dict) -> int:
+        return batch["num_targets"]
+
+    def _logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(batch["input_ids"], attn_mask=batch["attn_mask"])  # (B, T, V)
+
+    def loss_sum(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return _token_loss_sum(self._logits(model, batch), batch["labels"])
+
+    def eval_sums(self, model: nn.Module, batch: dict) -> dict[str, float]:
+        logits, labels = self._logits(model, batch), batch["labels"]
+        selected = labels != IGNORE_INDEX
+        return {"loss_sum": float(_token_loss_sum(logits, labels)), "targets": float(batch["num_targets"]),
+                "correct": float((logits.argmax(-1)[selected] == labels[selected]).sum())}
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return {**_lm_metrics(sums), "eval/mlm_accuracy": sums["correct"] / max(sums["targets"], 1.0)}
+
+
+# --------------------------------------------------------------------------- classification
+
+
+class Classification:
+    """Sequence classification. Samples are {"tokens", "label"}; batches are padded to the longest
+    example in the batch (ragged, never packed). The loss is a sum over examples, so the logged loss
+    is the example-weighted global mean. Eval: loss, accuracy and macro F1 from per-class counts."""
+
+    name = "classification"
+
+    def __init__(self, *, pad_id: int, labels: Sequence, **_):
+        self.pad_id = pad_id
+        self.labels = list(labels)
+        k = len(self.labels)
+        self.eval_keys = ("loss_sum", "targets", "correct", *(f"{c}_{i}" for c in ("tp", "fp", "fn") for i in range(k)))
+
+    def collate(self, samples: list[dict], keys: Sequence[int], device: torch.device) -> dict:
+        lengths = np.array([len(s["tokens"]) for s in samples])
+        inputs = _pad([s["tokens"] for s in samples], self.pad_id)  # (B, T)
+        return {**_to(device, input_ids=inputs, lengths=lengths,
+                      labels=np.array([s["label"] for s in samples], dtype=np.int64)),
+                "attn_mask": _key_padding_mask(lengths, inputs.shape[1], device),
+                "num_targets": len(samples)}
+
+    def count_targets(self, batch: dict) -> int:
+        return batch["num_targets"]
+
+    def _logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(batch["input_ids"], attn_mask=batch["attn_mask"], lengths=batch["lengths"])  # (B, K)
+
+    def loss_sum(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(self._logits(model, batch).float(), batch["labels"], reduction="sum")
+
+    def eval_sums(self, model: nn.Module, batch: dict) -> dict[str, float]:
+        logits, labels = self._logits(model, batch).float(), batch["labels"]
+        predicted = logits.argmax(-1)
+        sums = {"loss_sum": float(F.cross_entropy(logits, labels, reduction="sum")),
+                "targets": float(len(labels)), "correct": float((predicted == labels).sum())}
+        for i in range(len(self.labels)):
+            sums[f"tp_{i}"] = float(((predicted == i) & (labels == i)).sum())
+            sums[f"fp_{i}"] = float(((predicted == i) & (labels != i)).sum())
+            sums[f"fn_{i}"] = float(((predicted != i) & (labels == i)).sum())
+        return sums
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        f1s = []
+        for i in range(len(self.labels)):
+            tp, fp, fn = sums[f"tp_{i}"], sums[f"fp_{i}"], sums[f"fn_{i}"]
+            if tp + fp + fn > 0:  # classes absent from both labels and predictions don't count
+                f1s.append(2 * tp / (2 * tp + fp + fn))
+        n = max(sums["targets"], 1.0)
+        return {"eval/loss": sums["loss_sum"] / n, "eval/accuracy": sums["correct"] / n,
+                "eval/f1": sum(f1s) / len(f1s) if f1s else 0.0}
+
+
+# --------------------------------------------------------------------------- supervised fine-tuning
+
+
+class SFT:
+    """Prompt → response fine-tuning of a decoder: loss on response tokens (and the closing EOS) only.
+    Samples are {"tokens", "loss_mask", "segments"}; several examples packed into one sample attend
+    only inside their own example (block-diagonal causal mask)."""
+
+    name = "sft"
+    eval_keys = ("loss_sum", "targets")
+
+    def __init__(self, *, pad_id: int, **_):
+        self.pad_id = pad_id
+
+    def collate(self, samples: list[dict], keys: Sequence[int], device: torch.device) -> dict:
+        inputs = _pad([s["tokens"][:-1] for s in samples], self.pad_id)  # (B, T)
+        # A target is a response token (or the closing EOS) of the same example as its input position.
+        labels = _pad([np.where(s["loss_mask"][1:] & (s["segments"][1:] == s["segments"][:-1]), s["tokens"][1:],
+                                IGNORE_INDEX) for s in samples], IGNORE_INDEX)
+        attn_mask = None
+        if any(s["segments"][-1] > 0 for s in samples):  # packed: keep attention inside each example
+            segments = _pad([s["segments"][:-1] for s in samples], -1)  # (B, T); padding is its own segment
+            t = segments.shape[1]
+            same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+            attn_mask = torch.from_numpy((same & np.tri(t, dtype=bool))[:, None]).to(device)  # (B, 1, T, T)
+        return {**_to(device, input_ids=inputs, labels=labels), "attn_mask": attn_mask,
+                "num_targets": int((labels != IGNORE_INDEX).sum())}
+
+    def count_targets(self, batch: dict) -> int:
+        return batch["num_targets"]
+
+    def loss_sum(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return _token_loss_sum(model(batch["input_ids"], attn_mask=batch["attn_mask"]), batch["labels"])
+
+    def eval_sums(self, model: nn.Module, batch: dict) -> dict[str, float]:
+        return {"loss_sum": float(self.loss_sum(model, batch)), "targets": float(batch["num_targets"])}
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return _lm_metrics(sums)
+
+
+TASKS = {"causal_lm": CausalLM, "masked_lm": MaskedLM, "classification": Classification, "sft": SFT}
+
+
+def build_task(cfg_task, data, *, seed: int) -> Task:
+    """The task of `cfg_task.name`, given the prepared data's special ids (and label set)."""
+    return TASKS[cfg_task.name](
+        pad_id=data.pad_id, mask_id=getattr(data, "mask_id", None), vocab_size=data.vocab_size,
+        special_ids=getattr(data, "special_ids", ()), labels=getattr(data, "labels", None) or (),
+        mask_prob=cfg_task.mask_prob, seed=seed)

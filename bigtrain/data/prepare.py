@@ -1,10 +1,11 @@
 """Prepare and open the token cache: documents → tokenizer → EOS-separated token shards, once.
 
-`prepare_data` runs once per (source, split, tokenizer, seq_len) — `bigtrain prepare` calls
-it on one process — and writes `cache_dir/<key>/`; every rank then calls `load_prepared`,
-which only memmaps and verifies. The folder is built beside its final place and renamed
-into it whole, with index.json written last, so an interrupted prepare never leaves a
-cache that looks complete.
+`prepare_data` runs once per (source, split, task and the columns it reads, tokenizer,
+seq_len) — `bigtrain prepare` calls it on one process — and writes `cache_dir/<key>/`; every
+rank then calls `load_prepared` with the same task, which only memmaps and verifies. What
+an example is for each task is in `examples.py`; what a sample is, in `dataset.py`. The
+folder is built beside its final place and renamed into it whole, with index.json written
+last, so an interrupted prepare never leaves a cache that looks complete.
 """
 
 from __future__ import annotations
@@ -19,21 +20,25 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from bigtrain.data.shards import (
-    FORMAT_VERSION,
-    INDEX,
-    SplitWriter,
-    TokenDataset,
-    read_index,
-    token_dtype,
-    verify_split,
-    write_json_atomic,
+from bigtrain.data.dataset import TokenDataset
+from bigtrain.data.examples import (
+    POSITION_ARRAYS,
+    TASK_ARRAYS,
+    check_labels,
+    check_seq_len,
+    check_task,
+    encode_batch,
+    label_set,
+    task_columns,
 )
+from bigtrain.data.shards import FORMAT_VERSION, INDEX, SplitWriter, read_index, token_dtype, verify_split, write_json_atomic
 from bigtrain.data.sources import Source, load_documents, resolve_source, stable_hash
 from bigtrain.data.tokenizer import (
+    SpecialIds,
     build_tokenizer,
+    find_special_ids,
     load_tokenizer_file,
-    special_token_ids,
+    require_mask,
     tokenizer_identity,
     trained_tokenizer_path,
 )
@@ -51,7 +56,12 @@ _LOG_EVERY_S = 30.0
 
 @dataclass
 class PreparedData:
-    """A prepared cache, opened: the tokenizer, its special ids, and both splits as samples."""
+    """A prepared cache, opened: the tokenizer, its special ids, and both splits as samples.
+
+    cls_id and sep_id fall back to the EOS when the tokenizer has none; mask_id is None then.
+    special_ids: every special token id (masked_lm never masks these). labels: the
+    classification labels in id order (ints or strings, as in the data), else None.
+    """
 
     path: Path
     tokenizer: "tokenizers.Tokenizer"
@@ -61,31 +71,56 @@ class PreparedData:
     seq_len: int
     train: TokenDataset
     validation: TokenDataset
+    task: str = "causal_lm"
+    mask_id: int | None = None
+    cls_id: int | None = None  # None here means the EOS
+    sep_id: int | None = None  # None here means the EOS
+    special_ids: tuple[int, ...] = ()
+    labels: list | None = None
+
+    def __post_init__(self):
+        self.cls_id = self.eos_id if self.cls_id is None else self.cls_id
+        self.sep_id = self.eos_id if self.sep_id is None else self.sep_id
+        self.special_ids = self.special_ids or tuple(sorted({self.eos_id, self.pad_id}))
 
 
-def data_cache_path(cfg) -> Path:
-    """The folder `prepare_data(cfg)` writes. Cheap: it stats source files and trains nothing."""
+def data_cache_path(cfg, *, task: str = "causal_lm") -> Path:
+    """The folder `prepare_data(cfg, task=task)` writes. Cheap: it stats source files and trains nothing."""
+    check_task(task)
     source = resolve_source(cfg)
-    return _cache_root(cfg) / _data_key(cfg, source)
+    return _cache_root(cfg) / _data_key(cfg, source, task)
 
 
-def prepare_data(cfg, *, num_proc: int | None = None, log: Callable[[str], None] = print) -> PreparedData:
-    """Tokenize and pack `cfg`'s documents into the cache (if not there yet) and open it.
+def prepare_data(
+    cfg, *, task: str = "causal_lm", num_proc: int | None = None, log: Callable[[str], None] = print
+) -> PreparedData:
+    """Tokenize `cfg`'s documents for `task` into the cache (if not there yet) and open it.
 
+    task: causal_lm | masked_lm | classification | sft (the run passes cfg.task.name).
     num_proc: processes `datasets` may use to read local files or hub data.
     """
+    check_task(task)
+    check_seq_len(cfg, task)
     source = resolve_source(cfg)
     root = _cache_root(cfg)
-    path = root / _data_key(cfg, source)
+    path = root / _data_key(cfg, source, task)
     if read_index(path) is not None:
         log(f"data: already prepared at {path}")
-        return _open_prepared(cfg, path, verify=False)
+        return _open_prepared(cfg, path, task=task, verify=False)
+    if cfg.tokenizer is not None:  # a missing mask token is known before any document is read
+        require_mask(find_special_ids(load_tokenizer_file(cfg.tokenizer, where="data.tokenizer")), cfg, task)
 
-    docs = load_documents(cfg, source, cache_dir=root, num_proc=num_proc)
+    docs = load_documents(cfg, source, cache_dir=root, num_proc=num_proc, task=task)
     log(f"data: {len(docs.train)} train and {len(docs.validation)} validation documents from '{cfg.source}'")
-    tok = build_tokenizer(cfg, source, docs.train, cache_dir=root, log=log)
-    tokenizer_file = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else trained_tokenizer_path(cfg, source, root)
-    eos_id, pad_id = special_token_ids(tok)
+    labels = None
+    if task == "classification":  # fixed by the training split; checked before anything is tokenized
+        labels = label_set(list(docs.train[cfg.label_column]), cfg.label_column)
+        check_labels(list(docs.validation[cfg.label_column]), labels, cfg.label_column, "validation")
+        log(f"data: {len(labels)} labels from the training split")
+    tok = build_tokenizer(cfg, source, docs.train, cache_dir=root, task=task, log=log)
+    tokenizer_file = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else trained_tokenizer_path(cfg, source, root, task)
+    ids = find_special_ids(tok)
+    require_mask(ids, cfg, task)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
 
@@ -94,19 +129,27 @@ def prepare_data(cfg, *, num_proc: int | None = None, log: Callable[[str], None]
     tmp.mkdir(parents=True)
     try:
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        label_ids = {label: i for i, label in enumerate(labels or [])}
         splits = {}
         for name, split_docs in zip(SPLITS, (docs.train, docs.validation)):
-            splits[name] = _tokenize_split(split_docs, cfg.text_column, tok, eos_id, tmp / name, dtype, name, log)
+            splits[name] = _tokenize_split(split_docs, cfg, task, tok, ids, tmp / name, dtype, name, log, label_ids)
         index = {
             "version": FORMAT_VERSION,
             "dtype": dtype.name,
             "vocab_size": vocab_size,
-            "eos_id": eos_id,
-            "pad_id": pad_id,
+            "eos_id": ids.eos,
+            "pad_id": ids.pad,
+            "mask_id": ids.mask,
+            "cls_id": ids.cls,
+            "sep_id": ids.sep,
+            "special_ids": list(ids.all),
             "seq_len": cfg.seq_len,
             "source": cfg.source,
+            "task": task,
+            "columns": task_columns(cfg, task),
             "text_column": cfg.text_column,
-            "tokenizer": tokenizer_identity(cfg, source),
+            "labels": labels,
+            "tokenizer": tokenizer_identity(cfg, source, task),
             "splits": splits,
         }
         write_json_atomic(tmp / INDEX, index)  # last: it marks the folder complete
@@ -114,7 +157,7 @@ def prepare_data(cfg, *, num_proc: int | None = None, log: Callable[[str], None]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    data = _open_prepared(cfg, path, verify=False)
+    data = _open_prepared(cfg, path, task=task, verify=False)
     log(
         f"data: prepared {path} — train {data.train.num_tokens:,} tokens ({len(data.train):,} samples), "
         f"validation {data.validation.num_tokens:,} tokens ({len(data.validation):,} samples), dtype {dtype.name}"
@@ -122,20 +165,20 @@ def prepare_data(cfg, *, num_proc: int | None = None, log: Callable[[str], None]
     return data
 
 
-def load_prepared(cfg, *, verify: bool = True) -> PreparedData:
-    """Open the cache `prepare_data(cfg)` wrote. Shard sizes are always checked; verify=True adds sha256."""
-    return _open_prepared(cfg, data_cache_path(cfg), verify=verify)
+def load_prepared(cfg, *, task: str = "causal_lm", verify: bool = True) -> PreparedData:
+    """Open the cache `prepare_data(cfg, task=task)` wrote. File sizes are always checked; verify=True adds sha256."""
+    return _open_prepared(cfg, data_cache_path(cfg, task=task), task=task, verify=verify)
 
 
-def _open_prepared(cfg, path: Path, *, verify: bool) -> PreparedData:
+def _open_prepared(cfg, path: Path, *, task: str, verify: bool) -> PreparedData:
     index = read_index(path)
     if index is None:
-        raise UserError(f"data: not prepared (no {path / INDEX}) — run 'bigtrain prepare RECIPE'")
+        raise UserError(f"data: not prepared for task {task} (no {path / INDEX}) — run 'bigtrain prepare RECIPE'")
     dtype = np.dtype(index["dtype"])
     for name in SPLITS:
         verify_split(path, name, index["splits"][name], dtype, checksums=verify)
     splits = {
-        name: TokenDataset(path / name, index["splits"][name], dtype, seq_len=cfg.seq_len, packing=cfg.packing)
+        name: TokenDataset(path / name, index["splits"][name], dtype, seq_len=cfg.seq_len, packing=cfg.packing, task=task)
         for name in SPLITS
     }
     return PreparedData(
@@ -147,27 +190,44 @@ def _open_prepared(cfg, path: Path, *, verify: bool) -> PreparedData:
         seq_len=cfg.seq_len,
         train=splits["train"],
         validation=splits["validation"],
+        task=task,
+        mask_id=index.get("mask_id"),
+        cls_id=index.get("cls_id"),
+        sep_id=index.get("sep_id"),
+        special_ids=tuple(index.get("special_ids", ())),
+        labels=index.get("labels"),
     )
 
 
 def _tokenize_split(
-    docs: "datasets.Dataset", column: str, tok, eos_id: int, folder: Path, dtype: np.dtype, name: str, log: Callable
+    docs: "datasets.Dataset",
+    cfg,
+    task: str,
+    tok,
+    ids: SpecialIds,
+    folder: Path,
+    dtype: np.dtype,
+    name: str,
+    log: Callable,
+    label_ids: dict,
 ) -> dict:
-    """Encode documents in batches (the tokenizer's Rust thread pool runs each batch in parallel)."""
-    writer = SplitWriter(folder, dtype)
+    """Encode examples in batches (the tokenizer's Rust thread pool runs each batch in parallel)."""
+    writer = SplitWriter(folder, dtype, arrays=TASK_ARRAYS.get(task))
     t0 = last_log = time.perf_counter()
     done = 0
-    for batch in docs.select_columns([column]).iter(batch_size=_ENCODE_BATCH_DOCS):
-        texts = [text or "" for text in batch[column]]
-        ids = [enc.ids for enc in tok.encode_batch_fast(texts, add_special_tokens=False)]  # no offsets: faster
-        lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))  # + EOS
+    columns = list(task_columns(cfg, task).values())
+    for batch in docs.select_columns(columns).iter(batch_size=_ENCODE_BATCH_DOCS):
+        encoded = encode_batch(batch, cfg, task, tok, ids, label_ids=label_ids)
+        examples = encoded.examples  # each without its EOS
+        lengths = np.fromiter((len(x) + 1 for x in examples), dtype=np.int64, count=len(examples))  # + EOS
         is_eos = np.zeros(int(lengths.sum()), dtype=bool)
         is_eos[np.cumsum(lengths) - 1] = True
         tokens = np.empty(is_eos.size, dtype=dtype)
-        tokens[is_eos] = eos_id
-        tokens[~is_eos] = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=is_eos.size - len(ids))
-        writer.add_documents(tokens, lengths)
-        done += len(ids)
+        tokens[is_eos] = ids.eos
+        tokens[~is_eos] = np.fromiter(itertools.chain.from_iterable(examples), dtype=dtype, count=is_eos.size - len(examples))
+        arrays = {k: v + writer.num_tokens if k in POSITION_ARRAYS else v for k, v in encoded.arrays.items()}
+        writer.add_documents(tokens, lengths, arrays)
+        done += len(examples)
         if time.perf_counter() - last_log > _LOG_EVERY_S:
             last_log = time.perf_counter()
             log(f"data: {name}: tokenized {done:,}/{len(docs):,} documents")
@@ -188,14 +248,15 @@ def _publish(tmp: Path, path: Path) -> None:
             raise
 
 
-def _data_key(cfg, source: Source) -> str:
+def _data_key(cfg, source: Source, task: str) -> str:
     return stable_hash(
         f"data-v{FORMAT_VERSION}",
         source.identity,
-        cfg.text_column,
+        task,
+        task_columns(cfg, task),
         cfg.max_documents,
         cfg.validation_split,
-        tokenizer_identity(cfg, source),
+        tokenizer_identity(cfg, source, task),
         cfg.seq_len,
     )
 

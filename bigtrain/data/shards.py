@@ -5,11 +5,14 @@ A prepared cache folder holds, for each split (`train/`, `validation/`):
 - `tokens-00000.bin`, `tokens-00001.bin`, …: the split's documents tokenized, each followed
   by EOS, concatenated into one stream and cut into raw little-endian shards of at most
   `MAX_SHARD_TOKENS` tokens (uint16 when the vocabulary fits, else uint32);
-- `doc_offsets.npy`: int64 start of each document in the stream, plus the total at the end.
+- `doc_offsets.npy`: int64 start of each document in the stream, plus the total at the end;
+- per-task arrays (`examples.py`): `labels.npy` (classification: int64 label id per
+  document) or `loss_spans.npy` (sft: int64 (S, 2) [start, stop) stream positions of the
+  tokens to predict, sorted; every document has at least one, its EOS).
 
-`index.json`, written last and atomically, lists every file with its size in tokens and
-sha256; a folder without it is not prepared. `TokenDataset` memmaps one split and serves
-fixed-length windows (packing) or single documents.
+`index.json`, written last and atomically, lists every file with its size and sha256; a
+folder without it is not prepared. `dataset.TokenDataset` memmaps one split and serves
+the task's samples.
 """
 
 from __future__ import annotations
@@ -39,23 +42,35 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class SplitWriter:
-    """Append documents to one split folder; `finish()` returns its index.json entry."""
+    """Append documents to one split folder; `finish()` returns its index.json entry.
 
-    def __init__(self, folder: Path, dtype: np.dtype, max_shard_tokens: int | None = None):
+    arrays: {name: empty array} of the per-task arrays to write as `<name>.npy` (an empty
+    split still gets each file); rows come with `add_documents`.
+    """
+
+    def __init__(
+        self, folder: Path, dtype: np.dtype, max_shard_tokens: int | None = None, *, arrays: dict[str, np.ndarray] | None = None
+    ):
         self.folder = folder
         self.dtype = np.dtype(dtype)
         self.max_shard_tokens = max_shard_tokens or MAX_SHARD_TOKENS
         self.doc_lengths: list[np.ndarray] = []
+        self.arrays: dict[str, list[np.ndarray]] = {name: [empty] for name, empty in (arrays or {}).items()}
+        self.num_tokens = 0  # written so far: stream position of the next document
         self.shards: list[dict] = []
         self._file = None
         self._hash = None
         self._shard_tokens = 0
         folder.mkdir(parents=True, exist_ok=True)
 
-    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """tokens: the documents concatenated (EOS included); lengths: tokens per document."""
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray, arrays: dict[str, np.ndarray] | None = None) -> None:
+        """tokens: the documents concatenated (EOS included); lengths: tokens per document; arrays: rows to append."""
         assert tokens.size == lengths.sum(), "lengths must add up to the tokens given"
+        assert set(arrays or {}) == set(self.arrays), "every per-task array gets rows with each batch"
         self.doc_lengths.append(np.asarray(lengths, dtype=np.int64))
+        for name, rows in (arrays or {}).items():
+            self.arrays[name].append(np.asarray(rows))
+        self.num_tokens += int(tokens.size)
         tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
         while tokens.size:
             if self._file is None:
@@ -74,11 +89,17 @@ class SplitWriter:
         lengths = np.concatenate(self.doc_lengths) if self.doc_lengths else np.zeros(0, np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         np.save(self.folder / DOC_OFFSETS, offsets)
+        arrays = []
+        for name, parts in self.arrays.items():
+            path = self.folder / f"{name}.npy"
+            np.save(path, np.concatenate(parts))
+            arrays.append({"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)})
         return {
             "num_tokens": int(offsets[-1]),
             "num_docs": int(lengths.size),
             "shards": self.shards,
             "doc_offsets_sha256": _sha256(self.folder / DOC_OFFSETS),
+            "arrays": arrays,
         }
 
     def _open_shard(self) -> None:
@@ -139,6 +160,17 @@ def verify_split(cache_path: Path, split: str, info: dict, dtype: np.dtype, *, c
         raise UserError(f"missing {offsets} — {_fix_hint(cache_path)}")
     if checksums:
         _check_sha256(offsets, info["doc_offsets_sha256"], cache_path, what="document offsets")
+    for array in info.get("arrays", []):
+        path = folder / array["file"]
+        what = path.stem.replace("_", " ")  # "labels", "loss spans"
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise UserError(f"missing {what} file {path} — {_fix_hint(cache_path)}") from None
+        if size != array["bytes"]:
+            raise UserError(f"corrupted {what} file {path}: {size} bytes, expected {array['bytes']} — {_fix_hint(cache_path)}")
+        if checksums:
+            _check_sha256(path, array["sha256"], cache_path, what=f"{what} file")
 
 
 def _check_sha256(path: Path, expected: str, cache_path: Path, *, what: str) -> None:
@@ -161,74 +193,10 @@ def _fix_hint(cache_path: Path) -> str:
     return f"delete {cache_path} and run 'bigtrain prepare RECIPE'"
 
 
-class TokenDataset:
-    """One split of prepared tokens, memmapped; samples are int64 arrays.
+def __getattr__(name: str):
+    # TokenDataset moved to dataset.py; `from bigtrain.data.shards import TokenDataset` keeps working.
+    if name == "TokenDataset":
+        from bigtrain.data.dataset import TokenDataset
 
-    packing=True: sample i is the window tokens[i*seq_len : i*seq_len + seq_len + 1] of the
-    split's token stream (inputs are [:-1], targets [1:]; consecutive windows share one
-    token), so there are (num_tokens - 1) // seq_len samples. A window may cross shards.
-    packing=False: sample i is the i-th document with at least 2 tokens (EOS included),
-    truncated to seq_len + 1 tokens; the task's collate pads.
-    """
-
-    def __init__(self, folder: Path, info: dict, dtype: np.dtype, *, seq_len: int, packing: bool):
-        self.folder = folder
-        self.dtype = np.dtype(dtype)
-        self.seq_len = seq_len
-        self.packing = packing
-        self.num_tokens: int = info["num_tokens"]
-        self.num_docs: int = info["num_docs"]
-        self._files = [folder / shard["file"] for shard in info["shards"]]
-        self._shard_starts = np.cumsum([0] + [shard["num_tokens"] for shard in info["shards"]])
-        self._shards: list[np.memmap] | None = None  # opened on first read, never pickled
-        if packing:
-            self._num_samples = max(0, (self.num_tokens - 1) // seq_len)
-        else:
-            offsets = np.load(folder / DOC_OFFSETS)
-            starts, ends = offsets[:-1], offsets[1:]
-            keep = ends - starts >= 2
-            self._doc_starts = starts[keep]
-            self._doc_ends = np.minimum(ends[keep], self._doc_starts + seq_len + 1)
-            self._num_samples = int(keep.sum())
-
-    def __len__(self) -> int:
-        return self._num_samples
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        i = int(i)
-        if not 0 <= i < self._num_samples:
-            raise IndexError(f"sample {i} out of range for {self._num_samples} samples")
-        if self.packing:
-            start = i * self.seq_len
-            return self.read(start, start + self.seq_len + 1)  # (seq_len + 1,)
-        return self.read(int(self._doc_starts[i]), int(self._doc_ends[i]))
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """tokens[start:stop] of the split's stream as int64, across shard boundaries."""
-        if not 0 <= start <= stop <= self.num_tokens:
-            raise IndexError(f"token range [{start}, {stop}) outside [0, {self.num_tokens})")
-        shards = self._open()
-        out = np.empty(stop - start, dtype=np.int64)
-        k = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
-        pos = start
-        while pos < stop:
-            shard_start, shard_stop = self._shard_starts[k], self._shard_starts[k + 1]
-            take = min(stop, shard_stop) - pos
-            out[pos - start : pos - start + take] = shards[k][pos - shard_start : pos - shard_start + take]
-            pos += take
-            k += 1
-        return out
-
-    def _open(self) -> list[np.memmap]:
-        if self._shards is None:
-            sizes = np.diff(self._shard_starts)
-            self._shards = [np.memmap(f, dtype=self.dtype, mode="r", shape=(int(n),)) for f, n in zip(self._files, sizes)]
-        return self._shards
-
-    def __getstate__(self) -> dict:
-        # DataLoader workers reopen the memmaps instead of receiving a copy of the data.
-        return {**self.__dict__, "_shards": None}
-
-    def __repr__(self) -> str:
-        mode = "packed" if self.packing else "documents"
-        return f"TokenDataset({self.folder}, {len(self)} samples, {self.num_tokens} tokens, {mode})"
+        return TokenDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

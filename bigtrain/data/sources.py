@@ -1,18 +1,20 @@
 """Where documents come from: resolve `data.source` and load it as train/validation splits.
 
 Every source goes through Hugging Face `datasets` and ends as two `datasets.Dataset`s
-whose `data.text_column` holds one document per row:
+with one document (or example) per row, holding the columns the task reads:
 
 - `python-stdlib`: every `.py` file of this interpreter's standard library (no
   site-packages), sorted by relative path — a small real corpus that needs no download;
+- `python-stdlib-docstrings`: one row per documented function of those files, with
+  text/label/prompt/response/path columns for every task (see `docstrings.py`);
 - a local `.txt`/`.text`, `.json`/`.jsonl`, `.parquet` or `.csv` file, or a folder of
   files with one of those extensions;
 - a `save_to_disk` folder (`datasets.load_from_disk`);
 - otherwise a hub dataset name (`datasets.load_dataset(name, name=data.subset)`).
 
 When the source has no validation split, `data.validation_split` of the documents are held
-out by a stable hash of each document's key (its path for python-stdlib, else its row
-index), so the split never depends on random state, order of loading or the machine.
+out by a stable hash of each document's key (its file's path for the python-stdlib sources,
+else its row index), so the split never depends on random state, order of loading or the machine.
 """
 
 from __future__ import annotations
@@ -21,16 +23,21 @@ import hashlib
 import json
 import sys
 import sysconfig
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bigtrain.data.docstrings import COLUMNS as DOCSTRING_COLUMNS
+from bigtrain.data.docstrings import docstring_files, docstring_rows
+from bigtrain.data.examples import check_columns
 from bigtrain.errors import UserError
 
 if TYPE_CHECKING:
     import datasets
 
 STDLIB = "python-stdlib"
+STDLIB_DOCSTRINGS = "python-stdlib-docstrings"
 
 # File suffix -> `datasets` packaged builder.
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -43,7 +50,7 @@ _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 class Source:
     """A resolved `data.source`: how to load it, and an identity string for cache keys."""
 
-    kind: str  # "stdlib" | "files" | "disk" | "hub"
+    kind: str  # "stdlib" | "docstrings" | "files" | "disk" | "hub"
     identity: str  # changes whenever the documents may have changed
     files: tuple[Path, ...] = ()  # the files to read ("stdlib", "files")
     builder: str | None = None  # the `datasets` builder ("files")
@@ -59,10 +66,11 @@ class DocumentSplits:
 def resolve_source(cfg) -> Source:
     """Find out what `cfg.source` names (cheap: stats files, reads none)."""
     source = cfg.source
-    if source == STDLIB:
+    if source in (STDLIB, STDLIB_DOCSTRINGS):
         root = Path(sysconfig.get_paths()["stdlib"])
         version = ".".join(map(str, sys.version_info[:3]))
-        return Source("stdlib", f"{STDLIB}:{version}:{root}", root=root)  # files listed when loaded
+        kind = "stdlib" if source == STDLIB else "docstrings"
+        return Source(kind, f"{source}:{version}:{root}", root=root)  # files listed when loaded
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -80,32 +88,46 @@ def resolve_source(cfg) -> Source:
     return Source("files", _files_identity(builder, files), files=files, builder=builder)
 
 
-def load_documents(cfg, source: Source, *, cache_dir: Path, num_proc: int | None = None) -> DocumentSplits:
+def load_documents(
+    cfg, source: Source, *, cache_dir: Path, num_proc: int | None = None, task: str = "causal_lm"
+) -> DocumentSplits:
     """Load the source and return its train and validation documents.
 
-    `max_documents` keeps the first N documents of each split (sorted by path for
-    python-stdlib) before the validation split is drawn.
+    `max_documents` keeps the first N documents of each split (for the python-stdlib
+    sources: the first N files, sorted by path) before the validation split is drawn.
+    The columns `task` reads are checked to exist.
     """
-    if source.kind == "stdlib":
+    by_file = source.kind in ("stdlib", "docstrings")
+    if by_file:
         splits = {"train": _load_stdlib(source, cfg.max_documents)}
     elif source.kind == "disk":
         splits = _as_dict(_load_from_disk(source.root, cfg.source))
     else:
         splits = _as_dict(_load_dataset(cfg, source, cache_dir=cache_dir, num_proc=num_proc))
 
+    limit = None if by_file else cfg.max_documents  # files were limited already
     train_name = "train" if "train" in splits else next(iter(splits))
     val_name = next((n for n in ("validation", "test") if n in splits and n != train_name), None)
-    train = _take(splits[train_name], cfg.max_documents)
-    _check_text_column(train, cfg.text_column, cfg.source)
+    train = _take(splits[train_name], limit)
+    check_columns(train, cfg, task, cfg.source)
     if val_name is not None:
-        validation = _take(splits[val_name], cfg.max_documents)
-        _check_text_column(validation, cfg.text_column, cfg.source)
+        validation = _take(splits[val_name], limit)
+        check_columns(validation, cfg, task, cfg.source)
         return DocumentSplits(train, validation)
 
-    keys = list(train["path"]) if source.kind == "stdlib" else [str(i) for i in range(len(train))]
-    val_rows = held_out_rows(keys, cfg.validation_split)
+    if by_file:  # every row of a file on the same side
+        paths = list(train["path"])
+        files = sorted(set(paths))
+        held = {files[i] for i in held_out_rows(files, cfg.validation_split)}
+        val_rows = [i for i, path in enumerate(paths) if path in held]
+    else:
+        val_rows = held_out_rows([str(i) for i in range(len(train))], cfg.validation_split)
     val_set = set(val_rows)
     train_rows = [i for i in range(len(train)) if i not in val_set]
+    if source.kind == "docstrings":  # a family the split left without training rows is dropped
+        labels = list(train["label"])
+        trained = {labels[i] for i in train_rows}
+        val_rows = [i for i in val_rows if labels[i] in trained]
     return DocumentSplits(train.select(train_rows), train.select(val_rows))
 
 
@@ -174,9 +196,15 @@ def _suffix_list() -> str:
 
 
 def _load_stdlib(source: Source, max_documents: int | None) -> "datasets.Dataset":
+    """python-stdlib: one row per file; python-stdlib-docstrings: one row per documented function."""
     import datasets
 
-    files = _stdlib_files(source.root)[:max_documents]
+    files = _stdlib_files(source.root)
+    if source.kind == "docstrings":
+        files = docstring_files(files, source.root)[:max_documents]
+        features = datasets.Features({column: datasets.Value("string") for column in DOCSTRING_COLUMNS})
+        return datasets.Dataset.from_dict(docstring_rows(files, source.root), features=features)
+    files = files[:max_documents]
     paths = [p.relative_to(source.root).as_posix() for p in files]
     texts = [p.read_bytes().decode("utf-8", errors="replace") for p in files]
     return datasets.Dataset.from_dict({"text": texts, "path": paths})
@@ -196,10 +224,11 @@ def _load_dataset(cfg, source: Source, *, cache_dir: Path, num_proc: int | None)
 
     hf_cache = str(cache_dir / "hf-datasets")
     try:
-        if source.kind == "files":
-            files = [str(p) for p in source.files]
-            return datasets.load_dataset(source.builder, data_files=files, cache_dir=hf_cache, num_proc=num_proc)
-        return datasets.load_dataset(cfg.source, name=cfg.subset, cache_dir=hf_cache, num_proc=num_proc)
+        with _no_progress_bars():  # stderr stays bigtrain's: a user error is one line
+            if source.kind == "files":
+                files = [str(p) for p in source.files]
+                return datasets.load_dataset(source.builder, data_files=files, cache_dir=hf_cache, num_proc=num_proc)
+            return datasets.load_dataset(cfg.source, name=cfg.subset, cache_dir=hf_cache, num_proc=num_proc)
     except Exception as e:
         if source.kind == "files":
             raise UserError(f"data.source: cannot read '{cfg.source}' as {source.builder}: {_first_line(e)}") from None
@@ -210,6 +239,20 @@ def _load_dataset(cfg, source: Source, *, cache_dir: Path, num_proc: int | None)
         ) from None
 
 
+@contextmanager
+def _no_progress_bars():
+    """`datasets` progress bars off for the block, then as they were."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def _as_dict(loaded) -> dict:
     """A Dataset or DatasetDict as {split name: Dataset}."""
     return dict(loaded) if hasattr(loaded, "keys") else {"train": loaded}
@@ -217,15 +260,6 @@ def _as_dict(loaded) -> dict:
 
 def _take(ds: "datasets.Dataset", n: int | None) -> "datasets.Dataset":
     return ds.select(range(min(n, len(ds)))) if n is not None and n < len(ds) else ds
-
-
-def _check_text_column(ds: "datasets.Dataset", column: str, source: str) -> None:
-    if column not in ds.column_names:
-        have = ", ".join(ds.column_names) or "none"
-        raise UserError(f"data.text_column: no column '{column}' in '{source}' (columns: {have})")
-    dtype = getattr(ds.features[column], "dtype", None)
-    if dtype not in ("string", "large_string"):
-        raise UserError(f"data.text_column: column '{column}' in '{source}' holds {dtype or 'non-text values'}, not text")
 
 
 def _first_line(e: BaseException) -> str:

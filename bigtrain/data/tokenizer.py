@@ -1,11 +1,16 @@
 """Tokenizer: load a given `tokenizer.json`, or train a byte-level BPE on the corpus and cache it.
 
 A trained tokenizer lives at `cache_dir/tokenizers/<key>/tokenizer.json`, where the key
-hashes what decides it (source identity, text column, max_documents, validation_split,
-vocab_size), so its path is known before training and `data_cache_path` stays cheap.
-Special token ids come from the vocabulary by name: the first of `EOS_CANDIDATES` is the
-end-of-document token appended to every document; padding uses the first of
-`PAD_CANDIDATES`, or the EOS when the tokenizer has none.
+hashes what decides it (source identity, the text columns it reads for the task,
+max_documents, validation_split, vocab_size), so its path is known before training and
+`data_cache_path` stays cheap. Tasks that read the same text (causal_lm, masked_lm, and
+classification without a pair column) share one BPE.
+
+A trained BPE has the special tokens `<|endoftext|>`, `<|pad|>`, `<|mask|>`, `<|cls|>`,
+`<|sep|>` at ids 0..4. Special ids are found in any tokenizer by name (`find_special_ids`):
+the first of `EOS_CANDIDATES` is the end-of-document token appended to every document;
+pad, cls and sep fall back to the EOS when the tokenizer has none; the mask token has no
+fallback (masked_lm needs one).
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from bigtrain.data.examples import bpe_text_batches, bpe_text_columns
 from bigtrain.data.sources import Source, stable_hash
 from bigtrain.errors import UserError
 
@@ -23,41 +30,63 @@ if TYPE_CHECKING:
     import datasets
     import tokenizers
 
-EOS, PAD = "<|endoftext|>", "<|pad|>"
+EOS, PAD, MASK, CLS, SEP = "<|endoftext|>", "<|pad|>", "<|mask|>", "<|cls|>", "<|sep|>"
+SPECIAL_TOKENS = (EOS, PAD, MASK, CLS, SEP)  # a trained BPE's ids 0..4, in this order
 EOS_CANDIDATES = (EOS, "</s>", "<eos>", "[SEP]")
 PAD_CANDIDATES = (PAD, "<pad>", "[PAD]")
+MASK_CANDIDATES = (MASK, "[MASK]", "<mask>")
+CLS_CANDIDATES = (CLS, "[CLS]", "<s>")
+SEP_CANDIDATES = (SEP, "[SEP]", "</s>")
 
 # BPE training reads at most this much text: merges settle long before a huge corpus ends.
 MAX_TRAIN_CHARS = 2**30
 _BYTE_ALPHABET = 256
 
 
-def tokenizer_identity(cfg, source: Source) -> str:
+@dataclass(frozen=True)
+class SpecialIds:
+    """A tokenizer's special token ids; `all` is every special id (MLM never masks these)."""
+
+    eos: int
+    pad: int
+    mask: int | None
+    cls: int
+    sep: int
+    all: tuple[int, ...]
+
+
+def tokenizer_identity(cfg, source: Source, task: str = "causal_lm") -> str:
     """What the prepared data depends on: the bytes of a given tokenizer, or the trained one's key."""
     if cfg.tokenizer is None:
-        return f"bpe:{_bpe_key(cfg, source)}"
+        return f"bpe:{_bpe_key(cfg, source, task)}"
     return f"file:{hashlib.sha256(_read_tokenizer_bytes(cfg.tokenizer)).hexdigest()}"
 
 
-def trained_tokenizer_path(cfg, source: Source, cache_dir: Path) -> Path:
-    return cache_dir / "tokenizers" / _bpe_key(cfg, source) / "tokenizer.json"
+def trained_tokenizer_path(cfg, source: Source, cache_dir: Path, task: str = "causal_lm") -> Path:
+    return cache_dir / "tokenizers" / _bpe_key(cfg, source, task) / "tokenizer.json"
 
 
-def build_tokenizer(cfg, source: Source, train_docs: "datasets.Dataset", *, cache_dir: Path, log: Callable = print):
-    """The tokenizer for `cfg`: the file `cfg.tokenizer`, else a BPE trained on `train_docs` (cached)."""
+def build_tokenizer(
+    cfg, source: Source, train_docs: "datasets.Dataset", *, cache_dir: Path, task: str = "causal_lm", log: Callable = print
+):
+    """The tokenizer for `cfg`: the file `cfg.tokenizer`, else a BPE trained on `train_docs` (cached).
+
+    The BPE reads the text `task` reads (`examples.bpe_text_batches`).
+    """
     if cfg.tokenizer is not None:
         return load_tokenizer_file(cfg.tokenizer, where="data.tokenizer")
 
-    path = trained_tokenizer_path(cfg, source, cache_dir)
+    path = trained_tokenizer_path(cfg, source, cache_dir, task)
     if path.exists():
         log(f"data: using cached tokenizer {path}")
         return load_tokenizer_file(path, where="data.tokenizer")
 
-    if cfg.vocab_size < _BYTE_ALPHABET + 2:
-        raise UserError(f"data.vocab_size={cfg.vocab_size} is too small for a byte-level BPE (need >= {_BYTE_ALPHABET + 2})")
+    need = _BYTE_ALPHABET + len(SPECIAL_TOKENS)
+    if cfg.vocab_size < need:
+        raise UserError(f"data.vocab_size={cfg.vocab_size} is too small for a byte-level BPE (need >= {need})")
     log(f"data: training a byte-level BPE (vocab_size={cfg.vocab_size}) on {len(train_docs)} documents")
     t0 = time.perf_counter()
-    tok = train_bpe(_text_batches(train_docs, cfg.text_column), cfg.vocab_size)
+    tok = train_bpe(_capped(bpe_text_batches(train_docs, cfg, task)), cfg.vocab_size)
     log(f"data: trained tokenizer with {tok.get_vocab_size()} tokens in {time.perf_counter() - t0:.1f}s → {path}")
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +97,7 @@ def build_tokenizer(cfg, source: Source, train_docs: "datasets.Dataset", *, cach
 
 
 def train_bpe(text_batches: Iterator[list[str]], vocab_size: int) -> "tokenizers.Tokenizer":
-    """A GPT-2 style byte-level BPE with `<|endoftext|>` (id 0) and `<|pad|>` (id 1)."""
+    """A GPT-2 style byte-level BPE whose ids 0..4 are `SPECIAL_TOKENS` (EOS, pad, mask, cls, sep)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -76,7 +105,7 @@ def train_bpe(text_batches: Iterator[list[str]], vocab_size: int) -> "tokenizers
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS, PAD],
+        special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no unknowns
         show_progress=False,
     )
@@ -97,13 +126,32 @@ def load_tokenizer_file(path: str | Path, *, where: str) -> "tokenizers.Tokenize
     return tok
 
 
+def find_special_ids(tok: "tokenizers.Tokenizer", *, where: str = "data.tokenizer") -> SpecialIds:
+    """Special ids found by name; pad, cls and sep fall back to the EOS, the mask to None."""
+    eos = _first_id(tok, EOS_CANDIDATES)
+    if eos is None:
+        raise UserError(f"{where}: no end-of-document token (looked for {', '.join(EOS_CANDIDATES)})")
+    found = [_first_id(tok, names) for names in (PAD_CANDIDATES, CLS_CANDIDATES, SEP_CANDIDATES)]
+    pad, cls, sep = (eos if token_id is None else token_id for token_id in found)
+    mask = _first_id(tok, MASK_CANDIDATES)
+    marked = {i for i, added in tok.get_added_tokens_decoder().items() if added.special}
+    every = marked | {eos, pad, cls, sep} | ({mask} if mask is not None else set())
+    return SpecialIds(eos=eos, pad=pad, mask=mask, cls=cls, sep=sep, all=tuple(sorted(every)))
+
+
 def special_token_ids(tok: "tokenizers.Tokenizer", *, where: str = "data.tokenizer") -> tuple[int, int]:
     """(eos_id, pad_id) found by name; the pad falls back to the EOS."""
-    eos_id = _first_id(tok, EOS_CANDIDATES)
-    if eos_id is None:
-        raise UserError(f"{where}: no end-of-document token (looked for {', '.join(EOS_CANDIDATES)})")
-    pad_id = _first_id(tok, PAD_CANDIDATES)
-    return eos_id, eos_id if pad_id is None else pad_id
+    ids = find_special_ids(tok, where=where)
+    return ids.eos, ids.pad
+
+
+def require_mask(ids: SpecialIds, cfg, task: str) -> None:
+    """masked_lm needs a mask token: a one-line error naming data.tokenizer when there is none."""
+    if task == "masked_lm" and ids.mask is None:
+        raise UserError(
+            f"data.tokenizer: '{cfg.tokenizer}' has no mask token (looked for {', '.join(MASK_CANDIDATES)}) — "
+            "task masked_lm needs one: use a tokenizer that has one, or unset data.tokenizer to train a BPE with <|mask|>"
+        )
 
 
 def _first_id(tok, names: tuple[str, ...]) -> int | None:
@@ -114,9 +162,15 @@ def _first_id(tok, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def _bpe_key(cfg, source: Source) -> str:
+def _bpe_key(cfg, source: Source, task: str) -> str:
     return stable_hash(
-        "bpe-v1", source.identity, cfg.text_column, cfg.max_documents, cfg.validation_split, cfg.vocab_size, MAX_TRAIN_CHARS
+        "bpe-v2",  # v2: five special tokens
+        source.identity,
+        bpe_text_columns(cfg, task),
+        cfg.max_documents,
+        cfg.validation_split,
+        cfg.vocab_size,
+        MAX_TRAIN_CHARS,
     )
 
 
@@ -127,10 +181,10 @@ def _read_tokenizer_bytes(path: str | Path, *, where: str = "data.tokenizer") ->
         raise UserError(f"{where}: no such file '{path}'") from None
 
 
-def _text_batches(docs: "datasets.Dataset", column: str, batch_docs: int = 1000) -> Iterator[list[str]]:
+def _capped(text_batches: Iterator[list[str]]) -> Iterator[list[str]]:
+    """The batches up to about MAX_TRAIN_CHARS characters."""
     chars = 0
-    for batch in docs.select_columns([column]).iter(batch_size=batch_docs):
-        texts = [t for t in batch[column] if t]
+    for texts in text_batches:
         yield texts
         chars += sum(map(len, texts))
         if chars >= MAX_TRAIN_CHARS:

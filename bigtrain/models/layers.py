@@ -1,9 +1,9 @@
-"""Transformer building blocks shared by the decoder and (later) the encoder.
+"""Transformer building blocks shared by the decoder and the encoder.
 
-Owns: norm construction, rotary position embedding, attention (fused QKV, grouped-query,
-causal or bidirectional, SDPA), GELU and SwiGLU MLPs, and the pre-norm `Block`. Every
-block holds all of its own state, so strategies can wrap each one (activation
-checkpointing, FSDP) and call it as `block(x, attn_mask=None)`.
+Owns: norm construction, rotary position embedding, attention masks (`prepare_attn_mask`),
+attention (fused QKV, grouped-query, causal or bidirectional, SDPA), GELU and SwiGLU MLPs,
+and the pre-norm `Block`. Every block holds all of its own state, so strategies can wrap
+each one (activation checkpointing, FSDP) and call it as `block(x, attn_mask=None)`.
 """
 
 from __future__ import annotations
@@ -53,11 +53,44 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def prepare_attn_mask(attn_mask: torch.Tensor | None, causal: bool) -> torch.Tensor | None:
+    """A caller's boolean mask (True = may attend) made ready for SDPA, once per forward.
+
+    Shapes: (B, 1, T, T) or (B, T, T) full masks, used as given (a causal model's caller
+    includes causality, e.g. SFT's block-diagonal causal mask), or (B, 1, 1, T) key padding,
+    which broadcasts over heads and queries. Key padding cannot express causality, so a
+    causal model combines it with the causal mask: (B, 1, T, T).
+
+    A query row that may attend to nothing (a padding row of a full mask, or a sequence with
+    no real token) is a softmax over no keys: 0/0 = NaN in kernels that do not special-case
+    it (recent CPU kernels return zeros, not every CUDA kernel or version does), and a NaN
+    reaches the gradients even though the row's output is never used (0 * NaN = NaN in
+    backward). Such rows instead attend to every key: rows with any allowed key are
+    unchanged, so outputs at real positions are exactly what the mask says, and padding
+    rows stay finite whatever the kernel. Key padding keeps its (B, 1, 1, T) shape.
+    """
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype != torch.bool:
+        raise ValueError(f"attn_mask must be bool (True = may attend), got {attn_mask.dtype}")
+    if attn_mask.dim() == 3:
+        attn_mask = attn_mask.unsqueeze(1)  # (B, T, T) -> (B, 1, T, T)
+    if attn_mask.dim() != 4 or attn_mask.size(1) != 1:
+        raise ValueError(f"attn_mask must be (B, 1, T, T), (B, T, T) or (B, 1, 1, T), got {tuple(attn_mask.shape)}")
+    if causal and attn_mask.size(-2) == 1:
+        T = attn_mask.size(-1)
+        attn_mask = attn_mask & torch.ones(T, T, dtype=torch.bool, device=attn_mask.device).tril()  # (B, 1, T, T)
+    return attn_mask | ~attn_mask.any(dim=-1, keepdim=True)  # empty rows -> all keys
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention with one fused QKV projection.
 
     `causal=True` (decoder) masks the future via SDPA's is_causal; an explicit boolean
     attn_mask (True = may attend) replaces it when given, e.g. for packed SFT documents.
+    `causal=False` (encoder) attends everywhere unless a mask says otherwise. Masks of shape
+    (B, 1, T, T), (B, T, T) or (B, 1, 1, T) (key padding) broadcast over heads; the models
+    pass them through `prepare_attn_mask` first.
     """
 
     def __init__(self, spec: ModelSpec, causal: bool):

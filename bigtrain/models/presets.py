@@ -2,7 +2,8 @@
 
 Nothing here allocates tensors, so `bigtrain check` can report the size of an 8B model
 on a laptop: `count_params(spec)` and `spec_flops_per_token(spec, seq_len)` are exact for
-the modules in `bigtrain/models/` (tests keep them in step with `Decoder.num_params()`).
+the modules in `bigtrain/models/`, for every arch and head (tests keep them in step with
+`num_params()` of the built models).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
+HEADS = ("lm", "classify")  # lm: next-token (decoder) or masked-token (encoder) logits; classify: (B, K)
+POOLINGS = ("first", "last")
+DEFAULT_POOLING = {"decoder": "last", "encoder": "first"}  # what pooling="auto" picks per arch
 
 # Every field a preset fills; ModelConfig has an optional override of the same name for each.
 SPEC_FIELDS = (
@@ -30,13 +34,17 @@ _GPT2_STYLE = dict(
     norm="layernorm", position="learned", mlp="gelu", tie_embeddings=True, bias=True,
     dropout=0.0, rope_theta=10000.0, norm_eps=1e-5, init_std=0.02,
 )
+_BERT_STYLE = dict(  # BERT's published hyperparameters (dropout 0.1, LayerNorm eps 1e-12)
+    norm="layernorm", position="learned", mlp="gelu", tie_embeddings=True, bias=True,
+    dropout=0.1, rope_theta=10000.0, norm_eps=1e-12, init_std=0.02,
+)
 _LLAMA3_STYLE = dict(
     norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=True, bias=False,
     dropout=0.0, rope_theta=500000.0, norm_eps=1e-5, init_std=0.02,
 )
 
 PRESETS: dict[str, dict] = {
-    # Tiny GPT-2-shaped model for tests and laptop smoke runs.
+    # Tiny GPT-2-shaped model for tests and laptop smoke runs (either arch).
     "debug": dict(_GPT2_STYLE, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4,
                   d_ff=256, max_seq_len=256),
     # GPT-2 small / medium (124.4M / 354.8M params with the 50257-token GPT-2 vocabulary).
@@ -50,6 +58,21 @@ PRESETS: dict[str, dict] = {
     # Llama-3-8B shape (8.03B params with the 128256-token Llama 3 vocabulary).
     "llama-8b": dict(_LLAMA3_STYLE, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8,
                      d_ff=14336, max_seq_len=8192, tie_embeddings=False),
+    # BERT shapes (pre-norm; no token-type embeddings, no pooler). With BERT's 30522-token
+    # vocabulary, MLM head included: bert-tiny 4.42M, bert-base 109.51M, bert-large 335.17M.
+    "bert-tiny": dict(_BERT_STYLE, n_layers=2, d_model=128, n_heads=2, n_kv_heads=2,
+                      d_ff=512, max_seq_len=512),
+    "bert-base": dict(_BERT_STYLE, n_layers=12, d_model=768, n_heads=12, n_kv_heads=12,
+                      d_ff=3072, max_seq_len=512),
+    "bert-large": dict(_BERT_STYLE, n_layers=24, d_model=1024, n_heads=16, n_kv_heads=16,
+                       d_ff=4096, max_seq_len=512),
+}
+
+# The arch each preset is for (model.arch must match); None: any arch.
+PRESET_ARCH: dict[str, str | None] = {
+    "debug": None,
+    "gpt2-124m": "decoder", "gpt2-355m": "decoder", "llama-1b": "decoder", "llama-8b": "decoder",
+    "bert-tiny": "encoder", "bert-base": "encoder", "bert-large": "encoder",
 }
 
 
@@ -75,16 +98,25 @@ class ModelSpec:
     norm_eps: float
     init_std: float
     vocab_size: int | None = None  # None until a tokenizer is known; needed to build or count
+    head: str = "lm"  # one of HEADS, chosen at build time (by the task), not by the recipe's model section
+    num_labels: int | None = None  # classify only: classifier outputs
+    pooling: str | None = None  # classify only: "first" | "last" ("auto" resolved by arch)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
 
-def resolve_spec(cfg: ModelConfig, vocab_size: int | None = None) -> ModelSpec:
-    """Overlay cfg's non-None overrides on its preset and check the result (key-named UserErrors)."""
+def resolve_spec(cfg: ModelConfig, vocab_size: int | None = None, *, head: str = "lm",
+                 num_labels: int | None = None, pooling: str = "auto") -> ModelSpec:
+    """Overlay cfg's non-None overrides on its preset and check the result (key-named UserErrors).
+
+    head / num_labels / pooling come from the task (see `build_model`); pooling "auto" becomes
+    the arch's default (DEFAULT_POOLING) for head="classify" and None for head="lm".
+    """
     if cfg.preset not in PRESETS:
         raise UserError(f"model.preset: unknown preset '{cfg.preset}' — choose one of {', '.join(PRESETS)}")
+    _check_preset_arch(cfg.preset, cfg.arch)
     values = dict(PRESETS[cfg.preset])
     if values["n_kv_heads"] == values["n_heads"] and getattr(cfg, "n_kv_heads", None) is None:
         values["n_kv_heads"] = cfg.n_heads or values["n_heads"]  # multi-head presets stay multi-head
@@ -92,9 +124,40 @@ def resolve_spec(cfg: ModelConfig, vocab_size: int | None = None) -> ModelSpec:
         override = getattr(cfg, name, None)
         if override is not None:
             values[name] = override
-    spec = ModelSpec(arch=cfg.arch, preset=cfg.preset, vocab_size=vocab_size, **values)
+    spec = ModelSpec(arch=cfg.arch, preset=cfg.preset, vocab_size=vocab_size,
+                     **_resolve_head(cfg.arch, head, num_labels, pooling), **values)
     _check(spec)
     return spec
+
+
+def _check_preset_arch(preset: str, arch: str) -> None:
+    wanted = PRESET_ARCH.get(preset)
+    if wanted is not None and wanted != arch:
+        a = {"encoder": "an", "decoder": "a"}
+        fitting = [name for name, fits in PRESET_ARCH.items() if fits in (None, arch)]
+        raise UserError(f"model.preset: preset '{preset}' is {a[wanted]} {wanted} preset — set model.arch: {wanted} "
+                        f"(or pick {a.get(arch, 'a')} {arch} preset: {', '.join(fitting)})")
+
+
+def _resolve_head(arch: str, head: str, num_labels: int | None, pooling: str) -> dict:
+    """The head fields of a ModelSpec. Bad head/num_labels are the caller's bugs (ValueError);
+    pooling comes from the recipe's task.pooling (UserError)."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if head == "lm":
+        if num_labels is not None:
+            raise ValueError("num_labels is only for head='classify'")
+        return dict(head=head, num_labels=None, pooling=None)
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"head='classify' needs a positive integer num_labels, got {num_labels!r}")
+    if pooling == "auto":
+        pooling = DEFAULT_POOLING[arch]
+    if pooling not in POOLINGS:
+        raise UserError(f"task.pooling: unknown pooling '{pooling}' — choose one of auto, {', '.join(POOLINGS)}")
+    if pooling == "first" and arch == "decoder":
+        raise UserError("task.pooling: 'first' pools a token a causal decoder computes from itself alone "
+                        "— use last (or auto) with model.arch: decoder")
+    return dict(head=head, num_labels=num_labels, pooling=pooling)
 
 
 def _check(spec: ModelSpec) -> None:
@@ -141,6 +204,15 @@ def _require_vocab(spec: ModelSpec) -> int:
     return spec.vocab_size
 
 
+def _head_matmul_weights(spec: ModelSpec) -> int:
+    """Weights of the Linears after the final norm: the classifier, or the LM head (the
+    encoder's MLM head adds its d x d transform). A tied projection counts: it is a matmul."""
+    d = spec.d_model
+    if spec.head == "classify":
+        return d * spec.num_labels
+    return d * _require_vocab(spec) + (d * d if spec.arch == "encoder" else 0)
+
+
 def count_params(spec: ModelSpec) -> int:
     """Exact parameter count of the model `spec` describes (tied weights counted once)."""
     vocab, d, hd = _require_vocab(spec), spec.d_model, spec.head_dim
@@ -154,8 +226,12 @@ def count_params(spec: ModelSpec) -> int:
     total = vocab * d + spec.n_layers * block + norm  # token embedding, blocks, final norm
     if spec.position == "learned":
         total += spec.max_seq_len * d
+    if spec.head == "classify":
+        return total + d * spec.num_labels + bias * spec.num_labels  # classifier; no LM head at all
+    if spec.arch == "encoder":
+        total += d * d + bias * d + norm + bias * vocab  # MLM transform, its norm, output bias
     if not spec.tie_embeddings:
-        total += d * vocab  # lm_head (never has a bias)
+        total += d * vocab  # output projection (its bias, if any, is counted above)
     return total
 
 
@@ -164,10 +240,13 @@ def spec_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
 
         6 * N_matmul + 12 * n_layers * d_model * seq_len
 
-    N_matmul counts the weights of every Linear in the blocks plus the lm head's
-    d_model * vocab_size (also when tied: the head matmul is still done). Embedding
-    lookups, norms and biases are not matmuls and are left out; the second term is the
-    attention score and value matmuls (QK^T and AV), not halved for causal masking.
+    N_matmul counts the weights of every Linear in the blocks plus the head's: the LM head's
+    d_model * vocab_size (also when tied: the head matmul is still done), plus the encoder's
+    MLM transform d_model * d_model; for head="classify" only the classifier's
+    d_model * num_labels (applied once per sequence, but counted per token like the rest:
+    a negligible overcount that keeps one formula). Embedding lookups, norms and biases are
+    not matmuls and are left out; the second term is the attention score and value matmuls
+    (QK^T and AV), not halved for causal masking.
     """
-    n_matmul = spec.n_layers * _block_matmul_weights(spec) + spec.d_model * _require_vocab(spec)
+    n_matmul = spec.n_layers * _block_matmul_weights(spec) + _head_matmul_weights(spec)
     return float(6 * n_matmul + 12 * spec.n_layers * spec.d_model * seq_len)

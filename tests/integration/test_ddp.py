@@ -32,8 +32,10 @@ def test_ddp_matches_single_process(tmp_path, cache_dir):
     assert b_eval[-1]["eval/loss"] == pytest.approx(a_eval[-1]["eval/loss"], rel=1e-5)
     wa = torch.load(tmp_path / "runs/single/checkpoints/step-0000006/model.pt", weights_only=True)
     wb = torch.load(tmp_path / "runs/ddp/checkpoints/step-0000006/model.pt", weights_only=True)
+    # Adam divides by sqrt(v): for a weight whose gradient is ~0, fp32 reduction-order noise moves it by up to
+    # ~lr per step, so absolute agreement is bounded by a small fraction of lr (3e-3) × steps, not by 1e-5.
     for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-4)
 
 
 def test_ddp_run_resumes_on_one_process(tmp_path, cache_dir):

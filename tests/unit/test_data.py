@@ -276,6 +276,14 @@ def test_missing_text_column_names_it_and_the_columns(tmp_path):
         prepare_data(cfg, log=quiet)
 
 
+def test_loading_local_files_prints_no_progress_bars(tmp_path, capfd):
+    path, _ = write_source("jsonl", tmp_path)
+    cfg = DataConfig(source=str(path), text_column="content", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UserError):
+        prepare_data(cfg, log=quiet)
+    assert capfd.readouterr().err == ""  # the CLI's error stays the only line on stderr
+
+
 def test_hub_name_offline_is_a_user_error(tmp_path, monkeypatch):
     import datasets
     import huggingface_hub.constants
@@ -405,3 +413,284 @@ def test_eval_indices_cover_every_sample_once(n, world, limit):
     chunks = [eval_indices(n, rank, world, limit) for rank in range(world)]
     np.testing.assert_array_equal(np.concatenate(chunks), np.arange(min(n, limit or n)))
     assert max(map(len, chunks)) - min(map(len, chunks)) <= 1
+
+
+# --------------------------------------------------------------------------- tasks: special tokens and cache keys
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def save_splits(path: Path, splits: dict[str, dict]) -> Path:
+    """A save_to_disk DatasetDict with the given {split: columns}."""
+    import datasets
+
+    datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in splits.items()}).save_to_disk(str(path))
+    return path
+
+
+def word_level_tokenizer(path: Path, specials: list[str]) -> str:
+    """A whitespace word-level tokenizer.json with the given special tokens (ids 0..), words after."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(specials + ["[UNK]", "a", "b", "c", "d"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials)
+    tok.save(str(path))
+    return str(path)
+
+
+def test_trained_bpe_has_five_special_tokens_at_fixed_ids(stdlib):
+    _, data = stdlib
+    names = ["<|endoftext|>", "<|pad|>", "<|mask|>", "<|cls|>", "<|sep|>"]
+    assert [data.tokenizer.token_to_id(n) for n in names] == [0, 1, 2, 3, 4]
+    assert (data.eos_id, data.pad_id, data.mask_id, data.cls_id, data.sep_id) == (0, 1, 2, 3, 4)
+    assert data.special_ids == (0, 1, 2, 3, 4) and data.labels is None and data.task == "causal_lm"
+
+
+def test_user_tokenizer_special_ids_by_name_with_fallbacks(tmp_path):
+    path, _ = write_source("jsonl", tmp_path)
+    bert = word_level_tokenizer(tmp_path / "bert.json", ["[PAD]", "[CLS]", "[SEP]", "[MASK]"])
+    cfg = DataConfig(source=str(path), tokenizer=bert, seq_len=8, cache_dir=str(tmp_path / "c"))
+    data = prepare_data(cfg, task="masked_lm", log=quiet)
+    assert (data.eos_id, data.pad_id, data.cls_id, data.sep_id, data.mask_id) == (2, 0, 1, 2, 3)  # EOS falls to [SEP]
+    assert data.special_ids == (0, 1, 2, 3)
+    bare = word_level_tokenizer(tmp_path / "bare.json", ["</s>"])
+    data = prepare_data(dataclasses.replace(cfg, tokenizer=bare), log=quiet)
+    assert data.eos_id == data.pad_id == data.cls_id == data.sep_id == 0 and data.mask_id is None
+    assert data.special_ids == (0,)
+
+
+def test_masked_lm_without_mask_token_names_data_tokenizer(tmp_path):
+    path, _ = write_source("jsonl", tmp_path)
+    bare = word_level_tokenizer(tmp_path / "bare.json", ["</s>", "<pad>"])
+    cfg = DataConfig(source=str(path), tokenizer=bare, cache_dir=str(tmp_path / "c"))
+    expected = r"^data.tokenizer: .*bare.json' has no mask token \(looked for <\|mask\|>, \[MASK\], <mask>\)"
+    with pytest.raises(UserError, match=expected):
+        prepare_data(cfg, task="masked_lm", log=quiet)
+    assert prepare_data(cfg, task="causal_lm", log=quiet).mask_id is None  # other tasks do not need one
+
+
+def test_cache_key_differs_by_task_and_by_the_columns_it_reads(tmp_path):
+    cfg = DataConfig(source="python-stdlib-docstrings", max_documents=3, vocab_size=300, cache_dir=str(tmp_path))
+    paths = {task: data_cache_path(cfg, task=task) for task in ("causal_lm", "masked_lm", "classification", "sft")}
+    assert len(set(paths.values())) == 4 and data_cache_path(cfg) == paths["causal_lm"]
+    assert data_cache_path(dataclasses.replace(cfg, pair_column="prompt"), task="classification") != paths["classification"]
+    assert data_cache_path(dataclasses.replace(cfg, messages_column="chat"), task="sft") != paths["sft"]
+    assert data_cache_path(dataclasses.replace(cfg, label_column="path"), task="causal_lm") == paths["causal_lm"]  # unread
+    with pytest.raises(UserError, match="task.name: unknown task 'lm'"):
+        data_cache_path(cfg, task="lm")
+    assert not (tmp_path / "tokenizers").exists()
+
+
+# --------------------------------------------------------------------------- tasks: classification
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def sentence(i: int, n: int) -> str:
+    return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n))
+
+
+def classification_rows(n: int = 24, labels=("neg", "pos", "mid")) -> list[dict]:
+    return [{"text": sentence(i, 1 + i % 9), "other": sentence(i + 3, 1 + (i * 5) % 11), "label": labels[i % len(labels)]}
+            for i in range(n)]
+
+
+def test_classification_samples_are_cls_text_eos_with_train_label_ids(tokenizer_file, tmp_path):
+    rows = classification_rows()
+    source = write_jsonl(tmp_path / "cls.jsonl", rows)
+    cfg = DataConfig(source=str(source), tokenizer=tokenizer_file, seq_len=8, validation_split=0.25, packing=True,
+                     cache_dir=str(tmp_path / "c"))
+    data = prepare_data(cfg, task="classification", log=quiet)
+    assert data.labels == ["mid", "neg", "pos"]  # sorted, from the training split
+    assert json.loads((data.path / "index.json").read_text())["labels"] == ["mid", "neg", "pos"]
+    train = load_documents(cfg, resolve_source(cfg), cache_dir=cfg_cache(cfg), task="classification").train
+    assert len(data.train) == len(train) and len(data.validation) == len(rows) - len(train)  # never packed
+    for i, row in enumerate(train):
+        sample = data.train[i]
+        text_ids = data.tokenizer.encode(row["text"], add_special_tokens=False).ids
+        expected = [data.cls_id] + text_ids[: cfg.seq_len - 2] + [data.eos_id]
+        np.testing.assert_array_equal(sample["tokens"], expected)
+        assert sample["tokens"].dtype == np.int64 and len(sample["tokens"]) <= cfg.seq_len
+        assert sample["label"] == data.labels.index(row["label"])
+    assert any(len(data.tokenizer.encode(r["text"]).ids) > cfg.seq_len - 2 for r in train)  # truncation was tested
+
+
+def test_classification_pairs_truncate_the_longer_text_first(tokenizer_file, tmp_path):
+    from bigtrain.data.examples import pair_lengths
+
+    assert pair_lengths(3, 4, 10) == (3, 4)
+    assert pair_lengths(20, 2, 10) == (8, 2) and pair_lengths(2, 20, 10) == (2, 8)
+    assert pair_lengths(9, 7, 10) == (5, 5) and pair_lengths(9, 9, 9) == (4, 5)
+    source = write_jsonl(tmp_path / "pairs.jsonl", classification_rows())
+    cfg = DataConfig(source=str(source), tokenizer=tokenizer_file, pair_column="other", seq_len=9, validation_split=0.0,
+                     cache_dir=str(tmp_path / "c"))
+    data = prepare_data(cfg, task="classification", log=quiet)
+    for i, row in enumerate(classification_rows()):
+        a = data.tokenizer.encode(row["text"], add_special_tokens=False).ids
+        b = data.tokenizer.encode(row["other"], add_special_tokens=False).ids
+        keep_a, keep_b = pair_lengths(len(a), len(b), cfg.seq_len - 3)
+        tokens = data.train[i]["tokens"]
+        np.testing.assert_array_equal(tokens, [data.cls_id] + a[:keep_a] + [data.sep_id] + b[:keep_b] + [data.eos_id])
+        assert len(tokens) <= cfg.seq_len
+
+
+def test_classification_int_labels_sort_numerically(tokenizer_file, tmp_path):
+    texts = [sentence(i, 3) for i in range(6)]
+    saved = save_splits(tmp_path / "ints", {"train": {"text": texts[:4], "label": [10, 2, 1, 2]},
+                                            "validation": {"text": texts[4:], "label": [2, 10]}})
+    cfg = DataConfig(source=str(saved), tokenizer=tokenizer_file, seq_len=16, cache_dir=str(tmp_path / "c"))
+    data = prepare_data(cfg, task="classification", log=quiet)
+    assert data.labels == [1, 2, 10]
+    assert [data.train[i]["label"] for i in range(4)] == [2, 1, 0, 1]
+    assert [data.validation[i]["label"] for i in range(2)] == [1, 2]
+
+
+def test_unseen_validation_label_names_label_column_and_split(tokenizer_file, tmp_path):
+    saved = save_splits(tmp_path / "s", {"train": {"text": ["x", "y", "z"], "label": ["b", "a", "c"]},
+                                         "validation": {"text": ["w"], "label": ["xyz"]}})
+    cfg = DataConfig(source=str(saved), tokenizer=tokenizer_file, seq_len=16, cache_dir=str(tmp_path / "c"))
+    expected = "data.label_column 'label': validation label 'xyz' does not occur in the training split (labels: a, b, c)"
+    with pytest.raises(UserError, match=f"^{re.escape(expected)}$"):
+        prepare_data(cfg, task="classification", log=quiet)
+
+
+@pytest.mark.parametrize("key,value", [("label_column", "topic"), ("pair_column", "second"), ("text_column", "body")])
+def test_classification_missing_column_names_it_and_the_columns(tokenizer_file, tmp_path, key, value):
+    source = write_jsonl(tmp_path / "cls.jsonl", classification_rows())
+    cfg = DataConfig(source=str(source), tokenizer=tokenizer_file, cache_dir=str(tmp_path / "c"), **{key: value})
+    with pytest.raises(UserError, match=rf"^data.{key}: no column '{value}' .*\(columns: text, other, label\)$"):
+        prepare_data(cfg, task="classification", log=quiet)
+
+
+# --------------------------------------------------------------------------- tasks: sft
+
+
+def sft_rows(n: int = 20) -> list[dict]:
+    """Short prompt/response pairs; row 2 has an empty prompt (all loss)."""
+    return [{"prompt": f"Q{i}: " + sentence(i, 1 + i % 4) if i != 2 else "", "response": " " + sentence(i + 1, 1 + i % 3)}
+            for i in range(n)]
+
+
+def sft_examples(data, rows):
+    """(tokens, loss_mask) of each row as written: prompt + response + [eos], loss on response + eos."""
+    out = []
+    for row in rows:
+        p = data.tokenizer.encode(row["prompt"], add_special_tokens=False).ids
+        r = data.tokenizer.encode(row["response"], add_special_tokens=False).ids
+        out.append((np.array(p + r + [data.eos_id]), np.array([False] * len(p) + [True] * (len(r) + 1))))
+    return out
+
+
+def test_sft_loss_mask_covers_exactly_response_and_eos(tokenizer_file, tmp_path):
+    rows = sft_rows()
+    source = write_jsonl(tmp_path / "sft.jsonl", rows)
+    cfg = DataConfig(source=str(source), tokenizer=tokenizer_file, seq_len=64, packing=False, validation_split=0.0,
+                     cache_dir=str(tmp_path / "c"))
+    data = prepare_data(cfg, task="sft", log=quiet)
+    assert len(data.train) == len(rows)
+    for i, (tokens, mask) in enumerate(sft_examples(data, rows)):
+        sample = data.train[i]
+        np.testing.assert_array_equal(sample["tokens"], tokens)
+        np.testing.assert_array_equal(sample["loss_mask"], mask)
+        assert sample["loss_mask"].dtype == bool and sample["segments"].dtype == np.int32 and not sample["segments"].any()
+
+
+def test_sft_packing_puts_whole_examples_in_order_with_segment_ids(tokenizer_file, tmp_path):
+    rows = sft_rows(40)
+    source = write_jsonl(tmp_path / "sft.jsonl", rows)
+    cfg = DataConfig(source=str(source), tokenizer=tokenizer_file, seq_len=63, packing=True, validation_split=0.0,
+                     cache_dir=str(tmp_path / "c"))
+    data = prepare_data(cfg, task="sft", log=quiet)
+    examples = sft_examples(data, rows)
+    assert max(len(t) for t, _ in examples) <= cfg.seq_len + 1  # every example fits: none is cut
+    seen = []
+    for i in range(len(data.train)):
+        sample = data.train[i]
+        assert len(sample["tokens"]) <= cfg.seq_len + 1
+        segments = sample["segments"]
+        assert segments[0] == 0 and set(np.diff(segments)) <= {0, 1}  # 0, 1, 2, … in order
+        for s in range(segments[-1] + 1):
+            seen.append((sample["tokens"][segments == s], sample["loss_mask"][segments == s]))
+        if i + 1 < len(data.train):  # greedy: the next example would not have fitted
+            assert len(sample["tokens"]) + len(examples[len(seen)][0]) > cfg.seq_len + 1
+    assert len(data.train) < len(rows) // 2 and len(seen) == len(rows)
+    for (tokens, mask), (want_tokens, want_mask) in zip(seen, examples):
+        np.testing.assert_array_equal(tokens, want_tokens)
+        np.testing.assert_array_equal(mask, want_mask)
+
+
+def test_sft_long_example_keeps_prompt_tail_and_response_head(tokenizer_file, tmp_path):
+    from bigtrain.data.dataset import sft_windows
+
+    starts, prompts = np.array([0, 100, 200]), np.array([10, 30, 3])
+    ends = np.array([15, 140, 240])  # fits; long prompt and response; short prompt, long response
+    window_starts, window_stops = sft_windows(starts, ends, prompts, room=16)
+    np.testing.assert_array_equal(window_starts, [0, 122, 200])  # prompt tails: whole, 8 (half the room), whole
+    np.testing.assert_array_equal(window_stops, [15, 138, 216])  # response heads: whole, 8, 13
+    rows = [{"prompt": sentence(0, 30), "response": " " + sentence(5, 30)}]
+    cfg = DataConfig(source=str(write_jsonl(tmp_path / "long.jsonl", rows)), tokenizer=tokenizer_file, seq_len=15,
+                     packing=True, validation_split=0.0, cache_dir=str(tmp_path / "c"))
+    data = prepare_data(cfg, task="sft", log=quiet)
+    (tokens, mask), = sft_examples(data, rows)
+    prompt_len = int((~mask).sum())
+    sample = data.train[0]
+    np.testing.assert_array_equal(sample["tokens"], tokens[prompt_len - 8 : prompt_len + 8])
+    np.testing.assert_array_equal(sample["loss_mask"], [False] * 8 + [True] * 8)
+
+
+def test_sft_messages_column_renders_turns_and_masks_assistant_turns(tokenizer_file, tmp_path):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "More"},
+            {"role": "assistant", "content": "Bye"}]
+    source = write_jsonl(tmp_path / "chat.jsonl", [{"chat": chat}, {"chat": chat[1:3]}])
+    cfg = DataConfig(source=str(source), tokenizer=tokenizer_file, messages_column="chat", seq_len=128,
+                     validation_split=0.0, cache_dir=str(tmp_path / "c"))
+    data = prepare_data(cfg, task="sft", log=quiet)
+    sample = data.train[0]  # packed: both chats, segments 0 and 1
+    decode = lambda ids: data.tokenizer.decode(ids.tolist(), skip_special_tokens=False)  # noqa: E731
+    first = sample["segments"] == 0
+    assert decode(sample["tokens"][first]) == (
+        "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello\n<|user|>\nMore\n<|assistant|>\nBye<|endoftext|>"
+    )
+    assert decode(sample["tokens"][first & sample["loss_mask"]]) == "HelloBye<|endoftext|>"
+    second = sample["segments"] == 1
+    assert decode(sample["tokens"][second]) == "<|user|>\nHi\n<|assistant|>\nHello<|endoftext|>"
+    assert decode(sample["tokens"][second & sample["loss_mask"]]) == "Hello<|endoftext|>"
+
+
+def test_sft_missing_prompt_column_names_it(tokenizer_file, tmp_path):
+    source = write_jsonl(tmp_path / "sft.jsonl", [{"question": "q", "response": "r"}])
+    cfg = DataConfig(source=str(source), tokenizer=tokenizer_file, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UserError, match=r"^data.prompt_column: no column 'prompt' .*\(columns: question, response\)$"):
+        prepare_data(cfg, task="sft", log=quiet)
+
+
+# --------------------------------------------------------------------------- tasks: checksums of per-task files
+
+
+@pytest.mark.parametrize("task,file,what", [("classification", "labels.npy", "labels"), ("sft", "loss_spans.npy", "loss spans")])
+def test_corrupted_task_file_is_detected_and_named(tokenizer_file, tmp_path, task, file, what):
+    rows = [{**c, **s} for c, s in zip(classification_rows(), sft_rows(24))]
+    cfg = DataConfig(source=str(write_jsonl(tmp_path / "rows.jsonl", rows)), tokenizer=tokenizer_file, seq_len=32,
+                     validation_split=0.25, cache_dir=str(tmp_path / "c"))
+    data = prepare_data(cfg, task=task, log=quiet)
+    index = json.loads((data.path / "index.json").read_text())
+    assert [a["file"] for a in index["splits"]["train"]["arrays"]] == [file]
+    path = data.path / "train" / file
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0x01  # a label id / span position, same size
+    path.write_bytes(bytes(blob))
+    load_prepared(cfg, task=task, verify=False)  # only the checksum can tell
+    with pytest.raises(UserError, match=f"^corrupted {what} file {re.escape(str(path))}: sha256 mismatch .* delete"):
+        load_prepared(cfg, task=task, verify=True)
+    path.write_bytes(bytes(blob[:-8]))
+    with pytest.raises(UserError, match=f"^corrupted {what} file {re.escape(str(path))}: {len(blob) - 8} bytes"):
+        load_prepared(cfg, task=task, verify=False)
+    path.unlink()
+    with pytest.raises(UserError, match=f"^missing {what} file {re.escape(str(path))}"):
+        load_prepared(cfg, task=task, verify=False)

@@ -19,12 +19,12 @@ from tests.conftest import tiny_recipe
 def step_gradients(cfg, data, micro: int) -> tuple[torch.Tensor, float]:
     """Flattened gradients and the logged loss of the first optimizer step with micro-batch size `micro`."""
     dist = init_distributed("cpu")
-    task = build_task(cfg.task, pad_id=data.pad_id)
+    task = build_task(cfg.task, data, seed=0)
     torch.manual_seed(0)
     model = build_model(cfg.model, data.vocab_size)
     engine = build_engine(cfg.parallel, model, build_optimizer(cfg.optim, model, dist.device), dist)
     sampler = GlobalSampler(len(data.train), seed=0, global_batch_size=8, micro_batch_size=micro, rank=0, world_size=1)
-    batches = [task.collate([data.train[int(i)] for i in idx], dist.device) for idx in sampler.rank_micro_batches(0)]
+    batches = [task.collate([data.train[int(i)] for i in idx], idx, dist.device) for idx in sampler.rank_micro_batches(0)]
     targets = sum(task.count_targets(b) for b in batches)
     loss_sum = accumulate_gradients(engine, task, batches, 1 / targets)
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])

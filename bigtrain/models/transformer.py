@@ -1,0 +1,126 @@
+"""The trunk every arch shares, and the head chosen at build time.
+
+Owns: token (and learned position) embeddings, the stack of pre-norm blocks and the final
+norm, under the same state-dict keys for every arch and head (`tok_emb`, `pos_emb`,
+`blocks.N.*`, `norm.*`), so a checkpoint of one loads into another by name; the two heads
+(`spec.head`): the arch's language-model head, or a `classifier` over one pooled position;
+weight init (safe after `to_empty()` from the meta device); parameter and FLOPs counts.
+
+`Decoder` and `Encoder` differ only in data they declare: whether attention is causal, and
+the name and builder of their language-model head. Everything runs through `forward`
+(DDP syncs gradients through forward only). Knows nothing about distribution or precision.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from bigtrain.models.layers import Block, build_norm, init_module, prepare_attn_mask
+from bigtrain.models.presets import ModelSpec, spec_flops_per_token
+
+
+def pool(h: torch.Tensor, pooling: str, lengths: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, C) -> (B, C): the first token, or the last real one (position lengths - 1)."""
+    if pooling == "first":
+        return h[:, 0]
+    if lengths is None:
+        raise ValueError("pooling='last' needs lengths: a LongTensor (B,) of real sequence lengths")
+    return h[torch.arange(h.size(0), device=h.device), lengths.to(h.device) - 1]
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> logits: (B, T, V) for head="lm", (B, num_labels) for head="classify".
+
+    An arch subclass sets `causal`, `lm_head_name` and `build_lm_head` (spec -> module whose
+    output projection is itself when an nn.Linear, else its `.proj`). With head="classify"
+    no LM head is built, so every parameter gets a gradient (DDP needs no unused-parameter search).
+    """
+
+    causal: ClassVar[bool]
+    lm_head_name: ClassVar[str]
+    build_lm_head: ClassVar[Callable[[ModelSpec], nn.Module]]
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        if spec.vocab_size is None:
+            raise ValueError(f"{type(self).__name__} needs spec.vocab_size")
+        self.spec = spec
+        self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
+        self.pos_emb = nn.Embedding(spec.max_seq_len, spec.d_model) if spec.position == "learned" else None
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
+        self.blocks = nn.ModuleList(Block(spec, causal=self.causal) for _ in range(spec.n_layers))
+        self.norm = build_norm(spec)
+        if spec.head == "classify":
+            self.classifier_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
+            self.classifier = nn.Linear(spec.d_model, spec.num_labels, bias=spec.bias)
+        else:
+            setattr(self, self.lm_head_name, type(self).build_lm_head(spec))
+        self._tie_weights()
+
+    def _output_projection(self) -> nn.Linear | None:
+        """The Linear that maps to the vocabulary (None with head="classify")."""
+        head = getattr(self, self.lm_head_name, None)
+        return head if head is None or isinstance(head, nn.Linear) else head.proj
+
+    def _tie_weights(self) -> None:
+        projection = self._output_projection()
+        if self.spec.tie_embeddings and projection is not None:
+            projection.weight = self.tok_emb.weight
+
+    def forward(self, input_ids: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T); attn_mask None or bool, True = may attend (see layers.prepare_attn_mask):
+        (B, 1, T, T) / (B, T, T), or (B, 1, 1, T) key padding. None: causal for the decoder,
+        everywhere for the encoder. lengths (B,) real lengths: needed by pooling="last",
+        ignored otherwise. Returns (B, T, V) for head="lm", (B, num_labels) for head="classify"."""
+        T = input_ids.size(1)
+        if T > self.spec.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.spec.max_seq_len}")
+        attn_mask = prepare_attn_mask(attn_mask, causal=self.causal)
+        x = self.tok_emb(input_ids)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[:T]  # (T, C) broadcast over the batch
+        if self.dropout is not None:
+            x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, attn_mask=attn_mask)  # (B, T, C)
+        if self.spec.head == "classify":
+            h = self.norm(pool(x, self.spec.pooling, lengths))  # (B, C); the norm is per position
+            if self.classifier_dropout is not None:
+                h = self.classifier_dropout(h)
+            return self.classifier(h)  # (B, K)
+        return getattr(self, self.lm_head_name)(self.norm(x))  # (B, T, V)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """N(0, init_std) for Linear/Embedding weights, zero biases, unit norm weights; the
+        residual output projections get init_std / sqrt(2 * n_layers) (GPT-2). Recomputes
+        rotary tables and re-ties the head, so it also finishes a model made with `to_empty()`."""
+        self._tie_weights()  # to_empty() gives each module its own new Parameter, untying them
+        for module in self.modules():
+            init_module(module, self.spec.init_std)
+        residual_std = self.spec.init_std / math.sqrt(2 * self.spec.n_layers)
+        for block in self.blocks:
+            for proj in block.residual_projections():
+                nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count, tied weights once. exclude_embeddings drops the token and position
+        tables (an untied output projection stays: it is a matmul, not a lookup)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 * N_matmul + 12 * n_layers * d_model * seq_len, with
+        N_matmul = weights of every Linear in the blocks + the head's (lm head d_model * vocab,
+        counted even when tied; + d_model^2 for the MLM transform; or for head="classify" just
+        the classifier's d_model * num_labels). See presets.spec_flops_per_token."""
+        return spec_flops_per_token(self.spec, seq_len)

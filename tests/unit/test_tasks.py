@@ -1,0 +1,93 @@
+"""Task collate/loss/metrics (bigtrain/tasks.py) on hand-made samples."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bigtrain.tasks import IGNORE_INDEX, SFT, CausalLM, Classification, MaskedLM
+
+CPU = torch.device("cpu")
+
+
+def mlm(**kw) -> MaskedLM:
+    return MaskedLM(**{"pad_id": 1, "mask_id": 2, "vocab_size": 1000, "special_ids": (0, 1, 2, 3, 4),
+                       "mask_prob": 0.15, "seed": 0, **kw})
+
+
+def test_mlm_masking_statistics():
+    task = mlm()
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(5, 1000, size=(400, 257))
+    tokens[:, ::50] = 0  # special tokens are never selected
+    selected = replaced_by_mask = replaced_random = kept = eligible = 0
+    for key, row in enumerate(tokens):
+        inputs, labels = task.mask(row, key)
+        sel = labels != IGNORE_INDEX
+        assert not sel[row == 0].any()
+        eligible += int((row != 0).sum())
+        selected += int(sel.sum())
+        replaced_by_mask += int((inputs[sel] == 2).sum())
+        kept += int((inputs[sel] == row[sel]).sum())
+        replaced_random += int(((inputs[sel] != 2) & (inputs[sel] != row[sel])).sum())
+    p = selected / eligible
+    n = eligible
+    assert abs(p - 0.15) < 4 * math.sqrt(0.15 * 0.85 / n)  # ≈15% of non-special tokens
+    for observed, expected in ((replaced_by_mask, 0.8), (replaced_random, 0.1), (kept, 0.1)):
+        # a random replacement can draw the original token (p = 1/1000): counted as kept
+        assert abs(observed / selected - expected) < 4 * math.sqrt(expected * (1 - expected) / selected) + 0.002
+
+
+def test_mlm_masks_depend_only_on_seed_and_key():
+    task = mlm()
+    row = np.arange(5, 300)
+    a, b = task.mask(row, 17), task.mask(row, 17)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(task.mask(row, 18)[1], a[1])
+    assert not np.array_equal(mlm(seed=1).mask(row, 17)[1], a[1])
+    batch = task.collate([np.arange(5, 40), np.arange(5, 30)], [17, 18], CPU)
+    assert batch["attn_mask"].shape == (2, 1, 1, 34) and not batch["attn_mask"][1, 0, 0, 24:].any()
+    assert batch["num_targets"] == int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def test_causal_collate_pads_with_ignored_labels():
+    batch = CausalLM(pad_id=9).collate([np.array([1, 2, 3, 4]), np.array([5, 6])], [0, 1], CPU)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [5, 9, 9]]
+    assert batch["labels"].tolist() == [[2, 3, 4], [6, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["num_targets"] == 4
+
+
+def test_sft_labels_only_response_and_packed_attention_stays_inside_each_pair():
+    # two packed pairs: [p p r r e] [p r e]; loss_mask marks the tokens to predict (response + eos)
+    sample = {"tokens": np.array([10, 11, 12, 13, 0, 20, 21, 0]),
+              "loss_mask": np.array([0, 0, 1, 1, 1, 0, 1, 1], dtype=bool),
+              "segments": np.array([0, 0, 0, 0, 0, 1, 1, 1], dtype=np.int32)}
+    batch = SFT(pad_id=1).collate([sample], [0], CPU)
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 12, 13, 0, IGNORE_INDEX, 21, 0]]
+    mask = batch["attn_mask"][0, 0]
+    assert mask[4, :5].all() and not mask[5, :5].any() and mask[6, 5:7].all()  # pair 2 can't see pair 1
+    assert not mask[0, 1]  # causal
+    single = dict(sample, segments=np.zeros(8, dtype=np.int32))
+    assert SFT(pad_id=1).collate([single], [0], CPU)["attn_mask"] is None
+
+
+def test_classification_metrics_accuracy_and_macro_f1():
+    task = Classification(pad_id=0, labels=["a", "b", "c"])
+    # predictions vs labels: a→a, a→b, b→b, c→b
+    sums = dict.fromkeys(task.eval_keys, 0.0)
+    for predicted, label in ((0, 0), (1, 0), (1, 1), (1, 2)):
+        sums["targets"] += 1
+        sums["correct"] += predicted == label
+        for i in range(3):
+            sums[f"tp_{i}"] += predicted == i and label == i
+            sums[f"fp_{i}"] += predicted == i and label != i
+            sums[f"fn_{i}"] += predicted != i and label == i
+    metrics = task.eval_metrics(sums)
+    assert metrics["eval/accuracy"] == 0.5
+    # f1: a = 2/(2+0+1) , b = 2/(2+2+0), c = 0
+    assert metrics["eval/f1"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+    batch = task.collate([{"tokens": np.array([3, 4, 5]), "label": 2}, {"tokens": np.array([3]), "label": 0}], [0, 1], CPU)
+    assert batch["lengths"].tolist() == [3, 1] and batch["labels"].tolist() == [2, 0] and batch["num_targets"] == 2
