@@ -56,3 +56,25 @@ def test_bad_recipe_under_torchrun_exits_nonzero_with_the_message(tmp_path, cach
     result = run_torchrun(2, "train", str(recipe), "train.micro_batch_size=2")
     assert result.returncode != 0
     assert "train.global_batch_size=6 is not divisible by train.micro_batch_size × data-parallel size = 2 × 2 = 4" in result.stderr
+
+
+@pytest.mark.parametrize("task, arch", [("classification", "encoder"), ("sft", "decoder")])
+def test_ddp_matches_single_process_with_ragged_task_batches(tmp_path, cache_dir, task, arch):
+    """(micro 8 × accum 1) on one process vs 2 ranks × (micro 2 × accum 2): the same logged loss (the
+    example-weighted or token-weighted global mean) and the same eval over an odd-sized validation set."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        cache_dir, tmp_path / "runs", task={"name": task}, model={"arch": arch, "max_seq_len": 128},
+        data={"source": "python-stdlib-docstrings", "max_documents": 300, "validation_split": 0.1, "packing": False,
+              "seq_len": 64},
+        train={"max_steps": 4, "global_batch_size": 8, "micro_batch_size": 2}, eval={"max_samples": 15}))
+    single = run_cli("train", str(recipe), "run.name=single", "train.micro_batch_size=8")
+    assert single.returncode == 0, single.stderr
+    ddp = run_torchrun(2, "train", str(recipe), "run.name=ddp")
+    assert ddp.returncode == 0, ddp.stderr
+    a, a_eval = read_metrics(tmp_path / "runs/single")
+    b, b_eval = read_metrics(tmp_path / "runs/ddp")
+    assert b[0]["train/loss"] == pytest.approx(a[0]["train/loss"], rel=1e-6)  # same weights, same batch
+    for ra, rb in zip(a, b):
+        assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5)
+    for key in a_eval[-1]:
+        assert b_eval[-1][key] == pytest.approx(a_eval[-1][key], rel=1e-5)
