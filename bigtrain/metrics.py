@@ -444,11 +444,12 @@ def _datasheet_peak(device_name: str, dtype: torch.dtype) -> float | None:
     return None
 
 
-def _measure_matmul_flops(device: torch.device, dtype: torch.dtype, *, budget_s: float = 1.0) -> float:
-    """Best FLOP/s of a square matmul: grow the size until one product takes ~budget/10 (small
-    products under-use the cores: on 2 EPYC cores fp32 1024² reaches ~55 GFLOP/s, 2048² ~80), then
-    time the rest of the budget in three repeats and keep the fastest."""
-    max_n = 2048 if device.type == "cpu" else 8192
+def _measure_matmul_flops(device: torch.device, dtype: torch.dtype, *, budget_s: float = 0.3) -> float:
+    """Best FLOP/s of square matmuls over a few sizes (best of three timings each, ~budget_s per
+    timing). Several sizes because the fastest one varies by machine and dtype (2 EPYC cores:
+    fp32 peaks at 1024², bf16 near 1024²–3072²), and the best of repeats because a shared machine
+    is noisy; sizes whose single product takes longer than budget_s (fp16 on CPU) are skipped."""
+    sizes = (256, 512, 1024, 2048) if device.type == "cpu" else (2048, 4096, 8192)
 
     def seconds_per_matmul(a: torch.Tensor, b: torch.Tensor, iters: int) -> float:
         _synchronize(device)
@@ -458,19 +459,18 @@ def _measure_matmul_flops(device: torch.device, dtype: torch.dtype, *, budget_s:
         _synchronize(device)
         return (time.perf_counter() - start) / iters
 
+    best = 0.0
     with torch.inference_mode():
-        n = 256
-        while True:
+        for n in sizes:
             a = torch.randn(n, n, device=device).to(dtype)
             b = torch.randn(n, n, device=device).to(dtype)
             seconds_per_matmul(a, b, 1)  # warm up
             per_matmul_s = seconds_per_matmul(a, b, 1)
-            if per_matmul_s > budget_s / 10 or n >= max_n:
+            if per_matmul_s > budget_s and best > 0:
                 break
-            n *= 2
-        iters = max(1, round(budget_s / 3 / per_matmul_s))
-        best_s = min(seconds_per_matmul(a, b, iters) for _ in range(3))
-    return 2 * n**3 / best_s
+            iters = max(1, round(budget_s / per_matmul_s))
+            best = max(best, 2 * n**3 / min(seconds_per_matmul(a, b, iters) for _ in range(3)))
+    return best
 
 
 def _synchronize(device: torch.device) -> None:
