@@ -8,6 +8,10 @@ interleaved round by round so machine noise hits both alike. Tokens/s is taken f
 step time after warmup.
 
     python benchmarks/overhead.py [--rounds 3] [--steps 15] [--warmup 3] [--precisions fp32 bf16]
+
+`--in-process` instead alternates SINGLE steps of the two loops inside one process (bigtrain's
+real `loop.train`, one step per call, with its metrics logging on) — far less exposed to the
+noise of a shared machine than whole runs, at the price of leaving out process start-up.
 """
 
 from __future__ import annotations
@@ -95,16 +99,85 @@ def bigtrain_step_times(cfg: dict, path: Path) -> list[float]:
     return [r["perf/step_time_s"] for r in records if "perf/step_time_s" in r]
 
 
+def in_process(precision: str, steps: int, warmup: int, tmp: Path) -> None:
+    import dataclasses
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from bigtrain.checkpoint import TrainState
+    from bigtrain.config import build_config
+    from bigtrain.loop import LoopContext, train
+    from bigtrain.metrics import MetricsLogger, peak_flops_per_sec
+    from bigtrain.models import build_model
+    from bigtrain.run import build, padded_vocab_size
+    from bigtrain.strategy import init_distributed
+
+    cfg = build_config(recipe(tmp, precision, warmup + steps))
+    dist = init_distributed("cpu")
+    b = build(cfg, dist)
+    logger = MetricsLogger(cfg.logging, cfg.run_dir(), enabled=True, run_name="x", config={}, total_steps=cfg.train.max_steps)
+    ctx = LoopContext(cfg=cfg, dist=dist, engine=b.engine, task=b.task, train_data=b.data.train,
+                      val_data=b.data.validation, logger=logger, flops_per_token=b.model.flops_per_token(SEQ),
+                      peak_flops_per_sec=peak_flops_per_sec(dist.device, b.engine.precision.compute),
+                      save_checkpoint=lambda s: None, bench=True)  # no eval/checkpoint at each one-step call
+    state = TrainState()
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, padded_vocab_size(b.data.vocab_size))
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+    tokens = b.data.train.read(0, b.data.train.num_tokens)
+    rng = np.random.default_rng(0)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def bare_step() -> None:
+        starts = rng.integers(0, len(tokens) - SEQ - 1, BATCH)
+        batch = torch.from_numpy(np.stack([tokens[s:s + SEQ + 1] for s in starts]))
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+
+    def ours_step() -> None:
+        ctx.cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stop_at_step=state.step + 1))
+        train(ctx, state)
+
+    ratios = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        bare_step()
+        t1 = time.perf_counter()
+        ours_step()
+        t2 = time.perf_counter()
+        if i >= warmup:
+            ratios.append((t1 - t0) / (t2 - t1))
+    logger.close()
+    print(f"{precision} in-process: bigtrain/bare tokens/s ratio median {statistics.median(ratios):.3f} over {steps} "
+          f"step pairs (quartiles {np.percentile(ratios, 25):.3f}–{np.percentile(ratios, 75):.3f})", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=15, help="measured steps per run")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--in-process", action="store_true", help="alternate single steps in one process")
     args = parser.parse_args()
     total = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.in_process:
+            for precision in args.precisions:
+                in_process(precision, args.steps, args.warmup, tmp)
+            return
         subprocess.run([sys.executable, "-m", "bigtrain", "prepare", str(_write(tmp / "prep.yaml", recipe(tmp, "fp32", 1)))],
                        check=True, capture_output=True)
         for precision in args.precisions:
