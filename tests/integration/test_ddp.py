@@ -78,3 +78,19 @@ def test_ddp_matches_single_process_with_ragged_task_batches(tmp_path, cache_dir
         assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5)
     for key in a_eval[-1]:
         assert b_eval[-1][key] == pytest.approx(a_eval[-1][key], rel=1e-5)
+
+
+def test_mlm_masks_and_losses_match_across_world_sizes(tmp_path, cache_dir):
+    """Masks are drawn from (seed, global sample position): 2 ranks see the same masked batches as 1."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        cache_dir, tmp_path / "runs", task={"name": "masked_lm"}, model={"arch": "encoder"},
+        train={"max_steps": 4, "global_batch_size": 8, "micro_batch_size": 2}, eval={"max_samples": 15}))
+    single = run_cli("train", str(recipe), "run.name=single", "train.micro_batch_size=8")
+    assert single.returncode == 0, single.stderr
+    ddp = run_torchrun(2, "train", str(recipe), "run.name=ddp")
+    assert ddp.returncode == 0, ddp.stderr
+    (a, a_eval), (b, b_eval) = read_metrics(tmp_path / "runs/single"), read_metrics(tmp_path / "runs/ddp")
+    assert b[0]["train/loss"] == pytest.approx(a[0]["train/loss"], rel=1e-6)
+    for ra, rb in zip(a, b):
+        assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5)
+    assert b_eval[-1]["eval/mlm_accuracy"] == pytest.approx(a_eval[-1]["eval/mlm_accuracy"], rel=1e-9)
