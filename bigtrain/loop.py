@@ -64,8 +64,8 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
             batches = fetch_micro_batches(ctx, sampler, state.samples_consumed)
         # Normalise by the whole step's target count (all ranks, all micro-batches): DESIGN.md's loss contract.
         # DDP averages gradients over ranks, hence the world_size factor.
-        local_targets = sum(task.count_targets(b) for b in batches)
-        targets = int(all_reduce_sum(dist, torch.tensor(float(local_targets), device=device)).item())
+        local = [sum(task.count_targets(b) for b in batches), sum(b["num_tokens"] for b in batches)]
+        targets, tokens = (int(x) for x in all_reduce_sum(dist, torch.tensor(local, dtype=torch.float64, device=device)))
         scale = dist.world_size / max(targets, 1)
 
         t0 = time.perf_counter()
@@ -88,10 +88,10 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
 
         window["loss"] += step_loss if finite else 0.0
         window["steps"] += 1 if finite else 0
-        window["tokens"] += targets
+        window["tokens"] += tokens  # non-padding input tokens of the whole job
         window["fwd_bwd_s"] += t1 - t0
         window["optim_s"] += t2 - t1
-        ctx.logger.progress(step, loss=step_loss, lr=lr, tokens_per_sec=targets / max(step_time_s, 1e-9))
+        ctx.logger.progress(step, loss=step_loss, lr=lr, tokens_per_sec=tokens / max(step_time_s, 1e-9))
 
         if step % cfg.logging.every == 0 or step == end_step:
             _log_train(ctx, state, window, timer.window(), lr, grad_norm)

@@ -4,6 +4,7 @@ Loss contract (DESIGN.md): a task returns the SUM of per-target losses; the loop
 global number of targets in the optimizer step (all ranks, all micro-batches), so the gradient
 is the same whatever the micro-batch size, accumulation steps or world size. A target is a
 predicted token (causal_lm, sft), a selected token (masked_lm) or an example (classification).
+Every batch also carries `num_tokens`, its non-padding input tokens, for throughput and MFU.
 
 `collate` gets each sample's key: a unique, world-size-independent integer (its global position
 in the training order, or its index offset by EVAL_KEY_OFFSET in eval). Tasks that draw per-sample
@@ -84,8 +85,8 @@ class CausalLM:
     def collate(self, samples: list[np.ndarray], keys: Sequence[int], device: torch.device) -> dict:
         inputs = _pad([s[:-1] for s in samples], self.pad_id)  # (B, T)
         labels = _pad([s[1:] for s in samples], IGNORE_INDEX)  # (B, T)
-        return {**_to(device, input_ids=inputs, labels=labels),
-                "num_targets": int((labels != IGNORE_INDEX).sum())}  # counted on the host: no device sync
+        targets = int((labels != IGNORE_INDEX).sum())  # counted on the host: no device sync
+        return {**_to(device, input_ids=inputs, labels=labels), "num_targets": targets, "num_tokens": targets}
 
     def count_targets(self, batch: dict) -> int:
         return batch["num_targets"]
@@ -136,7 +137,7 @@ class MaskedLM:
         labels = _pad([m[1] for m in masked], IGNORE_INDEX)  # (B, T)
         return {**_to(device, input_ids=inputs, labels=labels),
                 "attn_mask": _key_padding_mask(lengths, inputs.shape[1], device),
-                "num_targets": int((labels != IGNORE_INDEX).sum())}
+                "num_targets": int((labels != IGNORE_INDEX).sum()), "num_tokens": int(lengths.sum())}
 
     def count_targets(self, batch: dict) -> int:
         return batch["num_targets"]
@@ -179,7 +180,7 @@ class Classification:
         return {**_to(device, input_ids=inputs, lengths=lengths,
                       labels=np.array([s["label"] for s in samples], dtype=np.int64)),
                 "attn_mask": _key_padding_mask(lengths, inputs.shape[1], device),
-                "num_targets": len(samples)}
+                "num_targets": len(samples), "num_tokens": int(lengths.sum())}
 
     def count_targets(self, batch: dict) -> int:
         return batch["num_targets"]
@@ -238,7 +239,8 @@ class SFT:
             same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
             attn_mask = torch.from_numpy((same & np.tri(t, dtype=bool))[:, None]).to(device)  # (B, 1, T, T)
         return {**_to(device, input_ids=inputs, labels=labels), "attn_mask": attn_mask,
-                "num_targets": int((labels != IGNORE_INDEX).sum())}
+                "num_targets": int((labels != IGNORE_INDEX).sum()),
+                "num_tokens": sum(len(s["tokens"]) - 1 for s in samples)}
 
     def count_targets(self, batch: dict) -> int:
         return batch["num_targets"]

@@ -56,6 +56,8 @@ def test_mlm_run_lowers_loss_and_reports_accuracy(mlm_run):
     assert [e["step"] for e in evals] == [30, 60]
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
     assert 0.0 < evals[-1]["eval/mlm_accuracy"] <= 1.0
+    for r in records:  # throughput counts every input token (8 × 32 per step), not just the ~15% targets
+        assert r["perf/tokens_per_sec"] * r["perf/step_time_s"] == pytest.approx(8 * 32, rel=1e-6)
     assert (mlm_run / "checkpoints/step-0000060/tokenizer.json").is_file()
 
 
