@@ -98,19 +98,18 @@ def build(cfg: Config, dist: Dist) -> Built:
     data = load_prepared(cfg.data, task=cfg.task.name, verify=False)
     task = build_task(cfg.task, data, seed=cfg.run.seed)
     extra_files = {TOKENIZER_FILE: run_dir / TOKENIZER_FILE}
+    if data.labels:
+        extra_files[LABELS_FILE] = run_dir / LABELS_FILE
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(data.path / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
-        if getattr(data, "labels", None):
+        if data.labels:
             (run_dir / LABELS_FILE).write_text(json.dumps(data.labels))
-    if getattr(data, "labels", None):
-        extra_files[LABELS_FILE] = run_dir / LABELS_FILE
 
     torch.manual_seed(cfg.run.seed)
     head = {"classification": "classify"}.get(cfg.task.name, "lm")
-    labels = getattr(data, "labels", None)
     model = build_model(cfg.model, padded_vocab_size(data.vocab_size), device=dist.device, head=head,
-                        num_labels=len(labels) if head == "classify" else None, pooling=cfg.task.pooling)
+                        num_labels=len(data.labels) if head == "classify" else None, pooling=cfg.task.pooling)
     if cfg.model.init_from:
         folder = checkpoint.resolve_init_checkpoint(cfg.model.init_from)
         report = checkpoint.load_init_weights(folder, model, arch=cfg.model.arch)
@@ -131,10 +130,9 @@ def run_training(cfg: Config, *, bench: bool = False) -> LoopContext:
     logger = None
     try:
         run_dir = cfg.run_dir()
+        b = build(cfg, dist)  # creates the run dir
         if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        b = build(cfg, dist)
         state = checkpoint.resume(cfg.checkpoint.resume, run_dir, b.engine, dist, warn=lambda m: log_main(dist, m))
 
         table = b.engine.precision

@@ -261,6 +261,6 @@ TASKS = {"causal_lm": CausalLM, "masked_lm": MaskedLM, "classification": Classif
 def build_task(cfg_task, data, *, seed: int) -> Task:
     """The task of `cfg_task.name`, given the prepared data's special ids (and label set)."""
     return TASKS[cfg_task.name](
-        pad_id=data.pad_id, mask_id=getattr(data, "mask_id", None), vocab_size=data.vocab_size,
-        special_ids=getattr(data, "special_ids", ()), labels=getattr(data, "labels", None) or (),
+        pad_id=data.pad_id, mask_id=data.mask_id, vocab_size=data.vocab_size,
+        special_ids=data.special_ids, labels=data.labels or (),
         mask_prob=cfg_task.mask_prob, seed=seed)
