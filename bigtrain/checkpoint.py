@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bigtrain.errors import UserError
-from bigtrain.strategy import Dist, barrier, broadcast_object
+from bigtrain.strategy import Dist, barrier, broadcast_object, open_weights
 
 MANIFEST = "manifest.json"
 TRAINER = "trainer.json"
@@ -70,6 +70,7 @@ def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: s
     barrier(dist)
     if dist.is_main:
         (tmp / TRAINER).write_text(json.dumps({**asdict(state), "world_size": dist.world_size,
+                                               "format": engine.checkpoint_format,
                                                "scheduler": {"step": state.step}}, indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
         for name, source in (extra_files or {}).items():
@@ -243,25 +244,28 @@ def resolve_init_checkpoint(path: str) -> Path:
     raise CheckpointError(f"model.init_from: no complete checkpoint in '{path}'")
 
 
-def load_init_weights(folder: Path, model: torch.nn.Module, *, arch: str) -> dict[str, list[str]]:
-    """Copy matching weights from a checkpoint into `model` (weights only: no optimizer, no step).
+def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arch: str
+                      ) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
+    """Weights of checkpoint `folder` (any strategy's format) that match the model's tensors `expected`
+    (name -> shape); weights only: no optimizer, no step.
 
-    Returns {"loaded", "new", "unused"} tensor names. A tensor whose shape differs, or a checkpoint
-    of another architecture, is a one-line error naming the tensor.
+    Returns ({"loaded", "new", "unused"} tensor names, {name: tensor} to load). A tensor whose shape
+    differs, or a checkpoint of another architecture, is a one-line error naming the tensor.
     """
     import yaml
 
-    saved = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    reader = open_weights(folder)
+    saved = reader.tensors()  # name -> (dtype, shape): nothing read yet
     saved_arch = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("model", {}).get("arch", "decoder")
-    own = model.state_dict()
     if saved_arch != arch:
-        foreign = next((k for k in saved if k not in own), next(iter(saved)))
+        foreign = next((k for k in saved if k not in expected), next(iter(saved)))
         raise CheckpointError(f"model.init_from: {folder} holds a '{saved_arch}' model (e.g. tensor '{foreign}'), "
                               f"but model.arch is '{arch}' — set model.arch: {saved_arch} or pick another checkpoint")
-    for name, tensor in own.items():
-        if name in saved and saved[name].shape != tensor.shape:
-            raise CheckpointError(f"model.init_from: tensor '{name}' is {tuple(saved[name].shape)} in {folder} but "
-                                  f"{tuple(tensor.shape)} in this model — the model settings must match the checkpoint's")
-    loaded = [k for k in own if k in saved]
-    model.load_state_dict({k: saved[k] for k in loaded}, strict=False)
-    return {"loaded": loaded, "new": [k for k in own if k not in saved], "unused": [k for k in saved if k not in own]}
+    for name, shape in expected.items():
+        if name in saved and tuple(saved[name][1]) != tuple(shape):
+            raise CheckpointError(f"model.init_from: tensor '{name}' is {tuple(saved[name][1])} in {folder} but "
+                                  f"{tuple(shape)} in this model — the model settings must match the checkpoint's")
+    loaded = [k for k in expected if k in saved]
+    report = {"loaded": loaded, "new": [k for k in expected if k not in saved],
+              "unused": [k for k in saved if k not in expected]}
+    return report, {k: reader.get(k) for k in loaded}

@@ -1,4 +1,4 @@
-"""`bigtrain` subcommands: train, check, prepare, bench, eval. Bad input exits 2 with one line; no traceback."""
+"""`bigtrain` subcommands: train, check, prepare, bench, eval, export, launch. Bad input exits 2 with one line; no traceback."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from bigtrain.errors import UserError
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigtrain", description="Train transformer LMs from one recipe, one core to many nodes.")
+    # The deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -34,13 +36,26 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", help="run dir (runs/NAME)")
     ev.add_argument("overrides", nargs="*", metavar="section.key=value", help="override the run's recipe values")
     ev.add_argument("--checkpoint", help="checkpoint folder name (step-N or step-NNNNNNN) or path")
+    ex = sub.add_parser("export", help="consolidated weights (model.safetensors + config.yaml) of any strategy's checkpoint",
+                        description="write the consolidated weights of a checkpoint (a run dir means its newest) as "
+                                    "OUT/model.safetensors plus config.yaml and the tokenizer")
+    ex.add_argument("source", help="run dir or checkpoint folder")
+    ex.add_argument("out", help="output folder")
+    sub.add_parser("launch", help="start training on this node under torchrun, deepspeed or accelerate (see `bigtrain launch -h`)",
+                   add_help=False, prefix_chars="\0")  # its own flags: parsed by launcher.cli
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:  # the launcher has its own flags and imports no torch
+        from launcher.cli import main as launch_main
+
+        return launch_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        commands = {"train": cmd_train, "check": cmd_check, "prepare": cmd_prepare, "bench": cmd_bench, "eval": cmd_eval}
+        commands = {"train": cmd_train, "check": cmd_check, "prepare": cmd_prepare, "bench": cmd_bench,
+                    "eval": cmd_eval, "export": cmd_export}
         return commands[args.command](args)
     except UserError as e:
         print(f"bigtrain: error: {e}", file=sys.stderr, flush=True)
@@ -95,7 +110,7 @@ def cmd_check(args) -> int:
     spec = dataclasses.replace(check_model(cfg), vocab_size=padded_vocab_size(_vocab_size(cfg)))
     params = count_params(spec)
     flops = spec_flops_per_token(spec, cfg.data.seq_len)
-    table = precision_table(cfg.parallel.precision)
+    table = precision_table(cfg.parallel.precision, resolve_strategy(cfg.parallel.strategy, world_size))
     t = cfg.train
     print(f"recipe {args.recipe}: valid")
     print(f"run dir      {cfg.run_dir()}")
@@ -218,3 +233,11 @@ def _eval_checkpoint(run_dir, name: str | None):
         raise UserError(f"eval --checkpoint: no checkpoint '{name}' in {run_dir / 'checkpoints'}")
     checkpoint.verify(path)
     return path
+
+
+def cmd_export(args) -> int:
+    from bigtrain.export import export
+
+    out = export(args.source, args.out)
+    print(f"bigtrain: exported {out}", file=sys.stderr)
+    return 0

@@ -114,11 +114,18 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    strategy: Literal["auto", "single", "ddp"] = _opt("auto", "auto (ddp when started with several processes, else single) | single | ddp")
-    precision: Literal["fp32", "bf16", "fp16"] = _opt("fp32", "fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)")
+    strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = _opt("auto", "auto (ddp when started with several processes, else single) | single | ddp | fsdp (FSDP2) | deepspeed (ZeRO)")
+    precision: Literal["fp32", "bf16", "fp16", "bf16-pure"] = _opt("fp32", "fp32 | bf16 (bf16 compute, fp32 master weights) | fp16 (+ dynamic loss scaling) | bf16-pure (everything bf16)")
     device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto (cuda when available) | cpu | cuda")
     activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward to save memory")
     compile: bool = _opt(False, "torch.compile each block")
+    zero_stage: Literal[1, 2, 3] = _opt(2, "deepspeed: ZeRO stage 1 (optimizer state) | 2 (+ gradients) | 3 (+ parameters) sharded over ranks")
+    offload_optimizer: Literal["none", "cpu", "nvme"] = _opt("none", "deepspeed: keep optimizer state (and its step) on cpu or nvme (offload_path)")
+    offload_params: Literal["none", "cpu", "nvme"] = _opt("none", "fsdp: cpu keeps sharded parameters, gradients and the optimizer step on the CPU; deepspeed (zero_stage 3): cpu or nvme")
+    offload_path: Optional[str] = _opt(None, "deepspeed: folder for nvme offload")
+    deepspeed_config: Optional[str] = _opt(None, "deepspeed: a JSON file of extra DeepSpeed config keys; a key that contradicts the recipe is an error")
+    shard_group_size: Optional[int] = _opt(None, "fsdp: shard within groups of this many ranks and replicate across groups (HSDP); default: shard over all ranks")
+    init_timeout_s: float = _opt(600.0, "seconds every rank waits for the others to join (rendezvous, preflight) before failing with a diagnosis")
 
 
 @dataclass(frozen=True)
@@ -354,9 +361,35 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError(f"data.validation_split={cfg.data.validation_split} must be in [0, 1)")
     if not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas={list(o.betas)} must each be in [0, 1)")
-    if cfg.parallel.strategy == "single" and world_size > 1:
-        raise ConfigError(f"parallel.strategy=single but {world_size} processes were started — use ddp or one process")
+    _check_parallel(cfg.parallel, world_size)
     _check_paths(cfg)
+
+
+def _check_parallel(p: ParallelConfig, world_size: int) -> None:
+    if p.strategy == "single" and world_size > 1:
+        raise ConfigError(f"parallel.strategy=single but {world_size} processes were started — use ddp, fsdp, deepspeed or one process")
+    deepspeed_only = {"zero_stage": p.zero_stage != 2, "offload_optimizer": p.offload_optimizer != "none",
+                      "offload_path": p.offload_path is not None, "deepspeed_config": p.deepspeed_config is not None}
+    if p.strategy != "deepspeed":
+        for key, is_set in deepspeed_only.items():
+            if is_set:
+                raise ConfigError(f"parallel.{key} is a deepspeed setting but parallel.strategy={p.strategy} — set parallel.strategy=deepspeed or remove it")
+    if p.strategy != "fsdp" and p.shard_group_size is not None:
+        raise ConfigError(f"parallel.shard_group_size is an fsdp setting but parallel.strategy={p.strategy} — set parallel.strategy=fsdp or remove it")
+    if p.offload_params != "none" and p.strategy not in ("fsdp", "deepspeed"):
+        raise ConfigError(f"parallel.offload_params={p.offload_params} needs parallel.strategy fsdp or deepspeed, got {p.strategy}")
+    if p.strategy == "fsdp" and p.offload_params == "nvme":
+        raise ConfigError("parallel.offload_params=nvme needs parallel.strategy=deepspeed (fsdp offloads to cpu only)")
+    if p.strategy == "deepspeed" and p.offload_params != "none" and p.zero_stage != 3:
+        raise ConfigError(f"parallel.offload_params={p.offload_params} needs parallel.zero_stage=3, got {p.zero_stage}")
+    if "nvme" in (p.offload_params, p.offload_optimizer) and not p.offload_path:
+        raise ConfigError("nvme offload needs parallel.offload_path (a folder on a fast local disk)")
+    if p.shard_group_size is not None and (p.shard_group_size <= 0 or world_size % p.shard_group_size):
+        raise ConfigError(f"parallel.shard_group_size={p.shard_group_size} must divide the world size {world_size}")
+    if p.deepspeed_config is not None and not Path(p.deepspeed_config).expanduser().is_file():
+        raise ConfigError(f"parallel.deepspeed_config: no such file '{p.deepspeed_config}'")
+    if p.init_timeout_s <= 0:
+        raise ConfigError(f"parallel.init_timeout_s={p.init_timeout_s} must be > 0")
 
 
 def _check_paths(cfg: Config) -> None:

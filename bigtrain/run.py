@@ -18,7 +18,8 @@ from bigtrain.loop import LoopContext, evaluate, train
 from bigtrain.metrics import MetricsLogger, peak_flops_per_sec
 from bigtrain.models import build_model, resolve_model_spec
 from bigtrain.optim import build_optimizer
-from bigtrain.strategy import Dist, barrier, broadcast_object, build_engine, init_distributed, resolve_strategy, shutdown
+from bigtrain.strategy import (Dist, barrier, broadcast_object, build_engine, engine_class, init_distributed,
+                               resolve_strategy, shutdown)
 from bigtrain.tasks import build_task
 
 VOCAB_MULTIPLE = 64  # pad the embedding table so matmuls hit fast kernel sizes
@@ -106,20 +107,26 @@ def build(cfg: Config, dist: Dist) -> Built:
         if data.labels:
             (run_dir / LABELS_FILE).write_text(json.dumps(data.labels))
 
+    # Sharding strategies build on the meta device and initialise after sharding (no full copy per rank).
     torch.manual_seed(cfg.run.seed)
     head = {"classification": "classify"}.get(cfg.task.name, "lm")
-    model = build_model(cfg.model, padded_vocab_size(data.vocab_size), device=dist.device, head=head,
-                        num_labels=len(data.labels) if head == "classify" else None, pooling=cfg.task.pooling)
+    on_meta = engine_class(cfg.parallel, dist.world_size).builds_on_meta
+    model = build_model(cfg.model, padded_vocab_size(data.vocab_size), device="meta" if on_meta else dist.device,
+                        head=head, num_labels=len(data.labels) if head == "classify" else None,
+                        pooling=cfg.task.pooling)
+    init_weights = None
     if cfg.model.init_from:
         folder = checkpoint.resolve_init_checkpoint(cfg.model.init_from)
-        report = checkpoint.load_init_weights(folder, model, arch=cfg.model.arch)
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        report, init_weights = checkpoint.load_init_weights(folder, expected, arch=cfg.model.arch)
         if dist.is_main:
             (run_dir / "init_from.json").write_text(json.dumps({"checkpoint": str(folder), **report}, indent=1))
         log_main(dist, f"init_from {folder}: loaded {len(report['loaded'])} tensors · "
                        f"new: {', '.join(report['new']) or 'none'} · unused: {', '.join(report['unused']) or 'none'}")
-    optimizer = build_optimizer(cfg.optim, model, dist.device)
-    engine = build_engine(cfg.parallel, model, optimizer, dist)
-    return Built(cfg, dist, data, task, model, engine, extra_files)
+    engine = build_engine(cfg.parallel, model, lambda m: build_optimizer(cfg.optim, m, dist.device), dist)
+    if init_weights is not None:
+        engine.load_model_weights(init_weights)
+    return Built(cfg, dist, data, task, engine.module, engine, extra_files)
 
 
 def run_training(cfg: Config, *, bench: bool = False) -> LoopContext:

@@ -1,45 +1,73 @@
-"""Parallelism strategies behind one Protocol: wrap a finished model + optimizer into an Engine.
+"""Parallelism strategies behind one Protocol: wrap a finished model, build its optimizer, give an Engine.
 
 `parallel.strategy` picks the implementation from `STRATEGIES` (short names, never import paths).
-`auto` means ddp when several processes were started, else single.
+`auto` means ddp when several processes were started, else single. Each strategy module is
+imported only when chosen, so `deepspeed` loads only in `strategy/deepspeed.py`.
+
+A checkpoint's tensors are in the format of the strategy that wrote it (`Engine.checkpoint_format`,
+recorded in trainer.json). `open_weights(folder)` reads the model weights of any format without a
+process group, one tensor at a time: `model.init_from` and `bigtrain export` use it.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 from pathlib import Path
-from typing import ContextManager, Protocol
+from typing import Callable, ContextManager, Iterator, Protocol
 
 import torch
 from torch import nn
 
 from bigtrain.strategy.dist import Dist, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
-from bigtrain.strategy.local import LocalEngine
 from bigtrain.strategy.precision import PrecisionTable, precision_table
 
 __all__ = [
-    "Dist", "Engine", "PrecisionTable", "STRATEGIES", "all_reduce_sum", "barrier", "broadcast_object",
-    "build_engine", "init_distributed", "precision_table", "resolve_strategy", "shutdown",
+    "Dist", "Engine", "PrecisionTable", "STRATEGIES", "WeightsReader", "all_reduce_sum", "barrier",
+    "broadcast_object", "build_engine", "engine_class", "init_distributed", "open_weights", "precision_table",
+    "resolve_strategy", "shutdown",
 ]
+
+MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 
 
 class Engine(Protocol):
-    module: nn.Module                 # the bare model (state dicts, FLOPs)
-    model: nn.Module                  # what the loop calls forward on (may be a DDP/FSDP wrapper)
+    module: nn.Module                 # the bare model (possibly sharded): FLOPs, eval forward
+    model: nn.Module                  # what the loop calls forward on (may be a DDP/FSDP/DeepSpeed wrapper)
     optimizer: torch.optim.Optimizer
     precision: PrecisionTable
+    builds_on_meta: bool              # class attribute: run.py builds the model on the meta device
+    checkpoint_format: str            # class attribute: key of READERS for its checkpoints
 
     def autocast(self) -> ContextManager: ...
     def no_sync(self, sync: bool) -> ContextManager: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor: ...
     def step(self, finite: bool) -> None: ...
-    def save_state(self, folder: Path) -> None: ...
-    def load_state(self, folder: Path) -> None: ...
+    def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None: ...  # full tensors, by name (init_from)
+    def save_state(self, folder: Path) -> None: ...  # collective: every rank calls it
+    def load_state(self, folder: Path) -> None: ...  # collective; works for a checkpoint of another world size
     @property
     def loss_scale(self) -> float | None: ...
 
 
-STRATEGIES = {"single": LocalEngine, "ddp": LocalEngine}
+class WeightsReader(Protocol):
+    """Model weights of one checkpoint, read lazily: metadata first, then one tensor at a time."""
+
+    def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]: ...  # name -> (dtype, shape)
+    def get(self, name: str) -> torch.Tensor: ...  # the full (unsharded) tensor on the CPU
+
+
+# Strategy name -> module under bigtrain.strategy and its Engine class (imported on first use).
+STRATEGIES: dict[str, tuple[str, str]] = {
+    "single": ("local", "LocalEngine"),
+    "ddp": ("local", "LocalEngine"),
+    "fsdp": ("fsdp", "FSDPEngine"),
+    "deepspeed": ("deepspeed", "DeepSpeedEngine"),
+}
+
+# checkpoint_format -> module under bigtrain.strategy with `open_weights(folder) -> WeightsReader`.
+READERS: dict[str, str] = {"local": "local", "dcp": "fsdp", "deepspeed": "deepspeed"}
 
 
 def resolve_strategy(name: str, world_size: int) -> str:
@@ -48,7 +76,30 @@ def resolve_strategy(name: str, world_size: int) -> str:
     return name
 
 
-def build_engine(parallel_cfg, model: nn.Module, optimizer: torch.optim.Optimizer, dist: Dist) -> Engine:
+def engine_class(parallel_cfg, world_size: int) -> type:
+    module, cls = STRATEGIES[resolve_strategy(parallel_cfg.strategy, world_size)]
+    return getattr(importlib.import_module(f"bigtrain.strategy.{module}"), cls)
+
+
+def build_engine(parallel_cfg, model: nn.Module, make_optimizer: MakeOptimizer, dist: Dist) -> Engine:
+    """Wrap a finished model (transforms → shard → init), then build its optimizer over the wrapped params."""
     name = resolve_strategy(parallel_cfg.strategy, dist.world_size)
-    table = precision_table(parallel_cfg.precision)
-    return STRATEGIES[name](model, optimizer, dist=dist, precision=table, parallel_cfg=parallel_cfg)
+    table = precision_table(parallel_cfg.precision, name)
+    return engine_class(parallel_cfg, dist.world_size)(model, make_optimizer, dist=dist, precision=table,
+                                                       parallel_cfg=parallel_cfg)
+
+
+def checkpoint_format(folder: Path) -> str:
+    trainer = Path(folder) / "trainer.json"
+    return json.loads(trainer.read_text()).get("format", "local") if trainer.is_file() else "local"
+
+
+def open_weights(folder: Path) -> WeightsReader:
+    """A reader of the model weights in checkpoint `folder`, whatever strategy wrote it."""
+    fmt = checkpoint_format(folder)
+    return importlib.import_module(f"bigtrain.strategy.{READERS[fmt]}").open_weights(Path(folder))
+
+
+def iter_weights(reader: WeightsReader) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in reader.tensors():
+        yield name, reader.get(name)

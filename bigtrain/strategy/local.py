@@ -22,12 +22,15 @@ from bigtrain.strategy.transforms import apply_transforms
 class LocalEngine:
     """Forward/backward/step for one full model replica per rank (single process or DDP)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, dist: Dist,
-                 precision: PrecisionTable, parallel_cfg):
+    builds_on_meta = False
+    checkpoint_format = "local"
+
+    def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg):
         self.dist = dist
         self.precision = precision
         self.module = model  # the bare model: state dicts, FLOPs, eval
-        self.optimizer = optimizer
+        model.to(precision.param)  # bf16-pure keeps the weights themselves in bf16
+        self.optimizer = make_optimizer(model)
         self.scaler = make_grad_scaler(precision, dist.device)
         apply_transforms(model, parallel_cfg)
         if dist.distributed:
@@ -73,6 +76,9 @@ class LocalEngine:
 
     # ---------------------------------------------------------------- checkpoints
 
+    def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(weights, strict=False)
+
     def save_state(self, folder: Path) -> None:
         if not self.dist.is_main:
             return
@@ -87,3 +93,20 @@ class LocalEngine:
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
         if self.scaler and (folder / "scaler.pt").exists():
             self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+
+
+class LocalWeights:
+    """model.pt of a single/ddp checkpoint, memory-mapped: a tensor is read when asked for."""
+
+    def __init__(self, folder: Path):
+        self._state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+
+    def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {name: (t.dtype, tuple(t.shape)) for name, t in self._state.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+
+def open_weights(folder: Path) -> LocalWeights:
+    return LocalWeights(folder)

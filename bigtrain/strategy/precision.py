@@ -35,16 +35,23 @@ _TABLES = {
     "fp32": PrecisionTable("fp32", torch.float32, torch.float32, torch.float32, torch.float32, torch.float32, False),
     "bf16": PrecisionTable("bf16", torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.float32, False),
     "fp16": PrecisionTable("fp16", torch.float32, torch.float16, torch.float32, torch.float32, torch.float32, True),
+    # Everything in bf16: half the memory of the weights and optimizer state, no fp32 master copy.
+    "bf16-pure": PrecisionTable("bf16-pure", torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16,
+                                torch.bfloat16, False),
 }
 
+# (precision, strategy) -> table, where a strategy keeps its tensors differently from _TABLES.
+_STRATEGY_TABLES: dict[tuple[str, str], PrecisionTable] = {}
 
-def precision_table(name: str) -> PrecisionTable:
-    return _TABLES[name]
+
+def precision_table(name: str, strategy: str = "single") -> PrecisionTable:
+    """The dtypes `parallel.precision` means under `strategy` (the same under every launcher)."""
+    return _STRATEGY_TABLES.get((name, strategy), _TABLES[name])
 
 
 def autocast(table: PrecisionTable, device: torch.device):
-    """Autocast context for the forward pass (a no-op for fp32)."""
-    if table.compute == torch.float32:
+    """Autocast context for the forward pass (a no-op when parameters are already in the compute dtype)."""
+    if table.compute == table.param:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=table.compute)
 

@@ -17,11 +17,11 @@ def make_engine(precision: str):
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset="debug"), 128)
     dist = init_distributed("cpu")
-    opt = build_optimizer(OptimConfig(lr=1e-2), model, dist.device)
-    return build_engine(ParallelConfig(precision=precision), model, opt, dist)
+    return build_engine(ParallelConfig(precision=precision), model,
+                        lambda m: build_optimizer(OptimConfig(lr=1e-2), m, dist.device), dist)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "bf16-pure"])
 def test_real_dtypes_match_the_precision_table(precision):
     engine = make_engine(precision)
     table = precision_table(precision)

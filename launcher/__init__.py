@@ -1,0 +1,1 @@
+"""The process layer: topology (flags, torchrun, Slurm) → argv for torchrun | deepspeed | accelerate. Imports no torch."""
