@@ -74,7 +74,19 @@ def main(argv: list[str] | None = None) -> int:
 def _config(args, **kwargs):
     from bigtrain.config import load_config
 
-    return load_config(args.recipe, args.overrides, **kwargs)
+    return load_config(args.recipe, _with_launcher_choices(args.recipe, args.overrides), **kwargs)
+
+
+def _with_launcher_choices(recipe, overrides: list[str]) -> list[str]:
+    """Under `accelerate launch`, its flags (--mixed_precision, --use_deepspeed, …) as parallel.* overrides;
+    a flag that contradicts a value the recipe sets is a UserError naming both."""
+    from launcher.accelerate_env import accelerate_overrides, launched_by_accelerate
+
+    if not launched_by_accelerate(os.environ):
+        return list(overrides)
+    from bigtrain.config import load_raw
+
+    return [*overrides, *accelerate_overrides(os.environ, load_raw(recipe, overrides), where=str(recipe))]
 
 
 def cmd_train(args) -> int:
@@ -204,7 +216,7 @@ def cmd_eval(args) -> int:
     folder = _eval_checkpoint(run_dir, args.checkpoint)
     tokenizer = folder / TOKENIZER_FILE if (folder / TOKENIZER_FILE).is_file() else run_dir / TOKENIZER_FILE
     overrides = [f"data.tokenizer={tokenizer}", "checkpoint.resume=none", *args.overrides]
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    cfg = load_config(run_dir / "config.yaml", _with_launcher_choices(run_dir / "config.yaml", overrides))
     metrics = run_eval(cfg, folder)
     if int(os.environ.get("RANK", "0")) == 0:
         step = json.loads((folder / checkpoint.TRAINER).read_text())["step"]

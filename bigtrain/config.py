@@ -188,6 +188,19 @@ def load_config(recipe: str | os.PathLike, overrides: list[str] = (), *, world_s
     world_size defaults to $WORLD_SIZE (set by torchrun/accelerate/deepspeed) or 1.
     """
     path = Path(recipe)
+    raw = load_raw(path, overrides)
+    if isinstance(raw.get("run") or {}, dict) and (raw.get("run") or {}).get("name") is None:
+        raw["run"] = {**(raw.get("run") or {}), "name": path.stem}
+    cfg = build_config(raw, where=str(path))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world_size=world_size)
+    return cfg
+
+
+def load_raw(recipe: str | os.PathLike, overrides: list[str] = ()) -> dict:
+    """The recipe's YAML mapping with the overrides merged in, before defaults and checks: the keys a user set."""
+    path = Path(recipe)
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
@@ -200,13 +213,7 @@ def load_config(recipe: str | os.PathLike, overrides: list[str] = (), *, world_s
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         _apply_override(raw, item)
-    if isinstance(raw.get("run") or {}, dict) and (raw.get("run") or {}).get("name") is None:
-        raw["run"] = {**(raw.get("run") or {}), "name": path.stem}
-    cfg = build_config(raw, where=str(path))
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate(cfg, world_size=world_size)
-    return cfg
+    return raw
 
 
 def _apply_override(raw: dict, item: str) -> None:

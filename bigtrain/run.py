@@ -123,7 +123,7 @@ def build(cfg: Config, dist: Dist) -> Built:
             (run_dir / "init_from.json").write_text(json.dumps({"checkpoint": str(folder), **report}, indent=1))
         log_main(dist, f"init_from {folder}: loaded {len(report['loaded'])} tensors · "
                        f"new: {', '.join(report['new']) or 'none'} · unused: {', '.join(report['unused']) or 'none'}")
-    engine = build_engine(cfg.parallel, model, lambda m: build_optimizer(cfg.optim, m, dist.device), dist)
+    engine = build_engine(cfg.parallel, model, lambda m: build_optimizer(cfg.optim, m, dist.device), dist, recipe=cfg)
     if init_weights is not None:
         engine.load_model_weights(init_weights)
     return Built(cfg, dist, data, task, engine.module, engine, extra_files)
@@ -133,7 +133,7 @@ def run_training(cfg: Config, *, bench: bool = False) -> LoopContext:
     """Train per the recipe; returns the loop context (state in ctx.state, logged records in ctx.history)."""
     cfg = with_init_tokenizer(cfg)
     check_model(cfg)
-    dist = init_distributed(cfg.parallel.device)
+    dist = init_distributed(cfg.parallel.device, timeout_s=cfg.parallel.init_timeout_s)
     logger = None
     try:
         run_dir = cfg.run_dir()
@@ -177,7 +177,7 @@ def run_training(cfg: Config, *, bench: bool = False) -> LoopContext:
 def run_eval(cfg: Config, folder: Path) -> dict[str, float]:
     """The task's eval metrics of checkpoint `folder` on the validation split (every rank; same result)."""
     check_model(cfg)
-    dist = init_distributed(cfg.parallel.device)
+    dist = init_distributed(cfg.parallel.device, timeout_s=cfg.parallel.init_timeout_s)
     try:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=None))
         b = build(cfg, dist)

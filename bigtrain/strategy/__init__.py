@@ -81,12 +81,16 @@ def engine_class(parallel_cfg, world_size: int) -> type:
     return getattr(importlib.import_module(f"bigtrain.strategy.{module}"), cls)
 
 
-def build_engine(parallel_cfg, model: nn.Module, make_optimizer: MakeOptimizer, dist: Dist) -> Engine:
-    """Wrap a finished model (transforms → shard → init), then build its optimizer over the wrapped params."""
+def build_engine(parallel_cfg, model: nn.Module, make_optimizer: MakeOptimizer, dist: Dist, recipe=None) -> Engine:
+    """Wrap a finished model (transforms → shard → init), then build its optimizer over the wrapped params.
+
+    `recipe` (the whole Config) goes to engines that declare `needs_recipe` (DeepSpeed's own config repeats
+    the batch sizes, accumulation and clipping)."""
     name = resolve_strategy(parallel_cfg.strategy, dist.world_size)
     table = precision_table(parallel_cfg.precision, name)
-    return engine_class(parallel_cfg, dist.world_size)(model, make_optimizer, dist=dist, precision=table,
-                                                       parallel_cfg=parallel_cfg)
+    cls = engine_class(parallel_cfg, dist.world_size)
+    extra = {"recipe": recipe} if getattr(cls, "needs_recipe", False) else {}
+    return cls(model, make_optimizer, dist=dist, precision=table, parallel_cfg=parallel_cfg, **extra)
 
 
 def checkpoint_format(folder: Path) -> str:

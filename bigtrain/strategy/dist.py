@@ -1,13 +1,16 @@
-"""Process-group setup and the few collectives the loop needs (rank, world, device, backend)."""
+"""Process-group setup with a bounded join and a preflight of the job's shape, and the few collectives the loop needs."""
 
 from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+
+from bigtrain.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,13 @@ class Dist:
         return self.backend is not None
 
 
-def init_distributed(device: str = "auto", *, timeout_s: float = 1800) -> Dist:
-    """Read torchrun's environment, pick the device, and init the process group when world > 1.
+def init_distributed(device: str = "auto", *, timeout_s: float = 600, collective_timeout_s: float = 1800) -> Dist:
+    """Read the launcher's environment, pick the device, and init the process group when world > 1.
 
     nccl on GPU, gloo on CPU. A single process (no WORLD_SIZE) runs without a process group.
+    Joining waits at most timeout_s (`parallel.init_timeout_s`) and is followed by a preflight that checks
+    the job's shape on every rank; either failing is a UserError with a one-line diagnosis on every rank
+    that got this far. Afterwards collectives may take collective_timeout_s (rank 0 may prepare data for minutes).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -48,10 +54,84 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 1800) -> Dist:
         backend = "nccl" if use_cuda else "gloo"
         if not torch_dist.is_initialized():
             kwargs = {"device_id": dev} if use_cuda else {}
-            torch_dist.init_process_group(
-                backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s), **kwargs
-            )
+            try:
+                torch_dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                              timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+                views = [None] * world_size
+                torch_dist.all_gather_object(views, _launch_view(rank))  # bounded by timeout_s too
+            except (RuntimeError, TimeoutError) as e:  # DistStoreError, DistNetworkError, gloo timeouts
+                raise UserError(_join_failure(rank, world_size, timeout_s, e)) from None
+            problem = preflight_problem(views, world_size)
+            if problem:
+                torch_dist.destroy_process_group()
+                raise UserError(f"preflight on rank {rank} ({socket.gethostname()}): {problem}")
+            torch_dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=collective_timeout_s))
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, backend=backend)
+
+
+# --------------------------------------------------------------------------- preflight
+
+# What each launcher tells a process about the job: (nodes, node rank, processes per node) variables.
+# torchrun (and accelerate, which runs it) sets GROUP_*/LOCAL_WORLD_SIZE; the deepspeed launcher CROSS_*.
+_NODES = ("GROUP_WORLD_SIZE", "CROSS_SIZE")
+_NODE_RANK = ("GROUP_RANK", "CROSS_RANK")
+_PER_NODE = ("LOCAL_WORLD_SIZE",)
+
+
+def _env_int(names: tuple[str, ...]) -> int | None:
+    for name in names:
+        if os.environ.get(name, "").strip().isdigit():
+            return int(os.environ[name])
+    return None
+
+
+def _launch_view(rank: int) -> dict:
+    """This process's view of the job, as its launcher set it up."""
+    addr = os.environ.get("MASTER_ADDR", "")
+    try:
+        resolved = socket.gethostbyname(addr) if addr else ""
+    except OSError:
+        resolved = addr
+    return {"rank": rank, "host": socket.gethostname(), "world": int(os.environ.get("WORLD_SIZE", "0")),
+            "nodes": _env_int(_NODES), "node": _env_int(_NODE_RANK), "per_node": _env_int(_PER_NODE),
+            "master": f"{addr}:{os.environ.get('MASTER_PORT', '')}", "master_ip": f"{resolved}:{os.environ.get('MASTER_PORT', '')}"}
+
+
+def _who(v: dict) -> str:
+    node = f", node {v['node']}" if v["node"] is not None else ""
+    return f"rank {v['rank']} ({v['host']}{node})"
+
+
+def preflight_problem(views: list[dict], world_size: int) -> str | None:
+    """The first inconsistency in the ranks' views of the job (same text on every rank), or None."""
+    first = views[0]
+    for v in views:
+        if v["world"] != world_size:
+            return f"{_who(v)} was started for {v['world']} processes but {world_size} joined"
+    for key, shown, what, flag in (("nodes", "nodes", "{} nodes", "--nnodes"),
+                                   ("per_node", "per_node", "{} processes per node", "--nproc-per-node"),
+                                   ("master_ip", "master", "master {}", "--master-addr and --master-port")):
+        for v in views:
+            if v[key] != first[key]:
+                return (f"{_who(v)} expects {what.format(v[shown])} but {_who(first)} expects "
+                        f"{what.format(first[shown])} — start every node with the same {flag}")
+    nodes, per_node = first["nodes"], first["per_node"]
+    if nodes is not None and per_node is not None and nodes * per_node != world_size:
+        return (f"{world_size} processes joined but every rank expects {nodes} nodes × {per_node} per node = "
+                f"{nodes * per_node} — check --nnodes and --nproc-per-node on each node")
+    node_ids = {v["node"] for v in views}
+    if nodes is not None and None not in node_ids and len(node_ids) != nodes:
+        return f"{len(node_ids)} distinct node ranks joined but {nodes} nodes were expected — check --node-rank on each node"
+    return None
+
+
+def _join_failure(rank: int, world_size: int, timeout_s: float, error: BaseException) -> str:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    nodes = _env_int(_NODES)
+    return (f"rank {rank} of {world_size} on {socket.gethostname()}: the job did not assemble at master {master} "
+            f"within parallel.init_timeout_s={timeout_s:g} s ({reason}) — are all "
+            f"{f'{nodes} nodes' if nodes else 'nodes'} started, with the same --nnodes, --master-addr and --master-port?")
 
 
 def barrier(dist: Dist) -> None:
