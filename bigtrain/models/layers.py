@@ -8,6 +8,8 @@ each one (activation checkpointing, FSDP) and call it as `block(x, attn_mask=Non
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -185,12 +187,52 @@ class Block(nn.Module):
         return self.attn.out_proj, self.mlp.out_proj
 
 
+def state_dict_name(name: str) -> str:
+    """A parameter's name as its state-dict key: wrapper components (`_checkpoint_wrapped_module`,
+    `_orig_mod`) dropped, so init does not depend on which transforms a strategy applied."""
+    return ".".join(part for part in name.split(".") if not part.startswith("_"))
+
+
+def param_seed(base_seed: int, name: str) -> int:
+    """The seed of one parameter's init: a function of (base seed, state-dict name) only."""
+    digest = hashlib.sha256(f"{base_seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: a valid manual_seed
+
+
 @torch.no_grad()
-def init_module(module: nn.Module, std: float) -> None:
-    """Default init of one module: N(0, std) weights for Linear/Embedding, zero biases,
-    unit norm weights; rotary tables recomputed. Leaves other modules alone."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=std)
+def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the full (unsharded) tensor `full` into `param`; a sharded DTensor takes its own shard.
+    Every rank holds the same `full`, so no communication is needed (src_data_rank=None)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
+                                 src_data_rank=None).to_local()
+        param = param.to_local()
+    param.copy_(full)
+
+
+@torch.no_grad()
+def normal_init_(param: torch.Tensor, std: float, seed: int) -> None:
+    """N(0, std), drawn in full in fp32 on the CPU from a generator of its own: the same values on any
+    device, in any dtype and under any sharding (memory: one full tensor at a time). Meta tensors stay empty."""
+    if param.device.type == "meta":
+        return
+    generator = torch.Generator().manual_seed(seed)
+    full = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+    copy_full_(param, full)
+
+
+@torch.no_grad()
+def init_module(module: nn.Module, std: float, *, base_seed: int, prefix: str = "", done: set | None = None) -> None:
+    """Default init of one module (named `prefix`): N(0, std) weights for Linear/Embedding, each
+    drawn from its own generator seeded by (base_seed, state-dict name); zero biases, unit norm
+    weights; rotary tables recomputed. Leaves other modules alone. Parameters whose id is in `done`
+    (a tied weight already initialised under its first name) are skipped, and new ones are added."""
+    done = set() if done is None else done
+    if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) not in done:
+        done.add(id(module.weight))
+        normal_init_(module.weight, std, param_seed(base_seed, state_dict_name(f"{prefix}weight")))
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         nn.init.ones_(module.weight)
     if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:

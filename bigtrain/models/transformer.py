@@ -96,17 +96,21 @@ class Transformer(nn.Module):
         return getattr(self, self.lm_head_name)(self.norm(x))  # (B, T, V)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """N(0, init_std) for Linear/Embedding weights, zero biases, unit norm weights; the
-        residual output projections get init_std / sqrt(2 * n_layers) (GPT-2). Recomputes
-        rotary tables and re-ties the head, so it also finishes a model made with `to_empty()`."""
+        residual output projections get init_std / sqrt(2 * n_layers) (GPT-2). Each weight is
+        drawn in full from its own generator seeded by (seed, its state-dict name), so a sharded
+        model (DTensor parameters) gets exactly the weights of an unsharded one. seed defaults to
+        torch.initial_seed() (the last torch.manual_seed). Recomputes rotary tables and re-ties the
+        head, so it also finishes a model made with `to_empty()`."""
+        base_seed = torch.initial_seed() if seed is None else seed
         self._tie_weights()  # to_empty() gives each module its own new Parameter, untying them
-        for module in self.modules():
-            init_module(module, self.spec.init_std)
+        residual = {id(proj) for block in self.blocks for proj in block.residual_projections()}
         residual_std = self.spec.init_std / math.sqrt(2 * self.spec.n_layers)
-        for block in self.blocks:
-            for proj in block.residual_projections():
-                nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
+        done: set[int] = set()  # a tied weight is drawn once, under its first name (tok_emb.weight)
+        for name, module in self.named_modules():
+            std = residual_std if id(module) in residual else self.spec.init_std
+            init_module(module, std, base_seed=base_seed, prefix=f"{name}." if name else "", done=done)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, tied weights once. exclude_embeddings drops the token and position

@@ -1,0 +1,239 @@
+"""`fsdp` strategy: PyTorch FSDP2 (`fully_shard` per block, then the root), optionally hybrid (HSDP).
+
+The model arrives built on the meta device. In torchtitan's order: activation checkpointing →
+compile → shard → `to_empty` → `init_weights`, so no rank ever holds the full model; init draws
+each weight in full from its own seeded generator and keeps this rank's shard, so the weights
+equal a single-process run's. Mixed precision is FSDP's own (`MixedPrecisionPolicy`: parameters
+all-gathered in the compute dtype, gradients reduce-scattered in fp32, sharded fp32 master weights),
+so autocast is not needed. FSDP's reduce-scatter averages over ranks like DDP, so the loop's
+loss contract (world_size / global targets) holds unchanged.
+
+Checkpoints are sharded `torch.distributed.checkpoint` (DCP) folders: every rank writes its shard of
+the model and optimizer state; loading reshards, so a run resumes on another world size.
+`open_weights` reads one full tensor at a time without a process group (init_from, export).
+DCP pickles its `.metadata` and loads saved objects with `weights_only=False`; bigtrain reads both
+through an allowlist (`SafeReader`, `SafeLoadPlanner`), keeping DESIGN.md's weights-only contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pickle
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from bigtrain.errors import UserError
+from bigtrain.strategy.dist import Dist
+from bigtrain.strategy.precision import PrecisionTable, make_grad_scaler
+from bigtrain.strategy.transforms import apply_transforms
+
+DCP_METADATA = ".metadata"  # written last by dcp.save; marks a DCP folder
+MODEL_KEY, OPTIM_KEY = "model", "optim"  # top-level keys of the DCP state: "model.<state-dict name>"
+
+# What a DCP .metadata pickle may name: DCP's own metadata records, torch.Size, dtypes, layouts, paths.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": None,  # any name of the module
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},  # + dtypes, checked below
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = _METADATA_GLOBALS.get(module, set())
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if allowed is not None and name not in allowed and not dtype:
+            raise pickle.UnpicklingError(f"'{module}.{name}' is not allowed in a DCP .metadata file")
+        return super().find_class(module, name)
+
+
+class SafeReader(dcp.FileSystemReader):
+    """FileSystemReader whose .metadata unpickling only admits DCP's metadata types (no arbitrary code)."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+                raise UserError(f"damaged or foreign DCP checkpoint {self.path}: {DCP_METADATA}: {e}") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(dcp.DefaultLoadPlanner):
+    """Loads saved non-tensor objects (optimizer param groups) with weights_only=True."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        value = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner uses
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], value)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = value
+
+
+def build_mesh(dist: Dist, shard_group_size: int | None) -> DeviceMesh:
+    """1-D mesh over all ranks (FSDP), or 2-D (replicate, shard) with shard groups of shard_group_size (HSDP)."""
+    world = dist.world_size
+    if not torch_dist.is_initialized():  # one process without torchrun: a 1-rank group for the mesh and DCP
+        torch_dist.init_process_group("nccl" if dist.device.type == "cuda" else "gloo", store=torch_dist.HashStore(),
+                                      rank=0, world_size=1)
+    if shard_group_size is None or shard_group_size == world:
+        return init_device_mesh(dist.device.type, (world,), mesh_dim_names=("shard",))
+    if shard_group_size < 1 or world % shard_group_size:
+        raise UserError(f"parallel.shard_group_size={shard_group_size} must divide the number of processes "
+                        f"({world}) — pick a divisor, or leave it unset to shard over all ranks")
+    return init_device_mesh(dist.device.type, (world // shard_group_size, shard_group_size),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+class FSDPEngine:
+    """Forward/backward/step on a model whose parameters are sharded DTensors (FSDP2)."""
+
+    builds_on_meta = True
+    checkpoint_format = "dcp"
+
+    def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg):
+        if parallel_cfg.offload_params == "nvme":
+            raise UserError("parallel.offload_params=nvme needs parallel.strategy=deepspeed — use cpu with fsdp")
+        self.dist = dist
+        self.precision = precision
+        model.to(precision.param)  # on meta: free; bf16-pure keeps the sharded weights themselves in bf16
+        apply_transforms(model, parallel_cfg)  # activation checkpointing, then compile, before sharding
+
+        offload = parallel_cfg.offload_params == "cpu"
+        mp = (MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=precision.grad_reduce)
+              if precision.compute != precision.param else MixedPrecisionPolicy())
+        offload_policy = CPUOffloadPolicy(pin_memory=dist.device.type == "cuda") if offload else OffloadPolicy()
+        shard = dict(mesh=build_mesh(dist, parallel_cfg.shard_group_size), mp_policy=mp, offload_policy=offload_policy)
+        for block in model.blocks:
+            fully_shard(block, **shard)
+        fully_shard(model, **shard)  # the root: embeddings, final norm and head
+
+        model.to_empty(device="cpu" if offload else dist.device)  # allocates this rank's shards only
+        model.init_weights()
+        if offload:  # buffers (rotary tables) are not offloaded: they live where the compute is
+            for module in model.modules():
+                for name, buffer in module.named_buffers(recurse=False):
+                    setattr(module, name, buffer.to(dist.device))
+        self.module = self.model = model
+        self.optimizer = make_optimizer(model)
+        self.scaler = make_grad_scaler(precision, dist.device)
+
+    # ---------------------------------------------------------------- step pieces
+
+    def autocast(self):
+        return contextlib.nullcontext()  # FSDP's MixedPrecisionPolicy casts parameters for the forward
+
+    def no_sync(self, sync: bool):
+        """Skip the gradient reduce-scatter unless `sync` (the last micro-batch): gradients accumulate unsharded."""
+        self.model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Global gradient norm over every rank's shards, before clipping (inf/nan when non-finite), as a plain
+        tensor; clips when max_norm > 0."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # partial sums of the shards → the full norm, the same on every rank
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        return norm
+
+    def step(self, finite: bool) -> None:
+        """Apply the update when gradients are finite (the same decision on every rank); always advance the scaler."""
+        if self.scaler:
+            if finite:
+                self.scaler.step(self.optimizer)
+            self.scaler.update(new_scale=None if finite else self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def loss_scale(self) -> float | None:
+        return self.scaler.get_scale() if self.scaler else None
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Full tensors by name (every rank holds them) → this rank's shards."""
+        set_model_state_dict(self.module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def save_state(self, folder: Path) -> None:
+        """Every rank writes its shards of model and optimizer state into `folder` (synchronous DCP save)."""
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        dcp.save({MODEL_KEY: model_state, OPTIM_KEY: optim_state}, checkpoint_id=folder)
+        if self.scaler and self.dist.is_main:
+            torch.save(self.scaler.state_dict(), folder / "scaler.pt")
+
+    def load_state(self, folder: Path) -> None:
+        """Load model + optimizer state resharded onto this world size (DCP plans the reads)."""
+        if not (folder / DCP_METADATA).is_file():
+            raise UserError(f"checkpoint {folder} was not written by parallel.strategy=fsdp — resume it with the "
+                            f"strategy that wrote it, or start from its weights with model.init_from")
+        SafeReader(str(folder)).read_metadata()  # a bad .metadata: the same one-line error on every rank
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        state = {MODEL_KEY: model_state, OPTIM_KEY: optim_state}
+        dcp.load(state, storage_reader=SafeReader(str(folder)), planner=SafeLoadPlanner())
+        set_state_dict(self.module, self.optimizer, model_state_dict=state[MODEL_KEY],
+                       optim_state_dict=state[OPTIM_KEY])
+        if self.scaler and (folder / "scaler.pt").exists():
+            self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+
+
+class DCPWeights:
+    """The model tensors of a DCP checkpoint: names, dtypes and shapes from its metadata; one full
+    tensor assembled from the shard files when asked for (no process group needed)."""
+
+    def __init__(self, folder: Path):
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.folder = folder
+        metadata = SafeReader(str(folder)).read_metadata()
+        prefix = f"{MODEL_KEY}."
+        self._tensors = {key[len(prefix):]: (meta.properties.dtype, tuple(meta.size))
+                         for key, meta in metadata.state_dict_metadata.items()
+                         if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+
+    def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return dict(self._tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape = self._tensors[name]
+        out = torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({f"{MODEL_KEY}.{name}": out}, storage_reader=SafeReader(str(self.folder)),
+                     planner=SafeLoadPlanner(), no_dist=True)
+        return out
+
+
+def open_weights(folder: Path) -> DCPWeights:
+    return DCPWeights(folder)
