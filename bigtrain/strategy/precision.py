@@ -41,7 +41,15 @@ _TABLES = {
 }
 
 # (precision, strategy) -> table, where a strategy keeps its tensors differently from _TABLES.
-_STRATEGY_TABLES: dict[tuple[str, str], PrecisionTable] = {}
+_STRATEGY_TABLES: dict[tuple[str, str], PrecisionTable] = {
+    # DeepSpeed casts the module itself to bf16/fp16 and reduces gradients in that dtype; its ZeRO optimizer
+    # keeps fp32 master weights and fp32 Adam moments (bf16-pure is refused: it always keeps an fp32 master).
+    ("fp32", "deepspeed"): _TABLES["fp32"],
+    ("bf16", "deepspeed"): PrecisionTable("bf16", torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32,
+                                          torch.float32, False),
+    ("fp16", "deepspeed"): PrecisionTable("fp16", torch.float16, torch.float16, torch.float16, torch.float32,
+                                          torch.float32, True),
+}
 
 
 def precision_table(name: str, strategy: str = "single") -> PrecisionTable:

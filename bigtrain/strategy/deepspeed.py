@@ -1,0 +1,355 @@
+"""`deepspeed` strategy: ZeRO stage 1/2/3 (optionally offloaded) behind the Engine Protocol.
+
+The DeepSpeed config is generated from the recipe (batch sizes, accumulation, precision, clipping,
+ZeRO settings); `parallel.deepspeed_config` may add keys but never contradict those. bigtrain keeps
+the optimizer (our AdamW, or DeepSpeedCPUAdam when the optimizer is offloaded, as DeepSpeed
+requires) and the LR schedule (the loop sets each group's lr on `engine.optimizer`, the optimizer
+DeepSpeed steps).
+
+Gradient contract: the loop scales each micro-batch loss by world_size / global targets and
+DeepSpeed averages over data-parallel ranks, so backward runs with `scale_wrt_gas=False` (no extra
+division by the accumulation steps). DeepSpeed clips and detects non-finite gradients inside its
+own step (all ranks agree), so `clip_grad_norm` runs that step and returns the norm it measured
+before clipping (inf when it skipped the update); `step` then only clears bookkeeping.
+
+Checkpoints are DeepSpeed's own files (`save_checkpoint` under tag `deepspeed`), every rank writing
+into the folder bigtrain/checkpoint.py prepared. Resuming on another world size goes through
+DeepSpeed's universal checkpoint (`ds_to_universal`, written next to the checkpoint and removed
+afterwards). `open_weights` consolidates the fp32 master weights without a process group.
+`import deepspeed` happens only in this module, inside functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from bigtrain.errors import UserError
+from bigtrain.strategy.dist import Dist, barrier, broadcast_object
+from bigtrain.strategy.precision import PrecisionTable
+from bigtrain.strategy.transforms import apply_transforms
+
+TAG = "deepspeed"  # the one DeepSpeed tag folder inside a bigtrain checkpoint folder
+LAYOUT = "deepspeed.json"  # ZeRO stage and world size that wrote it: another layout loads via universal
+_WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's name prefix (state_dict keys drop it)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def recipe_deepspeed_config(recipe, world_size: int) -> dict[str, tuple[object, str]]:
+    """DeepSpeed config keys the recipe decides: dotted key -> (value, the recipe key it comes from)."""
+    p, t = recipe.parallel, recipe.train
+    keys = {
+        "train_batch_size": (t.global_batch_size, "train.global_batch_size"),
+        "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
+        "gradient_accumulation_steps": (t.accum_steps(world_size), "train.accum_steps (derived)"),
+        "gradient_clipping": (float(recipe.optim.grad_clip), "optim.grad_clip"),
+        "bf16.enabled": (p.precision == "bf16", "parallel.precision"),
+        "fp16.enabled": (p.precision == "fp16", "parallel.precision"),
+        "zero_optimization.stage": (p.zero_stage, "parallel.zero_stage"),
+    }
+    for what, setting, source in (("optimizer", p.offload_optimizer, "parallel.offload_optimizer"),
+                                  ("param", p.offload_params, "parallel.offload_params")):
+        keys[f"zero_optimization.offload_{what}.device"] = (setting, source)
+        if setting == "nvme":
+            keys[f"zero_optimization.offload_{what}.nvme_path"] = (p.offload_path, "parallel.offload_path")
+    return keys
+
+
+# Operational defaults of ours that a deepspeed_config file may change freely.
+_DEFAULTS = {
+    "steps_per_print": 2**31 - 1,      # bigtrain logs progress itself
+    "wall_clock_breakdown": False,
+    "zero_allow_untested_optimizer": True,  # torch AdamW is our optimizer
+    "fp16.loss_scale": 0,              # dynamic loss scaling
+    "fp16.initial_scale_power": 16,
+}
+
+
+def _set_dotted(config: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        config = config.setdefault(part, {})
+    config[last] = value
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def build_deepspeed_config(recipe, world_size: int) -> dict:
+    """The DeepSpeed config for this recipe, merged with parallel.deepspeed_config (extra keys only)."""
+    from_recipe = recipe_deepspeed_config(recipe, world_size)
+    config: dict = {}
+    for key, value in _DEFAULTS.items():
+        _set_dotted(config, key, value)
+    path = recipe.parallel.deepspeed_config
+    if path:
+        try:
+            user = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise UserError(f"parallel.deepspeed_config: cannot read '{path}': {e.strerror}") from None
+        except ValueError as e:
+            raise UserError(f"parallel.deepspeed_config: '{path}' is not valid JSON: {e}") from None
+        if not isinstance(user, dict):
+            raise UserError(f"parallel.deepspeed_config: '{path}' must hold a JSON object")
+        for key, value in _flatten(user).items():
+            if key in from_recipe:
+                ours, source = from_recipe[key]
+                if value != ours and not (isinstance(ours, bool) and value in (0, 1) and bool(value) == ours):
+                    raise UserError(f"parallel.deepspeed_config: '{key}' is {json.dumps(value)} in {path} but the recipe "
+                                    f"gives {json.dumps(ours)} ({source}) — remove the key from {path} or change the recipe")
+            _set_dotted(config, key, value)
+    for key, (value, _) in from_recipe.items():
+        _set_dotted(config, key, value)
+    return config
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def _ensure_process_group(dist: Dist) -> None:
+    """DeepSpeed runs on a torch.distributed group: a one-process group when started alone."""
+    if not torch_dist.is_initialized():
+        backend = "nccl" if dist.device.type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+    for key, value in (("RANK", dist.rank), ("LOCAL_RANK", dist.local_rank), ("WORLD_SIZE", dist.world_size)):
+        os.environ.setdefault(key, str(value))  # DeepSpeed reads these (torchrun sets them already)
+
+
+class DeepSpeedEngine:
+    """A model wrapped by deepspeed.initialize with ZeRO `parallel.zero_stage`."""
+
+    builds_on_meta = False  # DeepSpeed partitions a model built on the real device
+    needs_recipe = True  # its config repeats batch sizes, accumulation and clipping
+    checkpoint_format = "deepspeed"
+
+    def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg,
+                 recipe):
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        if precision.name == "bf16-pure":
+            raise UserError("parallel.precision=bf16-pure is not available with parallel.strategy=deepspeed "
+                            "(DeepSpeed always keeps fp32 master weights) — use parallel.precision=bf16")
+        ds_logger.setLevel(logging.WARNING)
+        self.dist = dist
+        self.precision = precision
+        self.parallel_cfg = parallel_cfg
+        _ensure_process_group(dist)
+        config = build_deepspeed_config(recipe, dist.world_size)
+        apply_transforms(model, parallel_cfg)
+        optimizer = make_optimizer(model)
+        if parallel_cfg.offload_optimizer != "none":
+            optimizer = _cpu_adam(optimizer)
+        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                                dist_init_required=False)
+        self.module = model  # the bare model (ZeRO-3: its parameters are partitioned)
+        self.model = self.ds  # forward through the DeepSpeed engine (ZeRO-3 gathers parameters)
+        self.optimizer = self.ds.basic_optimizer  # the optimizer DeepSpeed steps: its groups carry the lr
+        # Group hyperparameters come from the recipe, not the checkpoint (ZeRO-3's universal load copies
+        # group 0's weight decay onto every group): restored after each load.
+        self._group_settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self._scale_before_step: float | None = None
+
+    # ---------------------------------------------------------------- step pieces
+
+    def autocast(self):
+        # DeepSpeed casts the module to the compute dtype (bf16/fp16 sections): no autocast on top.
+        return contextlib.nullcontext()
+
+    def no_sync(self, sync: bool):
+        """Mark whether this micro-batch ends the step: DeepSpeed reduces gradients at the boundary."""
+        self.ds.set_gradient_accumulation_boundary(sync)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loop already divides by the step's global target count: no division by accumulation steps.
+        self.ds.backward(loss, scale_wrt_gas=False)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Run DeepSpeed's step (clip at optim.grad_clip, update, or skip on every rank when non-finite) and
+        return the global gradient norm it measured before clipping (inf for a skipped step)."""
+        if float(max_norm) != self.ds.gradient_clipping():  # internal: the config was built from the same recipe
+            raise ValueError(f"clip at {max_norm} but DeepSpeed's gradient_clipping is {self.ds.gradient_clipping()}")
+        self._scale_before_step = self._current_loss_scale()
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm() if self.ds.was_step_applied() else float("inf")
+        return torch.tensor(float("nan") if norm is None else float(norm))
+
+    def step(self, finite: bool) -> None:
+        """DeepSpeed already applied (finite) or skipped (non-finite) the update in clip_grad_norm."""
+        self._scale_before_step = None
+
+    def _current_loss_scale(self) -> float | None:
+        if not self.precision.loss_scaling:
+            return None
+        return float(self.ds.optimizer.loss_scale)
+
+    @property
+    def loss_scale(self) -> float | None:
+        return self._scale_before_step if self._scale_before_step is not None else self._current_loss_scale()
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Full tensors by state_dict name (init_from); refreshes DeepSpeed's fp32 master copies."""
+        import deepspeed
+
+        stage3 = self.ds.zero_optimization_partition_weights()
+        for name, tensor in _named_tensors(self.module).items():
+            if name not in weights:
+                continue
+            # ZeRO-3: gather the full parameter, let rank 0 write it, re-partition from rank 0's copy.
+            gathered = stage3 and isinstance(tensor, nn.Parameter)
+            context = deepspeed.zero.GatheredParameters([tensor], modifier_rank=0) if gathered else contextlib.nullcontext()
+            with context, torch.no_grad():
+                if not gathered or self.dist.is_main:
+                    tensor.data.copy_(weights[name].to(tensor.dtype))
+        self.ds.optimizer.refresh_fp32_params()
+
+    def save_state(self, folder: Path) -> None:
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+        info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        with contextlib.redirect_stdout(sys.stderr):
+            self.ds.save_checkpoint(str(folder), tag=TAG, client_state=info, save_latest=False)
+        if self.dist.is_main:
+            layout = {"zero_stage": self.parallel_cfg.zero_stage, "world_size": self.dist.world_size}
+            (folder / LAYOUT).write_text(json.dumps(layout))
+
+    def load_state(self, folder: Path) -> None:
+        """Load a DeepSpeed checkpoint; one of another world size or ZeRO stage is converted to a universal one first."""
+        folder = Path(folder)
+        trainer = folder / "trainer.json"
+        saved = json.loads(trainer.read_text()) if trainer.is_file() else {}
+        if saved.get("format", "deepspeed") != "deepspeed" or not (folder / TAG).is_dir():
+            raise UserError(f"checkpoint {folder} was written by another strategy (format "
+                            f"'{saved.get('format', 'local')}'); resume it with that strategy, or start from its "
+                            f"weights with model.init_from")
+        layout = json.loads((folder / LAYOUT).read_text()) if (folder / LAYOUT).is_file() else {}
+        stages = {layout.get("zero_stage", self.parallel_cfg.zero_stage), self.parallel_cfg.zero_stage}
+        if len(stages) > 1 and 3 in stages:  # DeepSpeed's universal checkpoint does not cross ZeRO-3's layout
+            raise UserError(f"checkpoint {folder} was written with parallel.zero_stage={layout['zero_stage']}, which "
+                            f"does not resume under parallel.zero_stage={self.parallel_cfg.zero_stage} — resume with "
+                            f"zero_stage={layout['zero_stage']} (on any number of processes), or start from its "
+                            f"weights with model.init_from")
+        if layout.get("world_size", saved.get("world_size")) == self.dist.world_size and \
+                layout.get("zero_stage", self.parallel_cfg.zero_stage) == self.parallel_cfg.zero_stage:
+            self._load(folder, universal=False)
+            return
+        converted: tuple[str | None, str | None] = (None, None)
+        if self.dist.is_main:  # one conversion, next to the checkpoint (visible to every node), removed after
+            universal = Path(tempfile.mkdtemp(prefix=f".universal-{folder.name}-", dir=folder.parent))
+            try:
+                _to_universal(folder / TAG, universal / TAG)
+                converted = (str(universal), None)
+            except Exception as e:  # every rank must hear of it, or the others wait forever
+                shutil.rmtree(universal, ignore_errors=True)
+                converted = (None, f"checkpoint {folder}: converting it for {self.dist.world_size} processes / "
+                                   f"ZeRO stage {self.parallel_cfg.zero_stage} failed: {type(e).__name__}: {e}")
+        path, error = broadcast_object(self.dist, converted)
+        if error:
+            raise UserError(error)
+        universal = Path(path)
+        try:
+            self._load(universal, universal=True)
+        finally:
+            barrier(self.dist)
+            if self.dist.is_main:
+                shutil.rmtree(universal, ignore_errors=True)
+
+    def _load(self, folder: Path, universal: bool) -> None:
+        self.ds._config.load_universal_checkpoint = universal
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                path, _ = self.ds.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
+        if path is None:
+            raise UserError(f"checkpoint {folder}: DeepSpeed found no checkpoint under tag '{TAG}'")
+        for group, settings in zip(self.optimizer.param_groups, self._group_settings, strict=True):
+            group.update(settings)
+        # The universal load gives every parameter the same `step` tensor, which AdamW then increments once
+        # per group: give each its own.
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def _cpu_adam(optimizer: torch.optim.Optimizer):
+    """The same AdamW groups as DeepSpeedCPUAdam (DeepSpeed's optimizer offload needs its own CPU Adam)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    d = optimizer.defaults
+    groups = [dict(g) for g in optimizer.param_groups]
+    return DeepSpeedCPUAdam(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
+                            adamw_mode=True)
+
+
+def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers under their state_dict names (tied weights under every name)."""
+    named = {}
+    for name, tensor in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        named[name.replace(_WRAPPED, "")] = tensor
+    return named
+
+
+def _to_universal(tag_folder: Path, output: Path) -> None:
+    """DeepSpeed's ds_to_universal: per-parameter fp32 weights and optimizer moments, loadable on any world size."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(tag_folder), output_folder=str(output), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    with contextlib.redirect_stdout(sys.stderr):
+        ds_to_universal.main(args)
+
+
+# --------------------------------------------------------------------------- weights reader
+
+
+class DeepSpeedWeights:
+    """The consolidated fp32 model weights of a DeepSpeed checkpoint (no process group needed).
+
+    DeepSpeed's zero_to_fp32 in lazy mode: metadata and mmapped shards first; a tensor is gathered
+    from the ranks' partitions when asked for."""
+
+    def __init__(self, folder: Path):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        if not (folder / TAG).is_dir():
+            raise UserError(f"checkpoint {folder}: no DeepSpeed folder '{TAG}' (incomplete checkpoint?)")
+        with contextlib.redirect_stdout(sys.stderr):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG, lazy_mode=True)
+        self._state = {name.replace(_WRAPPED, ""): t for name, t in state.items()}
+
+    def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {name: (t.dtype, tuple(t.shape)) for name, t in self._state.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self._state[name]
+        return tensor if isinstance(tensor, torch.Tensor) else tensor.contiguous()
+
+
+def open_weights(folder: Path) -> DeepSpeedWeights:
+    return DeepSpeedWeights(Path(folder))

@@ -1,0 +1,278 @@
+"""DeepSpeed ZeRO 1/2/3 under torchrun (gloo, 2 CPU processes, DeepSpeed's CPU accelerator) against one process.
+
+Every test here starts real processes. DeepSpeed compiles its shm-comm op (and cpu_adam for the offload
+test) on first use; tests/integration/conftest.py keeps TORCH_EXTENSIONS_DIR in a cache that .ci/run reuses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli, run_torchrun, tiny_recipe, write_recipe
+from tests.integration.test_train import read_metrics
+
+pytestmark = pytest.mark.slow
+
+STEPS = 4
+TRAIN = {"max_steps": STEPS, "global_batch_size": 8, "micro_batch_size": 2}
+EVAL = {"max_samples": 8}
+MLM = {"task": {"name": "masked_lm"}, "model": {"arch": "encoder"}}
+
+
+def recipe_for(tmp_path, cache_dir, name="r", **sections):
+    return write_recipe(tmp_path / f"{name}.yaml", tiny_recipe(cache_dir, tmp_path / "runs",
+                                                               **{"train": TRAIN, "eval": EVAL, **sections}))
+
+
+def deepspeed_args(stage: int, *extra: str) -> list[str]:
+    return ["parallel.strategy=deepspeed", f"parallel.zero_stage={stage}", *extra]
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def final_weights(run_dir, step=STEPS) -> dict[str, torch.Tensor]:
+    """The model weights of a run's checkpoint, whatever strategy wrote it (the reader export and init_from use)."""
+    from bigtrain.strategy import iter_weights, open_weights
+
+    return dict(iter_weights(open_weights(run_dir / "checkpoints" / f"step-{step:07d}")))
+
+
+def assert_same_run(run_dir, reference_dir, rel: float, steps=range(1, STEPS + 1)):
+    """Same logged losses, LRs and sample counts at `steps`, and the same final weights."""
+    got = {r["step"]: r for r in read_metrics(run_dir)[0]}
+    want = {r["step"]: r for r in read_metrics(reference_dir)[0]}
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in steps:
+        assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], rel=rel), f"step {step}"
+        assert got[step]["train/lr"] == want[step]["train/lr"]
+        assert got[step]["train/samples_consumed"] == want[step]["train/samples_consumed"]
+    a, b = final_weights(run_dir), final_weights(reference_dir)
+    assert sorted(a) == sorted(b)  # the bare model's state_dict keys, tied weights included
+    # Adam divides by sqrt(v): reduction-order noise moves near-zero-gradient weights by up to ~lr per step.
+    tol = 1e-4 if rel <= 1e-5 else 3e-2
+    for key in b:
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=tol, atol=tol, msg=key)
+
+
+@pytest.fixture(scope="module")
+def single_runs(tmp_path_factory, cache_dir):
+    """One-process (strategy single) reference runs: causal and MLM in fp32, causal in bf16."""
+    tmp = tmp_path_factory.mktemp("single")
+    runs = {}
+    for key, precision, sections in (("causal", "fp32", {}), ("mlm", "fp32", MLM), ("causal", "bf16", {})):
+        recipe = recipe_for(tmp, cache_dir, f"{key}-{precision}", **sections)
+        ok(run_cli("train", str(recipe), f"run.name={key}-{precision}", "train.micro_batch_size=4",
+                   f"parallel.precision={precision}"))
+        runs[key, precision] = (recipe, tmp / "runs" / f"{key}-{precision}")
+    return runs
+
+
+@pytest.mark.parametrize("stage, task, precision", [
+    (1, "causal", "fp32"), (2, "causal", "fp32"), (3, "causal", "fp32"),
+    (1, "mlm", "fp32"), (2, "mlm", "fp32"), (3, "mlm", "fp32"),
+    (2, "causal", "bf16"),
+])
+def test_deepspeed_zero_on_two_processes_matches_single_process(tmp_path, single_runs, stage, task, precision):
+    recipe, reference = single_runs[task, precision]
+    result = ok(run_torchrun(2, "train", str(recipe), "run.name=ds", f"run.output_dir={tmp_path}",
+                             f"parallel.precision={precision}", *deepspeed_args(stage)))
+    assert "deepspeed × 2" in result.stderr and "accumulation 2" in result.stderr
+    run_dir = tmp_path / "ds"
+    assert json.loads((run_dir / f"checkpoints/step-{STEPS:07d}/trainer.json").read_text())["format"] == "deepspeed"
+    assert_same_run(run_dir, reference, rel=1e-5 if precision == "fp32" else 2e-2)
+    # The precision table printed and recorded is DeepSpeed's (bf16: bf16 parameters, fp32 master weights).
+    table = json.loads((run_dir / "precision.json").read_text())
+    assert table["param"] == {"fp32": "float32", "bf16": "bfloat16"}[precision] and table["master_weights"] == "float32"
+
+
+def test_zero3_activation_checkpointing_on_two_processes_gives_the_same_gradients(tmp_path, cache_dir):
+    recipe = recipe_for(tmp_path, cache_dir)
+    for name, ac in (("plain", "false"), ("ac", "true")):
+        ok(run_torchrun(2, "train", str(recipe), f"run.name={name}", f"parallel.activation_checkpointing={ac}",
+                        *deepspeed_args(3)))
+    plain, _ = read_metrics(tmp_path / "runs/plain")
+    ac, _ = read_metrics(tmp_path / "runs/ac")
+    for a, b in zip(plain, ac, strict=True):
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-6)
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
+    a, b = final_weights(tmp_path / "runs/plain"), final_weights(tmp_path / "runs/ac")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_deepspeed_run_resumes_on_another_number_of_processes(tmp_path, single_runs, stage, first, then):
+    """Saved on `first` ranks, resumed on `then` (DeepSpeed's universal checkpoint): the same next losses and
+    final weights as an uninterrupted run."""
+    recipe, reference = single_runs["causal", "fp32"]
+
+    def launch(nproc, *args):
+        return ok(run_torchrun(nproc, *args) if nproc > 1 else run_cli(*args))
+
+    args = ["train", str(recipe), "run.name=elastic", f"run.output_dir={tmp_path}", *deepspeed_args(stage)]
+    launch(first, *args, "train.stop_at_step=2")
+    rest = launch(then, *args)
+    assert "resuming at step 2" in rest.stderr
+    run_dir = tmp_path / "elastic"
+    assert not list((run_dir / "checkpoints").glob(".universal-*"))  # the converted copy is removed
+    assert_same_run(run_dir, reference, rel=1e-5)
+
+
+def test_deepspeed_zero2_checkpoint_resumes_as_zero1_and_zero3_refuses_it(tmp_path, single_runs):
+    """ZeRO 1 ↔ 2 goes through the universal checkpoint; ZeRO-3's layout is a one-line error, exit 2."""
+    recipe, reference = single_runs["causal", "fp32"]
+    args = ["train", str(recipe), "run.name=stages", f"run.output_dir={tmp_path}", "parallel.strategy=deepspeed"]
+    ok(run_cli(*args, "parallel.zero_stage=2", "train.stop_at_step=2"))
+    refused = run_cli(*args, "parallel.zero_stage=3")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].endswith(
+        "was written with parallel.zero_stage=2, which does not resume under parallel.zero_stage=3 — resume with "
+        "zero_stage=2 (on any number of processes), or start from its weights with model.init_from")
+    assert "resuming at step 2" in ok(run_cli(*args, "parallel.zero_stage=1")).stderr
+    assert_same_run(tmp_path / "stages", reference, rel=1e-5)
+
+
+def test_init_from_loads_full_weights_into_zero3_on_two_processes(tmp_path, single_runs):
+    """model.init_from under ZeRO-3: partitioned parameters and DeepSpeed's fp32 master copies both take the
+    checkpoint's weights, so the first steps equal a one-process init_from run's."""
+    recipe, reference = single_runs["causal", "fp32"]
+    args = ["train", str(recipe), f"model.init_from={reference}", "train.max_steps=2", f"run.output_dir={tmp_path}"]
+    ok(run_cli(*args, "run.name=init-single", "train.micro_batch_size=4"))
+    ok(run_torchrun(2, *args, "run.name=init-zero3", *deepspeed_args(3)))
+    a, _ = read_metrics(tmp_path / "init-single")
+    b, _ = read_metrics(tmp_path / "init-zero3")
+    fresh, _ = read_metrics(reference)
+    assert a[0]["train/loss"] < fresh[0]["train/loss"] - 0.05  # trained weights really were loaded
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("lr", [0.0, 3e-3])
+def test_export_of_ddp_fsdp_and_zero3_checkpoints_gives_the_same_tensors(tmp_path, cache_dir, lr):
+    """`bigtrain export` of the three checkpoint formats (torch.save, DCP shards, ZeRO-3 partitions): with lr=0
+    every strategy saves the seeded initial weights, so the exports are bit-identical; after real steps
+    they agree to reduction-order noise. Each export equals its own checkpoint's tensors exactly."""
+    from safetensors.torch import load_file
+
+    recipe = recipe_for(tmp_path, cache_dir, train={**TRAIN, "max_steps": 2}, optim={"lr": lr, "warmup_steps": 0})
+    exports = {}
+    for name, args in (("ddp", ["parallel.strategy=ddp"]), ("fsdp", ["parallel.strategy=fsdp"]),
+                       ("zero3", deepspeed_args(3))):
+        ok(run_torchrun(2, "train", str(recipe), f"run.name={name}", *args))
+        ok(run_cli("export", str(tmp_path / "runs" / name), str(tmp_path / f"export-{name}")))
+        exports[name] = load_file(tmp_path / f"export-{name}/model.safetensors")
+        own = final_weights(tmp_path / "runs" / name, step=2)
+        assert exports[name].keys() == own.keys()
+        assert all(torch.equal(exports[name][k], own[k]) for k in own), name
+    ddp = exports["ddp"]
+    assert "lm_head.weight" in ddp and all(t.dtype == torch.float32 for t in ddp.values())
+    for name in ("fsdp", "zero3"):
+        assert exports[name].keys() == ddp.keys()
+        for key in ddp:
+            if lr == 0.0:
+                assert torch.equal(exports[name][key], ddp[key]), f"{name} {key}"
+            else:
+                torch.testing.assert_close(exports[name][key], ddp[key], rtol=1e-4, atol=1e-4, msg=f"{name} {key}")
+
+
+def probe_precision(recipe: str, out: str) -> None:
+    """(Run in a subprocess.) For each ZeRO stage and precision, one training step through the Engine API,
+    recording the real dtypes DeepSpeed keeps, against precision_table(name, 'deepspeed')."""
+    from bigtrain.config import load_config
+    from bigtrain.run import build
+    from bigtrain.strategy import init_distributed, precision_table
+
+    dist = init_distributed("cpu")
+    report = []
+    for stage in (1, 2, 3):
+        for precision in ("fp32", "bf16"):
+            cfg = load_config(recipe, [f"run.name=probe-{stage}-{precision}", f"parallel.precision={precision}",
+                                       *deepspeed_args(stage)])
+            b = build(cfg, dist)
+            engine, ds = b.engine, b.engine.ds
+            params = list(engine.module.parameters())
+            batch = b.task.collate([b.data.train[i] for i in range(2)], range(2), dist.device)
+            engine.no_sync(sync=True)
+            logits = engine.model(batch["input_ids"])
+            engine.backward(b.task.loss_sum(engine.model, batch) / max(int(batch["num_targets"]), 1))
+            opt = ds.optimizer
+            masters = opt.fp32_partitioned_groups_flat if stage == 3 else opt.single_partition_of_fp32_groups
+            # The reduced gradients as DeepSpeed keeps them until the step (this rank's partition).
+            if stage == 3:
+                grads = [opt.grad_partitions_flat_buffer]
+            else:
+                grads = [g for v in opt.averaged_gradients.values() for g in (v if isinstance(v, list) else [v])]
+            engine.clip_grad_norm(1.0)
+            engine.step(True)
+            report.append({
+                "stage": stage, "precision": precision,
+                "table": precision_table(precision, "deepspeed").as_strings(),
+                "param": sorted({str(getattr(p, "ds_tensor", p).dtype) for p in params}),
+                "compute": [str(logits.dtype)],
+                "grad_reduce": [str(opt.communication_data_type)],
+                "grads": sorted({str(g.dtype) for g in grads}),
+                "master_weights": sorted({str(m.dtype) for m in masters}),
+                "optimizer_state": sorted({str(v.dtype) for s in engine.optimizer.state.values()
+                                           for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")}),
+            })
+    with open(out, "w") as f:
+        json.dump(report, f)
+
+
+def test_deepspeed_tensor_dtypes_match_the_precision_table_for_every_zero_stage(tmp_path, cache_dir):
+    recipe = recipe_for(tmp_path, cache_dir)
+    out = tmp_path / "dtypes.json"
+    code = f"from tests.integration.test_deepspeed import probe_precision; probe_precision({str(recipe)!r}, {str(out)!r})"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert [(r["stage"], r["precision"]) for r in report] == [(s, p) for s in (1, 2, 3) for p in ("fp32", "bf16")]
+    for r in report:
+        want = {k: "torch." + v for k, v in r["table"].items() if k not in ("name", "loss_scaling")}
+        where = f"zero{r['stage']} {r['precision']}"
+        for key in ("param", "compute", "grad_reduce", "master_weights", "optimizer_state"):
+            assert r[key] == [want[key]], f"{where}: {key} {r[key]} != table {want[key]}"
+        assert r["grads"] and set(r["grads"]) == {want["grad_reduce"]}, f"{where}: gradients {r['grads']}"
+
+
+def test_zero2_with_the_optimizer_offloaded_to_cpu_trains_on_two_processes(tmp_path, single_runs):
+    """DeepSpeedCPUAdam (built with gcc here) does the AdamW update on the CPU: the same run as torch AdamW."""
+    recipe, reference = single_runs["causal", "fp32"]
+    ok(run_torchrun(2, "train", str(recipe), "run.name=offload", f"run.output_dir={tmp_path}",
+                    *deepspeed_args(2, "parallel.offload_optimizer=cpu")))
+    assert_same_run(tmp_path / "offload", reference, rel=1e-5)
+
+
+def test_deepspeed_config_that_contradicts_the_recipe_exits_2_naming_both_values(tmp_path, cache_dir):
+    extra = tmp_path / "ds.json"
+    extra.write_text(json.dumps({"train_batch_size": 16, "zero_optimization": {"reduce_bucket_size": 1000000}}))
+    recipe = recipe_for(tmp_path, cache_dir)
+    result = run_cli("train", str(recipe), *deepspeed_args(2, f"parallel.deepspeed_config={extra}"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    assert lines[-1].endswith(f"error: parallel.deepspeed_config: 'train_batch_size' is 16 in {extra} but the recipe gives "
+                         f"8 (train.global_batch_size) — remove the key from {extra} or change the recipe")
+
+
+@pytest.mark.gpu
+def test_deepspeed_fp16_keeps_fp16_params_and_scales_the_loss_on_gpu(tmp_path, cache_dir):
+    """DeepSpeed refuses fp16 on its CPU accelerator ("Type fp16 is not supported on your device")."""
+    recipe = recipe_for(tmp_path, cache_dir)
+    ok(run_cli("train", str(recipe), "run.name=fp16", "parallel.precision=fp16", *deepspeed_args(2)))
+    records, _ = read_metrics(tmp_path / "runs/fp16")
+    assert all(r["train/loss_scale"] > 0 for r in records)
+    table = json.loads((tmp_path / "runs/fp16/precision.json").read_text())
+    assert (table["param"], table["master_weights"], table["loss_scaling"]) == ("float16", "float32", "True")
