@@ -90,9 +90,18 @@ def _with_launcher_choices(recipe, overrides: list[str]) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    from bigtrain.run import run_training
+    from bigtrain.preempt import EXIT_PREEMPTED, Preempted, PreemptionGuard
 
-    ctx = run_training(_config(args))
+    # The guard goes up first, so a signal during start-up (imports, data, rendezvous) is not lost either.
+    with PreemptionGuard() as guard:
+        from bigtrain.run import run_training
+
+        try:
+            ctx = run_training(_config(args), preempt=guard)
+        except Preempted as e:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"bigtrain: {e}", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
     if ctx.dist.is_main:
         print(f"bigtrain: finished step {ctx.state.step} · run dir {ctx.cfg.run_dir()}", file=sys.stderr)
     return 0

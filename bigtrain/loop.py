@@ -17,6 +17,7 @@ from bigtrain.checkpoint import TrainState
 from bigtrain.data import GlobalSampler, eval_indices
 from bigtrain.metrics import StepTimer, max_memory_gb, mfu
 from bigtrain.optim import lr_at, set_lr
+from bigtrain.preempt import Preempted, PreemptionGuard
 from bigtrain.strategy import all_reduce_sum
 from bigtrain.tasks import EVAL_KEY_OFFSET
 
@@ -40,6 +41,7 @@ class LoopContext:
     peak_flops_per_sec: float  # of one device
     save_checkpoint: callable  # save_checkpoint(state) -> Path
     bench: bool = False  # time forward/backward and optimizer separately; no eval, no checkpoints
+    preempt: PreemptionGuard | None = None  # a signal there: checkpoint at the next step boundary and stop
     history: list = field(default_factory=list)  # logged training records (bench reads them)
     state: TrainState | None = None  # the final state, once train() returns
 
@@ -53,6 +55,7 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
     timer = StepTimer()
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "fwd_bwd_s": 0.0, "optim_s": 0.0}
     engine.model.train()
+    saved_step = state.step  # resumed from (or nothing to save at step 0)
 
     while state.step < end_step:
         step = state.step + 1
@@ -63,9 +66,16 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
         with timer.data_wait():
             batches = fetch_micro_batches(ctx, sampler, state.samples_consumed)
         # Normalise by the whole step's target count (all ranks, all micro-batches): DESIGN.md's loss contract.
-        # DDP averages gradients over ranks, hence the world_size factor.
-        local = [sum(task.count_targets(b) for b in batches), sum(b["num_tokens"] for b in batches)]
-        targets, tokens = (int(x) for x in all_reduce_sum(dist, torch.tensor(local, dtype=torch.float64, device=device)))
+        # DDP averages gradients over ranks, hence the world_size factor. The same all-reduce carries the
+        # preemption flag, so every rank stops at the same step when any rank got a signal.
+        local = [sum(task.count_targets(b) for b in batches), sum(b["num_tokens"] for b in batches),
+                 float(ctx.preempt is not None and ctx.preempt.requested)]
+        targets, tokens, stop = (int(x) for x in all_reduce_sum(dist, torch.tensor(local, dtype=torch.float64, device=device)))
+        if stop:
+            if state.step != saved_step:
+                state.wandb_run_id = ctx.logger.wandb_run_id
+                ctx.save_checkpoint(state)
+            raise Preempted(ctx.preempt.signal_name or "a signal to another rank", state.step)
         scale = dist.world_size / max(targets, 1)
 
         t0 = time.perf_counter()
@@ -105,6 +115,7 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == end_step:
             state.wandb_run_id = ctx.logger.wandb_run_id
             ctx.save_checkpoint(state)
+            saved_step = step
     return state
 
 

@@ -18,6 +18,7 @@ from bigtrain.loop import LoopContext, evaluate, train
 from bigtrain.metrics import MetricsLogger, peak_flops_per_sec
 from bigtrain.models import build_model, resolve_model_spec
 from bigtrain.optim import build_optimizer
+from bigtrain.preempt import PREEMPTED_MARKER, Preempted, PreemptionGuard
 from bigtrain.strategy import (Dist, barrier, broadcast_object, build_engine, engine_class, init_distributed,
                                resolve_strategy, shutdown)
 from bigtrain.tasks import build_task
@@ -129,8 +130,10 @@ def build(cfg: Config, dist: Dist) -> Built:
     return Built(cfg, dist, data, task, engine.module, engine, extra_files)
 
 
-def run_training(cfg: Config, *, bench: bool = False) -> LoopContext:
-    """Train per the recipe; returns the loop context (state in ctx.state, logged records in ctx.history)."""
+def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard | None = None) -> LoopContext:
+    """Train per the recipe; returns the loop context (state in ctx.state, logged records in ctx.history).
+    With `preempt`, a signal there stops training at the next step with a checkpoint: raises Preempted
+    after rank 0 has written run_dir/preempted.json (what `bigtrain launch` requeues on)."""
     cfg = with_init_tokenizer(cfg)
     check_model(cfg)
     dist = init_distributed(cfg.parallel.device, timeout_s=cfg.parallel.init_timeout_s)
@@ -140,6 +143,7 @@ def run_training(cfg: Config, *, bench: bool = False) -> LoopContext:
         b = build(cfg, dist)  # creates the run dir
         if dist.is_main:
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # an earlier start's; this one may write its own
         state = checkpoint.resume(cfg.checkpoint.resume, run_dir, b.engine, dist, warn=lambda m: log_main(dist, m))
 
         table = b.engine.precision
@@ -163,9 +167,16 @@ def run_training(cfg: Config, *, bench: bool = False) -> LoopContext:
             peak_flops_per_sec=peak_flops_per_sec(dist.device, table.compute) if dist.is_main else 1.0,
             save_checkpoint=lambda s: checkpoint.save(run_dir, s, b.engine, dist, config_yaml=config_yaml,
                                                       keep_last=cfg.checkpoint.keep_last, extra_files=b.extra_files),
-            bench=bench,
+            bench=bench, preempt=preempt,
         )
-        ctx.state = train(ctx, state)
+        try:
+            ctx.state = train(ctx, state)
+        except Preempted as e:
+            if dist.is_main:
+                folder = checkpoint.list_checkpoints(run_dir)[-1:] or [None]
+                (run_dir / PREEMPTED_MARKER).write_text(json.dumps(
+                    {"signal": e.signal_name, "step": e.step, "checkpoint": str(folder[0])}, indent=1))
+            raise
         barrier(dist)
         return ctx
     finally:

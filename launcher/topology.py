@@ -4,7 +4,9 @@ Each field comes from the first place that says it: a `bigtrain launch` flag, to
 environment (`PET_NNODES`, `PET_NODE_RANK`, … as torchrun reads them), the generic variables a
 cluster scheduler exports (`MASTER_ADDR`, `MASTER_PORT`, `NNODES`, `NODE_RANK`), Slurm's
 (`SLURM_NNODES`, `SLURM_NODEID`, `SLURM_JOB_NODELIST` → its first host, `SLURM_GPUS_ON_NODE`),
-else one node with one process per local GPU (counted without importing torch), or one on CPU.
+else one node with one process per local GPU (counted without importing torch). Without GPUs: on a
+Slurm node one single-threaded process per allocated CPU (`SLURM_CPUS_ON_NODE`, or
+`SLURM_CPUS_PER_TASK` × tasks on the node), OMP_NUM_THREADS=1 each; elsewhere one process.
 """
 
 from __future__ import annotations
@@ -129,6 +131,19 @@ def _first(env: Mapping[str, str], *names: str) -> tuple[str, str] | None:
     return None
 
 
+def slurm_cpu_slots(env: Mapping[str, str]) -> int | None:
+    """CPUs Slurm allocated to this node: SLURM_CPUS_ON_NODE, else SLURM_CPUS_PER_TASK × tasks on the node."""
+    on_node = env.get("SLURM_CPUS_ON_NODE", "").strip()
+    if on_node.isdigit() and int(on_node) > 0:
+        return int(on_node)
+    per_task = env.get("SLURM_CPUS_PER_TASK", "").strip()
+    tasks = (env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1").strip()
+    tasks = tasks.split("(")[0]  # SLURM_TASKS_PER_NODE may read "2(x3)": 2 tasks on each of 3 nodes
+    if per_task.isdigit() and int(per_task) > 0:
+        return int(per_task) * (int(tasks) if tasks.isdigit() else 1)
+    return None
+
+
 def resolve_topology(env: Mapping[str, str], *, nnodes: int | None = None, nproc_per_node: int | None = None,
                      node_rank: int | None = None, master_addr: str | None = None,
                      master_port: int | None = None) -> Topology:
@@ -158,13 +173,21 @@ def resolve_topology(env: Mapping[str, str], *, nnodes: int | None = None, nproc
     if port is None and (nnodes > 1 or addr is not None):
         port = DEFAULT_MASTER_PORT
 
-    value, where = pick(nproc_per_node, "--nproc-per-node", "PET_NPROC_PER_NODE", "NPROC_PER_NODE",
-                        *(("SLURM_GPUS_ON_NODE",) if slurm else ()))
-    nproc = _int(value, where) if value is not None else (count_local_gpus(env) or 1)
-
+    value, where = pick(nproc_per_node, "--nproc-per-node", "PET_NPROC_PER_NODE", "NPROC_PER_NODE")
+    if value is None and slurm and env.get("SLURM_GPUS_ON_NODE", "").strip() not in ("", "0"):
+        value, where = env["SLURM_GPUS_ON_NODE"].strip(), "SLURM_GPUS_ON_NODE"
+    cpu_slots = slurm_cpu_slots(env) if slurm else None
     omp = None
-    if slurm and env.get("SLURM_CPUS_ON_NODE", "").isdigit() and "OMP_NUM_THREADS" not in env:
-        omp = max(1, int(env["SLURM_CPUS_ON_NODE"]) // nproc)
+    if value is not None:
+        nproc = _int(value, where)
+    elif gpus := count_local_gpus(env):
+        nproc = gpus
+    elif cpu_slots:  # a CPU-only Slurm node: one single-threaded process per allocated CPU
+        nproc, omp = cpu_slots, 1
+    else:
+        nproc = 1
+    if omp is None and cpu_slots and "OMP_NUM_THREADS" not in env:
+        omp = max(1, cpu_slots // max(nproc, 1))
 
     if nnodes < 1:
         raise UserError(f"--nnodes={nnodes} must be >= 1")

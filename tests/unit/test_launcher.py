@@ -70,6 +70,38 @@ def test_topology_from_slurm_environment_without_scontrol(monkeypatch):
     assert topo.omp_threads == 8 and topo.static
 
 
+CPU_SLURM = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "cpu[1-2]", "SLURM_NNODES": "2", "SLURM_NODEID": "1"}
+
+
+@pytest.mark.parametrize("cpus, expected", [
+    ({"SLURM_CPUS_ON_NODE": "6", "SLURM_CPUS_PER_TASK": "3"}, 6),  # SLURM_CPUS_ON_NODE wins
+    ({"SLURM_CPUS_PER_TASK": "4", "SLURM_NTASKS_PER_NODE": "2"}, 8),
+    ({"SLURM_CPUS_PER_TASK": "4", "SLURM_TASKS_PER_NODE": "3(x2)"}, 12),
+    ({"SLURM_CPUS_PER_TASK": "5"}, 5),
+])
+def test_cpu_only_slurm_node_runs_one_single_threaded_process_per_cpu_slot(monkeypatch, cpus, expected):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi, no scontrol
+    topo = resolve_topology({**CPU_SLURM, "SLURM_GPUS_ON_NODE": "0", **cpus})
+    assert (topo.nnodes, topo.node_rank, topo.nproc_per_node, topo.omp_threads) == (2, 1, expected, 1)
+    assert topo.master_addr == "cpu1" and topo.world_size == 2 * expected
+
+
+def test_cpu_only_slurm_node_takes_nproc_per_node_flag_and_splits_threads(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    topo = resolve_topology({**CPU_SLURM, "SLURM_CPUS_ON_NODE": "8"}, nproc_per_node=2)
+    assert (topo.nproc_per_node, topo.omp_threads) == (2, 4)
+    # Without Slurm's CPU count (or outside Slurm) a CPU node still gets one process.
+    assert resolve_topology(CPU_SLURM).nproc_per_node == 1
+    assert resolve_topology({"CUDA_VISIBLE_DEVICES": ""}).nproc_per_node == 1
+
+
+def test_dry_run_on_a_cpu_only_slurm_node(recipe):
+    argv = dry_run(str(recipe), env={"SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "vm", "SLURM_NNODES": "1",
+                                     "SLURM_NODEID": "0", "SLURM_CPUS_ON_NODE": "2"})
+    assert argv[:4] == ["OMP_NUM_THREADS=1", f"{VENV_BIN}/torchrun", "--nnodes", "1"]
+    assert argv[4:6] == ["--nproc_per_node", "2"]
+
+
 def test_flags_win_over_torchrun_and_slurm_environment():
     topo = resolve_topology({**SLURM, "PET_NNODES": "3", "MASTER_ADDR": "10.1.1.1"}, nproc_per_node=2, node_rank=1)
     assert (topo.nnodes, topo.node_rank, topo.nproc_per_node, topo.master_addr) == (3, 1, 2, "10.1.1.1")

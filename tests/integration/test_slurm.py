@@ -1,0 +1,267 @@
+"""`sbatch slurm/pretrain.sh` and `slurm/finetune.sh` on a real one-node Slurm cluster started by
+tests/slurm/cluster.sh (slurmctld + slurmd + munge on this host): one process per CPU slot, preemption by
+SIGUSR1 with checkpoint + requeue + resume, a SIGKILL'd job requeued from its last periodic checkpoint,
+fine-tuning from the pretrain run; and SIGTERM to a plain `bigtrain train` without Slurm.
+
+Multi-node Slurm semantics (nodelist → master, SLURM_NODEID → node rank) are covered by the launcher's
+environment tests (tests/unit/test_launcher.py) and the two-node torchrun simulation (test_launch.py):
+this machine's cluster has one node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli, tiny_recipe, write_recipe
+from tests.integration.test_train import read_metrics
+
+pytestmark = pytest.mark.slow
+
+STEPS = 60  # long enough to signal mid-run, short enough for a few seconds of training
+EVERY = 10  # periodic checkpoints
+ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
+       "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+
+
+# --------------------------------------------------------------------------- cluster and job helpers
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running one-node cluster (started here if it is not running); needs root to install and start it."""
+    if os.geteuid() != 0:
+        pytest.skip("the Slurm tests start slurmctld/slurmd/munged with tests/slurm/cluster.sh, which needs root")
+    result = subprocess.run(["bash", str(REPO / "tests/slurm/cluster.sh")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert shutil.which("sbatch") and shutil.which("scontrol")
+
+
+def sbatch(script: str, *args: str, log: Path, wait: bool = False) -> str:
+    """Submit slurm/SCRIPT on the CPU-only node (2 CPU slots) with this test's environment; returns the job id."""
+    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10", f"--chdir={REPO}",
+           f"--output={log}", *(["--wait"] if wait else []), f"slurm/{script}", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600)
+    job = result.stdout.strip().split(";")[0]
+    assert job.isdigit(), f"sbatch failed ({result.returncode}): {result.stderr}\n{read_log(log)}"
+    return job
+
+
+def job_info(job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_job(job: str, done, *, log: Path, timeout_s: float = 240) -> dict[str, str]:
+    """Poll the job until done(info) holds; a requeued job (held back 2 min by Slurm) is made eligible now."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = job_info(job)
+        if done(info):
+            return info
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" and node_idle():
+            # Only once the node is idle: the first start's batch script may still be finishing, and a new
+            # start before it ends gets that script's exit status.
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], capture_output=True)
+    raise AssertionError(f"job {job} not done after {timeout_s} s: {job_info(job)}\n{read_log(log)}")
+
+
+def node_idle() -> bool:
+    states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True).stdout.split()
+    return bool(states) and all(state == "idle" for state in states)
+
+
+def wait_step(run_dir: Path, step: int, job: str, *, log: Path, timeout_s: float = 180) -> int:
+    """Poll metrics.jsonl until a training step >= `step` is logged; returns the newest logged step."""
+    path, deadline = run_dir / "metrics.jsonl", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        steps = [json.loads(line)["step"] for line in (path.read_text().splitlines() if path.exists() else [])
+                 if line.endswith("}")]
+        if steps and steps[-1] >= step:
+            return steps[-1]
+        if job and job_info(job).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} never logged: {job_info(job) if job else ''}\n{read_log(log)}")
+
+
+def read_log(log: Path) -> str:
+    return log.read_text()[-4000:] if log.exists() else "(no log)"
+
+
+def losses(run_dir: Path) -> list[float]:
+    records, _ = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # no gap, no repeated step
+    return [r["train/loss"] for r in records]
+
+
+def wandb_ids(run_dir: Path) -> set[str]:
+    return {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+
+
+@pytest.fixture(scope="module")
+def pretrain(tmp_path_factory, cache_dir, slurm_cluster):
+    """The tiny pretrain recipe and one uninterrupted `sbatch --wait slurm/pretrain.sh` run of it."""
+    tmp = tmp_path_factory.mktemp("slurm")
+    recipe = write_recipe(tmp / "pretrain.yaml", tiny_recipe(
+        cache_dir, tmp / "runs", train={"max_steps": STEPS, "global_batch_size": 8, "micro_batch_size": 4},
+        eval={"every": 30, "max_samples": 8}, checkpoint={"every": EVERY, "keep_last": 0},
+        logging={"every": 1, "progress": False, "wandb": "offline"}))
+    log = tmp / "straight.log"
+    job = sbatch("pretrain.sh", str(recipe), "run.name=straight", log=log, wait=True)
+    return recipe, job, log, tmp / "runs" / "straight"
+
+
+# --------------------------------------------------------------------------- on the cluster
+
+
+def test_sbatch_pretrain_starts_one_process_per_cpu_slot_and_completes(pretrain):
+    recipe, job, log, run_dir = pretrain
+    info = job_info(job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), read_log(log)
+    text = log.read_text()
+    assert "ddp × 2 on cpu" in text  # --cpus-per-task=2 on a CPU-only node: two training processes
+    assert f"bigtrain: finished step {STEPS}" in text
+    losses(run_dir)
+    assert (run_dir / f"checkpoints/step-{STEPS:07d}/manifest.json").is_file()
+    assert len(wandb_ids(run_dir)) == 1
+
+
+def test_usr1_checkpoints_requeues_and_resumes_like_an_uninterrupted_run(pretrain):
+    recipe, _, straight_log, straight_dir = pretrain
+    log = recipe.parent / "preempted.log"
+    run_dir = recipe.parent / "runs" / "preempted"
+    job = sbatch("pretrain.sh", str(recipe), "run.name=preempted", log=log)
+    wait_step(run_dir, 3, job, log=log)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)  # a second signal, likely during the save
+    info = wait_job(job, lambda i: i["JobState"] == "COMPLETED", log=log)
+    assert (info["ExitCode"], info["Restarts"]) == ("0:0", "1"), read_log(log)
+
+    text = log.read_text()
+    found = re.search(r"bigtrain: preempted by SIGUSR1 at step (\d+); checkpoint saved", text)
+    assert found, text[-4000:]
+    step = int(found.group(1))
+    assert 3 <= step < STEPS
+    assert f"requeueing Slurm job {job}" in text
+    assert f"resuming at step {step}" in text and f"bigtrain: finished step {STEPS}" in text
+    assert (run_dir / f"checkpoints/step-{step:07d}/manifest.json").is_file()  # written at the signal
+    assert losses(run_dir) == losses(straight_dir)  # CPU fp32, same seeds, RNG restored: bit for bit
+    ids = wandb_ids(run_dir)
+    assert len(ids) == 1  # the requeued job continued the same wandb run
+    final = json.loads((run_dir / f"checkpoints/step-{STEPS:07d}/trainer.json").read_text())
+    assert {final["wandb_run_id"]} == ids
+
+
+def test_killed_job_requeued_resumes_from_its_last_periodic_checkpoint(pretrain):
+    recipe, _, _, straight_dir = pretrain
+    log = recipe.parent / "killed.log"
+    run_dir = recipe.parent / "runs" / "killed"
+    job = sbatch("pretrain.sh", str(recipe), "run.name=killed", log=log)
+    wait_step(run_dir, EVERY + 2, job, log=log)
+    # SIGKILL to every process of the training step, as a crashed node would: no warning, no preemption
+    # checkpoint. (`scancel --signal=KILL` cancels the job instead: SIGTERM first, which checkpoints.)
+    listed = subprocess.run(["scontrol", "listpids", job], capture_output=True, text=True, check=True).stdout
+    for line in listed.splitlines()[1:]:
+        pid, _, step = line.split()[:3]
+        if step == "0":
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    wait_job(job, lambda i: i["JobState"] not in ("RUNNING", "CONFIGURING", "COMPLETING"), log=log)
+    killed_at = max(r["step"] for r in read_metrics(run_dir)[0])
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    info = wait_job(job, lambda i: i["JobState"] == "COMPLETED" and i["Restarts"] == "1", log=log)
+    assert info["ExitCode"] == "0:0", read_log(log)
+
+    text = log.read_text()
+    assert "preempted" not in text
+    resumed = int(re.search(r"resuming at step (\d+)", text).group(1))
+    assert resumed % EVERY == 0 and EVERY <= resumed <= killed_at  # the newest complete periodic checkpoint
+    assert losses(run_dir) == losses(straight_dir)  # steps after it were dropped and redone, identically
+
+
+def test_scancel_checkpoints_but_does_not_requeue(pretrain):
+    """`scancel` sends SIGTERM to every process: training checkpoints and stops, but a job the user
+    cancelled stays cancelled (the launcher requeues only a job that is still RUNNING)."""
+    recipe = pretrain[0]
+    log = recipe.parent / "cancelled.log"
+    run_dir = recipe.parent / "runs" / "cancelled"
+    job = sbatch("pretrain.sh", str(recipe), "run.name=cancelled", log=log)
+    wait_step(run_dir, 3, job, log=log)
+    subprocess.run(["scancel", job], check=True)
+    info = wait_job(job, lambda i: i["JobState"] == "CANCELLED", log=log)
+    time.sleep(1)  # let the log catch up with the launcher's last line
+    assert info["Restarts"] == "0"
+    text = log.read_text()
+    found = re.search(r"bigtrain: preempted by SIGTERM at step (\d+); checkpoint saved", text)
+    assert found, text[-4000:]
+    assert (run_dir / f"checkpoints/step-{int(found.group(1)):07d}/manifest.json").is_file()
+    assert f"Slurm job {job} is " in text and "not requeued" in text
+    time.sleep(2)
+    assert job_info(job)["JobState"] == "CANCELLED"
+
+
+def test_sbatch_finetune_starts_from_the_pretrain_run(pretrain, cache_dir):
+    recipe, _, _, pretrain_dir = pretrain
+    sft = write_recipe(recipe.parent / "sft.yaml", tiny_recipe(
+        cache_dir, recipe.parent / "runs", model={"arch": "decoder", "preset": "debug", "max_seq_len": 64},
+        task={"name": "sft"}, train={"max_steps": 4, "global_batch_size": 8, "micro_batch_size": 4},
+        data={"source": "python-stdlib-docstrings", "max_documents": 300, "seq_len": 64, "validation_split": 0.1}))
+    log = recipe.parent / "finetune.log"
+    job = sbatch("finetune.sh", str(sft), "run.name=sft", f"model.init_from={pretrain_dir}", log=log, wait=True)
+    info = job_info(job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), read_log(log)
+    assert "ddp × 2 on cpu" in log.read_text()
+    run_dir = recipe.parent / "runs" / "sft"
+    report = json.loads((run_dir / "init_from.json").read_text())
+    assert report["checkpoint"] == str(pretrain_dir / f"checkpoints/step-{STEPS:07d}")
+    assert report["new"] == [] and report["unused"] == [] and report["loaded"]
+    assert [r["step"] for r in read_metrics(run_dir)[0]] == [1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- without Slurm
+
+
+def test_sigterm_to_bigtrain_train_checkpoints_exits_75_and_rerun_matches_uninterrupted(tmp_path, cache_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        cache_dir, tmp_path / "runs", train={"max_steps": STEPS, "global_batch_size": 8, "micro_batch_size": 4},
+        eval={"every": 30, "max_samples": 8}, checkpoint={"every": 0, "keep_last": 0}))
+    straight = run_cli("train", str(recipe), "run.name=straight", env=ENV)
+    assert straight.returncode == 0, straight.stderr
+
+    run_dir = tmp_path / "runs" / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "bigtrain", "train", str(recipe), "run.name=stopped"], env=ENV,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_step(run_dir, 3, "", log=tmp_path / "none")
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # a second signal changes nothing
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, err[-3000:]
+    found = re.search(r"bigtrain: preempted by SIGTERM at step (\d+); checkpoint saved", err)
+    assert found, err[-3000:]
+    step = int(found.group(1))
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step-{step:07d}"]
+    assert json.loads((run_dir / "preempted.json").read_text())["step"] == step
+
+    rest = run_cli("train", str(recipe), "run.name=stopped", env=ENV)  # same threads: same float sums
+    assert rest.returncode == 0, rest.stderr
+    assert f"resuming at step {step}" in rest.stderr
+    assert losses(run_dir) == losses(tmp_path / "runs" / "straight")
