@@ -94,3 +94,21 @@ def test_mlm_masks_and_losses_match_across_world_sizes(tmp_path, cache_dir):
     for ra, rb in zip(a, b):
         assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5)
     assert b_eval[-1]["eval/mlm_accuracy"] == pytest.approx(a_eval[-1]["eval/mlm_accuracy"], rel=1e-9)
+
+
+def test_ddp_activation_checkpointing_on_two_processes_gives_the_same_gradients(tmp_path, cache_dir):
+    """Recomputing activations in backward changes memory, not numbers: same grad norms, losses and weights."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        cache_dir, tmp_path / "runs", train={"max_steps": 4, "global_batch_size": 8, "micro_batch_size": 2}))
+    for name, ac in (("plain", "false"), ("ac", "true")):
+        result = run_torchrun(2, "train", str(recipe), f"run.name={name}", f"parallel.activation_checkpointing={ac}")
+        assert result.returncode == 0, result.stderr
+    (plain, _), (ac, _) = read_metrics(tmp_path / "runs/plain"), read_metrics(tmp_path / "runs/ac")
+    assert len(plain) == len(ac) == 4
+    for a, b in zip(plain, ac):
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-6)
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
+    wa = torch.load(tmp_path / "runs/plain/checkpoints/step-0000004/model.pt", weights_only=True)
+    wb = torch.load(tmp_path / "runs/ac/checkpoints/step-0000004/model.pt", weights_only=True)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-6, atol=1e-6, msg=key)
