@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist
-from bigtrain.strategy.precision import PrecisionTable, make_grad_scaler
+from bigtrain.strategy.precision import PrecisionTable, make_grad_scaler, scaled_optimizer_step
 from bigtrain.strategy.transforms import apply_transforms
 
 DCP_METADATA = ".metadata"  # written last by dcp.save; marks a DCP folder
@@ -168,13 +168,7 @@ class FSDPEngine:
 
     def step(self, finite: bool) -> None:
         """Apply the update when gradients are finite (the same decision on every rank); always advance the scaler."""
-        if self.scaler:
-            if finite:
-                self.scaler.step(self.optimizer)
-            self.scaler.update(new_scale=None if finite else self.scaler.get_scale() * self.scaler.get_backoff_factor())
-        elif finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        scaled_optimizer_step(self.optimizer, self.scaler, finite)
 
     @property
     def loss_scale(self) -> float | None:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bigtrain.strategy.dist import Dist
-from bigtrain.strategy.precision import PrecisionTable, autocast, make_grad_scaler
+from bigtrain.strategy.precision import PrecisionTable, autocast, make_grad_scaler, scaled_optimizer_step
 from bigtrain.strategy.transforms import apply_transforms
 
 
@@ -62,13 +62,7 @@ class LocalEngine:
 
     def step(self, finite: bool) -> None:
         """Apply the update when gradients are finite; always advance the loss scaler."""
-        if self.scaler:
-            if finite:
-                self.scaler.step(self.optimizer)
-            self.scaler.update(new_scale=None if finite else self.scaler.get_scale() * self.scaler.get_backoff_factor())
-        elif finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        scaled_optimizer_step(self.optimizer, self.scaler, finite)
 
     @property
     def loss_scale(self) -> float | None:

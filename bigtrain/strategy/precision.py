@@ -69,3 +69,15 @@ def make_grad_scaler(table: PrecisionTable, device: torch.device) -> torch.amp.G
     if not table.loss_scaling:
         return None
     return torch.amp.GradScaler(device.type)
+
+
+def scaled_optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, finite: bool) -> None:
+    """Apply the update when gradients are finite (a decision every rank shares); always advance the loss
+    scaler (backing off after a skipped step); clear the gradients."""
+    if scaler:
+        if finite:
+            scaler.step(optimizer)
+        scaler.update(new_scale=None if finite else scaler.get_scale() * scaler.get_backoff_factor())
+    elif finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
