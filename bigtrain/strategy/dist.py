@@ -156,5 +156,6 @@ def broadcast_object(dist: Dist, obj):
 
 
 def shutdown(dist: Dist) -> None:
-    if dist.distributed and torch_dist.is_initialized():
+    """Destroy the process group: torchrun's, or the one-process group FSDP/DeepSpeed make when run alone."""
+    if torch_dist.is_initialized():
         torch_dist.destroy_process_group()

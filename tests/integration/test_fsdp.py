@@ -294,3 +294,16 @@ def test_dcp_checkpoint_reads_back_exactly_and_a_code_running_metadata_pickle_is
     err = capsys.readouterr().err
     assert "is not allowed in a DCP .metadata file" in err and err.count("\n") == 1
     assert not (tmp_path / "ran").exists() and not (tmp_path / "out/model.safetensors").exists()
+
+
+def test_one_process_fsdp_run_destroys_the_group_it_made(tmp_path, cache_dir):
+    """A one-process fsdp run makes its own 1-rank group; run_training's shutdown destroys it (no leak into
+    whatever runs next in the process)."""
+    from bigtrain.config import build_config
+    from bigtrain.run import run_training
+
+    cfg = build_config(tiny_recipe(cache_dir, tmp_path, train={"max_steps": 1}, parallel={"strategy": "fsdp"},
+                                   logging={"every": 1, "progress": False, "wandb": "disabled"}))
+    ctx = run_training(cfg)
+    assert ctx.state.step == 1
+    assert not torch.distributed.is_initialized()
