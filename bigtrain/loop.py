@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from bigtrain.checkpoint import TrainState
@@ -191,11 +192,21 @@ def evaluate(ctx: LoopContext) -> dict[str, float]:
     was_training = model.training
     model.eval()
     sums = dict.fromkeys(task.eval_keys, 0.0)
-    for start in range(0, len(indices), batch_size):
+    # Ranks' chunks differ by at most one sample, so a rank may have one batch fewer. A sharded model's
+    # forward is collective (FSDP/ZeRO-3 all-gather parameters), so every rank runs as many forwards as the
+    # busiest one; a rank out of samples runs a spare one-sample batch and discards it.
+    total = len(ctx.val_data) if cfg.eval.max_samples is None else min(cfg.eval.max_samples, len(ctx.val_data))
+    busiest = -(-total // dist.world_size)
+    for start in range(0, busiest, batch_size):
         chunk = indices[start:start + batch_size]
+        spare = len(chunk) == 0
+        if spare:
+            chunk = np.zeros(1, dtype=np.int64)
         batch = task.collate([ctx.val_data[int(i)] for i in chunk], [EVAL_KEY_OFFSET + int(i) for i in chunk], dist.device)
         with ctx.engine.autocast():
-            for key, value in task.eval_sums(model, batch).items():
+            batch_sums = task.eval_sums(model, batch)
+        if not spare:
+            for key, value in batch_sums.items():
                 sums[key] += value
     model.train(was_training)
     totals = all_reduce_sum(dist, torch.tensor(list(sums.values()), dtype=torch.float64, device=dist.device))

@@ -186,6 +186,21 @@ def test_export_of_ddp_fsdp_and_zero3_checkpoints_gives_the_same_tensors(tmp_pat
                 torch.testing.assert_close(exports[name][key], ddp[key], rtol=1e-4, atol=1e-4, msg=f"{name} {key}")
 
 
+@pytest.mark.parametrize("strategy", [["parallel.strategy=fsdp"], deepspeed_args(3)], ids=["fsdp", "zero3"])
+def test_sharded_eval_with_uneven_batch_counts_gives_the_single_process_metrics(tmp_path, cache_dir, strategy):
+    """17 validation samples, eval micro-batch 4, 2 ranks: 3 batches on rank 0, 2 on rank 1. A sharded forward
+    all-gathers parameters, so every rank must run as many forwards as the busiest one (the spare one
+    discarded), or the ranks' collectives no longer match."""
+    recipe = recipe_for(tmp_path, cache_dir, train={**TRAIN, "max_steps": 2},
+                        eval={"max_samples": 17, "micro_batch_size": 4, "every": 2})
+    ok(run_cli("train", str(recipe), "run.name=single", "train.micro_batch_size=4"))
+    ok(run_torchrun(2, "train", str(recipe), "run.name=sharded", *strategy, timeout=300))
+    _, a = read_metrics(tmp_path / "runs/single")
+    _, b = read_metrics(tmp_path / "runs/sharded")
+    assert [e["step"] for e in a] == [e["step"] for e in b] == [2]
+    assert b[0]["eval/loss"] == pytest.approx(a[0]["eval/loss"], rel=1e-5)
+
+
 def probe_precision(recipe: str, out: str) -> None:
     """(Run in a subprocess.) For each ZeRO stage and precision, one training step through the Engine API,
     recording the real dtypes DeepSpeed keeps, against precision_table(name, 'deepspeed')."""
