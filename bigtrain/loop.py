@@ -110,9 +110,12 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
         if ctx.bench:
             continue
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == end_step:
-            metrics = evaluate(ctx)
-            ctx.logger.log(step, metrics)
-            ctx.logger.message(f"step {step}: " + " · ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            # A preemption signal during eval ends it early (not at the last step: the run is finishing anyway);
+            # the start of the next step then checkpoints and stops as usual.
+            metrics = evaluate(ctx, stoppable=ctx.preempt is not None and step != end_step)
+            if metrics is not None:
+                ctx.logger.log(step, metrics)
+                ctx.logger.message(f"step {step}: " + " · ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == end_step:
             state.wandb_run_id = ctx.logger.wandb_run_id
             ctx.save_checkpoint(state)
@@ -184,8 +187,10 @@ def _log_train(ctx: LoopContext, state: TrainState, window: dict, times: dict, l
 
 
 @torch.no_grad()
-def evaluate(ctx: LoopContext) -> dict[str, float]:
-    """Task metrics on the validation split; each rank takes a disjoint chunk (no padded duplicates)."""
+def evaluate(ctx: LoopContext, stoppable: bool = False) -> dict[str, float] | None:
+    """Task metrics on the validation split; each rank takes a disjoint chunk (no padded duplicates).
+    `stoppable`: before each batch the ranks agree (one all-reduce) whether any got a preemption signal;
+    if so, eval is abandoned on every rank at the same batch and None is returned."""
     cfg, dist, task, model = ctx.cfg, ctx.dist, ctx.task, ctx.engine.module
     indices = eval_indices(len(ctx.val_data), dist.rank, dist.world_size, limit=cfg.eval.max_samples)
     batch_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
@@ -198,6 +203,9 @@ def evaluate(ctx: LoopContext) -> dict[str, float]:
     total = len(ctx.val_data) if cfg.eval.max_samples is None else min(cfg.eval.max_samples, len(ctx.val_data))
     busiest = -(-total // dist.world_size)
     for start in range(0, busiest, batch_size):
+        if stoppable and all_reduce_sum(dist, torch.tensor([float(ctx.preempt.requested)], device=dist.device)).item():
+            model.train(was_training)
+            return None
         chunk = indices[start:start + batch_size]
         spare = len(chunk) == 0
         if spare:

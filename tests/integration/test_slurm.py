@@ -265,3 +265,26 @@ def test_sigterm_to_bigtrain_train_checkpoints_exits_75_and_rerun_matches_uninte
     assert rest.returncode == 0, rest.stderr
     assert f"resuming at step {step}" in rest.stderr
     assert losses(run_dir) == losses(tmp_path / "runs" / "straight")
+
+
+def test_sigterm_during_eval_abandons_it_and_checkpoints_the_step(tmp_path, cache_dir):
+    """A signal while evaluating (a long eval: half the documents held out, one sample per forward) ends the
+    eval at the next batch; the step before it is checkpointed, and its eval is not logged half-done."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        cache_dir, tmp_path / "runs", train={"max_steps": 20, "global_batch_size": 8, "micro_batch_size": 4},
+        data={"validation_split": 0.5}, eval={"every": 5, "max_samples": None, "micro_batch_size": 1},
+        checkpoint={"every": 0, "keep_last": 0}))
+    run_dir = tmp_path / "runs" / "tiny"
+    proc = subprocess.Popen([sys.executable, "-m", "bigtrain", "train", str(recipe)], env=ENV, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_step(run_dir, 5, "", log=tmp_path / "none") == 5  # step 5 logged: its eval is running now
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, err[-3000:]
+    assert "bigtrain: preempted by SIGTERM at step 5; checkpoint saved" in err
+    records, evals = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and evals == []
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-0000005"]
