@@ -137,7 +137,7 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
     cfg = with_init_tokenizer(cfg)
     check_model(cfg)
     dist = init_distributed(cfg.parallel.device, timeout_s=cfg.parallel.init_timeout_s)
-    logger = None
+    logger = b = None
     try:
         run_dir = cfg.run_dir()
         b = build(cfg, dist)  # creates the run dir
@@ -182,6 +182,8 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
     finally:
         if logger is not None:
             logger.close()
+        if b is not None and hasattr(b.engine, "close"):
+            b.engine.close()  # an engine's own threads and hooks go before the process group does
         shutdown(dist)
 
 

@@ -208,6 +208,15 @@ class DeepSpeedEngine:
     def loss_scale(self) -> float | None:
         return self._scale_before_step if self._scale_before_step is not None else self._current_loss_scale()
 
+    def close(self) -> None:
+        """Release DeepSpeed's hooks, partitions and helper state while the process group still exists
+        (left to interpreter teardown, a rank once aborted at exit: "terminate called without an active
+        exception")."""
+        import gc
+
+        self.ds.destroy()
+        gc.collect()
+
     # ---------------------------------------------------------------- checkpoints
 
     def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None:
