@@ -109,7 +109,8 @@ def in_process(precision: str, steps: int, warmup: int, tmp: Path) -> None:
     from bigtrain.checkpoint import TrainState
     from bigtrain.config import build_config
     from bigtrain.loop import LoopContext, train
-    from bigtrain.metrics import MetricsLogger, peak_flops_per_sec
+    from bigtrain.hardware import peak_flops_per_sec
+    from bigtrain.metrics import MetricsLogger
     from bigtrain.models import build_model
     from bigtrain.run import build, padded_vocab_size
     from bigtrain.strategy import init_distributed

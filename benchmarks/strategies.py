@@ -53,6 +53,7 @@ def recipe(out: Path, config: str, steps: int, nproc: int) -> dict:
         "checkpoint": {"every": 0, "resume": "none", "keep_last": 1},
         "eval": {"max_samples": 8},
         "logging": {"every": 1, "progress": False, "wandb": "disabled"},
+        "parallel": {"precision": "fp32"},  # the same numbers on every CPU (auto picks bf16 where it is native)
     }
 
 

@@ -24,8 +24,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override recipe values")
         return p
 
-    command("train", "train per the recipe (single process, or DDP under torchrun)")
-    check = command("check", "validate a recipe; print parameters, FLOPs/token, memory estimate, precision table")
+    command("train", "train per the recipe: one process, or every rank of a job started by torchrun, deepspeed, "
+                     "accelerate launch or `bigtrain launch` (parallel.strategy: single, ddp, fsdp, deepspeed)")
+    check = command("check", "validate a recipe; print parameters, FLOPs/token, memory estimate, and the precision "
+                             "it resolves to on this machine")
     check.add_argument("--keys", action="store_true", help="also list every recipe key with its help")
     command("prepare", "tokenize and pack the recipe's data once into the cache")
     bench = command("bench", "measure tokens/s, MFU and the step-time breakdown")
@@ -121,17 +123,28 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from bigtrain.config import describe
-    from bigtrain.models import count_params, spec_flops_per_token
-    from bigtrain.run import check_model, padded_vocab_size
-    from bigtrain.strategy import precision_table, resolve_strategy
+    import torch
+
+    from bigtrain.config import describe, recipe_warnings
+    from bigtrain.models import check_model, count_params, spec_flops_per_token
+    from bigtrain.run import padded_vocab_size
+    from bigtrain.strategy import launcher_precision, precision_table, resolve_strategy
+    from bigtrain.strategy.precision import Resolved, resolve_precision, slow_precision_warning
 
     cfg = _config(args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     spec = dataclasses.replace(check_model(cfg), vocab_size=padded_vocab_size(_vocab_size(cfg)))
     params = count_params(spec)
     flops = spec_flops_per_token(spec, cfg.data.seq_len)
-    table = precision_table(cfg.parallel.precision, resolve_strategy(cfg.parallel.strategy, world_size))
+    device = torch.device("cuda" if cfg.parallel.device == "cuda" or (cfg.parallel.device == "auto"
+                                                                     and torch.cuda.is_available()) else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():  # checking a GPU recipe on a laptop
+        requested = cfg.parallel.precision
+        resolved = Resolved(requested, "bf16" if requested == "auto" else requested,
+                            "no GPU on this machine: a GPU with bf16 assumed (it resolves on the GPU at start)")
+    else:
+        resolved = resolve_precision(cfg.parallel.precision, device, launcher_choice=launcher_precision(cfg.parallel))
+    table = precision_table(resolved.name, resolve_strategy(cfg.parallel.strategy, world_size))
     t = cfg.train
     print(f"recipe {args.recipe}: valid")
     print(f"run dir      {cfg.run_dir()}")
@@ -147,9 +160,13 @@ def cmd_check(args) -> int:
     print(f"strategy     {resolve_strategy(cfg.parallel.strategy, world_size)}"
           f"{' · activation checkpointing' if cfg.parallel.activation_checkpointing else ''}"
           f"{' · compile' if cfg.parallel.compile else ''}")
-    for name, gb in _memory_estimate_gb(spec, params, cfg).items():
+    for name, gb in _memory_estimate_gb(spec, params, cfg, table).items():
         print(f"memory       {name}: {gb:.2f} GB per rank (estimate)")
-    print("precision    " + "  ".join(f"{k}={v}" for k, v in table.as_strings().items()))
+    print(f"precision    {resolved.describe()}")
+    print("             " + "  ".join(f"{k}={v}" for k, v in table.as_strings().items() if k != "name"))
+    for line in [*recipe_warnings(cfg), slow_precision_warning(resolved, device)]:
+        if line:
+            print(line)
     if args.keys:
         print(describe())
     return 0
@@ -164,12 +181,12 @@ def _vocab_size(cfg) -> int:
     return cfg.data.vocab_size
 
 
-def _memory_estimate_gb(spec, params: int, cfg) -> dict[str, float]:
+def _memory_estimate_gb(spec, params: int, cfg, table) -> dict[str, float]:
     """Weights + grads + AdamW state (16 bytes/param in mixed precision with fp32 master weights) and
     activations (~34·s·b·d bytes per layer at 16-bit per Korthikanti et al.; SDPA keeps no s² scores;
     one block's worth plus the block inputs with activation checkpointing), plus fp32 logits."""
     b, s, d, layers = cfg.train.micro_batch_size, cfg.data.seq_len, spec.d_model, spec.n_layers
-    bytes_per_act = 2 if cfg.parallel.precision in ("bf16", "fp16") else 4
+    bytes_per_act = table.compute.itemsize
     per_layer = 17 * s * b * d * bytes_per_act
     activations = (layers * b * s * d * bytes_per_act + per_layer) if cfg.parallel.activation_checkpointing \
         else layers * per_layer
@@ -200,7 +217,7 @@ def cmd_bench(args) -> int:
     mean = lambda key: sum(r[key] for r in measured) / len(measured)  # noqa: E731
     step_s = mean("perf/step_time_s")
     print(f"bench {args.recipe}: {len(measured)} steps after {args.warmup} warmup · "
-          f"{ctx.dist.world_size} × {ctx.dist.device.type} · precision {cfg.parallel.precision}")
+          f"{ctx.dist.world_size} × {ctx.dist.device.type} · precision {ctx.engine.precision.name}")
     print(f"tokens/s     {mean('perf/tokens_per_sec'):,.0f}")
     print(f"MFU          {mean('perf/mfu'):.3f} (FLOPs/token {ctx.flops_per_token:.4g}, "
           f"peak {ctx.peak_flops_per_sec / 1e9:,.0f} GFLOP/s per device)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -26,6 +27,10 @@ from bigtrain.errors import UserError
 
 class ConfigError(UserError):
     """A recipe or override is invalid; the message names the key."""
+
+
+class _NotFinite(ConfigError):
+    """A float key got nan or ±inf (said as such, not as a type mismatch)."""
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -106,7 +111,7 @@ class OptimConfig:
     final_lr_ratio: float = _opt(0.1, "LR at max_steps as a fraction of lr (cosine/linear)")
     schedule: Literal["cosine", "linear", "constant"] = _opt("cosine", "decay after warmup: cosine | linear | constant")
     warmup_steps: int = _opt(0, "steps of linear warmup from 0 to lr")
-    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (not on norms, biases, embeddings' positions)")
+    weight_decay: float = _opt(0.1, "AdamW weight decay on every matrix, embeddings included (not on norm weights and biases)")
     betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas")
     eps: float = _opt(1e-8, "AdamW epsilon")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping; the norm is still reported)")
@@ -115,7 +120,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = _opt("auto", "auto (ddp when started with several processes, else single) | single | ddp | fsdp (FSDP2) | deepspeed (ZeRO)")
-    precision: Literal["fp32", "bf16", "fp16", "bf16-pure"] = _opt("fp32", "fp32 | bf16 (bf16 compute, fp32 master weights) | fp16 (+ dynamic loss scaling) | bf16-pure (everything bf16)")
+    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-pure"] = _opt("auto", "auto (from the hardware: bf16 on GPUs that have it, else fp16; on CPUs bf16 only where bf16 matmul is native, else fp32) | fp32 | bf16 (bf16 compute, fp32 master weights) | fp16 (+ dynamic loss scaling) | bf16-pure (everything bf16)")
     device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto (cuda when available) | cpu | cuda")
     activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward to save memory")
     compile: bool = _opt(False, "torch.compile each block")
@@ -292,6 +297,8 @@ def _check_type(value: Any, tp: Any, path: str, where: str) -> Any:
                 continue
             try:
                 return _check_type(value, arg, path, where)
+            except _NotFinite:
+                raise
             except ConfigError:
                 pass
     elif origin is Literal:
@@ -310,13 +317,18 @@ def _check_type(value: Any, tp: Any, path: str, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise _NotFinite(f"{where}: {path}={value!r} must be a finite number")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -344,6 +356,7 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
     positive("optim.lr", o.lr, allow_zero=True)
     positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
     positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    positive("optim.eps", o.eps)
     positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     positive("checkpoint.keep_last", cfg.checkpoint.keep_last, allow_zero=True)
@@ -360,16 +373,27 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
         )
     if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.max_steps:
         raise ConfigError(f"train.stop_at_step={t.stop_at_step} must be in 1..train.max_steps ({t.max_steps})")
-    if o.warmup_steps > t.max_steps:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.max_steps={t.max_steps}")
     if not 0.0 <= o.final_lr_ratio <= 1.0:
         raise ConfigError(f"optim.final_lr_ratio={o.final_lr_ratio} must be in [0, 1]")
+    if not 0.0 < cfg.task.mask_prob <= 1.0:
+        raise ConfigError(f"task.mask_prob={cfg.task.mask_prob} must be in (0, 1]")
     if not 0.0 <= cfg.data.validation_split < 1.0:
         raise ConfigError(f"data.validation_split={cfg.data.validation_split} must be in [0, 1)")
     if not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas={list(o.betas)} must each be in [0, 1)")
     _check_parallel(cfg.parallel, world_size)
     _check_paths(cfg)
+
+
+def recipe_warnings(cfg: Config) -> list[str]:
+    """Settings that are valid but probably not what the user meant (printed at start; never fatal)."""
+    found = []
+    if cfg.optim.warmup_steps > cfg.train.max_steps:
+        peak = cfg.optim.lr * cfg.train.max_steps / cfg.optim.warmup_steps
+        found.append(f"warning: optim.warmup_steps={cfg.optim.warmup_steps} exceeds train.max_steps="
+                     f"{cfg.train.max_steps}: the LR rises along the warmup and stops at {peak:.3g}, "
+                     f"never reaching optim.lr={cfg.optim.lr:g}")
+    return found
 
 
 def _check_parallel(p: ParallelConfig, world_size: int) -> None:

@@ -6,8 +6,7 @@ Owns everything a run reports about itself while it trains:
   ``log()`` call to ``run_dir/metrics.jsonl``, mirrors the metrics to wandb, and drives the
   console progress display. On every other rank it is a cheap no-op (``enabled=False``).
 - ``StepTimer``: wall time per step and the share of it spent waiting for data.
-- ``peak_flops_per_sec`` / ``mfu``: model FLOPs utilisation against a table of dense GPU peaks,
-  or a measured (and cached) matmul peak on CPUs and unknown GPUs.
+- ``mfu``: model FLOPs utilisation against the device's matmul peak (``bigtrain/hardware.py``).
 - ``max_memory_gb``: peak accelerator memory (CUDA) or peak resident memory (CPU).
 
 wandb is imported lazily and only here. It never stops training: "online" without an API key
@@ -36,8 +35,6 @@ import json
 import math
 import netrc
 import os
-import platform
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -48,7 +45,6 @@ from urllib.parse import urlsplit
 import torch
 
 METRICS_FILE = "metrics.jsonl"
-PEAK_CACHE_FILE = "peak_flops.json"
 
 # logged key -> argument of MetricsLogger.progress(); log() feeds these to the display
 _DISPLAY_KEYS = {
@@ -311,33 +307,6 @@ class _ProgressDisplay:
         return (t1 - t0) / (s1 - s0) * max(self.total - self.step, 0)
 
 
-def peak_flops_per_sec(device: torch.device, dtype: torch.dtype, *, cache_dir: Path | None = None) -> float:
-    """Dense matmul peak of ``device`` in ``dtype``, in FLOP/s: the denominator of MFU.
-
-    Known CUDA GPUs come from a table of datasheet dense (non-sparse) tensor-core peaks; float32
-    uses the plain FP32 figure (TF32 off). CPUs and unknown GPUs are measured once with a short
-    square-matmul benchmark using the current torch threads, and the result is cached in
-    ``cache_dir/peak_flops.json`` (default ``~/.cache/bigtrain``) keyed by device model,
-    thread count, dtype and torch version.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = _datasheet_peak(name, dtype)
-        if peak is not None:
-            return peak
-    else:
-        name = _cpu_model() if device.type == "cpu" else device.type
-
-    key = f"{name} | threads={torch.get_num_threads()} | {dtype} | torch {torch.__version__}"
-    cache_file = (cache_dir if cache_dir is not None else _default_cache_dir()) / PEAK_CACHE_FILE
-    cache = _read_json(cache_file)
-    if key not in cache:
-        cache[key] = _measure_matmul_flops(device, dtype)
-        _write_json_atomic(cache_file, cache)
-    return float(cache[key])
-
-
 def mfu(flops_per_token: float, tokens_per_sec: float, peak_flops_per_sec: float) -> float:
     """Model FLOPs utilisation, a fraction: achieved model FLOP/s over the hardware peak."""
     return flops_per_token * tokens_per_sec / peak_flops_per_sec
@@ -415,99 +384,6 @@ class StepTimer:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-# (name pattern, bf16/fp16 dense peak, fp32 peak with TF32 off) in FLOP/s; first match wins.
-# V100 has no bf16, so its fp16 figure stands for both half types.
-_GPU_PEAKS: tuple[tuple[str, float, float], ...] = (
-    ("H100 PCIe", 756e12, 51e12),
-    ("H100 NVL", 835e12, 60e12),
-    ("H100", 989e12, 67e12),  # SXM
-    ("H200", 989e12, 67e12),
-    ("A100", 312e12, 19.5e12),
-    ("A10G", 125e12, 31.2e12),
-    ("L4", 121e12, 30.3e12),
-    ("V100", 125e12, 15.7e12),
-    ("RTX 4090", 165e12, 82.6e12),
-    ("RTX 3090", 71e12, 35.6e12),
-)
-
-
-def _datasheet_peak(device_name: str, dtype: torch.dtype) -> float | None:
-    for pattern, half_peak, fp32_peak in _GPU_PEAKS:
-        # whole words only: "L4" must not match "L40S", nor "H100" match "GH100"
-        if re.search(rf"(?<!\w){re.escape(pattern)}(?!\w)", device_name):
-            if dtype in (torch.bfloat16, torch.float16):
-                return half_peak
-            if dtype == torch.float32:
-                return fp32_peak
-            return None
-    return None
-
-
-def _measure_matmul_flops(device: torch.device, dtype: torch.dtype, *, budget_s: float = 0.3) -> float:
-    """Best FLOP/s of square matmuls over a few sizes (best of three timings each, ~budget_s per
-    timing). Several sizes because the fastest one varies by machine and dtype (2 EPYC cores:
-    fp32 peaks at 1024², bf16 near 1024²–3072²), and the best of repeats because a shared machine
-    is noisy; sizes whose single product takes longer than budget_s (fp16 on CPU) are skipped."""
-    sizes = (256, 512, 1024, 2048) if device.type == "cpu" else (2048, 4096, 8192)
-
-    def seconds_per_matmul(a: torch.Tensor, b: torch.Tensor, iters: int) -> float:
-        _synchronize(device)
-        start = time.perf_counter()
-        for _ in range(iters):
-            torch.mm(a, b)
-        _synchronize(device)
-        return (time.perf_counter() - start) / iters
-
-    best = 0.0
-    with torch.inference_mode():
-        for n in sizes:
-            a = torch.randn(n, n, device=device).to(dtype)
-            b = torch.randn(n, n, device=device).to(dtype)
-            seconds_per_matmul(a, b, 1)  # warm up
-            per_matmul_s = seconds_per_matmul(a, b, 1)
-            if per_matmul_s > budget_s and best > 0:
-                break
-            iters = max(1, round(budget_s / per_matmul_s))
-            best = max(best, 2 * n**3 / min(seconds_per_matmul(a, b, iters) for _ in range(3)))
-    return best
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.accelerator.synchronize(device)
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def _default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bigtrain"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    """Best effort: a cache that cannot be written only costs a re-measurement next time."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-
 
 def _drop_lines_after(path: Path, last_step: int) -> None:
     """Rewrite metrics.jsonl (atomically) without lines past ``last_step`` or torn lines."""

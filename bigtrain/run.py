@@ -12,15 +12,18 @@ import torch
 
 from bigtrain import checkpoint
 from bigtrain.config import Config, dump_yaml
+from bigtrain.config import recipe_warnings
 from bigtrain.data import load_prepared, prepare_data
 from bigtrain.errors import UserError
 from bigtrain.loop import LoopContext, evaluate, train
-from bigtrain.metrics import MetricsLogger, peak_flops_per_sec
-from bigtrain.models import build_model, resolve_model_spec
+from bigtrain.hardware import matmul_peak, raised_peak
+from bigtrain.metrics import MetricsLogger
+from bigtrain.models import build_model, check_model
 from bigtrain.optim import build_optimizer
 from bigtrain.preempt import PREEMPTED_MARKER, Preempted, PreemptionGuard
 from bigtrain.strategy import (Dist, barrier, broadcast_object, build_engine, engine_class, init_distributed,
-                               resolve_strategy, shutdown)
+                               launcher_precision, resolve_strategy, shutdown)
+from bigtrain.strategy.precision import Resolved, resolve_job_precision, slow_precision_warning
 from bigtrain.tasks import build_task
 
 VOCAB_MULTIPLE = 64  # pad the embedding table so matmuls hit fast kernel sizes
@@ -30,21 +33,6 @@ LABELS_FILE = "labels.json"
 
 def padded_vocab_size(vocab_size: int) -> int:
     return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
-def check_model(cfg: Config, num_labels: int = 2):
-    """Resolve the model spec and check it against the data and task settings (no weights are built).
-    Classification specs carry num_labels (the real count is known once the data is prepared)."""
-    classify = cfg.task.name == "classification"
-    spec = resolve_model_spec(cfg.model, head="classify" if classify else "lm",
-                              num_labels=num_labels if classify else None, pooling=cfg.task.pooling)
-    if cfg.data.seq_len > spec.max_seq_len:
-        raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={spec.max_seq_len} "
-                        f"(set model.max_seq_len or lower data.seq_len)")
-    needs = {"causal_lm": "decoder", "sft": "decoder", "masked_lm": "encoder"}.get(cfg.task.name)
-    if needs and spec.arch != needs:
-        raise UserError(f"task.name={cfg.task.name} needs model.arch: {needs}, got '{spec.arch}'")
-    return spec
 
 
 def with_init_tokenizer(cfg: Config) -> Config:
@@ -130,41 +118,67 @@ def build(cfg: Config, dist: Dist) -> Built:
     return Built(cfg, dist, data, task, engine.module, engine, extra_files)
 
 
+def resolve_for_job(cfg: Config, dist: Dist) -> tuple[Config, Resolved]:
+    """The recipe with `parallel.precision` resolved for this job (rank 0 decides; see strategy/precision.py)."""
+    resolved = resolve_job_precision(dist, cfg.parallel.precision, launcher_choice=launcher_precision(cfg.parallel))
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, precision=resolved.name)), resolved
+
+
 def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard | None = None) -> LoopContext:
     """Train per the recipe; returns the loop context (state in ctx.state, logged records in ctx.history).
     With `preempt`, a signal there stops training at the next step with a checkpoint: raises Preempted
-    after rank 0 has written run_dir/preempted.json (what `bigtrain launch` requeues on)."""
+    after rank 0 has written run_dir/preempted.json (what `bigtrain launch` requeues on).
+    config.yaml keeps the recipe's precision (`auto` resolves again on the machine that resumes);
+    precision.json records what it resolved to here, and why."""
     cfg = with_init_tokenizer(cfg)
     check_model(cfg)
     dist = init_distributed(cfg.parallel.device, timeout_s=cfg.parallel.init_timeout_s)
     logger = b = None
     try:
         run_dir = cfg.run_dir()
-        b = build(cfg, dist)  # creates the run dir
+        job_cfg, resolved = resolve_for_job(cfg, dist)
+        b = build(job_cfg, dist)  # creates the run dir
+        config_yaml = dump_yaml(cfg)
         if dist.is_main:
-            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            (run_dir / "config.yaml").write_text(config_yaml)
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # an earlier start's; this one may write its own
         state = checkpoint.resume(cfg.checkpoint.resume, run_dir, b.engine, dist, warn=lambda m: log_main(dist, m))
 
         table = b.engine.precision
+        peak = None
         if dist.is_main:
-            (run_dir / "precision.json").write_text(json.dumps(table.as_strings(), indent=1))
+            (run_dir / "precision.json").write_text(json.dumps(
+                {**table.as_strings(), "requested": resolved.requested, "reason": resolved.reason}, indent=1))
+            peak = matmul_peak(dist.device, table.compute, table.param)
         log_main(dist, f"bigtrain: {run_dir} · {resolve_strategy(cfg.parallel.strategy, dist.world_size)} × "
                        f"{dist.world_size} on {dist.device.type} · {cfg.task.name} · "
                        f"{cfg.model.arch}/{cfg.model.preset} {b.model.num_params() / 1e6:.2f}M params · "
                        f"{len(b.data.train)} train samples of ≤ {cfg.data.seq_len} tokens · "
                        f"accumulation {cfg.train.accum_steps(dist.world_size)}"
                        + (f" · resuming at step {state.step}" if state.step else ""))
+        log_main(dist, f"precision {resolved.describe()}")
         log_main(dist, table.format())
+        if dist.is_main:
+            log_main(dist, f"MFU {peak.describe()}")
+            for line in [*recipe_warnings(cfg), slow_precision_warning(resolved, dist.device)]:
+                if line:
+                    log_main(dist, line)
 
         logger = MetricsLogger(cfg.logging, run_dir, enabled=dist.is_main, run_name=cfg.run.name,
                                config=cfg.to_dict(), total_steps=cfg.train.max_steps, start_step=state.step,
                                wandb_run_id=state.wandb_run_id)
-        config_yaml = dump_yaml(cfg)
+
+        def raise_peak(achieved_flops_per_sec: float) -> float:
+            nonlocal peak
+            peak = raised_peak(peak, achieved_flops_per_sec, dist.device, table.compute, table.param)
+            logger.message(f"bigtrain: this run went faster than the MFU peak; now {peak.describe()}")
+            return peak.flops_per_sec
+
         ctx = LoopContext(
-            cfg=cfg, dist=dist, engine=b.engine, task=b.task, train_data=b.data.train, val_data=b.data.validation,
+            cfg=job_cfg, dist=dist, engine=b.engine, task=b.task, train_data=b.data.train, val_data=b.data.validation,
             logger=logger, flops_per_token=b.model.flops_per_token(cfg.data.seq_len),
-            peak_flops_per_sec=peak_flops_per_sec(dist.device, table.compute) if dist.is_main else 1.0,
+            peak_flops_per_sec=peak.flops_per_sec if dist.is_main else 1.0,
+            raise_peak=raise_peak if dist.is_main else None,
             save_checkpoint=lambda s: checkpoint.save(run_dir, s, b.engine, dist, config_yaml=config_yaml,
                                                       keep_last=cfg.checkpoint.keep_last, extra_files=b.extra_files),
             bench=bench, preempt=preempt,
@@ -182,7 +196,7 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
     finally:
         if logger is not None:
             logger.close()
-        if b is not None and hasattr(b.engine, "close"):
+        if b is not None:
             b.engine.close()  # an engine's own threads and hooks go before the process group does
         shutdown(dist)
 
@@ -193,6 +207,7 @@ def run_eval(cfg: Config, folder: Path) -> dict[str, float]:
     dist = init_distributed(cfg.parallel.device, timeout_s=cfg.parallel.init_timeout_s)
     try:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=None))
+        cfg, _ = resolve_for_job(cfg, dist)
         b = build(cfg, dist)
         b.engine.load_state(folder)
         ctx = LoopContext(cfg=cfg, dist=dist, engine=b.engine, task=b.task, train_data=b.data.train,

@@ -68,7 +68,7 @@ def deepspeed_argv(topo: Topology, train: list[str], *, timeout_s: float) -> lis
     return argv + ["--module", "bigtrain", *train]
 
 
-def accelerate_argv(topo: Topology, train: list[str], *, timeout_s: float, precision: str = "fp32") -> list[str]:
+def accelerate_argv(topo: Topology, train: list[str], *, timeout_s: float, precision: str = "auto") -> list[str]:
     argv = [executable("accelerate"), "launch"]
     if topo.world_size > 1:
         argv.append("--multi_gpu")
@@ -78,6 +78,7 @@ def accelerate_argv(topo: Topology, train: list[str], *, timeout_s: float, preci
         argv += ["--main_process_ip", topo.master_addr]
     if topo.world_size > 1:
         argv += ["--main_process_port", str(topo.master_port or free_port())]
+    # fp32 and auto go as accelerate's "no", which leaves the choice to the recipe (auto: from the hardware).
     argv += ["--mixed_precision", {"bf16": "bf16", "bf16-pure": "bf16", "fp16": "fp16"}.get(precision, "no"),
              "--dynamo_backend", "no"]
     return argv + ["-m", "bigtrain", *train]

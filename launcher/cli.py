@@ -69,11 +69,13 @@ class Launch:
 def build_command(argv: list[str], env: dict[str, str]) -> Launch:
     """What `bigtrain launch ARGV` under `env` runs: the launcher's argv, the environment variables to add, etc."""
     from bigtrain.config import load_config  # no torch: config is stdlib + yaml
+    from bigtrain.models import check_model  # no torch until a model is built
 
     args = _parser().parse_intermixed_args(argv)
     topo = resolve_topology(env, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, node_rank=args.node_rank,
                             master_addr=args.master_addr, master_port=args.master_port)
     cfg = load_config(args.recipe, args.overrides, world_size=topo.world_size)  # fail here, not in N processes
+    check_model(cfg)  # as `bigtrain check` does, torch-free
     train = ["train", args.recipe, *args.overrides]
     extra = {"precision": cfg.parallel.precision} if args.launcher == "accelerate" else {}
     command = LAUNCHERS[args.launcher](topo, train, timeout_s=cfg.parallel.init_timeout_s, **extra)

@@ -50,7 +50,8 @@ def ragged_corpus(tmp_path_factory) -> Path:
 
 
 def tiny_recipe(cache_dir: Path, run_dir_parent: Path, **sections) -> dict:
-    """A debug-size causal-LM recipe on a small slice of python-stdlib (fast on CPU)."""
+    """A debug-size causal-LM recipe on a small slice of python-stdlib (fast on CPU). fp32, so the numbers
+    tests compare are the same on every machine (`auto` would pick bf16 on a CPU with native bf16)."""
     recipe = {
         "run": {"name": "tiny", "output_dir": str(run_dir_parent), "seed": 0},
         "model": {"preset": "debug", "max_seq_len": 64},
@@ -61,6 +62,7 @@ def tiny_recipe(cache_dir: Path, run_dir_parent: Path, **sections) -> dict:
         "eval": {"max_samples": 16},
         "logging": {"every": 1, "progress": False},
         "checkpoint": {"every": 0, "keep_last": 0},
+        "parallel": {"precision": "fp32"},
     }
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)

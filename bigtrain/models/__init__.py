@@ -3,29 +3,47 @@
 Resolves the recipe's `model:` section (a named preset plus overrides) and the task's head
 (language model or classifier) into a ModelSpec, builds the architecture on the requested
 device and initialises its weights.
+
+Checking a recipe's model (`resolve_model_spec`, `check_model`) needs no torch, so `bigtrain launch`
+validates it before starting any process; torch and the model classes load on first use of
+`build_model`, `ARCHS`, `Decoder` or `Encoder`.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
 from bigtrain.errors import UserError
-from bigtrain.models.decoder import Decoder
-from bigtrain.models.encoder import Encoder
 from bigtrain.models.presets import PRESETS, ModelSpec, count_params, resolve_spec, spec_flops_per_token
 
 if TYPE_CHECKING:
-    from bigtrain.config import ModelConfig
+    import torch
+    from torch import nn
 
-ARCHS: dict[str, type[nn.Module]] = {"decoder": Decoder, "encoder": Encoder}
+    from bigtrain.config import Config, ModelConfig
+
+# Arch name -> (module under bigtrain.models, class): short names, imported on first use.
+ARCH_CLASSES: dict[str, tuple[str, str]] = {"decoder": ("decoder", "Decoder"), "encoder": ("encoder", "Encoder")}
 
 __all__ = [
-    "ARCHS", "PRESETS", "Decoder", "Encoder", "ModelSpec",
-    "build_model", "count_params", "resolve_model_spec", "spec_flops_per_token",
+    "ARCHS", "ARCH_CLASSES", "PRESETS", "Decoder", "Encoder", "ModelSpec", "build_model", "check_model",
+    "count_params", "resolve_model_spec", "spec_flops_per_token",
 ]
+
+
+def _arch_class(arch: str) -> type[nn.Module]:
+    module, cls = ARCH_CLASSES[arch]
+    return getattr(importlib.import_module(f"bigtrain.models.{module}"), cls)
+
+
+def __getattr__(name: str):
+    """The torch-backed names, loaded on first use."""
+    if name == "ARCHS":
+        return {arch: _arch_class(arch) for arch in ARCH_CLASSES}
+    if name in ("Decoder", "Encoder"):
+        return _arch_class(name.lower())
+    raise AttributeError(f"module 'bigtrain.models' has no attribute {name!r}")
 
 
 def resolve_model_spec(cfg: ModelConfig, vocab_size: int | None = None, *, head: str = "lm",
@@ -38,8 +56,8 @@ def resolve_model_spec(cfg: ModelConfig, vocab_size: int | None = None, *, head:
     and pooling are as for `build_model`, so `count_params` / `spec_flops_per_token` of the
     result describe exactly the model it would build.
     """
-    if cfg.arch not in ARCHS:
-        raise UserError(f"model.arch: unknown arch '{cfg.arch}' — choose one of {', '.join(ARCHS)}")
+    if cfg.arch not in ARCH_CLASSES:
+        raise UserError(f"model.arch: unknown arch '{cfg.arch}' — choose one of {', '.join(ARCH_CLASSES)}")
     return resolve_spec(cfg, vocab_size, head=head, num_labels=num_labels, pooling=pooling)
 
 
@@ -57,8 +75,25 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, device: torch.device | str
     Deterministic given torch.manual_seed before the call. On device="meta" nothing is
     allocated; call `model.to_empty(device=...)` then `model.init_weights()` later.
     """
+    import torch
+
     spec = resolve_model_spec(cfg, vocab_size, head=head, num_labels=num_labels, pooling=pooling)
     with torch.device(device):
-        model = ARCHS[spec.arch](spec)
+        model = _arch_class(spec.arch)(spec)
     model.init_weights()
     return model
+
+
+def check_model(cfg: Config, num_labels: int = 2) -> ModelSpec:
+    """Resolve the recipe's model spec and check it against the data and task settings (no weights, no torch).
+    Classification specs carry num_labels (the real count is known once the data is prepared)."""
+    classify = cfg.task.name == "classification"
+    spec = resolve_model_spec(cfg.model, head="classify" if classify else "lm",
+                              num_labels=num_labels if classify else None, pooling=cfg.task.pooling)
+    if cfg.data.seq_len > spec.max_seq_len:
+        raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={spec.max_seq_len} "
+                        f"(set model.max_seq_len or lower data.seq_len)")
+    needs = {"causal_lm": "decoder", "sft": "decoder", "masked_lm": "encoder"}.get(cfg.task.name)
+    if needs and spec.arch != needs:
+        raise UserError(f"task.name={cfg.task.name} needs model.arch: {needs}, got '{spec.arch}'")
+    return spec

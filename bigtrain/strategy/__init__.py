@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from bigtrain.strategy.dist import Dist, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
-from bigtrain.strategy.precision import PrecisionTable, precision_table
+from bigtrain.strategy.precision import PrecisionTable, precision_table, resolve_job_precision
 
 __all__ = [
     "Dist", "Engine", "PrecisionTable", "STRATEGIES", "WeightsReader", "all_reduce_sum", "barrier",
-    "broadcast_object", "build_engine", "engine_class", "init_distributed", "open_weights", "precision_table",
+    "broadcast_object", "build_engine", "engine_class", "init_distributed", "launcher_precision", "open_weights", "precision_table",
     "resolve_strategy", "shutdown",
 ]
 
@@ -47,6 +47,7 @@ class Engine(Protocol):
     def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None: ...  # full tensors, by name (init_from)
     def save_state(self, folder: Path) -> None: ...  # collective: every rank calls it
     def load_state(self, folder: Path) -> None: ...  # collective; works for a checkpoint of another world size
+    def close(self) -> None: ...  # release the engine's own threads and hooks (before the process group goes)
     @property
     def loss_scale(self) -> float | None: ...
 
@@ -87,10 +88,23 @@ def build_engine(parallel_cfg, model: nn.Module, make_optimizer: MakeOptimizer, 
     `recipe` (the whole Config) goes to engines that declare `needs_recipe` (DeepSpeed's own config repeats
     the batch sizes, accumulation and clipping)."""
     name = resolve_strategy(parallel_cfg.strategy, dist.world_size)
-    table = precision_table(parallel_cfg.precision, name)
+    precision = parallel_cfg.precision
+    if precision == "auto":  # run.py resolves it first; direct callers get the same rule
+        precision = resolve_job_precision(dist, precision, launcher_choice=launcher_precision(parallel_cfg)).name
+    table = precision_table(precision, name)
     cls = engine_class(parallel_cfg, dist.world_size)
     extra = {"recipe": recipe} if getattr(cls, "needs_recipe", False) else {}
     return cls(model, make_optimizer, dist=dist, precision=table, parallel_cfg=parallel_cfg, **extra)
+
+
+def launcher_precision(parallel_cfg) -> str | None:
+    """The precision a launcher's own config asks for, which `auto` takes: a `parallel.deepspeed_config` with
+    bf16 or fp16 enabled (accelerate's --mixed_precision arrives as an override before this)."""
+    if parallel_cfg.strategy != "deepspeed" or not parallel_cfg.deepspeed_config:
+        return None
+    from bigtrain.strategy.deepspeed import config_precision  # imports no deepspeed
+
+    return config_precision(parallel_cfg.deepspeed_config)
 
 
 def checkpoint_format(folder: Path) -> str:

@@ -95,6 +95,29 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def _read_user_config(path: str) -> dict[str, object]:
+    """parallel.deepspeed_config's keys, flattened to dotted names."""
+    try:
+        user = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"parallel.deepspeed_config: cannot read '{path}': {e.strerror}") from None
+    except ValueError as e:
+        raise UserError(f"parallel.deepspeed_config: '{path}' is not valid JSON: {e}") from None
+    if not isinstance(user, dict):
+        raise UserError(f"parallel.deepspeed_config: '{path}' must hold a JSON object")
+    return _flatten(user)
+
+
+def config_precision(path: str) -> str | None:
+    """bf16 or fp16 when parallel.deepspeed_config enables that section (what `parallel.precision: auto`
+    then takes), else None."""
+    user = _read_user_config(path)
+    enabled = [name for name in ("bf16", "fp16") if user.get(f"{name}.enabled") in (True, 1)]
+    if len(enabled) > 1:
+        raise UserError(f"parallel.deepspeed_config: '{path}' enables both bf16 and fp16 — keep one")
+    return enabled[0] if enabled else None
+
+
 def build_deepspeed_config(recipe, world_size: int) -> dict:
     """The DeepSpeed config for this recipe, merged with parallel.deepspeed_config (extra keys only)."""
     from_recipe = recipe_deepspeed_config(recipe, world_size)
@@ -103,15 +126,7 @@ def build_deepspeed_config(recipe, world_size: int) -> dict:
         _set_dotted(config, key, value)
     path = recipe.parallel.deepspeed_config
     if path:
-        try:
-            user = json.loads(Path(path).read_text())
-        except OSError as e:
-            raise UserError(f"parallel.deepspeed_config: cannot read '{path}': {e.strerror}") from None
-        except ValueError as e:
-            raise UserError(f"parallel.deepspeed_config: '{path}' is not valid JSON: {e}") from None
-        if not isinstance(user, dict):
-            raise UserError(f"parallel.deepspeed_config: '{path}' must hold a JSON object")
-        for key, value in _flatten(user).items():
+        for key, value in _read_user_config(path).items():
             if key in from_recipe:
                 ours, source = from_recipe[key]
                 if value != ours and not (isinstance(ours, bool) and value in (0, 1) and bool(value) == ours):

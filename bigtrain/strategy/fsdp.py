@@ -202,6 +202,9 @@ class FSDPEngine:
             self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
 
 
+    def close(self) -> None:
+        """Nothing of its own to release (DeepSpeed's engine has)."""
+
 class DCPWeights:
     """The model tensors of a DCP checkpoint: names, dtypes and shapes from its metadata; one full
     tensor assembled from the shard files when asked for (no process group needed)."""

@@ -89,6 +89,9 @@ class LocalEngine:
             self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
 
 
+    def close(self) -> None:
+        """Nothing of its own to release (DeepSpeed's engine has)."""
+
 class LocalWeights:
     """model.pt of a single/ddp checkpoint, memory-mapped: a tensor is read when asked for."""
 

@@ -2,6 +2,11 @@
 
 The table is the contract every strategy implements and tests check real tensors against:
 parameter, compute, gradient-reduce, master-weight and optimizer-state dtypes.
+
+`auto` (the default) is resolved first, once per job on rank 0, from the hardware: on CUDA bf16 where the
+GPU has it, else fp16 with loss scaling; on a CPU bf16 only where bf16 matmuls are native (an AVX2-only CPU
+runs them ~50× slower than fp32), else fp32. A launcher's explicit choice (accelerate's
+`--mixed_precision`, a DeepSpeed config's `bf16`/`fp16` section) comes before the hardware.
 """
 
 from __future__ import annotations
@@ -10,6 +15,9 @@ import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
+
+from bigtrain import hardware
+from bigtrain.strategy.dist import Dist, broadcast_object
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,67 @@ _STRATEGY_TABLES: dict[tuple[str, str], PrecisionTable] = {
     ("fp16", "deepspeed"): PrecisionTable("fp16", torch.float16, torch.float16, torch.float16, torch.float32,
                                           torch.float32, True),
 }
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What `parallel.precision` means on this job: the precision name (never `auto`) and why."""
+
+    requested: str
+    name: str
+    reason: str
+
+    def describe(self) -> str:
+        if self.requested == "auto":
+            return f"auto → {self.name}: {self.reason}"
+        return f"{self.name}: {self.reason}"
+
+
+def resolve_precision(requested: str, device: torch.device, *, cpu: hardware.CpuInfo | None = None,
+                      launcher_choice: str | None = None) -> Resolved:
+    """`auto` resolved on this process's hardware (explicit names are kept). `cpu` defaults to probing this
+    CPU; `launcher_choice` is a precision a launcher's own config asks for (it wins over the hardware)."""
+    if requested != "auto":
+        return Resolved(requested, requested, "set in the recipe")
+    if launcher_choice:
+        return Resolved(requested, launcher_choice, "the launcher's config asks for it")
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return Resolved(requested, "bf16", f"{name} computes in bf16 natively")
+        return Resolved(requested, "fp16", f"{name} has no native bf16: fp16 with dynamic loss scaling")
+    if device.type == "cpu":
+        native, reason = hardware.cpu_bf16_native(cpu if cpu is not None else hardware.probe_cpu())
+        return Resolved(requested, "bf16" if native else "fp32", reason)
+    return Resolved(requested, "fp32", f"no low-precision rule for {device.type}")
+
+
+def resolve_job_precision(dist: Dist, requested: str, *, launcher_choice: str | None = None, probe=None) -> Resolved:
+    """`resolve_precision` on rank 0, the same answer on every rank (nodes may differ; the job must not).
+    `probe` returns the CpuInfo to decide from (default: this CPU's)."""
+    resolved = None
+    if dist.is_main:
+        resolved = resolve_precision(requested, dist.device, launcher_choice=launcher_choice,
+                                     cpu=probe() if probe is not None else None)
+    return broadcast_object(dist, resolved)
+
+
+def slow_precision_warning(resolved: Resolved, device: torch.device, *, cpu: hardware.CpuInfo | None = None) -> str | None:
+    """One line when an explicit bf16 / bf16-pure runs on a CPU without native bf16 matmul, with how much
+    slower it measured there (both peaks are cached); None otherwise."""
+    if torch.device(device).type != "cpu" or resolved.name not in ("bf16", "bf16-pure"):
+        return None
+    native, reason = hardware.cpu_bf16_native(cpu if cpu is not None else hardware.probe_cpu())
+    if native:
+        return None
+    table = _TABLES[resolved.name]
+    fp32 = hardware.matmul_peak(device, torch.float32).flops_per_sec
+    low = hardware.matmul_peak(device, table.compute, table.param).flops_per_sec
+    if fp32 < 1.2 * low:  # the flags say no, but it measured about as fast: nothing worth a warning
+        return None
+    return (f"warning: parallel.precision={resolved.name} but {reason}: bf16 matmuls measured {fp32 / low:.1f}× "
+            f"slower than fp32 here — set parallel.precision=auto (or fp32) to train at full speed")
 
 
 def precision_table(name: str, strategy: str = "single") -> PrecisionTable:

@@ -248,7 +248,7 @@ def test_fsdp_init_on_the_meta_device_equals_the_eager_init(one_rank_group):
     eager = build_model(ModelConfig(preset="debug"), 128)
     torch.manual_seed(7)
     model = build_model(ModelConfig(preset="debug"), 128, device="meta")
-    engine = build_engine(ParallelConfig(strategy="fsdp", activation_checkpointing=True), model,
+    engine = build_engine(ParallelConfig(strategy="fsdp", precision="fp32", activation_checkpointing=True), model,
                           lambda m: build_optimizer(OptimConfig(), m, dist.device), dist)
     sharded = {k: v.full_tensor() for k, v in engine.module.state_dict().items()}
     assert sharded.keys() == eager.state_dict().keys()
@@ -274,7 +274,7 @@ def test_dcp_checkpoint_reads_back_exactly_and_a_code_running_metadata_pickle_is
     torch.manual_seed(0)
     dist = init_distributed("cpu")
     model = build_model(ModelConfig(preset="debug"), 128, device="meta")
-    engine = build_engine(ParallelConfig(strategy="fsdp"), model,
+    engine = build_engine(ParallelConfig(strategy="fsdp", precision="fp32"), model,
                           lambda m: build_optimizer(OptimConfig(), m, dist.device), dist)
     folder = save(tmp_path / "run", TrainState(step=1), engine, dist, config_yaml="model: {preset: debug}\n", keep_last=0)
     reader = open_weights(folder)

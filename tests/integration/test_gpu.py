@@ -11,7 +11,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_bf16_training_on_cuda_uses_the_datasheet_peak(tmp_path, cache_dir):
-    from bigtrain.metrics import peak_flops_per_sec
+    from bigtrain.hardware import peak_flops_per_sec
 
     result, run_dir = train(tmp_path, cache_dir, "train.max_steps=10", "parallel.device=cuda", "parallel.precision=bf16")
     assert result.returncode == 0, result.stderr

@@ -115,12 +115,14 @@ def test_accelerate_flags_map_onto_the_recipe_or_fail_when_they_contradict_it(tm
     assert (f"bigtrain: error: accelerate launch --mixed_precision fp16 contradicts parallel.precision: bf16 in "
             f"{recipe} — drop the flag or set parallel.precision=fp16") in bad.stderr.splitlines()
     assert not (tmp_path / "runs").exists()
-    # A recipe that leaves precision open takes accelerate's choice.
-    open_recipe = write_recipe(tmp_path / "open.yaml", tiny_recipe(cache_dir, tmp_path / "runs"))
+    # A recipe that leaves precision to the hardware (auto) takes accelerate's choice.
+    open_recipe = write_recipe(tmp_path / "open.yaml", tiny_recipe(cache_dir, tmp_path / "runs",
+                                                                   parallel={"precision": "auto"}))
     good = finish(start(*accelerate, "--mixed_precision", "bf16", "-m", "bigtrain", "check", str(open_recipe)))
     assert good.returncode == 0, good.stderr[-3000:]
-    table = next(line for line in good.stdout.splitlines() if line.startswith("precision "))
-    assert "name=bf16" in table.split() and "compute=bfloat16" in table.split()
+    lines = good.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("precision "))
+    assert lines[at].split()[:2] == ["precision", "bf16:"] and "compute=bfloat16" in lines[at + 1].split()
 
 
 def test_launcher_processes_with_mismatched_nnodes_fail_fast_with_the_diagnosis_on_every_rank(baseline):

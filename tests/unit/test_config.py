@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bigtrain.config import ConfigError, build_config, load_config, validate
+from bigtrain.config import ConfigError, build_config, load_config, recipe_warnings, validate
 from tests.conftest import REPO, run_cli, write_recipe
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
@@ -68,6 +68,9 @@ def test_accumulation_is_derived():
     ({"train": {"max_steps": True}}, "train.max_steps must be int"),
     ({"parallel": {"precision": "fp8"}}, "parallel.precision='fp8' is not one of"),
     ({"optim": {"betas": [0.9]}}, "optim.betas must be"),
+    ({"optim": {"lr": float("nan")}}, "optim.lr=nan must be a finite number"),
+    ({"optim": {"lr": "inf"}}, "optim.lr='inf' must be a finite number"),
+    ({"model": {"dropout": float("-inf")}}, "model.dropout=-inf must be a finite number"),
 ])
 def test_bad_keys_and_types_name_the_key(raw, message):
     with pytest.raises(ConfigError) as info:
@@ -80,7 +83,9 @@ def test_bad_keys_and_types_name_the_key(raw, message):
     ({"train": {"global_batch_size": 12, "micro_batch_size": 8}}, 1, "train.global_batch_size=12 is not divisible"),
     ({"train": {"global_batch_size": 16, "micro_batch_size": 4}}, 3, "4 × 3 = 12"),
     ({"train": {"max_steps": 10, "stop_at_step": 11}}, 1, "train.stop_at_step=11"),
-    ({"optim": {"warmup_steps": 2000}, "train": {"max_steps": 10}}, 1, "optim.warmup_steps=2000"),
+    ({"task": {"mask_prob": 2}}, 1, "task.mask_prob=2.0 must be in (0, 1]"),
+    ({"task": {"mask_prob": 0}}, 1, "task.mask_prob=0.0 must be in (0, 1]"),
+    ({"optim": {"eps": 0}}, 1, "optim.eps=0.0 must be > 0"),
     ({"train": {"micro_batch_size": 0}}, 1, "train.micro_batch_size=0 must be > 0"),
     ({"data": {"source": "/no/such/file.jsonl"}}, 1, "data.source: no such file or folder '/no/such/file.jsonl'"),
     ({"data": {"tokenizer": "/no/tok.json"}}, 1, "data.tokenizer: no such file '/no/tok.json'"),
@@ -90,6 +95,21 @@ def test_cross_field_rules(raw, world, message):
     with pytest.raises(ConfigError) as info:
         validate(build_config(raw), world_size=world)
     assert message in str(info.value)
+
+
+def test_warmup_longer_than_the_run_is_a_warning_not_an_error():
+    cfg = build_config({"optim": {"warmup_steps": 2000, "lr": 1e-3}, "train": {"max_steps": 10}})
+    validate(cfg)
+    assert recipe_warnings(cfg) == ["warning: optim.warmup_steps=2000 exceeds train.max_steps=10: the LR rises along the "
+                             "warmup and stops at 5e-06, never reaching optim.lr=0.001"]
+    assert recipe_warnings(build_config({})) == []
+
+
+def test_yaml_nan_and_inf_are_refused_on_the_command_line(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", {})
+    result = run_cli("check", str(recipe), "optim.lr=.nan")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"bigtrain: error: {recipe}: optim.lr=nan must be a finite number"
 
 
 @pytest.mark.parametrize("content, args, message", [

@@ -194,6 +194,10 @@ def test_launcher_imports_no_torch(recipe):
     (["--bogus"], "bigtrain launch: error: unrecognized arguments: --bogus"),
     (["--launcher", "mpirun"], "bigtrain launch: error: argument --launcher: invalid choice: 'mpirun'"),
     (["train.lr=1"], "bigtrain launch: error: {recipe}: unknown key 'train.lr' — did you mean 'optim.lr'?"),
+    # The model is checked too, as `bigtrain check` does, before any process starts.
+    (["model.preset=nope", "model.n_heads=7"], "bigtrain launch: error: model.preset: unknown preset 'nope'"),
+    (["model.n_heads=7"], "bigtrain launch: error: model.n_heads: d_model 64 is not divisible by n_heads 7"),
+    (["data.seq_len=128"], "bigtrain launch: error: data.seq_len=128 exceeds the model's max_seq_len=64"),
 ])
 def test_bad_flags_or_recipe_exit_2_with_one_line(recipe, args, message):
     result = launch(str(recipe), *args, "--dry-run")

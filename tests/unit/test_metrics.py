@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bigtrain import metrics
-from bigtrain.metrics import MetricsLogger, StepTimer, max_memory_gb, mfu, peak_flops_per_sec
+from bigtrain.metrics import MetricsLogger, StepTimer, max_memory_gb, mfu
 
 
 @dataclass
@@ -263,55 +263,6 @@ def test_mfu_is_achieved_over_peak_flops():
     # 6 * 124M params * 100k tok/s = 74.4 TFLOP/s of 989 TFLOP/s
     assert mfu(6 * 124e6, 100_000, 989e12) == pytest.approx(0.07523, rel=1e-3)
     assert mfu(1.0, 0.0, 1e12) == 0.0
-
-
-@pytest.mark.parametrize(
-    ("device_name", "dtype", "peak"),
-    [
-        ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12),
-        ("NVIDIA H100 PCIe", torch.float32, 51e12),
-        ("NVIDIA H200", torch.bfloat16, 989e12),
-        ("NVIDIA A100-SXM4-80GB", torch.float32, 19.5e12),
-        ("Tesla V100-SXM2-16GB", torch.bfloat16, 125e12),
-        ("NVIDIA L4", torch.float16, 121e12),
-        ("NVIDIA GeForce RTX 4090", torch.bfloat16, 165e12),
-    ],
-)
-def test_known_gpus_use_the_datasheet_peak(monkeypatch, tmp_path, device_name, dtype, peak):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
-    assert peak_flops_per_sec(torch.device("cuda", 0), dtype, cache_dir=tmp_path) == peak
-    assert not (tmp_path / "peak_flops.json").exists()
-
-
-def test_unknown_gpu_names_are_not_mistaken_for_table_entries():
-    assert metrics._datasheet_peak("NVIDIA L40S", torch.bfloat16) is None  # not an L4
-    assert metrics._datasheet_peak("NVIDIA A10", torch.bfloat16) is None  # not an A100
-
-
-def test_cpu_peak_is_measured_once_then_read_from_cache(tmp_path, monkeypatch):
-    measured = []
-
-    def fake_measure(device, dtype):
-        measured.append(dtype)
-        return 1.5e11
-
-    monkeypatch.setattr(metrics, "_measure_matmul_flops", fake_measure)
-    cpu = torch.device("cpu")
-    assert peak_flops_per_sec(cpu, torch.float32, cache_dir=tmp_path) == 1.5e11
-    assert peak_flops_per_sec(cpu, torch.float32, cache_dir=tmp_path) == 1.5e11
-    assert measured == [torch.float32]
-    peak_flops_per_sec(cpu, torch.bfloat16, cache_dir=tmp_path)
-    assert measured == [torch.float32, torch.bfloat16]
-
-    cache = json.loads((tmp_path / "peak_flops.json").read_text())
-    assert len(cache) == 2
-    key = next(k for k in cache if "torch.float32" in k)
-    assert f"threads={torch.get_num_threads()}" in key and torch.__version__ in key
-
-
-def test_measured_cpu_matmul_peak_is_plausible():
-    flops = metrics._measure_matmul_flops(torch.device("cpu"), torch.float32, budget_s=0.2)
-    assert 1e8 < flops < 1e14  # between a toy and a whole server rack
 
 
 # -- timing and memory -------------------------------------------------------------------------

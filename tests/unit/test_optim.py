@@ -33,3 +33,8 @@ def test_weight_decay_groups_skip_vectors():
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3  # bias, norm weight, norm bias
+
+
+def test_a_warmup_longer_than_the_run_follows_the_warmup_line_to_the_end():
+    cfg = OptimConfig(lr=1e-3, warmup_steps=50, schedule="cosine", final_lr_ratio=0.1)
+    assert [lr_at(cfg, step, 10) for step in (1, 5, 10)] == pytest.approx([2e-5, 1e-4, 2e-4])
