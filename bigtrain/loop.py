@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from bigtrain.checkpoint import TrainState
-from bigtrain.data import GlobalSampler, eval_indices
+from bigtrain.data import GlobalSampler, eval_busiest_count, eval_indices
 from bigtrain.metrics import StepTimer, max_memory_gb, mfu
 from bigtrain.optim import lr_at, set_lr
 from bigtrain.preempt import Preempted, PreemptionGuard
@@ -205,8 +205,7 @@ def evaluate(ctx: LoopContext, stoppable: bool = False) -> dict[str, float] | No
     # Ranks' chunks differ by at most one sample, so a rank may have one batch fewer. A sharded model's
     # forward is collective (FSDP/ZeRO-3 all-gather parameters), so every rank runs as many forwards as the
     # busiest one; a rank out of samples runs a spare one-sample batch and discards it.
-    total = len(ctx.val_data) if cfg.eval.max_samples is None else min(cfg.eval.max_samples, len(ctx.val_data))
-    busiest = -(-total // dist.world_size)
+    busiest = eval_busiest_count(len(ctx.val_data), dist.world_size, limit=cfg.eval.max_samples)
     for start in range(0, busiest, batch_size):
         if stoppable and all_reduce_sum(dist, torch.tensor([float(ctx.preempt.requested)], device=dist.device)).item():
             model.train(was_training)

@@ -13,7 +13,7 @@ Importing this package is cheap: `datasets` and `tokenizers` load only when used
 """
 
 from bigtrain.data.prepare import PreparedData, data_cache_path, load_prepared, prepare_data
-from bigtrain.data.sampler import GlobalSampler, eval_indices
+from bigtrain.data.sampler import GlobalSampler, eval_busiest_count, eval_indices
 from bigtrain.data.dataset import TokenDataset
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "PreparedData",
     "TokenDataset",
     "data_cache_path",
+    "eval_busiest_count",
     "eval_indices",
     "load_prepared",
     "prepare_data",

@@ -71,5 +71,14 @@ def eval_indices(num_samples: int, rank: int, world_size: int, limit: int | None
     Ranks may get different counts (they differ by at most one), so eval must sum losses and
     token counts across ranks rather than average per-rank means.
     """
-    total = num_samples if limit is None else min(limit, num_samples)
-    return np.array_split(np.arange(total, dtype=np.int64), world_size)[rank]
+    return np.array_split(np.arange(_eval_total(num_samples, limit), dtype=np.int64), world_size)[rank]
+
+
+def eval_busiest_count(num_samples: int, world_size: int, limit: int | None = None) -> int:
+    """Samples in the largest rank's `eval_indices` chunk: a sharded model's forward is collective, so every
+    rank runs as many eval forwards as that rank needs."""
+    return -(-_eval_total(num_samples, limit) // world_size)
+
+
+def _eval_total(num_samples: int, limit: int | None) -> int:
+    return num_samples if limit is None else min(limit, num_samples)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bigtrain.config import DataConfig
-from bigtrain.data import GlobalSampler, data_cache_path, eval_indices, load_prepared, prepare_data
+from bigtrain.data import GlobalSampler, data_cache_path, eval_busiest_count, eval_indices, load_prepared, prepare_data
 from bigtrain.data import prepare as prepare_module
 from bigtrain.data import shards as shards_module
 from bigtrain.data.shards import token_dtype
@@ -413,6 +413,7 @@ def test_eval_indices_cover_every_sample_once(n, world, limit):
     chunks = [eval_indices(n, rank, world, limit) for rank in range(world)]
     np.testing.assert_array_equal(np.concatenate(chunks), np.arange(min(n, limit or n)))
     assert max(map(len, chunks)) - min(map(len, chunks)) <= 1
+    assert eval_busiest_count(n, world, limit) == max(map(len, chunks))
 
 
 # --------------------------------------------------------------------------- tasks: special tokens and cache keys
