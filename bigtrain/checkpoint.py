@@ -228,10 +228,17 @@ def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print) -
 
 
 def resolve_init_checkpoint(path: str) -> Path:
-    """model.init_from → a verified checkpoint folder (a run dir means its newest complete checkpoint)."""
+    """model.init_from → a verified checkpoint folder (a run dir means its newest complete checkpoint),
+    or a Hugging Face model folder (config.json + weights; see bigtrain/interop)."""
+    from bigtrain.interop.hf_config import is_hf_folder, looks_like_hf_folder, read_config
+
     where = Path(path).expanduser()
     if not where.exists():
-        raise CheckpointError(f"model.init_from: no such run dir or checkpoint '{path}'")
+        raise CheckpointError(f"model.init_from: no such run dir, checkpoint or Hugging Face folder '{path}'")
+    if is_hf_folder(where):
+        return where
+    if looks_like_hf_folder(where):
+        read_config(where)  # raises: HF weights without a config.json
     if (where / MANIFEST).exists():
         verify(where)
         return where
@@ -246,17 +253,24 @@ def resolve_init_checkpoint(path: str) -> Path:
 
 def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arch: str
                       ) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
-    """Weights of checkpoint `folder` (any strategy's format) that match the model's tensors `expected`
-    (name -> shape); weights only: no optimizer, no step.
+    """Weights of checkpoint `folder` (any strategy's format, or a Hugging Face folder) that match the
+    model's tensors `expected` (name -> shape); weights only: no optimizer, no step.
 
     Returns ({"loaded", "new", "unused"} tensor names, {name: tensor} to load). A tensor whose shape
     differs, or a checkpoint of another architecture, is a one-line error naming the tensor.
     """
     import yaml
 
-    reader = open_weights(folder)
+    from bigtrain.interop.hf_config import is_hf_folder
+
+    if is_hf_folder(folder):
+        from bigtrain.interop.hf_weights import open_hf_weights
+
+        reader, saved_arch = open_hf_weights(folder), "decoder"
+    else:
+        reader = open_weights(folder)
+        saved_arch = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("model", {}).get("arch", "decoder")
     saved = reader.tensors()  # name -> (dtype, shape): nothing read yet
-    saved_arch = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("model", {}).get("arch", "decoder")
     if saved_arch != arch:
         foreign = next((k for k in saved if k not in expected), next(iter(saved)))
         raise CheckpointError(f"model.init_from: {folder} holds a '{saved_arch}' model (e.g. tensor '{foreign}'), "

@@ -40,9 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", help="checkpoint folder name (step-N or step-NNNNNNN) or path")
     ex = sub.add_parser("export", help="consolidated weights (model.safetensors + config.yaml) of any strategy's checkpoint",
                         description="write the consolidated weights of a checkpoint (a run dir means its newest) as "
-                                    "OUT/model.safetensors plus config.yaml and the tokenizer")
+                                    "OUT/model.safetensors plus config.yaml and the tokenizer, or (--format hf) as a "
+                                    "Hugging Face folder that transformers' from_pretrained loads")
     ex.add_argument("source", help="run dir or checkpoint folder")
     ex.add_argument("out", help="output folder")
+    ex.add_argument("--format", choices=("bigtrain", "hf"), default="bigtrain",
+                    help="bigtrain (default): bigtrain's own folder; hf: a Hugging Face model folder "
+                         "(GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM)")
+    ex.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="--format hf: dtype of the written tensors (default fp32)")
+    ex.add_argument("--max-shard-size", default="5GB",
+                    help="--format hf: largest model-*.safetensors shard, e.g. 500MB, 5GB (default 5GB)")
     sub.add_parser("launch", help="start training on this node under torchrun, deepspeed or accelerate (see `bigtrain launch -h`)",
                    add_help=False, prefix_chars="\0")  # its own flags: parsed by launcher.cli
     return parser
@@ -133,7 +141,9 @@ def cmd_check(args) -> int:
 
     cfg = _config(args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    spec = dataclasses.replace(check_model(cfg), vocab_size=padded_vocab_size(_vocab_size(cfg)))
+    spec = check_model(cfg)  # an HF init_from brings its own vocab_size
+    if spec.vocab_size is None:
+        spec = dataclasses.replace(spec, vocab_size=padded_vocab_size(_vocab_size(cfg)))
     params = count_params(spec)
     flops = spec_flops_per_token(spec, cfg.data.seq_len)
     device = torch.device("cuda" if cfg.parallel.device == "cuda" or (cfg.parallel.device == "auto"
@@ -274,8 +284,22 @@ def _eval_checkpoint(run_dir, name: str | None):
 
 
 def cmd_export(args) -> int:
-    from bigtrain.export import export
+    from bigtrain.export import export, export_hf
 
-    out = export(args.source, args.out)
-    print(f"bigtrain: exported {out}", file=sys.stderr)
+    if args.format == "hf":
+        out = export_hf(args.source, args.out, dtype=args.dtype, max_shard_bytes=_size_bytes(args.max_shard_size))
+    else:
+        out = export(args.source, args.out)
+    print(f"bigtrain: exported {out}" + (" (Hugging Face format)" if args.format == "hf" else ""), file=sys.stderr)
     return 0
+
+
+def _size_bytes(text: str) -> int:
+    """'500MB' / '5GB' / '2GiB' / a plain byte count -> bytes (decimal units, as save_pretrained's)."""
+    import re
+
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).upper() not in units or float(match.group(1)) <= 0:
+        raise UserError(f"export --max-shard-size: cannot read '{text}' — use e.g. 500MB or 5GB")
+    return int(float(match.group(1)) * units[match.group(2).upper()])

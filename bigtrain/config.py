@@ -48,7 +48,7 @@ class RunConfig:
 class ModelConfig:
     arch: str = _opt("decoder", "model family: decoder (GPT-2 / Llama style) | encoder (BERT style)")
     preset: str = _opt("debug", "named size: debug, gpt2-124m, gpt2-355m, llama-1b, llama-8b (decoder); debug, bert-tiny, bert-base, bert-large (encoder)")
-    init_from: Optional[str] = _opt(None, "start from the weights of a run dir or checkpoint (weights only; its tokenizer comes along)")
+    init_from: Optional[str] = _opt(None, "start from the weights of a run dir, a checkpoint or a Hugging Face model folder (config.json + safetensors; its config.json sets the model keys); its tokenizer comes along")
     n_layers: Optional[int] = _opt(None, "transformer blocks (default: the preset's)")
     d_model: Optional[int] = _opt(None, "hidden width (default: the preset's)")
     n_heads: Optional[int] = _opt(None, "attention heads (default: the preset's)")
@@ -64,6 +64,12 @@ class ModelConfig:
     rope_theta: Optional[float] = _opt(None, "RoPE base frequency (default: the preset's)")
     norm_eps: Optional[float] = _opt(None, "epsilon of the norms (default: the preset's)")
     init_std: Optional[float] = _opt(None, "std of the normal weight init (default: the preset's)")
+    d_head: Optional[int] = _opt(None, "width of one attention head (default: d_model / n_heads)")
+    qkv_bias: Optional[bool] = _opt(None, "biases on the query/key/value projection (default: model.bias; Qwen2: true with bias false)")
+    qk_norm: Optional[bool] = _opt(None, "normalise each head's query and key before RoPE, as Qwen3 (default: false)")
+    rope_scaling: Optional[tuple[float, float, float, int]] = _opt(None, "Llama 3.1 RoPE scaling [factor, low_freq_factor, high_freq_factor, original_max_seq_len] (default: none)")
+    gelu_approximate: Optional[Literal["tanh", "none"]] = _opt(None, "GELU MLP: tanh approximation (GPT-2's gelu_new) | none (exact erf) (default: tanh)")
+    vocab_size: Optional[int] = _opt(None, "rows of the token embedding (default: the tokenizer's size rounded up to a multiple of 64; a Hugging Face init_from sets it)")
 
 
 @dataclass(frozen=True)

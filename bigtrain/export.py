@@ -1,4 +1,10 @@
-"""`bigtrain export SOURCE OUT`: the consolidated weights of any strategy's checkpoint as one safetensors file.
+"""`bigtrain export SOURCE OUT [--format bigtrain|hf]`: the consolidated weights of any strategy's checkpoint.
+
+--format bigtrain (the default) writes bigtrain's own folder, below. --format hf writes a Hugging Face
+folder that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load with no
+extra code (`export_hf`: config.json written from the ModelSpec, model.safetensors or shards plus an
+index, generation_config.json, tokenizer.json + tokenizer_config.json); a model no HF class expresses
+exactly is a one-line error. Both stream one tensor at a time.
 
 OUT gets model.safetensors (every model tensor, full and unsharded, under its state-dict name),
 config.yaml (the run's resolved recipe), tokenizer.json and, for classifiers, labels.json.
@@ -62,6 +68,72 @@ def export(source: str | Path, out: str | Path) -> Path:
         if (folder / name).is_file():
             shutil.copyfile(folder / name, out / name)
     return out
+
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # save_pretrained's "5GB"
+BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
+
+
+def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write checkpoint `source` as a Hugging Face folder OUT (see the module docstring); dtype fp32|bf16|fp16."""
+    import yaml
+
+    from bigtrain.config import build_config
+    from bigtrain.interop.hf_config import export_family, hf_config
+    from bigtrain.interop.hf_weights import DTYPES, SAFETENSORS_INDEX, HFExportWeights, write_hf_weights
+    from bigtrain.models import resolve_model_spec
+
+    if dtype not in DTYPES:
+        raise UserError(f"export --dtype: unknown dtype '{dtype}' — choose one of {', '.join(DTYPES)}")
+    folder = find_checkpoint(source)
+    reader = open_weights(folder)
+    saved = reader.tensors()
+    if "classifier.weight" in saved:
+        raise UserError(f"export --format hf: {folder} holds a classifier head, which has no exact Hugging Face "
+                        f"causal-LM class — export it with --format bigtrain")
+    if "tok_emb.weight" not in saved:
+        raise UserError(f"export --format hf: {folder} has no tensor 'tok_emb.weight' — not a bigtrain model checkpoint")
+    cfg = build_config(yaml.safe_load((folder / "config.yaml").read_text()) or {}, where=str(folder / "config.yaml"))
+    spec = resolve_model_spec(cfg.model, saved["tok_emb.weight"][1][0])
+    family = export_family(spec)
+
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = _special_tokens(folder / "tokenizer.json")
+    ids = {f"{role}_token_id": token_id for role, (_, token_id) in tokens.items()}
+    (out / "config.json").write_text(json.dumps(hf_config(spec, family, dtype=dtype, bos_id=ids.get("bos_token_id"),
+                                                          eos_id=ids.get("eos_token_id"),
+                                                          pad_id=ids.get("pad_token_id")), indent=2))
+    (out / "generation_config.json").write_text(json.dumps({k: v for k, v in ids.items() if v is not None}, indent=2))
+    if (folder / "tokenizer.json").is_file():
+        shutil.copyfile(folder / "tokenizer.json", out / "tokenizer.json")
+        (out / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": spec.max_seq_len,
+             "clean_up_tokenization_spaces": False, **{f"{role}_token": text for role, (text, _) in tokens.items()}},
+            indent=2))
+    for stale in [*out.glob("model*.safetensors"), out / SAFETENSORS_INDEX]:  # an earlier export's shards
+        stale.unlink(missing_ok=True)
+    write_hf_weights(out, HFExportWeights(reader, family, spec, DTYPES[dtype]), max_shard_bytes)
+    return out
+
+
+def _special_tokens(path: Path) -> dict[str, tuple[str, int]]:
+    """role (bos, eos, pad) -> (token, id) for the special tokens of tokenizer.json found by name."""
+    if not path.is_file():
+        return {}
+    try:
+        added = {t["content"]: t["id"] for t in json.loads(path.read_text()).get("added_tokens", [])}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"export --format hf: cannot read {path}") from None
+    found = {}
+    for role, candidates in (("bos", BOS_CANDIDATES), ("eos", EOS_CANDIDATES), ("pad", PAD_CANDIDATES)):
+        token = next((t for t in candidates if t in added), None)
+        if token is not None:
+            found[role] = (token, added[token])
+    return found
 
 
 def write_safetensors(path: Path, reader, metadata: dict[str, str] | None = None) -> None:

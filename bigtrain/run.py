@@ -36,13 +36,32 @@ def padded_vocab_size(vocab_size: int) -> int:
 
 
 def with_init_tokenizer(cfg: Config) -> Config:
-    """With model.init_from, the tokenizer comes from that checkpoint unless data.tokenizer is set."""
+    """With model.init_from, the tokenizer comes from that checkpoint (or Hugging Face folder) unless
+    data.tokenizer is set."""
     if not cfg.model.init_from or cfg.data.tokenizer:
         return cfg
     folder = checkpoint.resolve_init_checkpoint(cfg.model.init_from)
     if not (folder / TOKENIZER_FILE).is_file():
         raise UserError(f"model.init_from: {folder} has no {TOKENIZER_FILE} — set data.tokenizer")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(folder / TOKENIZER_FILE)))
+
+
+def with_init_from(cfg: Config) -> Config:
+    """The recipe with what model.init_from brings: the tokenizer, and for a Hugging Face folder the
+    model keys of its config.json (so config.yaml records the model exactly; see interop/hf_config.py)."""
+    from bigtrain.interop.hf_config import with_hf_model
+
+    return with_init_tokenizer(with_hf_model(cfg))
+
+
+def model_vocab_size(cfg: Config, tokenizer_vocab_size: int) -> int:
+    """Embedding rows: model.vocab_size (an HF model's own) or the tokenizer's size padded to VOCAB_MULTIPLE."""
+    if cfg.model.vocab_size is None:
+        return padded_vocab_size(tokenizer_vocab_size)
+    if cfg.model.vocab_size < tokenizer_vocab_size:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                        f"{tokenizer_vocab_size} tokens — use the model's own tokenizer or a larger vocab_size")
+    return cfg.model.vocab_size
 
 
 def on_main(dist: Dist, fn):
@@ -100,7 +119,7 @@ def build(cfg: Config, dist: Dist) -> Built:
     torch.manual_seed(cfg.run.seed)
     head = {"classification": "classify"}.get(cfg.task.name, "lm")
     on_meta = engine_class(cfg.parallel, dist.world_size).builds_on_meta
-    model = build_model(cfg.model, padded_vocab_size(data.vocab_size), device="meta" if on_meta else dist.device,
+    model = build_model(cfg.model, model_vocab_size(cfg, data.vocab_size), device="meta" if on_meta else dist.device,
                         head=head, num_labels=len(data.labels) if head == "classify" else None,
                         pooling=cfg.task.pooling)
     init_weights = None
@@ -130,7 +149,7 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
     after rank 0 has written run_dir/preempted.json (what `bigtrain launch` requeues on).
     config.yaml keeps the recipe's precision (`auto` resolves again on the machine that resumes);
     precision.json records what it resolved to here, and why."""
-    cfg = with_init_tokenizer(cfg)
+    cfg = with_init_from(cfg)
     check_model(cfg)
     dist = init_distributed(cfg.parallel.device, timeout_s=cfg.parallel.init_timeout_s)
     logger = b = None

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 EOS, PAD, MASK, CLS, SEP = "<|endoftext|>", "<|pad|>", "<|mask|>", "<|cls|>", "<|sep|>"
 SPECIAL_TOKENS = (EOS, PAD, MASK, CLS, SEP)  # a trained BPE's ids 0..4, in this order
-EOS_CANDIDATES = (EOS, "</s>", "<eos>", "[SEP]")
+EOS_CANDIDATES = (EOS, "<|end_of_text|>", "</s>", "<eos>", "[SEP]")  # GPT-2 / Qwen, Llama 3, Llama 2 / Mistral, Gemma, BERT
 PAD_CANDIDATES = (PAD, "<pad>", "[PAD]")
 MASK_CANDIDATES = (MASK, "[MASK]", "<mask>")
 CLS_CANDIDATES = (CLS, "[CLS]", "<s>")

@@ -86,9 +86,14 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, device: torch.device | str
 
 def check_model(cfg: Config, num_labels: int = 2) -> ModelSpec:
     """Resolve the recipe's model spec and check it against the data and task settings (no weights, no torch).
-    Classification specs carry num_labels (the real count is known once the data is prepared)."""
+    Classification specs carry num_labels (the real count is known once the data is prepared). With a
+    Hugging Face folder as model.init_from, the model keys come from its config.json (bigtrain/interop)."""
+    if cfg.model.init_from:
+        from bigtrain.interop.hf_config import with_hf_model  # torch-free; unchanged unless an HF folder
+
+        cfg = with_hf_model(cfg)
     classify = cfg.task.name == "classification"
-    spec = resolve_model_spec(cfg.model, head="classify" if classify else "lm",
+    spec = resolve_model_spec(cfg.model, cfg.model.vocab_size, head="classify" if classify else "lm",
                               num_labels=num_labels if classify else None, pooling=cfg.task.pooling)
     if cfg.data.seq_len > spec.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={spec.max_seq_len} "

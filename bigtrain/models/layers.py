@@ -1,7 +1,8 @@
 """Transformer building blocks shared by the decoder and the encoder.
 
-Owns: norm construction, rotary position embedding, attention masks (`prepare_attn_mask`),
-attention (fused QKV, grouped-query, causal or bidirectional, SDPA), GELU and SwiGLU MLPs,
+Owns: norm construction, rotary position embedding (optionally with Llama 3.1's frequency
+scaling), attention masks (`prepare_attn_mask`), attention (fused QKV, grouped-query, causal or
+bidirectional, optional per-head q/k norm, SDPA), GELU and SwiGLU MLPs,
 and the pre-norm `Block`. Every block holds all of its own state, so strategies can wrap
 each one (activation checkpointing, FSDP) and call it as `block(x, attn_mask=None)`.
 """
@@ -9,6 +10,7 @@ each one (activation checkpointing, FSDP) and call it as `block(x, attn_mask=Non
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -17,23 +19,26 @@ from torch import nn
 from bigtrain.models.presets import ModelSpec
 
 
-def build_norm(spec: ModelSpec) -> nn.Module:
-    """LayerNorm (with a bias iff spec.bias) or RMSNorm, as the spec says."""
+def build_norm(spec: ModelSpec, dim: int | None = None) -> nn.Module:
+    """LayerNorm (with a bias iff spec.bias) or RMSNorm, as the spec says, over `dim` (default d_model)."""
+    dim = spec.d_model if dim is None else dim
     if spec.norm == "rmsnorm":
-        return nn.RMSNorm(spec.d_model, eps=spec.norm_eps)  # F.rms_norm under the hood
-    return nn.LayerNorm(spec.d_model, eps=spec.norm_eps, bias=spec.bias)
+        return nn.RMSNorm(dim, eps=spec.norm_eps)  # F.rms_norm under the hood
+    return nn.LayerNorm(dim, eps=spec.norm_eps, bias=spec.bias)
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (rotate-half layout, as in HF Llama).
+    """Rotary position embedding (rotate-half layout, as in HF Llama: tests/unit/test_interop.py checks it).
 
     cos/sin tables are non-persistent buffers: they never enter a state_dict, and
-    `reset_buffers()` recomputes them after `to_empty()` from the meta device.
+    `reset_buffers()` recomputes them after `to_empty()` from the meta device. `scaling`, when
+    given, is Llama 3.1's (factor, low_freq_factor, high_freq_factor, original_max_seq_len).
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float,
+                 scaling: tuple[float, float, float, int] | None = None):
         super().__init__()
-        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.head_dim, self.max_seq_len, self.theta, self.scaling = head_dim, max_seq_len, theta, scaling
         self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2), persistent=False)
         self.register_buffer("sin", torch.empty(max_seq_len, head_dim // 2), persistent=False)
         self.reset_buffers()
@@ -42,7 +47,10 @@ class RotaryEmbedding(nn.Module):
     def reset_buffers(self) -> None:
         # Angles in float32 whatever the buffer dtype: position * freq loses all precision in bf16.
         device = self.cos.device
-        inv_freq = self.theta ** -(torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+        if self.scaling is None:
+            inv_freq = self.theta ** -(torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+        else:
+            inv_freq = llama3_inv_freq(self.head_dim, self.theta, self.scaling, device)
         angles = torch.outer(torch.arange(self.max_seq_len, device=device, dtype=torch.float32), inv_freq)  # (T, hd/2)
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())
@@ -53,6 +61,22 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)  # (T, hd/2)
         x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, hd/2) each
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def llama3_inv_freq(head_dim: int, theta: float, scaling: tuple[float, float, float, int],
+                    device: torch.device) -> torch.Tensor:
+    """Llama 3.1 RoPE frequencies (as transformers' `_compute_llama3_parameters`): wavelengths longer than
+    original_max_seq_len / low_freq_factor are slowed by `factor`, shorter than .../ high_freq_factor kept,
+    and those in between interpolated smoothly. (hd/2,) float32."""
+    factor, low_freq_factor, high_freq_factor, original = scaling
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    low_freq_wavelen, high_freq_wavelen = original / low_freq_factor, original / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def prepare_attn_mask(attn_mask: torch.Tensor | None, causal: bool) -> torch.Tensor | None:
@@ -101,9 +125,12 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
         self.dropout = spec.dropout
         # q: n_heads heads, k and v: n_kv_heads heads each.
-        self.qkv = nn.Linear(spec.d_model, (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim, bias=spec.bias)
+        self.qkv = nn.Linear(spec.d_model, (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim, bias=spec.qkv_bias)
         self.out_proj = nn.Linear(spec.n_heads * spec.head_dim, spec.d_model, bias=spec.bias)
-        self.rope = (RotaryEmbedding(spec.head_dim, spec.max_seq_len, spec.rope_theta)
+        # Qwen3: each head's q and k normalised over head_dim, before RoPE.
+        self.q_norm = build_norm(spec, spec.head_dim) if spec.qk_norm else None
+        self.k_norm = build_norm(spec, spec.head_dim) if spec.qk_norm else None
+        self.rope = (RotaryEmbedding(spec.head_dim, spec.max_seq_len, spec.rope_theta, spec.rope_scaling)
                      if spec.position == "rope" else None)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,6 +140,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over hd, per head and position
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
 
@@ -138,15 +167,16 @@ class Attention(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """GPT-2 MLP: d_model -> d_ff -> GELU (tanh approximation, as GPT-2) -> d_model."""
+    """GPT-2 MLP: d_model -> d_ff -> GELU (spec.gelu_approximate: tanh, as GPT-2, or exact) -> d_model."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.in_proj = nn.Linear(spec.d_model, spec.d_ff, bias=spec.bias)
         self.out_proj = nn.Linear(spec.d_ff, spec.d_model, bias=spec.bias)
+        self.approximate = spec.gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(F.gelu(self.in_proj(x), approximate="tanh"))
+        return self.out_proj(F.gelu(self.in_proj(x), approximate=self.approximate))
 
 
 class SwiGLU(nn.Module):

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
+GELU_APPROXIMATIONS = ("tanh", "none")  # torch's F.gelu(approximate=...): GPT-2's "gelu_new" is tanh
 HEADS = ("lm", "classify")  # lm: next-token (decoder) or masked-token (encoder) logits; classify: (B, K)
 POOLINGS = ("first", "last")
 DEFAULT_POOLING = {"decoder": "last", "encoder": "first"}  # what pooling="auto" picks per arch
@@ -28,18 +29,21 @@ SPEC_FIELDS = (
     "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
     "norm", "position", "mlp", "tie_embeddings", "bias", "dropout",
     "rope_theta", "norm_eps", "init_std",
+    "d_head", "qkv_bias", "qk_norm", "rope_scaling", "gelu_approximate",
 )
+# The decoder options Hugging Face families need; these defaults keep every older model as it was.
+_COMMON = dict(d_head=None, qkv_bias=None, qk_norm=False, rope_scaling=None, gelu_approximate="tanh")
 
 _GPT2_STYLE = dict(
-    norm="layernorm", position="learned", mlp="gelu", tie_embeddings=True, bias=True,
+    _COMMON, norm="layernorm", position="learned", mlp="gelu", tie_embeddings=True, bias=True,
     dropout=0.0, rope_theta=10000.0, norm_eps=1e-5, init_std=0.02,
 )
 _BERT_STYLE = dict(  # BERT's published hyperparameters (dropout 0.1, LayerNorm eps 1e-12)
-    norm="layernorm", position="learned", mlp="gelu", tie_embeddings=True, bias=True,
+    _COMMON, norm="layernorm", position="learned", mlp="gelu", tie_embeddings=True, bias=True,
     dropout=0.1, rope_theta=10000.0, norm_eps=1e-12, init_std=0.02,
 )
 _LLAMA3_STYLE = dict(
-    norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=True, bias=False,
+    _COMMON, norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=True, bias=False,
     dropout=0.0, rope_theta=500000.0, norm_eps=1e-5, init_std=0.02,
 )
 
@@ -97,6 +101,12 @@ class ModelSpec:
     rope_theta: float
     norm_eps: float
     init_std: float
+    d_head: int | None = None  # per-head width; None: d_model // n_heads (Qwen3 sets its own)
+    qkv_bias: bool = False  # biases on the q/k/v projection (resolve_spec: None -> spec.bias; Qwen2: alone)
+    qk_norm: bool = False  # a norm (spec.norm, over head_dim) on each head's q and k before RoPE (Qwen3)
+    rope_scaling: tuple[float, float, float, int] | None = None  # llama3: (factor, low_freq_factor,
+    #   high_freq_factor, original_max_seq_len) rescale the RoPE frequencies (Llama 3.1+); None: plain RoPE
+    gelu_approximate: str = "tanh"  # GeluMLP's F.gelu(approximate=...): "tanh" (GPT-2's gelu_new) | "none"
     vocab_size: int | None = None  # None until a tokenizer is known; needed to build or count
     head: str = "lm"  # one of HEADS, chosen at build time (by the task), not by the recipe's model section
     num_labels: int | None = None  # classify only: classifier outputs
@@ -104,7 +114,7 @@ class ModelSpec:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head or self.d_model // self.n_heads
 
 
 def resolve_spec(cfg: ModelConfig, vocab_size: int | None = None, *, head: str = "lm",
@@ -124,6 +134,10 @@ def resolve_spec(cfg: ModelConfig, vocab_size: int | None = None, *, head: str =
         override = getattr(cfg, name, None)
         if override is not None:
             values[name] = override
+    if values["qkv_bias"] is None:
+        values["qkv_bias"] = values["bias"]
+    if values["rope_scaling"] is not None:
+        values["rope_scaling"] = tuple(values["rope_scaling"])
     spec = ModelSpec(arch=cfg.arch, preset=cfg.preset, vocab_size=vocab_size,
                      **_resolve_head(cfg.arch, head, num_labels, pooling), **values)
     _check(spec)
@@ -171,14 +185,22 @@ def _check(spec: ModelSpec) -> None:
     for key, choices in (("norm", NORMS), ("position", POSITIONS), ("mlp", MLPS)):
         if getattr(spec, key) not in choices:
             fail(key, f"unknown {key} '{getattr(spec, key)}' — choose one of {', '.join(choices)}")
-    if spec.d_model % spec.n_heads:
+    if spec.d_head is not None and (isinstance(spec.d_head, bool) or not isinstance(spec.d_head, int)
+                                    or spec.d_head < 1):
+        fail("d_head", f"must be a positive integer or null, got {spec.d_head!r}")
+    if spec.d_head is None and spec.d_model % spec.n_heads:
         fail("n_heads", f"d_model {spec.d_model} is not divisible by n_heads {spec.n_heads} — "
                         f"pick n_heads that divides d_model")
     if spec.n_heads % spec.n_kv_heads:
         fail("n_kv_heads", f"n_heads {spec.n_heads} is not divisible by n_kv_heads {spec.n_kv_heads} — "
                            f"pick n_kv_heads that divides n_heads")
     if spec.position == "rope" and spec.head_dim % 2:
-        fail("n_heads", f"rope needs an even head dim, got d_model/n_heads = {spec.head_dim}")
+        fail("n_heads", f"rope needs an even head dim, got {spec.head_dim}")
+    if spec.gelu_approximate not in GELU_APPROXIMATIONS:
+        fail("gelu_approximate", f"unknown approximation '{spec.gelu_approximate}' — choose one of "
+                                 f"{', '.join(GELU_APPROXIMATIONS)}")
+    if spec.rope_scaling is not None:
+        _check_rope_scaling(spec, fail)
     if not 0.0 <= spec.dropout < 1.0:
         fail("dropout", f"must be in [0, 1), got {spec.dropout!r}")
     for key in ("rope_theta", "norm_eps", "init_std"):
@@ -186,6 +208,19 @@ def _check(spec: ModelSpec) -> None:
             fail(key, f"must be > 0, got {getattr(spec, key)!r}")
     if spec.vocab_size is not None and spec.vocab_size < 1:
         raise ValueError(f"vocab_size must be positive, got {spec.vocab_size}")  # from the tokenizer, not the user
+
+
+def _check_rope_scaling(spec: ModelSpec, fail) -> None:
+    """llama3 scaling: factor >= 1, 0 < low_freq_factor < high_freq_factor, a positive original length."""
+    if spec.position != "rope":
+        fail("rope_scaling", "needs position: rope")
+    if len(spec.rope_scaling) != 4:
+        fail("rope_scaling", f"expected [factor, low_freq_factor, high_freq_factor, original_max_seq_len], "
+                             f"got {list(spec.rope_scaling)}")
+    factor, low, high, original = spec.rope_scaling
+    if not (factor >= 1 and 0 < low < high and int(original) == original and original >= 1):
+        fail("rope_scaling", f"need factor >= 1, 0 < low_freq_factor < high_freq_factor and a positive integer "
+                             f"original_max_seq_len, got {list(spec.rope_scaling)}")
 
 
 def _block_matmul_weights(spec: ModelSpec) -> int:
@@ -220,8 +255,9 @@ def count_params(spec: ModelSpec) -> int:
     norm = d * (2 if spec.norm == "layernorm" and spec.bias else 1)  # RMSNorm never has a bias
     qkv_out = (spec.n_heads + 2 * spec.n_kv_heads) * hd
     mlp_hidden = spec.d_ff * (2 if spec.mlp == "swiglu" else 1)
-    block_biases = bias * (qkv_out + d + mlp_hidden + d)
-    block = 2 * norm + _block_matmul_weights(spec) + block_biases
+    block_biases = int(spec.qkv_bias) * qkv_out + bias * (d + mlp_hidden + d)
+    qk_norms = 2 * norm // d * hd if spec.qk_norm else 0  # one norm of head_dim each for q and k
+    block = 2 * norm + _block_matmul_weights(spec) + block_biases + qk_norms
 
     total = vocab * d + spec.n_layers * block + norm  # token embedding, blocks, final norm
     if spec.position == "learned":

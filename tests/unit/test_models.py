@@ -500,3 +500,57 @@ def test_encoder_bf16_autocast_forward_on_cpu():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(tokens(), attn_mask=key_padding([16, 9], 16))
     assert logits.dtype == torch.bfloat16 and logits.float().isfinite().all()
+
+
+# --------------------------------------------------------------------------- options Hugging Face families need
+
+HF_OPTIONS = [
+    dict(LLAMA_STYLE, n_kv_heads=2, qkv_bias=True),  # Qwen2: q/k/v biases only
+    dict(LLAMA_STYLE, n_kv_heads=2, qk_norm=True, d_head=24),  # Qwen3: q/k norm, head_dim != d_model / n_heads
+    dict(qk_norm=True, tie_embeddings=False),  # a layernorm q/k norm (with biases)
+    dict(gelu_approximate="none", bias=False, qkv_bias=True),
+    dict(LLAMA_STYLE, rope_scaling=(8.0, 1.0, 4.0, 32)),
+]
+
+
+@pytest.mark.parametrize("overrides", HF_OPTIONS)
+def test_count_params_and_flops_match_built_model_with_hf_options(overrides):
+    model = build(**overrides)
+    assert count_params(model.spec) == model.num_params()
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    T, spec = 32, model.spec
+    assert model.flops_per_token(T) == 6 * matmul + 12 * spec.n_layers * spec.d_model * T
+    assert model(tokens(T=T)).shape == (2, T, VOCAB)
+
+
+def test_hf_options_default_to_the_older_models():
+    spec = resolve_model_spec(model_cfg(bias=False), VOCAB)
+    assert (spec.d_head, spec.qkv_bias, spec.qk_norm, spec.rope_scaling, spec.gelu_approximate) == (
+        None, False, False, None, "tanh")
+    assert spec.head_dim == 16
+    model = build(**STYLES["llama"])
+    assert model.blocks[0].attn.q_norm is None and model.blocks[0].attn.rope.scaling is None
+
+
+def test_qkv_bias_alone_and_d_head_shape_the_attention():
+    attn = build(**dict(LLAMA_STYLE, n_kv_heads=2, qkv_bias=True, d_head=24)).blocks[0].attn
+    assert attn.qkv.bias is not None and attn.out_proj.bias is None
+    assert tuple(attn.qkv.weight.shape) == ((4 + 2 * 2) * 24, 64) and tuple(attn.out_proj.weight.shape) == (64, 96)
+
+
+def test_exact_gelu_differs_from_the_tanh_approximation():
+    ids = tokens()
+    with torch.no_grad():
+        assert not torch.equal(build()(ids), build(gelu_approximate="none")(ids))
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(d_head=0), "model.d_head"),
+    (dict(rope_scaling=(8.0, 1.0, 4.0, 32)), "model.rope_scaling"),  # learned positions
+    (dict(LLAMA_STYLE, rope_scaling=(8.0, 4.0, 1.0, 32)), "model.rope_scaling"),  # low >= high
+    (dict(gelu_approximate="erf"), "model.gelu_approximate"),
+])
+def test_bad_hf_option_raises_user_error_naming_key(overrides, key):
+    with pytest.raises(UserError) as err:
+        resolve_model_spec(model_cfg(**overrides))
+    assert str(err.value).startswith(key + ":") and "\n" not in str(err.value)
