@@ -1,4 +1,4 @@
-"""`bigtrain` subcommands: train, check, prepare, bench, eval, export, launch. Bad input exits 2 with one line; no traceback."""
+"""`bigtrain` subcommands: train, check, prepare, bench, eval, export, generate, launch. Bad input exits 2 with one line; no traceback."""
 
 from __future__ import annotations
 
@@ -51,6 +51,29 @@ def _parser() -> argparse.ArgumentParser:
                     help="--format hf: dtype of the written tensors (default fp32)")
     ex.add_argument("--max-shard-size", default="5GB",
                     help="--format hf: largest model-*.safetensors shard, e.g. 500MB, 5GB (default 5GB)")
+    gen = sub.add_parser("generate", help="generate text from a run dir, checkpoint or Hugging Face folder",
+                         description="generate text from a run dir (its newest checkpoint), a checkpoint folder or a "
+                                     "Hugging Face model folder: greedy (temperature 0, the default) or sampled, with a "
+                                     "KV cache; a --prompt streams to stdout, --prompts prints one JSON line per prompt; "
+                                     "tokens/s goes to stderr")
+    gen.add_argument("source", help="run dir, checkpoint folder or Hugging Face model folder")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text; its completion is streamed to stdout")
+    prompt.add_argument("--prompts", metavar="FILE",
+                        help="prompts generated as batches: one per line, or for *.jsonl a JSON string or "
+                             '{"prompt": ...} per line; prints {"prompt", "completion"} JSON lines')
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt at most (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sample")
+    gen.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
+    gen.add_argument("--top-p", type=float, help="sample from the smallest set of tokens whose probability reaches p")
+    gen.add_argument("--seed", type=int, help="seed of the sampling generator (same seed, same text)")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="stop when the completion contains TEXT (cut from it); repeatable. EOS always stops")
+    gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each token (no KV cache)")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the tokenizer's chat template")
+    gen.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default fp32)")
+    gen.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    gen.add_argument("--batch-size", type=int, default=16, help="--prompts generated together (default 16)")
     sub.add_parser("launch", help="start training on this node under torchrun, deepspeed or accelerate (see `bigtrain launch -h`)",
                    add_help=False, prefix_chars="\0")  # its own flags: parsed by launcher.cli
     return parser
@@ -65,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "check": cmd_check, "prepare": cmd_prepare, "bench": cmd_bench,
-                    "eval": cmd_eval, "export": cmd_export}
+                    "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate}
         return commands[args.command](args)
     except UserError as e:
         print(f"bigtrain: error: {e}", file=sys.stderr, flush=True)
@@ -303,3 +326,26 @@ def _size_bytes(text: str) -> int:
     if not match or match.group(2).upper() not in units or float(match.group(1)) <= 0:
         raise UserError(f"export --max-shard-size: cannot read '{text}' — use e.g. 500MB or 5GB")
     return int(float(match.group(1)) * units[match.group(2).upper()])
+
+
+def cmd_generate(args) -> int:
+    import json
+
+    from bigtrain.generate import SamplingConfig, generate_text, load_generator, read_prompts
+
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed)
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"generate --device {args.device}: no CUDA device on this machine — use --device cpu")
+    gen = load_generator(args.source, dtype=args.dtype, device=args.device)
+    completions = generate_text(gen, prompts, sampling, stops=tuple(args.stop), chat=args.chat,
+                                use_cache=not args.no_cache, batch_size=args.batch_size,
+                                stream=sys.stdout if args.prompt is not None else None)
+    if args.prompt is None:
+        for prompt, completion in zip(prompts, completions):
+            print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
+    return 0

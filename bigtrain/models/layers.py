@@ -2,9 +2,10 @@
 
 Owns: norm construction, rotary position embedding (optionally with Llama 3.1's frequency
 scaling), attention masks (`prepare_attn_mask`), attention (fused QKV, grouped-query, causal or
-bidirectional, optional per-head q/k norm, SDPA), GELU and SwiGLU MLPs,
-and the pre-norm `Block`. Every block holds all of its own state, so strategies can wrap
-each one (activation checkpointing, FSDP) and call it as `block(x, attn_mask=None)`.
+bidirectional, optional per-head q/k norm, SDPA), the key/value cache of generation (`KVCache`),
+GELU and SwiGLU MLPs, and the pre-norm `Block`. Every block holds all of its own state, so
+strategies can wrap each one (activation checkpointing, FSDP) and call it as `block(x, attn_mask=None)`.
+Generation alone passes `positions` and a layer's cache; without them the path is training's.
 """
 
 from __future__ import annotations
@@ -55,10 +56,16 @@ class RotaryEmbedding(nn.Module):
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate x (B, H, T, hd) by its positions 0..T-1."""
-        T = x.size(-2)
-        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)  # (T, hd/2)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate x (B, H, T, hd) by its positions: 0..T-1, or `positions` (T,) or (B, T) (generation:
+        after cached tokens, or per row after left padding)."""
+        if positions is None:
+            T = x.size(-2)
+            cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)  # (T, hd/2)
+        else:
+            cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)  # (T | B, T, hd/2)
+            if positions.dim() == 2:
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd/2): broadcast over heads
         x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, hd/2) each
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -79,7 +86,8 @@ def llama3_inv_freq(head_dim: int, theta: float, scaling: tuple[float, float, fl
     return torch.where(medium, smoothed, scaled)
 
 
-def prepare_attn_mask(attn_mask: torch.Tensor | None, causal: bool) -> torch.Tensor | None:
+def prepare_attn_mask(attn_mask: torch.Tensor | None, causal: bool, n_queries: int | None = None
+                      ) -> torch.Tensor | None:
     """A caller's boolean mask (True = may attend) made ready for SDPA, once per forward.
 
     Shapes: (B, 1, T, T) or (B, T, T) full masks, used as given (a causal model's caller
@@ -94,6 +102,9 @@ def prepare_attn_mask(attn_mask: torch.Tensor | None, causal: bool) -> torch.Ten
     backward). Such rows instead attend to every key: rows with any allowed key are
     unchanged, so outputs at real positions are exactly what the mask says, and padding
     rows stay finite whatever the kernel. Key padding keeps its (B, 1, 1, T) shape.
+
+    n_queries (generation with a KV cache): the last n_queries of the T keys are the queries, so a
+    causal model's key padding becomes (B, 1, n_queries, T), query i seeing keys up to T - n_queries + i.
     """
     if attn_mask is None:
         return None
@@ -105,8 +116,41 @@ def prepare_attn_mask(attn_mask: torch.Tensor | None, causal: bool) -> torch.Ten
         raise ValueError(f"attn_mask must be (B, 1, T, T), (B, T, T) or (B, 1, 1, T), got {tuple(attn_mask.shape)}")
     if causal and attn_mask.size(-2) == 1:
         T = attn_mask.size(-1)
-        attn_mask = attn_mask & torch.ones(T, T, dtype=torch.bool, device=attn_mask.device).tril()  # (B, 1, T, T)
+        Tq = T if n_queries is None else n_queries
+        attn_mask = attn_mask & torch.ones(Tq, T, dtype=torch.bool, device=attn_mask.device).tril(T - Tq)  # (B, 1, Tq, T)
     return attn_mask | ~attn_mask.any(dim=-1, keepdim=True)  # empty rows -> all keys
+
+
+class LayerKV:
+    """One layer's cached keys and values: (B, Hkv, max_len, hd) buffers, the first `length` positions filled."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v, self.length = k, v, 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, hd) after the cached positions; return every position so far (B, Hkv, S, hd)."""
+        end = self.length + k.size(-2)
+        if end > self.k.size(-2):
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.k.size(-2)}")
+        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every layer for positions already seen, so each generated token costs one
+    position's forward, not the whole sequence's. Stored before the grouped-query expansion (n_kv_heads)."""
+
+    def __init__(self, spec: ModelSpec, batch_size: int, max_len: int, *, dtype: torch.dtype,
+                 device: torch.device | str):
+        shape = (batch_size, spec.n_kv_heads, max_len, spec.head_dim)
+        self.layers = [LayerKV(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+                       for _ in range(spec.n_layers)]
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far."""
+        return self.layers[0].length
 
 
 class Attention(nn.Module):
@@ -133,7 +177,10 @@ class Attention(nn.Module):
         self.rope = (RotaryEmbedding(spec.head_dim, spec.max_seq_len, spec.rope_theta, spec.rope_scaling)
                      if spec.position == "rope" else None)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
+        """x (B, T, C). Generation may give `positions` (for RoPE) and this layer's `cache`: the T new keys and
+        values are appended and the queries attend to every cached position (attn_mask then covers them all)."""
         B, T, _ = x.shape  # (B, T, C)
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
@@ -143,7 +190,14 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # over hd, per head and position
         if self.rope is not None:
-            q, k = self.rope(q), self.rope(k)
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        is_causal = self.causal and attn_mask is None
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, Hkv, S, hd): the cached positions, then these T
+            S = k.size(-2)
+            if is_causal and S != T:  # queries are the last T positions; one query may see every key
+                attn_mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+                is_causal = False
 
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)  # (B, T, T) -> (B, 1, T, T), broadcast over heads
@@ -159,7 +213,7 @@ class Attention(nn.Module):
             q, k, v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=self.causal and attn_mask is None,
+            is_causal=is_causal,
             enable_gqa=native_gqa,
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, q_size)  # (B, T, H*hd)
@@ -206,8 +260,9 @@ class Block(nn.Module):
         self.mlp = MLPS[spec.mlp](spec)
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), attn_mask)  # (B, T, C)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), attn_mask, positions=positions, cache=cache)  # (B, T, C)
         x = x + (self.dropout(h) if self.dropout is not None else h)
         h = self.mlp(self.mlp_norm(x))  # (B, T, C)
         return x + (self.dropout(h) if self.dropout is not None else h)

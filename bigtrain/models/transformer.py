@@ -19,7 +19,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from bigtrain.models.layers import Block, build_norm, init_module, prepare_attn_mask
+from bigtrain.models.layers import Block, KVCache, build_norm, init_module, prepare_attn_mask
 from bigtrain.models.presets import ModelSpec, spec_flops_per_token
 
 
@@ -72,22 +72,34 @@ class Transformer(nn.Module):
             projection.weight = self.tok_emb.weight
 
     def forward(self, input_ids: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
+                lengths: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """input_ids (B, T); attn_mask None or bool, True = may attend (see layers.prepare_attn_mask):
         (B, 1, T, T) / (B, T, T), or (B, 1, 1, T) key padding. None: causal for the decoder,
         everywhere for the encoder. lengths (B,) real lengths: needed by pooling="last",
-        ignored otherwise. Returns (B, T, V) for head="lm", (B, num_labels) for head="classify"."""
+        ignored otherwise. Returns (B, T, V) for head="lm", (B, num_labels) for head="classify".
+
+        Generation (bigtrain/generate.py) may also give `positions` (T,) or (B, T) of the tokens (default
+        0..T-1, or after the cached ones) and a `cache`: the tokens follow the cache.length cached ones,
+        whose keys and values the cache holds, and a key padding attn_mask is (B, 1, 1, cache.length + T)."""
         T = input_ids.size(1)
-        if T > self.spec.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.spec.max_seq_len}")
-        attn_mask = prepare_attn_mask(attn_mask, causal=self.causal)
+        past = 0 if cache is None else cache.length
+        if past + T > self.spec.max_seq_len:
+            raise ValueError(f"sequence length {past + T} exceeds max_seq_len {self.spec.max_seq_len}")
+        if cache is not None and positions is None:
+            positions = torch.arange(past, past + T, device=input_ids.device)  # (T,)
+        attn_mask = prepare_attn_mask(attn_mask, causal=self.causal, n_queries=T if cache is not None else None)
         x = self.tok_emb(input_ids)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb.weight[:T]  # (T, C) broadcast over the batch
+            # (T, C) broadcast over the batch, or (B, T, C) at given positions
+            x = x + (self.pos_emb.weight[:T] if positions is None else self.pos_emb(positions))
         if self.dropout is not None:
             x = self.dropout(x)
-        for block in self.blocks:
-            x = block(x, attn_mask=attn_mask)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            if positions is None:  # training's call, which strategies' wrappers see
+                x = block(x, attn_mask=attn_mask)  # (B, T, C)
+            else:
+                x = block(x, attn_mask=attn_mask, positions=positions, cache=None if cache is None else cache.layers[i])
         if self.spec.head == "classify":
             h = self.norm(pool(x, self.spec.pooling, lengths))  # (B, C); the norm is per position
             if self.classifier_dropout is not None:
