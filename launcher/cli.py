@@ -122,7 +122,10 @@ def run_forwarding_signals(command: list[str], env: dict[str, str]) -> int | Non
         for sig in PREEMPT_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
 
-    env = {**env, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT"}
+    # torchrun's --signals-to-handle (default includes SIGTERM) overrides TORCHELASTIC_SIGNALS_TO_HANDLE, and
+    # PET_SIGNALS_TO_HANDLE sets that flag: both, so torchrun of any version leaves SIGTERM to the workers.
+    handled = "SIGINT,SIGHUP,SIGQUIT"
+    env = {**env, "TORCHELASTIC_SIGNALS_TO_HANDLE": handled, "PET_SIGNALS_TO_HANDLE": handled}
     try:
         child = subprocess.Popen(command, env=env, preexec_fn=ignore_forwarded)
     except OSError as e:
@@ -130,7 +133,10 @@ def run_forwarding_signals(command: list[str], env: dict[str, str]) -> int | Non
               file=sys.stderr, flush=True)
         return None
 
+    forwarded = []
+
     def forward(signum, frame):
+        forwarded.append(signum)
         for pid in descendants(child.pid):
             try:
                 os.kill(pid, signum)
@@ -146,7 +152,9 @@ def run_forwarding_signals(command: list[str], env: dict[str, str]) -> int | Non
                 continue
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            # After a preemption signal this process is on its way to the requeue and exit 75: a late copy (Slurm
+            # signals every process of the step; the batch shell may pass one on) must not kill it first.
+            signal.signal(sig, signal.SIG_IGN if forwarded else handler)
 
 
 def descendants(pid: int) -> list[int]:

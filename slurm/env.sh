@@ -1,6 +1,6 @@
-# The one place for what your cluster needs before bigtrain starts, sourced by slurm/pretrain.sh and
-# slurm/finetune.sh on every job start (and on every requeue). Edit it for your cluster; it runs on the
-# first node of the job, and `srun` carries the environment to every node.
+# The one place for what your cluster needs before bigtrain starts, sourced by slurm/launch.sh (the body
+# of slurm/pretrain.sh and slurm/finetune.sh) on every job start (and on every requeue). Edit it for your
+# cluster; it runs on the first node of the job, and `srun` carries the environment to every node.
 
 # Modules and the Python environment:
 # module load cuda/12.4 gcc/12

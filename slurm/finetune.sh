@@ -17,12 +17,16 @@
 #SBATCH --open-mode=append          # a requeued job appends to the same log
 #SBATCH --output=slurm-%x-%j.out    # one log per job: slurm-bigtrain-finetune-JOBID.out
 #
-# No training logic here: srun starts `bigtrain launch` once per node; it reads the topology from
-# Slurm (first node = rendezvous master, SLURM_NODEID = node rank), starts the processes, and on a
-# preemption signal (after the checkpoint is written) requeues this job, which resumes on restart.
+# No training logic here: slurm/launch.sh (shared with slurm/pretrain.sh) has srun start `bigtrain launch`
+# once per node; it reads the topology from Slurm (first node = rendezvous master, SLURM_NODEID = node
+# rank), starts the processes, and on a preemption signal (after the checkpoint is written) requeues this
+# job, which resumes on restart.
 set -uo pipefail
-[ $# -ge 1 ] || { echo "usage: sbatch slurm/finetune.sh RECIPE [section.key=value ...]" >&2; exit 2; }
-env_file="${BIGTRAIN_SLURM_ENV:-${SLURM_SUBMIT_DIR:-.}/slurm/env.sh}"
-[ -f "$env_file" ] && . "$env_file"
-echo "bigtrain: job ${SLURM_JOB_ID:-?} start ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}: $*"
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 bigtrain launch --requeue "$@"
+# sbatch runs a copy of this script from its spool directory, so the shared body (and slurm/env.sh beside
+# it) is found from the submit directory, or with --chdir from the job's working directory.
+launch="${SLURM_SUBMIT_DIR:-.}/slurm/launch.sh"
+[ -f "$launch" ] || launch="$PWD/slurm/launch.sh"
+[ -f "$launch" ] || {
+  echo "bigtrain: slurm/launch.sh not found in ${SLURM_SUBMIT_DIR:-.} or $PWD: submit from the repository root" \
+       "or pass --chdir REPO" >&2; exit 2; }
+. "$launch" finetune.sh "$@"

@@ -1,7 +1,8 @@
 """`sbatch slurm/pretrain.sh` and `slurm/finetune.sh` on a real one-node Slurm cluster started by
 tests/slurm/cluster.sh (slurmctld + slurmd + munge on this host): one process per CPU slot, preemption by
-SIGUSR1 with checkpoint + requeue + resume, a SIGKILL'd job requeued from its last periodic checkpoint,
-fine-tuning from the pretrain run; and SIGTERM to a plain `bigtrain train` without Slurm.
+SIGUSR1 (to the step, the batch shell or both) with checkpoint + requeue + resume, a SIGKILL'd job requeued
+from its last periodic checkpoint, fine-tuning from the pretrain run; and SIGTERM to a plain `bigtrain train`
+without Slurm.
 
 Multi-node Slurm semantics (nodelist → master, SLURM_NODEID → node rank) are covered by the launcher's
 environment tests (tests/unit/test_launcher.py) and the two-node torchrun simulation (test_launch.py):
@@ -63,15 +64,20 @@ def job_info(job: str) -> dict[str, str]:
 
 def wait_job(job: str, done, *, log: Path, timeout_s: float = 240) -> dict[str, str]:
     """Poll the job until done(info) holds; a requeued job (held back 2 min by Slurm) is made eligible now."""
-    deadline = time.monotonic() + timeout_s
+    deadline, held_since = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         info = job_info(job)
         if done(info):
             return info
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" and node_idle():
+        # Requeued: Reason is None until the scheduler's next pass (tens of seconds), then BeginTime.
+        if info.get("JobState") == "PENDING" and info.get("Reason") in ("None", "BeginTime"):
+            held_since = held_since or time.monotonic()
             # Only once the node is idle: the first start's batch script may still be finishing, and a new
-            # start before it ends gets that script's exit status.
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+            # start before it ends gets that script's exit status. And a second after the job was seen held:
+            # slurmd compares credential times in whole seconds, and refuses a start in the second the last
+            # one ended ("Job credential revoked"), failing the job.
+            if node_idle() and time.monotonic() - held_since >= 1:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
         time.sleep(0.5)
     subprocess.run(["scancel", job], capture_output=True)
     raise AssertionError(f"job {job} not done after {timeout_s} s: {job_info(job)}\n{read_log(log)}")
@@ -138,24 +144,31 @@ def test_sbatch_pretrain_starts_one_process_per_cpu_slot_and_completes(pretrain)
     assert len(wandb_ids(run_dir)) == 1
 
 
-def test_usr1_checkpoints_requeues_and_resumes_like_an_uninterrupted_run(pretrain):
+# Where the warning signal goes: the training step only (`--signal=USR1@N`, the scripts' default), the batch
+# shell as well (`--full`; srun, a child of the shell, passes it on too), or the batch shell only (`--batch`,
+# the same as `--signal=B:USR1@N`), which must pass it on to the step. Each gives one checkpoint and one requeue.
+@pytest.mark.parametrize("to", ["step", "full", "batch"])
+def test_usr1_checkpoints_requeues_and_resumes_like_an_uninterrupted_run(pretrain, to):
     recipe, _, straight_log, straight_dir = pretrain
-    log = recipe.parent / "preempted.log"
-    run_dir = recipe.parent / "runs" / "preempted"
-    job = sbatch("pretrain.sh", str(recipe), "run.name=preempted", log=log)
+    log = recipe.parent / f"preempted-{to}.log"
+    run_dir = recipe.parent / "runs" / f"preempted-{to}"
+    job = sbatch("pretrain.sh", str(recipe), f"run.name=preempted-{to}", log=log)
     wait_step(run_dir, 3, job, log=log)
-    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    scancel = ["scancel", "--signal=USR1", *{"step": [], "full": ["--full"], "batch": ["--batch"]}[to], job]
+    subprocess.run(scancel, check=True)
     time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", job], check=True)  # a second signal, likely during the save
+    subprocess.run(scancel, check=True)  # a second signal, likely during the save
     info = wait_job(job, lambda i: i["JobState"] == "COMPLETED", log=log)
     assert (info["ExitCode"], info["Restarts"]) == ("0:0", "1"), read_log(log)
 
     text = log.read_text()
-    found = re.search(r"bigtrain: preempted by SIGUSR1 at step (\d+); checkpoint saved", text)
-    assert found, text[-4000:]
-    step = int(found.group(1))
+    found = re.findall(r"bigtrain: preempted by SIGUSR1 at step (\d+); checkpoint saved", text)
+    assert len(found) == 1, text[-4000:]  # one stop, however many copies of the signal arrived
+    step = int(found[0])
     assert 3 <= step < STEPS
-    assert f"requeueing Slurm job {job}" in text
+    assert text.count(f"requeueing Slurm job {job}") == 1
+    passed_on = text.count("bigtrain: batch shell got SIGUSR1: passed on to the training step")
+    assert passed_on == (0 if to == "step" else 1)  # the shell passes on its first signal, not the second
     assert f"resuming at step {step}" in text and f"bigtrain: finished step {STEPS}" in text
     assert (run_dir / f"checkpoints/step-{step:07d}/manifest.json").is_file()  # written at the signal
     assert losses(run_dir) == losses(straight_dir)  # CPU fp32, same seeds, RNG restored: bit for bit
