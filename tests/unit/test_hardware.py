@@ -61,6 +61,19 @@ def test_auto_takes_the_launchers_choice_over_the_hardware():
     assert resolved.describe() == "auto → bf16: the launcher's config asks for it"
 
 
+@pytest.mark.parametrize("section, expected", [("bf16", "bf16"), ("fp16", "fp16"), (None, "fp32")])
+def test_auto_under_deepspeed_takes_the_precision_its_config_file_enables(tmp_path, section, expected):
+    from bigtrain.config import ParallelConfig
+    from bigtrain.strategy import launcher_precision
+
+    extra = tmp_path / "ds.json"
+    extra.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 5e7}, **({section: {"enabled": True}}
+                                                                                         if section else {})}))
+    parallel = ParallelConfig(strategy="deepspeed", deepspeed_config=str(extra))
+    resolved = resolve_precision("auto", torch.device("cpu"), cpu=HASWELL, launcher_choice=launcher_precision(parallel))
+    assert resolved.name == expected
+
+
 @pytest.mark.parametrize("bf16, expected", [(True, "auto → bf16: NVIDIA H100 80GB HBM3 computes in bf16 natively"),
                                             (False, "auto → fp16: Tesla V100-SXM2-16GB has no native bf16: fp16 with "
                                                     "dynamic loss scaling")])
