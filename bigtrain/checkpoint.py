@@ -257,7 +257,9 @@ def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arc
     model's tensors `expected` (name -> shape); weights only: no optimizer, no step.
 
     Returns ({"loaded", "new", "unused"} tensor names, {name: tensor} to load). A tensor whose shape
-    differs, or a checkpoint of another architecture, is a one-line error naming the tensor.
+    differs, or a checkpoint of another architecture, is a one-line error naming the tensor; except a
+    Hugging Face classifier of another num_labels than the data's: that head is new (and the folder's unused),
+    as transformers' from_pretrained(num_labels=..., ignore_mismatched_sizes=True) does.
     """
     import yaml
 
@@ -266,7 +268,8 @@ def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arc
     if is_hf_folder(folder):
         from bigtrain.interop.hf_weights import open_hf_weights
 
-        reader, saved_arch = open_hf_weights(folder), "decoder"
+        reader = open_hf_weights(folder)
+        saved_arch = reader.arch
     else:
         reader = open_weights(folder)
         saved_arch = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("model", {}).get("arch", "decoder")
@@ -275,11 +278,16 @@ def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arc
         foreign = next((k for k in saved if k not in expected), next(iter(saved)))
         raise CheckpointError(f"model.init_from: {folder} holds a '{saved_arch}' model (e.g. tensor '{foreign}'), "
                               f"but model.arch is '{arch}' — set model.arch: {saved_arch} or pick another checkpoint")
+    other_head = {name for name, shape in expected.items() if is_hf_folder(folder) and name.startswith("classifier.")
+                  and name in saved and tuple(saved[name][1]) != tuple(shape)}  # another num_labels: a new head
     for name, shape in expected.items():
-        if name in saved and tuple(saved[name][1]) != tuple(shape):
+        if name in saved and name not in other_head and tuple(saved[name][1]) != tuple(shape):
             raise CheckpointError(f"model.init_from: tensor '{name}' is {tuple(saved[name][1])} in {folder} but "
                                   f"{tuple(shape)} in this model — the model settings must match the checkpoint's")
-    loaded = [k for k in expected if k in saved]
-    report = {"loaded": loaded, "new": [k for k in expected if k not in saved],
-              "unused": [k for k in saved if k not in expected]}
-    return report, {k: reader.get(k) for k in loaded}
+    # An HF classifier folder has no MLM head; a tied one is the token embedding it holds (encoders are tied).
+    tied = [k for k in ("lm_head.weight", "mlm_head.proj.weight") if is_hf_folder(folder) and k in expected
+            and k not in saved and "tok_emb.weight" in saved]
+    loaded = [k for k in expected if (k in saved and k not in other_head) or k in tied]
+    report = {"loaded": loaded, "new": [k for k in expected if k not in loaded],
+              "unused": [k for k in saved if k not in loaded]}
+    return report, {k: reader.get("tok_emb.weight" if k in tied else k) for k in loaded}

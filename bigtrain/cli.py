@@ -267,6 +267,7 @@ def cmd_eval(args) -> int:
 
     from bigtrain import checkpoint
     from bigtrain.config import load_config
+    from bigtrain.eval_report import console_text, eval_file, scalars, write_eval_file
     from bigtrain.run import TOKENIZER_FILE, run_eval
 
     run_dir = Path(args.run_dir)
@@ -279,10 +280,9 @@ def cmd_eval(args) -> int:
     metrics = run_eval(cfg, folder)
     if int(os.environ.get("RANK", "0")) == 0:
         step = json.loads((folder / checkpoint.TRAINER).read_text())["step"]
-        out = run_dir / "eval" / f"{folder.name}.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps({"step": step, "checkpoint": str(folder), **metrics}, indent=1))
-        print(json.dumps({"step": step, **metrics}))
+        out = write_eval_file(eval_file(run_dir, folder.name), step, metrics, checkpoint=folder)
+        print(console_text(step, metrics), file=sys.stderr)  # the summary line (and a classification table)
+        print(json.dumps({"step": step, **scalars(metrics)}))  # one machine-readable line; the report is in the file
         print(f"bigtrain: eval of {folder} → {out}", file=sys.stderr)
     return 0
 

@@ -69,6 +69,11 @@ class ModelConfig:
     qk_norm: Optional[bool] = _opt(None, "normalise each head's query and key before RoPE, as Qwen3 (default: false)")
     rope_scaling: Optional[tuple[float, float, float, int]] = _opt(None, "Llama 3.1 RoPE scaling [factor, low_freq_factor, high_freq_factor, original_max_seq_len] (default: none)")
     gelu_approximate: Optional[Literal["tanh", "none"]] = _opt(None, "GELU MLP: tanh approximation (GPT-2's gelu_new) | none (exact erf) (default: tanh)")
+    norm_position: Optional[Literal["pre", "post"]] = _opt(None, "pre: x + f(norm(x)) and a final norm | post: norm(x + f(x)), as BERT (default: pre)")
+    embedding_norm: Optional[bool] = _opt(None, "a norm on the summed embeddings, as BERT (default: false)")
+    type_vocab_size: Optional[int] = _opt(None, "rows of BERT's token-type (segment) embedding; one segment, so row 0 is added (default: 0, none)")
+    position_offset: Optional[int] = _opt(None, "learned positions start at this row, as RoBERTa's padding_idx + 1 (default: 0)")
+    pooler: Optional[bool] = _opt(None, "classification: Linear + tanh on the pooled token before the classifier, as BERT (default: false)")
     vocab_size: Optional[int] = _opt(None, "rows of the token embedding (default: the tokenizer's size rounded up to a multiple of 64; a Hugging Face init_from sets it)")
 
 
@@ -130,6 +135,7 @@ class ParallelConfig:
     device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto (cuda when available) | cpu | cuda")
     activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward to save memory")
     compile: bool = _opt(False, "torch.compile each block")
+    tf32: bool = _opt(True, "on CUDA, fp32 matmuls and convolutions use TF32 tensor cores; false for exact fp32")
     zero_stage: Literal[1, 2, 3] = _opt(2, "deepspeed: ZeRO stage 1 (optimizer state) | 2 (+ gradients) | 3 (+ parameters) sharded over ranks")
     offload_optimizer: Literal["none", "cpu", "nvme"] = _opt("none", "deepspeed: keep optimizer state (and its step) on cpu or nvme (offload_path)")
     offload_params: Literal["none", "cpu", "nvme"] = _opt("none", "fsdp: cpu keeps sharded parameters, gradients and the optimizer step on the CPU; deepspeed (zero_stage 3): cpu or nvme")

@@ -1,10 +1,11 @@
 """`bigtrain export SOURCE OUT [--format bigtrain|hf]`: the consolidated weights of any strategy's checkpoint.
 
 --format bigtrain (the default) writes bigtrain's own folder, below. --format hf writes a Hugging Face
-folder that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load with no
-extra code (`export_hf`: config.json written from the ModelSpec, model.safetensors or shards plus an
-index, generation_config.json, tokenizer.json + tokenizer_config.json); a model no HF class expresses
-exactly is a one-line error. Both stream one tensor at a time.
+folder that `AutoModelForCausalLM` (decoders), `AutoModelForMaskedLM` / `AutoModelForSequenceClassification`
+(BERT / RoBERTa style encoders) and `AutoTokenizer.from_pretrained` load with no extra code (`export_hf`:
+config.json written from the ModelSpec, model.safetensors or shards plus an index, generation_config.json
+for decoders, tokenizer.json + tokenizer_config.json); a model no HF class expresses exactly is a one-line
+error. Both stream one tensor at a time.
 
 OUT gets model.safetensors (every model tensor, full and unsharded, under its state-dict name),
 config.yaml (the run's resolved recipe), tokenizer.json and, for classifiers, labels.json.
@@ -74,6 +75,8 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # save_pretrained's "5GB"
 BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
+ENCODER_TOKENS = {"cls": ("[CLS]", "<s>", "<|cls|>"), "sep": ("[SEP]", "</s>", "<|sep|>"),
+                  "mask": ("[MASK]", "<mask>", "<|mask|>")}  # roles an MLM / classifier tokenizer_config names
 
 
 def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
@@ -91,23 +94,31 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
     folder = find_checkpoint(source)
     reader = open_weights(folder)
     saved = reader.tensors()
-    if "classifier.weight" in saved:
-        raise UserError(f"export --format hf: {folder} holds a classifier head, which has no exact Hugging Face "
-                        f"causal-LM class — export it with --format bigtrain")
     if "tok_emb.weight" not in saved:
         raise UserError(f"export --format hf: {folder} has no tensor 'tok_emb.weight' — not a bigtrain model checkpoint")
     cfg = build_config(yaml.safe_load((folder / "config.yaml").read_text()) or {}, where=str(folder / "config.yaml"))
-    spec = resolve_model_spec(cfg.model, saved["tok_emb.weight"][1][0])
+    classify = "classifier.weight" in saved
+    if classify and cfg.model.arch != "encoder":
+        raise UserError(f"export --format hf: {folder} holds a classifier head, which has no exact Hugging Face "
+                        f"causal-LM class — export it with --format bigtrain")
+    spec = resolve_model_spec(cfg.model, saved["tok_emb.weight"][1][0], head="classify" if classify else "lm",
+                              num_labels=saved["classifier.weight"][1][0] if classify else None,
+                              pooling=cfg.task.pooling)
     family = export_family(spec)
+    encoder = spec.arch == "encoder"
+    labels = json.loads((folder / "labels.json").read_text()) if classify and (folder / "labels.json").is_file() else None
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    tokens = _special_tokens(folder / "tokenizer.json")
+    tokens = _special_tokens(folder / "tokenizer.json", encoder=encoder)
     ids = {f"{role}_token_id": token_id for role, (_, token_id) in tokens.items()}
     (out / "config.json").write_text(json.dumps(hf_config(spec, family, dtype=dtype, bos_id=ids.get("bos_token_id"),
                                                           eos_id=ids.get("eos_token_id"),
-                                                          pad_id=ids.get("pad_token_id")), indent=2))
-    (out / "generation_config.json").write_text(json.dumps({k: v for k, v in ids.items() if v is not None}, indent=2))
+                                                          pad_id=ids.get("pad_token_id"), labels=labels), indent=2))
+    (out / "generation_config.json").unlink(missing_ok=True)  # an earlier export's
+    if not encoder:
+        (out / "generation_config.json").write_text(json.dumps({k: v for k, v in ids.items() if v is not None},
+                                                               indent=2))
     if (folder / "tokenizer.json").is_file():
         shutil.copyfile(folder / "tokenizer.json", out / "tokenizer.json")
         (out / "tokenizer_config.json").write_text(json.dumps(
@@ -120,8 +131,9 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
     return out
 
 
-def _special_tokens(path: Path) -> dict[str, tuple[str, int]]:
-    """role (bos, eos, pad) -> (token, id) for the special tokens of tokenizer.json found by name."""
+def _special_tokens(path: Path, encoder: bool = False) -> dict[str, tuple[str, int]]:
+    """role (bos, eos, pad; an encoder's: cls, sep, mask, pad) -> (token, id) for the special tokens of
+    tokenizer.json found by name."""
     if not path.is_file():
         return {}
     try:
@@ -129,7 +141,9 @@ def _special_tokens(path: Path) -> dict[str, tuple[str, int]]:
     except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"export --format hf: cannot read {path}") from None
     found = {}
-    for role, candidates in (("bos", BOS_CANDIDATES), ("eos", EOS_CANDIDATES), ("pad", PAD_CANDIDATES)):
+    roles = ((*ENCODER_TOKENS.items(), ("pad", PAD_CANDIDATES)) if encoder else
+             (("bos", BOS_CANDIDATES), ("eos", EOS_CANDIDATES), ("pad", PAD_CANDIDATES)))
+    for role, candidates in roles:
         token = next((t for t in candidates if t in added), None)
         if token is not None:
             found[role] = (token, added[token])

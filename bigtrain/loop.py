@@ -17,6 +17,7 @@ import torch
 
 from bigtrain.checkpoint import TrainState
 from bigtrain.data import GlobalSampler, eval_busiest_count, eval_indices
+from bigtrain.eval_report import report_eval
 from bigtrain.metrics import StepTimer, max_memory_gb, mfu
 from bigtrain.optim import lr_at, set_lr
 from bigtrain.preempt import Preempted, PreemptionGuard
@@ -59,6 +60,8 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "fwd_bwd_s": 0.0, "optim_s": 0.0}
     engine.model.train()
     saved_step = state.step  # resumed from (or nothing to save at step 0)
+    if not len(ctx.val_data) and not ctx.bench:  # an empty split would log eval/loss 0, ppl 1: no eval at all
+        ctx.logger.message("warning: the validation split is empty (data.validation_split=0?) — training without eval")
 
     while state.step < end_step:
         step = state.step + 1
@@ -111,13 +114,12 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
             window = dict.fromkeys(window, 0)
         if ctx.bench:
             continue
-        if (cfg.eval.every and step % cfg.eval.every == 0) or step == end_step:
+        if ((cfg.eval.every and step % cfg.eval.every == 0) or step == end_step) and len(ctx.val_data):
             # A preemption signal during eval ends it early (not at the last step: the run is finishing anyway);
             # the start of the next step then checkpoints and stops as usual.
             metrics = evaluate(ctx, stoppable=ctx.preempt is not None and step != end_step)
-            if metrics is not None:
-                ctx.logger.log(step, metrics)
-                ctx.logger.message(f"step {step}: " + " · ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if metrics is not None:  # scalars to metrics.jsonl; a classification report to eval/step-N.json (rank 0)
+                report_eval(ctx.logger, step, metrics, run_dir=cfg.run_dir() if dist.is_main else None)
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == end_step:
             state.wandb_run_id = ctx.logger.wandb_run_id
             ctx.save_checkpoint(state)

@@ -46,14 +46,11 @@ def torchrun_argv(topo: Topology, train: list[str], *, timeout_s: float) -> list
 
 def deepspeed_hostfile(topo: Topology) -> str:
     """The MPI-style hostfile the deepspeed runner needs for several nodes. With --no_ssh it only counts
-    nodes and slots (node i is line i), so the names are placeholders; written once per shape."""
-    path = os.path.join(tempfile.gettempdir(), f"bigtrain-hostfile-{topo.nnodes}x{topo.nproc_per_node}")
-    text = "".join(f"node-{i} slots={topo.nproc_per_node}\n" for i in range(topo.nnodes))
-    if not os.path.isfile(path) or open(path).read() != text:
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    nodes and slots (node i is line i), so the names are placeholders. A new private file (mode 0600,
+    created exclusively) each time: a fixed name in the shared temp dir could be planted by another user."""
+    fd, path = tempfile.mkstemp(prefix=f"bigtrain-hostfile-{topo.nnodes}x{topo.nproc_per_node}-")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"node-{i} slots={topo.nproc_per_node}\n" for i in range(topo.nnodes)))
     return path
 
 

@@ -1,8 +1,9 @@
-"""Hugging Face config.json ↔ bigtrain's model keys, for the decoder families that map exactly.
+"""Hugging Face config.json ↔ bigtrain's model keys, for the families that map exactly.
 
 In: `model_keys(config)` reads a GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM,
 Qwen2ForCausalLM or Qwen3ForCausalLM config.json into the recipe's `model.*` keys (activations,
-norms, eps, RoPE theta and llama3 scaling, biases, tying, head_dim); `with_hf_model(cfg)` puts them
+norms, eps, RoPE theta and llama3 scaling, biases, tying, head_dim), and a BertForMaskedLM,
+BertForSequenceClassification or RobertaForMaskedLM one through `hf_encoders`; `with_hf_model(cfg)` puts them
 into a recipe whose `model.init_from` is an HF folder, refusing a recipe key that contradicts them.
 Out: `export_family(spec)` names the HF class that expresses a ModelSpec exactly, and
 `hf_config(spec, ...)` writes its config.json by hand (no transformers needed).
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bigtrain.errors import UserError
+from bigtrain.interop.hf_encoders import (ENCODER_CLASSES, encoder_export_class, encoder_hf_config, encoder_keys,
+                                          is_encoder_family)
 
 if TYPE_CHECKING:
     from bigtrain.config import Config
@@ -31,6 +34,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 FAMILIES = {
     "GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+    **{name: family for name, (family, _) in ENCODER_CLASSES.items()},
 }
 # family -> (architectures entry, model_type) written on export (mistral exports as llama: same model).
 EXPORT_CLASSES = {"gpt2": ("GPT2LMHeadModel", "gpt2"), "llama": ("LlamaForCausalLM", "llama"),
@@ -111,16 +115,16 @@ def model_keys(config: dict, where: str = "model.init_from") -> dict[str, Any]:
     caller checks against data.seq_len. Raises a UserError naming any setting that does not map.
     """
     family = family_of(config, where)
+    if is_encoder_family(family):
+        return encoder_keys(family, config, refuse=lambda *a: _refuse(where, *a),
+                            need=lambda key: _need(config, key, family, where))
     c = {**_DEFAULTS[family], **{k: v for k, v in config.items() if v is not None or k in ("n_inner", "sliding_window")}}
 
     def refuse(key: str, value, wanted: str) -> None:
-        raise UserError(f"{where}: config.json {key}={json.dumps(value)} does not map to a bigtrain model "
-                        f"({wanted}) — it cannot be imported exactly")
+        _refuse(where, key, value, wanted)
 
     def need(key: str):
-        if key not in c:
-            raise UserError(f"{where}: config.json has no '{key}' (needed for {family})")
-        return c[key]
+        return _need(c, key, family, where)
 
     keys: dict[str, Any] = {"arch": "decoder", "vocab_size": need("vocab_size")}
     if family == "gpt2":
@@ -167,6 +171,17 @@ def model_keys(config: dict, where: str = "model.init_from") -> dict[str, Any]:
                 rope_scaling=scaling, dropout=float(c["attention_dropout"]), norm_eps=float(c["rms_norm_eps"]),
                 init_std=float(c["initializer_range"]), sliding_window=window)
     return keys
+
+
+def _refuse(where: str, key: str, value, wanted: str) -> None:
+    raise UserError(f"{where}: config.json {key}={json.dumps(value)} does not map to a bigtrain model "
+                    f"({wanted}) — it cannot be imported exactly")
+
+
+def _need(c: dict, key: str, family: str, where: str):
+    if c.get(key) is None:
+        raise UserError(f"{where}: config.json has no '{key}' (needed for {family})")
+    return c[key]
 
 
 def _rope(c: dict, refuse) -> tuple[float, tuple | None]:
@@ -224,8 +239,10 @@ def with_hf_model(cfg: Config) -> Config:
     if keys["dropout"] is None and m.dropout is None:
         raise UserError(f"model.init_from: {source} has different resid_pdrop, embd_pdrop and attn_pdrop — "
                         f"set model.dropout (bigtrain has one dropout)")
-    if m.arch != keys.pop("arch"):
-        raise UserError(f"model.arch={m.arch} contradicts {source}, a decoder — drop model.arch")
+    arch = keys.pop("arch")
+    if m.arch != arch:
+        raise UserError(f"model.arch={m.arch} contradicts {source}, {'an' if arch == 'encoder' else 'a'} {arch} "
+                        f"— set model.arch: {arch}")
     if m.preset != "debug":  # debug is the default: no preset asked for
         for name, value in PRESETS.get(m.preset, {}).items():
             if name in keys and name not in FREE_KEYS and value is not None and value != keys[name]:
@@ -267,8 +284,11 @@ def export_family(spec: ModelSpec) -> str:
     def refuse(what: str) -> None:
         raise UserError(f"export --format hf: {what} has no exact Hugging Face class — bigtrain exports "
                         f"GPT-2 style (layernorm, learned positions, gelu, biases) and Llama / Qwen2 / Qwen3 style "
-                        f"(rmsnorm, rope, swiglu) decoders")
+                        f"(rmsnorm, rope, swiglu) decoders, and BERT / RoBERTa style encoders (norm_position post, "
+                        f"embedding_norm, type_vocab_size, learned positions, gelu, biases)")
 
+    if spec.arch == "encoder":
+        return encoder_export_class(spec, refuse)
     if spec.arch != "decoder":
         refuse(f"model.arch={spec.arch}")
     if spec.head != "lm":
@@ -301,8 +321,13 @@ def export_family(spec: ModelSpec) -> str:
 
 
 def hf_config(spec: ModelSpec, family: str, *, dtype: str = "fp32", bos_id: int | None = None,
-              eos_id: int | None = None, pad_id: int | None = None) -> dict:
-    """config.json for `spec` as HF class `family` (see export_family): every key the class reads."""
+              eos_id: int | None = None, pad_id: int | None = None, labels: list | None = None) -> dict:
+    """config.json for `spec` as HF class `family` (see export_family): every key the class reads.
+    labels: a classifier's label names (id2label)."""
+    if is_encoder_family(family):
+        return {"vocab_size": spec.vocab_size, "torch_dtype": TORCH_DTYPES[dtype],
+                **encoder_hf_config(spec, family, pad_id=pad_id, labels=labels),
+                "bos_token_id": bos_id, "eos_token_id": eos_id}
     architecture, model_type = EXPORT_CLASSES[family]
     config: dict[str, Any] = {"architectures": [architecture], "model_type": model_type,
                               "vocab_size": spec.vocab_size, "torch_dtype": TORCH_DTYPES[dtype]}

@@ -18,23 +18,31 @@ import torch
 
 from bigtrain.errors import UserError
 from bigtrain.export import SAFETENSORS_DTYPES, _numel, write_safetensors
+from bigtrain.interop.hf_encoders import (BASE_PREFIX, ENCODER_CLASSES, HEAD_PREFIXES, TIED_DUPLICATES,
+                                          encoder_tensor_map, hf_num_labels, is_encoder_family)
 from bigtrain.models.presets import ModelSpec
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-# HF tensors that are buffers, not weights (GPT-2's causal mask, old Llama's inv_freq): never mapped.
-IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
+# HF tensors that are buffers, not weights (GPT-2's causal mask, old Llama's inv_freq, BERT's position and
+# token-type ids): never mapped.
+IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq|embeddings\.position_ids"
+                     r"|embeddings\.token_type_ids)$")
+TIED_HEADS = ("lm_head.weight", "mlm_head.proj.weight")  # bigtrain's output projections, tied or not
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def tensor_map(family: str, spec: ModelSpec) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """bigtrain name -> (op, HF names) for every tensor of `spec`'s LM model as HF class `family`.
-    A tied lm_head maps to the HF embedding (HF folders store it once)."""
+    """bigtrain name -> (op, HF names) for every tensor of `spec`'s model as HF class `family` (an encoder's
+    head as spec.head says). A tied lm_head maps to the HF embedding (HF folders store it once)."""
     entries: dict[str, tuple[str, tuple[str, ...]]] = {}
 
     def add(ours: str, op: str, *theirs: str) -> None:
         entries[ours] = (op, theirs)
 
+    if is_encoder_family(family):
+        encoder_tensor_map(family, spec, add)
+        return entries
     if family == "gpt2":
         add("tok_emb.weight", "copy", "transformer.wte.weight")
         add("pos_emb.weight", "copy", "transformer.wpe.weight")
@@ -142,25 +150,28 @@ _SAFETENSORS_TO_TORCH = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items
 class HFWeights:
     """A WeightsReader of an HF folder under bigtrain's tensor names (`model.init_from`).
 
-    HF names may lack the base-model prefix (a GPT2Model / LlamaModel save); buffers are skipped.
+    HF names may lack the base-model prefix (a GPT2Model / LlamaModel / BertModel save); buffers are skipped.
     A tensor the folder holds that bigtrain does not map, or one the model needs that the folder
     lacks, is a one-line UserError: importing it otherwise would give a different model.
     """
 
     def __init__(self, folder: str | Path, family: str, spec: ModelSpec, where: str = "model.init_from"):
         self.folder, self.where = Path(folder).expanduser(), where
+        self.arch = spec.arch  # "decoder" | "encoder": what load_init_weights checks model.arch against
         self.files = _HFFiles(self.folder, where)
-        prefix = "transformer." if family == "gpt2" else "model."
+        prefix = BASE_PREFIX.get(family, "transformer." if family == "gpt2" else "model.")
+        heads = HEAD_PREFIXES.get(family, ("lm_head.",))
         self.names = {}  # canonical HF name -> name in the files
         for name in self.files.weight_map:
             if IGNORED.search(name):
                 continue
-            canonical = name if name.startswith(prefix) or name.startswith("lm_head.") else prefix + name
+            canonical = name if name.startswith((prefix, *heads)) else prefix + name
             self.names[canonical] = name
         self.map = tensor_map(family, spec)
         mapped = {theirs for _, names in self.map.values() for theirs in names}
         if spec.tie_embeddings:
             mapped.add("lm_head.weight")  # a tied head stored anyway: the embedding is what counts
+        mapped.update(TIED_DUPLICATES.get(family, ()))  # BERT's decoder bias is its predictions bias
         unmapped = sorted(set(self.names) - mapped)
         if unmapped:
             raise UserError(f"{where}: {self.folder} holds tensor '{unmapped[0]}' ({len(unmapped)} unmapped in all), "
@@ -198,7 +209,10 @@ def open_hf_weights(folder: str | Path, where: str = "model.init_from") -> HFWei
     keys = model_keys(config, where)
     keys.pop("sliding_window")
     vocab_size = keys.pop("vocab_size")
-    spec = resolve_spec(ModelConfig(**keys), vocab_size)
+    head = next((ENCODER_CLASSES[name][1] for name in config.get("architectures") or [] if name in ENCODER_CLASSES),
+                "lm")  # the head the folder holds
+    spec = resolve_spec(ModelConfig(**keys), vocab_size, head=head,
+                        num_labels=hf_num_labels(config) if head == "classify" else None)
     return HFWeights(folder, family_of(config, where), spec, where)
 
 
@@ -215,7 +229,7 @@ class HFExportWeights:
         saved = reader.tensors()
         self.sources: dict[str, tuple[str, str, int, int]] = {}  # HF name -> (ours, op, start, stop) on dim 0
         for ours, (op, theirs) in tensor_map(family, spec).items():
-            if ours == "lm_head.weight" and spec.tie_embeddings:
+            if ours in TIED_HEADS and spec.tie_embeddings:
                 continue
             if ours not in saved:
                 raise UserError(f"export --format hf: the checkpoint has no tensor '{ours}' — it does not hold the "

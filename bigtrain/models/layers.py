@@ -3,7 +3,7 @@
 Owns: norm construction, rotary position embedding (optionally with Llama 3.1's frequency
 scaling), attention masks (`prepare_attn_mask`), attention (fused QKV, grouped-query, causal or
 bidirectional, optional per-head q/k norm, SDPA), the key/value cache of generation (`KVCache`),
-GELU and SwiGLU MLPs, and the pre-norm `Block`. Every block holds all of its own state, so
+GELU and SwiGLU MLPs, and the `Block` (pre-norm, or post-norm as BERT). Every block holds all of its own state, so
 strategies can wrap each one (activation checkpointing, FSDP) and call it as `block(x, attn_mask=None)`.
 Generation alone passes `positions` and a layer's cache; without them the path is training's.
 """
@@ -250,10 +250,13 @@ MLPS: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "swiglu": SwiGLU}
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); with
+    spec.norm_position="post" (BERT): norm(x + attn(x)), then norm(x + mlp(x)). The norms keep
+    their names (attn_norm, mlp_norm) either way."""
 
     def __init__(self, spec: ModelSpec, causal: bool):
         super().__init__()
+        self.post_norm = spec.norm_position == "post"
         self.attn_norm = build_norm(spec)
         self.attn = Attention(spec, causal=causal)
         self.mlp_norm = build_norm(spec)
@@ -262,6 +265,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
+        if self.post_norm:
+            h = self.attn(x, attn_mask, positions=positions, cache=cache)  # (B, T, C)
+            x = self.attn_norm(x + (self.dropout(h) if self.dropout is not None else h))
+            h = self.mlp(x)  # (B, T, C)
+            return self.mlp_norm(x + (self.dropout(h) if self.dropout is not None else h))
         h = self.attn(self.attn_norm(x), attn_mask, positions=positions, cache=cache)  # (B, T, C)
         x = x + (self.dropout(h) if self.dropout is not None else h)
         h = self.mlp(self.mlp_norm(x))  # (B, T, C)

@@ -22,6 +22,7 @@ MLPS = ("gelu", "swiglu")
 GELU_APPROXIMATIONS = ("tanh", "none")  # torch's F.gelu(approximate=...): GPT-2's "gelu_new" is tanh
 HEADS = ("lm", "classify")  # lm: next-token (decoder) or masked-token (encoder) logits; classify: (B, K)
 POOLINGS = ("first", "last")
+NORM_POSITIONS = ("pre", "post")  # pre: x + f(norm(x)), a final norm (default); post: norm(x + f(x)) (BERT)
 DEFAULT_POOLING = {"decoder": "last", "encoder": "first"}  # what pooling="auto" picks per arch
 
 # Every field a preset fills; ModelConfig has an optional override of the same name for each.
@@ -30,9 +31,12 @@ SPEC_FIELDS = (
     "norm", "position", "mlp", "tie_embeddings", "bias", "dropout",
     "rope_theta", "norm_eps", "init_std",
     "d_head", "qkv_bias", "qk_norm", "rope_scaling", "gelu_approximate",
+    "norm_position", "embedding_norm", "type_vocab_size", "position_offset", "pooler",
 )
-# The decoder options Hugging Face families need; these defaults keep every older model as it was.
-_COMMON = dict(d_head=None, qkv_bias=None, qk_norm=False, rope_scaling=None, gelu_approximate="tanh")
+# The options Hugging Face families need (decoders, then BERT / RoBERTa); these defaults keep every
+# older model as it was.
+_COMMON = dict(d_head=None, qkv_bias=None, qk_norm=False, rope_scaling=None, gelu_approximate="tanh",
+               norm_position="pre", embedding_norm=False, type_vocab_size=0, position_offset=0, pooler=False)
 
 _GPT2_STYLE = dict(
     _COMMON, norm="layernorm", position="learned", mlp="gelu", tie_embeddings=True, bias=True,
@@ -106,7 +110,13 @@ class ModelSpec:
     qk_norm: bool = False  # a norm (spec.norm, over head_dim) on each head's q and k before RoPE (Qwen3)
     rope_scaling: tuple[float, float, float, int] | None = None  # llama3: (factor, low_freq_factor,
     #   high_freq_factor, original_max_seq_len) rescale the RoPE frequencies (Llama 3.1+); None: plain RoPE
-    gelu_approximate: str = "tanh"  # GeluMLP's F.gelu(approximate=...): "tanh" (GPT-2's gelu_new) | "none"
+    gelu_approximate: str = "tanh"  # GeluMLP's (and the MLM head's) F.gelu(approximate=...): "tanh" | "none"
+    norm_position: str = "pre"  # "pre": x + f(norm(x)) and a final norm; "post": norm(x + f(x)), no final norm (BERT)
+    embedding_norm: bool = False  # a norm on the summed embeddings (BERT's embeddings.LayerNorm)
+    type_vocab_size: int = 0  # rows of the token-type (segment) embedding; 0: none. One segment: row 0 is added
+    position_offset: int = 0  # learned positions start at this row (RoBERTa: padding_idx + 1); the table has
+    #   max_seq_len + position_offset rows
+    pooler: bool = False  # classify only: Linear d -> d + tanh on the pooled token before the classifier (BERT)
     vocab_size: int | None = None  # None until a tokenizer is known; needed to build or count
     head: str = "lm"  # one of HEADS, chosen at build time (by the task), not by the recipe's model section
     num_labels: int | None = None  # classify only: classifier outputs
@@ -201,6 +211,14 @@ def _check(spec: ModelSpec) -> None:
                                  f"{', '.join(GELU_APPROXIMATIONS)}")
     if spec.rope_scaling is not None:
         _check_rope_scaling(spec, fail)
+    if spec.norm_position not in NORM_POSITIONS:
+        fail("norm_position", f"unknown norm_position '{spec.norm_position}' — choose one of {', '.join(NORM_POSITIONS)}")
+    for key in ("type_vocab_size", "position_offset"):
+        value = getattr(spec, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            fail(key, f"must be a non-negative integer, got {value!r}")
+    if spec.position_offset and spec.position != "learned":
+        fail("position_offset", "needs position: learned")
     if not 0.0 <= spec.dropout < 1.0:
         fail("dropout", f"must be in [0, 1), got {spec.dropout!r}")
     for key in ("rope_theta", "norm_eps", "init_std"):
@@ -244,7 +262,7 @@ def _head_matmul_weights(spec: ModelSpec) -> int:
     encoder's MLM head adds its d x d transform). A tied projection counts: it is a matmul."""
     d = spec.d_model
     if spec.head == "classify":
-        return d * spec.num_labels
+        return d * spec.num_labels + (d * d if spec.pooler else 0)
     return d * _require_vocab(spec) + (d * d if spec.arch == "encoder" else 0)
 
 
@@ -259,11 +277,14 @@ def count_params(spec: ModelSpec) -> int:
     qk_norms = 2 * norm // d * hd if spec.qk_norm else 0  # one norm of head_dim each for q and k
     block = 2 * norm + _block_matmul_weights(spec) + block_biases + qk_norms
 
-    total = vocab * d + spec.n_layers * block + norm  # token embedding, blocks, final norm
+    total = vocab * d + spec.n_layers * block  # token embedding, blocks
+    total += norm * ((spec.norm_position == "pre") + spec.embedding_norm)  # final norm, embedding norm
+    total += spec.type_vocab_size * d
     if spec.position == "learned":
-        total += spec.max_seq_len * d
+        total += (spec.max_seq_len + spec.position_offset) * d
     if spec.head == "classify":
-        return total + d * spec.num_labels + bias * spec.num_labels  # classifier; no LM head at all
+        pooler = (d * d + bias * d) if spec.pooler else 0
+        return total + pooler + d * spec.num_labels + bias * spec.num_labels  # classifier; no LM head at all
     if spec.arch == "encoder":
         total += d * d + bias * d + norm + bias * vocab  # MLM transform, its norm, output bias
     if not spec.tie_embeddings:
@@ -279,8 +300,8 @@ def spec_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     N_matmul counts the weights of every Linear in the blocks plus the head's: the LM head's
     d_model * vocab_size (also when tied: the head matmul is still done), plus the encoder's
     MLM transform d_model * d_model; for head="classify" only the classifier's
-    d_model * num_labels (applied once per sequence, but counted per token like the rest:
-    a negligible overcount that keeps one formula). Embedding lookups, norms and biases are
+    d_model * num_labels, plus the pooler's d_model * d_model (applied once per sequence, but
+    counted per token like the rest: a negligible overcount that keeps one formula). Embedding lookups, norms and biases are
     not matmuls and are left out; the second term is the attention score and value matmuls
     (QK^T and AV), not halved for causal masking.
     """

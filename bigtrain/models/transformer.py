@@ -2,7 +2,9 @@
 
 Owns: token (and learned position) embeddings, the stack of pre-norm blocks and the final
 norm, under the same state-dict keys for every arch and head (`tok_emb`, `pos_emb`,
-`blocks.N.*`, `norm.*`), so a checkpoint of one loads into another by name; the two heads
+`blocks.N.*`, `norm.*`), so a checkpoint of one loads into another by name; BERT's options
+(spec.norm_position="post" blocks and no final norm, `emb_norm`, token-type `type_emb`, a
+`position_offset` into `pos_emb`, a `pooler` before the classifier); the two heads
 (`spec.head`): the arch's language-model head, or a `classifier` over one pooled position;
 weight init (safe after `to_empty()` from the meta device); parameter and FLOPs counts.
 
@@ -50,11 +52,17 @@ class Transformer(nn.Module):
             raise ValueError(f"{type(self).__name__} needs spec.vocab_size")
         self.spec = spec
         self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
-        self.pos_emb = nn.Embedding(spec.max_seq_len, spec.d_model) if spec.position == "learned" else None
+        self.pos_emb = (nn.Embedding(spec.max_seq_len + spec.position_offset, spec.d_model)
+                        if spec.position == "learned" else None)
+        # BERT: token types (one segment here: row 0 is added everywhere), a norm on the summed embeddings
+        self.type_emb = nn.Embedding(spec.type_vocab_size, spec.d_model) if spec.type_vocab_size else None
+        self.emb_norm = build_norm(spec) if spec.embedding_norm else None
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
         self.blocks = nn.ModuleList(Block(spec, causal=self.causal) for _ in range(spec.n_layers))
-        self.norm = build_norm(spec)
+        self.norm = build_norm(spec) if spec.norm_position == "pre" else None  # post-norm blocks end normed
         if spec.head == "classify":
+            # BERT's pooler: Linear + tanh over the pooled token
+            self.pooler = nn.Linear(spec.d_model, spec.d_model, bias=spec.bias) if spec.pooler else None
             self.classifier_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
             self.classifier = nn.Linear(spec.d_model, spec.num_labels, bias=spec.bias)
         else:
@@ -90,9 +98,15 @@ class Transformer(nn.Module):
             positions = torch.arange(past, past + T, device=input_ids.device)  # (T,)
         attn_mask = prepare_attn_mask(attn_mask, causal=self.causal, n_queries=T if cache is not None else None)
         x = self.tok_emb(input_ids)  # (B, T, C)
+        if self.type_emb is not None:
+            x = x + self.type_emb.weight[0]  # (C,): token type 0 everywhere
         if self.pos_emb is not None:
-            # (T, C) broadcast over the batch, or (B, T, C) at given positions
-            x = x + (self.pos_emb.weight[:T] if positions is None else self.pos_emb(positions))
+            # (T, C) broadcast over the batch, or (B, T, C) at given positions; rows from position_offset
+            # (RoBERTa: padding_idx + 1, the positions transformers gives a right-padded batch's real tokens)
+            offset = self.spec.position_offset
+            x = x + (self.pos_emb.weight[offset:offset + T] if positions is None else self.pos_emb(positions + offset))
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
         if self.dropout is not None:
             x = self.dropout(x)
         for i, block in enumerate(self.blocks):
@@ -101,11 +115,15 @@ class Transformer(nn.Module):
             else:
                 x = block(x, attn_mask=attn_mask, positions=positions, cache=None if cache is None else cache.layers[i])
         if self.spec.head == "classify":
-            h = self.norm(pool(x, self.spec.pooling, lengths))  # (B, C); the norm is per position
+            h = pool(x, self.spec.pooling, lengths)  # (B, C)
+            if self.norm is not None:
+                h = self.norm(h)  # the norm is per position
+            if self.pooler is not None:
+                h = torch.tanh(self.pooler(h))
             if self.classifier_dropout is not None:
                 h = self.classifier_dropout(h)
             return self.classifier(h)  # (B, K)
-        return getattr(self, self.lm_head_name)(self.norm(x))  # (B, T, V)
+        return getattr(self, self.lm_head_name)(x if self.norm is None else self.norm(x))  # (B, T, V)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -125,13 +143,14 @@ class Transformer(nn.Module):
             init_module(module, std, base_seed=base_seed, prefix=f"{name}." if name else "", done=done)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count, tied weights once. exclude_embeddings drops the token and position
-        tables (an untied output projection stays: it is a matmul, not a lookup)."""
+        """Parameter count, tied weights once. exclude_embeddings drops the token, position and
+        token-type tables (an untied output projection stays: it is a matmul, not a lookup)."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.tok_emb.weight.numel()
-            if self.pos_emb is not None:
-                n -= self.pos_emb.weight.numel()
+            for table in (self.pos_emb, self.type_emb):
+                if table is not None:
+                    n -= table.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -36,7 +36,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from bigtrain.errors import UserError
-from bigtrain.strategy.dist import Dist, barrier, broadcast_object
+from bigtrain.strategy.dist import Dist, barrier, broadcast_object, use_tf32
 from bigtrain.strategy.precision import PrecisionTable
 from bigtrain.strategy.transforms import apply_transforms
 
@@ -60,6 +60,8 @@ def recipe_deepspeed_config(recipe, world_size: int) -> dict[str, tuple[object, 
         "fp16.enabled": (p.precision == "fp16", "parallel.precision"),
         "zero_optimization.stage": (p.zero_stage, "parallel.zero_stage"),
     }
+    if p.precision == "bf16":  # micro-batch gradients summed in fp32 (DeepSpeed's default: the model's bf16)
+        keys["data_types.grad_accum_dtype"] = ("fp32", "parallel.precision")
     for what, setting, source in (("optimizer", p.offload_optimizer, "parallel.offload_optimizer"),
                                   ("param", p.offload_params, "parallel.offload_params")):
         keys[f"zero_optimization.offload_{what}.device"] = (setting, source)
@@ -165,10 +167,17 @@ class DeepSpeedEngine:
         if precision.name == "bf16-pure":
             raise UserError("parallel.precision=bf16-pure is not available with parallel.strategy=deepspeed "
                             "(DeepSpeed always keeps fp32 master weights) — use parallel.precision=bf16")
+        if precision.name == "bf16" and parallel_cfg.zero_stage == 1 and parallel_cfg.offload_optimizer != "cpu":
+            # fp32 gradient accumulation at ZeRO-1 (not offloaded) makes DeepSpeed swap in its BF16_Optimizer,
+            # whose checkpoints zero_to_fp32 (export, init_from) cannot read; without it, bf16 accumulation.
+            raise UserError("parallel.precision=bf16 with parallel.zero_stage=1 is not available with "
+                            "parallel.strategy=deepspeed (it would accumulate gradients in bf16) — use "
+                            "parallel.zero_stage=2 (it also resumes ZeRO-1 checkpoints)")
         ds_logger.setLevel(logging.WARNING)
         self.dist = dist
         self.precision = precision
         self.parallel_cfg = parallel_cfg
+        use_tf32(dist.device, parallel_cfg.tf32)
         _ensure_process_group(dist)
         config = build_deepspeed_config(recipe, dist.world_size)
         apply_transforms(model, parallel_cfg)

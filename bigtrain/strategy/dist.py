@@ -69,6 +69,14 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 600, collective
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, backend=backend)
 
 
+def use_tf32(device: torch.device, enabled: bool) -> None:
+    """`parallel.tf32`: on CUDA, fp32 matmuls and cuDNN convolutions may use TF32 tensor cores (10-bit mantissa
+    products, fp32 accumulation; what Ampere and later are fast at). Elsewhere nothing changes."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
 # --------------------------------------------------------------------------- preflight
 
 # What each launcher tells a process about the job: (nodes, node rank, processes per node) variables.

@@ -34,7 +34,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from bigtrain.errors import UserError
-from bigtrain.strategy.dist import Dist
+from bigtrain.strategy.dist import Dist, use_tf32
 from bigtrain.strategy.precision import PrecisionTable, make_grad_scaler, scaled_optimizer_step
 from bigtrain.strategy.transforms import apply_transforms
 
@@ -42,8 +42,11 @@ DCP_METADATA = ".metadata"  # written last by dcp.save; marks a DCP folder
 MODEL_KEY, OPTIM_KEY = "model", "optim"  # top-level keys of the DCP state: "model.<state-dict name>"
 
 # What a DCP .metadata pickle may name: DCP's own metadata records, torch.Size, dtypes, layouts, paths.
+# Exact, undotted names only: the unpickler resolves "a.b" as an attribute path (metadata's `os.system`).
 _METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": None,  # any name of the module
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata",
+                                              "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+                                              "_MEM_FORMAT_ENCODING"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},  # + dtypes, checked below
@@ -54,10 +57,9 @@ _METADATA_GLOBALS = {
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        allowed = _METADATA_GLOBALS.get(module, set())
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if allowed is not None and name not in allowed and not dtype:
-            raise pickle.UnpicklingError(f"'{module}.{name}' is not allowed in a DCP .metadata file")
+        dtype = module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
+        if name not in _METADATA_GLOBALS.get(module, ()) and not dtype:
+            raise pickle.UnpicklingError(f"{module + '.' + name!r} is not allowed in a DCP .metadata file")  # one line
         return super().find_class(module, name)
 
 
@@ -65,7 +67,8 @@ class SafeReader(dcp.FileSystemReader):
     """FileSystemReader whose .metadata unpickling only admits DCP's metadata types (no arbitrary code)."""
 
     def read_metadata(self, *args, **kwargs):
-        path = self._get_metadata_path(kwargs.get("rank"))
+        rank = kwargs.get("rank")  # DCP's per-rank metadata when saved without collectives (newer torch)
+        path = self.fs.concat_path(self.path, DCP_METADATA if rank is None else f"__{rank}{DCP_METADATA}")
         with self.fs.create_stream(path, "rb") as f:
             try:
                 metadata = _MetadataUnpickler(f).load()
@@ -118,6 +121,7 @@ class FSDPEngine:
             raise UserError("parallel.offload_params=nvme needs parallel.strategy=deepspeed — use cpu with fsdp")
         self.dist = dist
         self.precision = precision
+        use_tf32(dist.device, parallel_cfg.tf32)
         model.to(precision.param)  # on meta: free; bf16-pure keeps the sharded weights themselves in bf16
         apply_transforms(model, parallel_cfg)  # activation checkpointing, then compile, before sharding
 

@@ -8,15 +8,22 @@ resumes on any other number of ranks.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bigtrain.strategy.dist import Dist
+from bigtrain.strategy.dist import Dist, use_tf32
 from bigtrain.strategy.precision import PrecisionTable, autocast, make_grad_scaler, scaled_optimizer_step
 from bigtrain.strategy.transforms import apply_transforms
+
+
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP's broadcast_buffers=False under the name this torch uses (newer ones warn on the old name)."""
+    new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    return {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
 
 
 class LocalEngine:
@@ -28,6 +35,7 @@ class LocalEngine:
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg):
         self.dist = dist
         self.precision = precision
+        use_tf32(dist.device, parallel_cfg.tf32)
         self.module = model  # the bare model: state dicts, FLOPs, eval
         model.to(precision.param)  # bf16-pure keeps the weights themselves in bf16
         self.optimizer = make_optimizer(model)
@@ -35,7 +43,10 @@ class LocalEngine:
         apply_transforms(model, parallel_cfg)
         if dist.distributed:
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.model = DistributedDataParallel(model, device_ids=device_ids)
+            # Buffers (the RoPE tables) are computed identically on every rank: no broadcast before each forward.
+            # Gradients are views into DDP's buckets: no copy in or out of them, one gradient-sized buffer less.
+            self.model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                                 **_no_forward_buffer_sync())
         else:
             self.model = model
 

@@ -1,7 +1,8 @@
 """`parallel.precision` resolved to one table of dtypes, plus autocast and loss scaling for it.
 
 The table is the contract every strategy implements and tests check real tensors against:
-parameter, compute, gradient-reduce, master-weight and optimizer-state dtypes.
+parameter, compute, gradient-reduce, gradient-accumulation (micro-batches summed until the step),
+master-weight and optimizer-state dtypes.
 
 `auto` (the default) is resolved first, once per job on rank 0, from the hardware: on CUDA bf16 where the
 GPU has it, else fp16 with loss scaling; on a CPU bf16 only where bf16 matmuls are native (an AVX2-only CPU
@@ -26,6 +27,7 @@ class PrecisionTable:
     param: torch.dtype
     compute: torch.dtype
     grad_reduce: torch.dtype
+    grad_accum: torch.dtype
     master_weights: torch.dtype
     optimizer_state: torch.dtype
     loss_scaling: bool
@@ -39,24 +41,24 @@ class PrecisionTable:
 
 
 # Mixed precision keeps fp32 parameters, gradients and optimizer state; only the compute is low precision.
+# Columns: param, compute, grad_reduce, grad_accum, master_weights, optimizer_state, loss_scaling.
+_F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
 _TABLES = {
-    "fp32": PrecisionTable("fp32", torch.float32, torch.float32, torch.float32, torch.float32, torch.float32, False),
-    "bf16": PrecisionTable("bf16", torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.float32, False),
-    "fp16": PrecisionTable("fp16", torch.float32, torch.float16, torch.float32, torch.float32, torch.float32, True),
+    "fp32": PrecisionTable("fp32", _F32, _F32, _F32, _F32, _F32, _F32, False),
+    "bf16": PrecisionTable("bf16", _F32, _BF16, _F32, _F32, _F32, _F32, False),
+    "fp16": PrecisionTable("fp16", _F32, _F16, _F32, _F32, _F32, _F32, True),
     # Everything in bf16: half the memory of the weights and optimizer state, no fp32 master copy.
-    "bf16-pure": PrecisionTable("bf16-pure", torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16,
-                                torch.bfloat16, False),
+    "bf16-pure": PrecisionTable("bf16-pure", _BF16, _BF16, _BF16, _BF16, _BF16, _BF16, False),
 }
 
 # (precision, strategy) -> table, where a strategy keeps its tensors differently from _TABLES.
 _STRATEGY_TABLES: dict[tuple[str, str], PrecisionTable] = {
     # DeepSpeed casts the module itself to bf16/fp16 and reduces gradients in that dtype; its ZeRO optimizer
     # keeps fp32 master weights and fp32 Adam moments (bf16-pure is refused: it always keeps an fp32 master).
+    # bf16 accumulates the reduced micro-batch gradients in fp32 (data_types.grad_accum_dtype, ZeRO 2/3).
     ("fp32", "deepspeed"): _TABLES["fp32"],
-    ("bf16", "deepspeed"): PrecisionTable("bf16", torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32,
-                                          torch.float32, False),
-    ("fp16", "deepspeed"): PrecisionTable("fp16", torch.float16, torch.float16, torch.float16, torch.float32,
-                                          torch.float32, True),
+    ("bf16", "deepspeed"): PrecisionTable("bf16", _BF16, _BF16, _BF16, _F32, _F32, _F32, False),
+    ("fp16", "deepspeed"): PrecisionTable("fp16", _F16, _F16, _F16, _F16, _F32, _F32, True),
 }
 
 
@@ -146,7 +148,10 @@ def scaled_optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.Gr
     if scaler:
         if finite:
             scaler.step(optimizer)
-        scaler.update(new_scale=None if finite else scaler.get_scale() * scaler.get_backoff_factor())
+            scaler.update()
+        else:  # maybe only another rank overflowed: back off as update() does on an inf, growth count restarting
+            scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
+            scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": 0})
     elif finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -78,6 +80,10 @@ def test_ddp_matches_single_process_with_ragged_task_batches(tmp_path, cache_dir
         assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5)
     for key in a_eval[-1]:
         assert b_eval[-1][key] == pytest.approx(a_eval[-1][key], rel=1e-5)
+    if task == "classification":  # its confusion matrix is summed over ranks: exactly the one process's counts
+        reports = [json.loads((tmp_path / f"runs/{name}/eval/step-0000004.json").read_text()) for name in ("single", "ddp")]
+        assert reports[1]["confusion_matrix"] == reports[0]["confusion_matrix"]
+        assert sum(map(sum, reports[0]["confusion_matrix"])) == 15
 
 
 def test_mlm_masks_and_losses_match_across_world_sizes(tmp_path, cache_dir):

@@ -260,13 +260,15 @@ def test_fsdp_init_on_the_meta_device_equals_the_eager_init(one_rank_group):
 def test_dcp_checkpoint_reads_back_exactly_and_a_code_running_metadata_pickle_is_refused(tmp_path, one_rank_group,
                                                                                          capsys):
     """open_weights reads a DCP checkpoint's full tensors; a .metadata pickle that names anything beyond DCP's
-    metadata types (here os.system) is a one-line error, exit 2, and nothing runs."""
+    metadata types (os.system, or os.system reached as a dotted name through DCP's metadata module, which
+    imports os) is a one-line error, exit 2, from export and from resume, and nothing runs."""
     import os
     import pickle
 
     from bigtrain.checkpoint import TrainState, _file_entry, save
     from bigtrain.cli import main
     from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
+    from bigtrain.errors import UserError
     from bigtrain.models import build_model
     from bigtrain.optim import build_optimizer
     from bigtrain.strategy import build_engine, init_distributed, open_weights
@@ -286,14 +288,20 @@ def test_dcp_checkpoint_reads_back_exactly_and_a_code_running_metadata_pickle_is
         def __reduce__(self):
             return os.system, (f"touch {tmp_path / 'ran'}",)
 
-    (folder / ".metadata").write_bytes(pickle.dumps(RunsCode()))
-    manifest = json.loads((folder / "manifest.json").read_text())  # a consistent manifest: a crafted checkpoint
-    manifest["files"][".metadata"] = _file_entry(folder / ".metadata")
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    assert main(["export", str(folder), str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert "is not allowed in a DCP .metadata file" in err and err.count("\n") == 1
-    assert not (tmp_path / "ran").exists() and not (tmp_path / "out/model.safetensors").exists()
+    marker = tmp_path / "ran"
+    dotted = (b"\x80\x04ctorch.distributed.checkpoint.metadata\nos.system\n(V" + f"touch {marker}".encode()
+              + b"\ntR.")  # GLOBAL of an allowed module with a dotted name: resolved as metadata.os.system
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for payload in (pickle.dumps(RunsCode()), dotted):
+        (folder / ".metadata").write_bytes(payload)
+        manifest["files"][".metadata"] = _file_entry(folder / ".metadata")  # consistent manifest: a crafted checkpoint
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        assert main(["export", str(folder), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "is not allowed in a DCP .metadata file" in err and err.count("\n") == 1
+        with pytest.raises(UserError, match="is not allowed in a DCP .metadata file"):
+            engine.load_state(folder)  # what resume calls
+        assert not marker.exists() and not (tmp_path / "out/model.safetensors").exists()
 
 
 def test_one_process_fsdp_run_destroys_the_group_it_made(tmp_path, cache_dir):

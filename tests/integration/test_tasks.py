@@ -74,16 +74,35 @@ def test_classifier_fine_tunes_from_mlm_checkpoint_and_eval_matches(tmp_path, ca
     assert 4 <= len(labels) <= 8 and labels == sorted(labels)
     records, evals = read_metrics(run_dir)
     assert records[-1]["train/loss"] < records[0]["train/loss"]
-    assert {"eval/loss", "eval/accuracy", "eval/f1"} <= evals[-1].keys()
+    assert {"eval/loss", "eval/accuracy", "eval/f1", "eval/weighted/f1", "eval/micro/f1"} <= evals[-1].keys()
+    assert {f"eval/f1/{label}" for label in labels} <= evals[-1].keys()
+    assert not any(isinstance(v, (list, dict)) for e in evals for v in e.values())  # matrices only in eval/*.json
 
-    # `bigtrain eval` of the run gives the same metrics as the final in-training eval.
+    # Each in-training eval wrote its report: the confusion matrix covers the whole validation split (rows = true
+    # label in labels.json order) and agrees with the logged accuracy; the console got the table.
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == ["step-0000020.json", "step-0000040.json"]
+    report = json.loads((run_dir / "eval/step-0000040.json").read_text())
+    matrix = report["confusion_matrix"]
+    total = sum(map(sum, matrix))
+    assert report["labels"] == labels and len(matrix) == len(labels) and report["checkpoint"] is None
+    assert total == len(validation_split(run_dir)) == sum(c["support"] for c in report["per_class"])
+    assert sum(matrix[i][i] for i in range(len(labels))) / total == pytest.approx(evals[-1]["eval/accuracy"], rel=1e-12)
+    assert {k: v for k, v in report.items() if k.startswith("eval/")} == {k: v for k, v in evals[-1].items() if k != "step"}
+    assert "confusion matrix (rows: true label, columns: predicted)" in result.stderr and "weighted avg" in result.stderr
+
+    # `bigtrain eval` of the run gives the same metrics as the final in-training eval, and rewrites the same report.
     evaluated = run_cli("eval", str(run_dir))
     assert evaluated.returncode == 0, evaluated.stderr
     metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert metrics["step"] == 40
-    for key in ("eval/loss", "eval/accuracy", "eval/f1"):
+    for key in evals[-1]:
         assert metrics[key] == pytest.approx(evals[-1][key], rel=1e-9)
-    assert (run_dir / "eval/step-0000040.json").is_file()
+    rewritten = json.loads((run_dir / "eval/step-0000040.json").read_text())
+    assert rewritten["checkpoint"].endswith("step-0000040")
+    assert rewritten["confusion_matrix"] == matrix and rewritten["labels"] == labels
+    for ours, theirs in zip(rewritten["per_class"], report["per_class"]):
+        assert ours == {k: pytest.approx(v, rel=1e-9) if isinstance(v, float) else v for k, v in theirs.items()}
+    assert "weighted avg" in evaluated.stderr
     assert run_cli("eval", str(run_dir), "--checkpoint", "step-7").returncode == 2
 
 
@@ -94,16 +113,21 @@ SMALL_ENCODER = {"arch": "encoder", "preset": "debug", "n_layers": 4, "d_model":
                  "position": "rope"}
 
 
-def validation_majority_share(run_dir: Path) -> float:
-    """Share of the most common label in the validation split the run evaluated on (its own prepared data)."""
-    from collections import Counter
-
+def validation_split(run_dir: Path):
+    """The validation split the run evaluated on (its own prepared data)."""
     from bigtrain.config import load_config
     from bigtrain.data import load_prepared
 
-    data = load_prepared(load_config(run_dir / "config.yaml").data, task="classification")
-    counts = Counter(int(data.validation[i]["label"]) for i in range(len(data.validation)))
-    return max(counts.values()) / len(data.validation)
+    return load_prepared(load_config(run_dir / "config.yaml").data, task="classification").validation
+
+
+def validation_majority_share(run_dir: Path) -> float:
+    """Share of the most common label in the validation split the run evaluated on."""
+    from collections import Counter
+
+    validation = validation_split(run_dir)
+    counts = Counter(int(validation[i]["label"]) for i in range(len(validation)))
+    return max(counts.values()) / len(validation)
 
 
 @pytest.mark.slow

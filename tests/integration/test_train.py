@@ -195,3 +195,14 @@ def test_compile_and_activation_checkpointing_train_like_eager(tmp_path, cache_d
     # State-dict keys are unchanged by the wrappers, so checkpoints move between the two settings.
     keys = torch.load(compiled_dir / "checkpoints/step-0000003/model.pt", weights_only=True).keys()
     assert keys == torch.load(eager_dir / "checkpoints/step-0000003/model.pt", weights_only=True).keys()
+
+
+def test_empty_validation_split_warns_once_and_logs_no_eval(tmp_path, cache_dir):
+    """An empty validation split would log eval/loss 0 and eval/ppl 1: no eval records, one warning."""
+    result, run_dir = train(tmp_path, cache_dir, "train.max_steps=4", "eval.every=2", "data.validation_split=0")
+    assert result.returncode == 0, result.stderr
+    records, evals = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and evals == []
+    assert not any("eval/" in key for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                   for key in json.loads(line))
+    assert result.stderr.count("warning: the validation split is empty") == 1

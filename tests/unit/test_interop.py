@@ -251,9 +251,9 @@ def test_folder_without_config_json_is_one_line_exit_2(tmp_path, cache_dir, caps
 def test_unsupported_architecture_is_one_line_exit_2(tmp_path, cache_dir, capsys):
     folder = tmp_path / "bert"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "vocab_size": 30}))
+    (folder / "config.json").write_text(json.dumps({"architectures": ["BertLMHeadModel"], "vocab_size": 30}))
     err = one_line_error(capsys, ["train", str(recipe_for(tmp_path, cache_dir)), f"model.init_from={folder}"])
-    assert "['BertForMaskedLM']" in err and "LlamaForCausalLM" in err
+    assert "['BertLMHeadModel']" in err and "LlamaForCausalLM" in err
 
 
 def test_contradicting_recipe_key_names_both_values(tmp_path, cache_dir, capsys):

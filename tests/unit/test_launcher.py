@@ -147,8 +147,9 @@ def test_dry_run_deepspeed_and_accelerate_from_flags(tmp_path):
                                                            train={"global_batch_size": 8, "micro_batch_size": 1}))
     flags = ["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29999",
              "--nproc-per-node", "2"]
-    hostfile = os.path.join(tempfile.gettempdir(), "bigtrain-hostfile-2x2")
-    assert dry_run(str(recipe), *flags, "--launcher", "deepspeed") == [
+    argv = dry_run(str(recipe), *flags, "--launcher", "deepspeed")
+    hostfile = argv[argv.index("--hostfile") + 1]  # a private temp file: see test_deepspeed_hostfile_is_private
+    assert argv == [
         f"{VENV_BIN}/deepspeed", "--num_gpus", "2", "--no_ssh", "--hostfile", hostfile, "--num_nodes", "2", "--node_rank", "1",
         "--master_addr", "10.0.0.1", "--master_port", "29999", "--module", "bigtrain", "train", str(recipe)]
     assert dry_run(str(recipe), *flags, "--launcher", "accelerate") == [
@@ -156,23 +157,50 @@ def test_dry_run_deepspeed_and_accelerate_from_flags(tmp_path):
         "--machine_rank", "1", "--main_process_ip", "10.0.0.1", "--main_process_port", "29999",
         "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "bigtrain", "train", str(recipe)]
     assert open(hostfile).read() == "node-0 slots=2\nnode-1 slots=2\n"  # node i is line i; names unused with --no_ssh
+    os.unlink(hostfile)
     # One node, no port given: a free local port (deepspeed's and accelerate's default 29500 may be taken).
     single = dry_run(str(recipe), "--nproc-per-node", "2", "--launcher", "deepspeed")
     assert single[:3] == [f"{VENV_BIN}/deepspeed", "--num_gpus", "2"] and single[3] == "--master_port"
     assert 0 < int(single[4]) < 65536 and single[5:] == ["--module", "bigtrain", "train", str(recipe)]
 
 
+def test_deepspeed_hostfile_is_private_and_never_reuses_a_planted_file(tmp_path, monkeypatch):
+    """The hostfile is created exclusively under a random name, mode 0600: a file (or symlink) another user put
+    at a predictable name in the shared temp dir is neither read nor written through."""
+    import stat
+
+    from launcher.argv import deepspeed_hostfile
+    from launcher.topology import Topology
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a private stand-in for /tmp
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    for name in ("bigtrain-hostfile-3x2", "bigtrain-hostfile-3x2.0"):
+        (tmp_path / name).symlink_to(victim)  # planted at the names a fixed scheme would use
+    topo = Topology(nnodes=3, nproc_per_node=2, node_rank=0, master_addr="10.0.0.1", master_port=29999)
+    first, second = deepspeed_hostfile(topo), deepspeed_hostfile(topo)
+    assert first != second and {os.path.dirname(first), os.path.dirname(second)} == {str(tmp_path)}
+    for path in (first, second):
+        info = os.lstat(path)
+        assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.getuid()
+        assert open(path).read() == "node-0 slots=2\nnode-1 slots=2\nnode-2 slots=2\n"
+    assert victim.read_text() == "keep\n"
+
+
 @pytest.mark.parametrize("launcher, expected", [
     ("torchrun", ["--nnodes", "5", "--nproc_per_node", "4", "--node_rank", "2", "--rdzv_backend", "static",
                   "--master_addr", "node01", "--master_port", "30734"]),
-    ("deepspeed", ["--num_gpus", "4", "--no_ssh", "--hostfile", os.path.join(tempfile.gettempdir(), "bigtrain-hostfile-5x4"),
-                   "--num_nodes", "5", "--node_rank", "2", "--master_addr", "node01",
+    ("deepspeed", ["--num_gpus", "4", "--no_ssh", "--hostfile", "HOSTFILE", "--num_nodes", "5", "--node_rank", "2", "--master_addr", "node01",
                    "--master_port", "30734"]),
     ("accelerate", ["launch", "--multi_gpu", "--num_processes", "20", "--num_machines", "5", "--machine_rank", "2",
                     "--main_process_ip", "node01", "--main_process_port", "30734"]),
 ])
 def test_dry_run_from_slurm_environment(recipe, launcher, expected):
     argv = dry_run(str(recipe), "train.global_batch_size=40", "--launcher", launcher, env=SLURM)
+    if "--hostfile" in argv:  # a fresh private file each time (checked below); compare the rest
+        at = argv.index("--hostfile") + 1
+        os.unlink(argv[at])
+        argv[at] = "HOSTFILE"
     assert argv[0] == "OMP_NUM_THREADS=8"  # 32 CPUs on the node / 4 processes
     assert argv[1] == f"{VENV_BIN}/{launcher}"
     assert argv[2:2 + len(expected)] == expected

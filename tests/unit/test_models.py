@@ -37,6 +37,9 @@ def tokens(B: int = 2, T: int = 16, seed: int = 1) -> torch.Tensor:
 
 
 STYLES = {"gpt2": {}, "llama": dict(LLAMA_STYLE, n_kv_heads=2)}
+# Every BERT / RoBERTa option of the spec (what a Hugging Face encoder import sets).
+BERT_OPTIONS = dict(norm_position="post", embedding_norm=True, type_vocab_size=2, position_offset=2, pooler=True,
+                    gelu_approximate="none")
 
 
 def test_presets_fill_every_field_and_registry_has_both_archs():
@@ -199,6 +202,9 @@ def test_dropout_modules_only_when_dropout_positive():
     (dict(norm="batchnorm"), "model.norm"),
     (dict(position="alibi"), "model.position"),
     (dict(mlp="relu"), "model.mlp"),
+    (dict(norm_position="middle"), "model.norm_position"),
+    (dict(type_vocab_size=-1), "model.type_vocab_size"),
+    (dict(position="rope", position_offset=2), "model.position_offset"),
 ])
 def test_bad_model_config_raises_user_error_naming_key(overrides, key):
     with pytest.raises(UserError) as err:
@@ -348,7 +354,10 @@ def test_bert_preset_param_counts_match_public_models(preset, expected):
     ("encoder", dict(tie_embeddings=False)),
     ("encoder", dict(bias=False, norm="rmsnorm", position="rope", mlp="swiglu", n_kv_heads=2)),
     ("encoder", dict(dropout=0.1)),
+    ("encoder", BERT_OPTIONS),
+    ("encoder", dict(BERT_OPTIONS, norm_position="pre", bias=False)),
     ("decoder", {}),
+    ("decoder", dict(norm_position="post", type_vocab_size=1)),
     ("decoder", dict(LLAMA_STYLE, n_kv_heads=2, tie_embeddings=False)),
 ])
 @pytest.mark.parametrize("head", ["lm", "classify"])
@@ -554,3 +563,29 @@ def test_bad_hf_option_raises_user_error_naming_key(overrides, key):
     with pytest.raises(UserError) as err:
         resolve_model_spec(model_cfg(**overrides))
     assert str(err.value).startswith(key + ":") and "\n" not in str(err.value)
+
+
+def test_bert_options_default_off_and_leave_the_default_models_as_they_were():
+    for arch in ARCH_NAMES:
+        spec = build(arch=arch).spec
+        assert (spec.norm_position, spec.embedding_norm, spec.type_vocab_size, spec.position_offset, spec.pooler) == \
+            ("pre", False, 0, 0, False)
+        keys = set(build(arch=arch, head="classify", num_labels=2).state_dict())
+        assert not any(k.startswith(("type_emb", "emb_norm", "pooler")) for k in keys) and "norm.weight" in keys
+
+
+def test_post_norm_encoder_is_bert_shaped_and_its_pooler_counts_in_flops():
+    L, d, ff, T, K = 2, 64, 256, 128, 3
+    model = build(arch="encoder", head="classify", num_labels=K, **BERT_OPTIONS)
+    keys = set(model.state_dict())
+    assert {"type_emb.weight", "emb_norm.weight", "pooler.weight", "pooler.bias"} <= keys and "norm.weight" not in keys
+    assert model.pos_emb.weight.shape == (model.spec.max_seq_len + 2, d)  # rows from position_offset
+    trunk = L * (d * 3 * d + d * d + d * ff + ff * d)
+    assert model.flops_per_token(T) == 6 * (trunk + d * K + d * d) + 12 * L * d * T
+    block = model.blocks[0]  # post-norm: norm(x + attn(x)), then norm(x + mlp(x))
+    x = torch.randn(2, 8, d)
+    with torch.no_grad():
+        h = block.attn_norm(x + block.attn(x))
+        torch.testing.assert_close(block(x), block.mlp_norm(h + block.mlp(h)))
+    out = model(tokens(T=8), attn_mask=key_padding([8, 5], 8))
+    assert out.shape == (2, K) and out.abs().max() <= model.classifier.weight.abs().sum(1).max() + model.classifier.bias.abs().max()

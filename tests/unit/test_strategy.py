@@ -54,6 +54,25 @@ def test_fp16_overflow_skips_the_update_and_backs_off_the_scale():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("local_overflow", [True, False], ids=["this-rank", "another-rank"])
+def test_fp16_scale_halves_after_an_overflow_and_grows_only_after_growth_interval_finite_steps(local_overflow):
+    """GradScaler semantics whether this rank saw the inf or only the shared decision says non-finite:
+    halve the scale and restart the count of finite steps before it may grow again."""
+    from bigtrain.strategy.precision import scaled_optimizer_step
+
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    scales = []
+    for finite in (True, True, False, True, True, True, True):
+        loss = model(torch.ones(2, 4)).sum() * (float("inf") if not finite and local_overflow else 1.0)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # what clip_grad_norm does before the shared finite decision
+        scaled_optimizer_step(optimizer, scaler, finite)
+        scales.append(scaler.get_scale())
+    assert scales == [1024.0, 1024.0, 512.0, 512.0, 512.0, 1024.0, 1024.0]
+
+
 def test_non_finite_steps_are_counted_and_stop_after_the_limit():
     cfg = type("Cfg", (), {"train": TrainConfig(max_skipped_steps=3)})()
     state = TrainState(step=5)
@@ -67,3 +86,84 @@ def test_non_finite_steps_are_counted_and_stop_after_the_limit():
     assert (state.skipped_steps, state.consecutive_skips) == (4, 2)
     with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
         _count_skip(cfg, state, False, float("nan"), float("nan"), None)
+
+
+def test_declared_torch_and_deepspeed_lower_bounds_have_the_apis_the_strategies_use():
+    """pyproject's lower bounds are the first releases with what bigtrain calls: torch 2.6 (public FSDP2
+    fully_shard, get_total_norm / clip_grads_with_norm_, torch.accelerator), DeepSpeed 0.16 (zero_to_fp32's
+    lazy_mode). The bounds do not promise older ones, and the installed torch has what they name."""
+    import re
+
+    from tests.conftest import REPO
+
+    text = (REPO / "pyproject.toml").read_text()  # (tomllib is 3.11+; the project supports 3.10)
+    bounds = {name: tuple(int(x) for x in v.split(".")) for name, v in re.findall(r'"(torch|deepspeed)>=([\d.]+)"', text)}
+    assert bounds["torch"] >= (2, 6) and bounds["deepspeed"] >= (0, 16)
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+
+    assert torch.nn.utils.get_total_norm and torch.nn.utils.clip_grads_with_norm_ and torch.accelerator.synchronize
+
+
+def test_deepspeed_bf16_config_accumulates_gradients_in_fp32_and_a_contradicting_key_is_an_error(tmp_path):
+    import json
+
+    from bigtrain.config import build_config
+    from bigtrain.errors import UserError
+    from bigtrain.strategy.deepspeed import build_deepspeed_config
+    from tests.conftest import tiny_recipe
+
+    def config(precision, **ds):
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        return build_deepspeed_config(build_config(tiny_recipe(tmp_path, tmp_path, parallel={
+            "strategy": "deepspeed", "precision": precision, "deepspeed_config": str(tmp_path / "ds.json")})), 1)
+
+    assert config("bf16")["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in config("fp32")
+    assert config("bf16", data_types={"grad_accum_dtype": "fp32"})["data_types"] == {"grad_accum_dtype": "fp32"}
+    with pytest.raises(UserError, match=r"'data_types.grad_accum_dtype' is \"bf16\" in .* but the recipe gives "
+                                        r"\"fp32\" \(parallel.precision\)"):
+        config("bf16", data_types={"grad_accum_dtype": "bf16"})
+
+
+def test_ddp_skips_the_buffer_broadcast_and_keeps_gradients_as_bucket_views():
+    """RoPE tables are identical on every rank (no broadcast each forward); gradients live in DDP's buckets."""
+    import torch.distributed as torch_dist
+
+    from bigtrain.strategy.dist import Dist
+    from bigtrain.strategy.local import LocalEngine
+
+    torch_dist.init_process_group("gloo", store=torch_dist.HashStore(), rank=0, world_size=1)
+    try:
+        dist = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
+        model = build_model(ModelConfig(preset="debug"), 128)
+        engine = LocalEngine(model, lambda m: build_optimizer(OptimConfig(), m, dist.device), dist=dist,
+                             precision=precision_table("fp32"), parallel_cfg=ParallelConfig(strategy="ddp"))
+        sync = getattr(engine.model, "forward_sync_buffers", None)  # newer torch's name for broadcast_buffers
+        assert (engine.model.broadcast_buffers if sync is None else sync) is False
+        assert engine.model.gradient_as_bucket_view is True
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_tf32_is_switched_on_cuda_only_as_parallel_tf32_says(monkeypatch):
+    from bigtrain.strategy import local
+    from bigtrain.strategy.dist import use_tf32
+
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    before = flags()
+    try:
+        for enabled in (True, False, True):
+            was = flags()
+            use_tf32(torch.device("cpu"), not was[0])
+            assert flags() == was  # on a CPU nothing changes
+            use_tf32(torch.device("cuda", 0), enabled)  # only flags: no CUDA needed to set them
+            assert flags() == (enabled, enabled)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    calls = []
+    monkeypatch.setattr(local, "use_tf32", lambda device, enabled: calls.append((device.type, enabled)))
+    for tf32 in (True, False):
+        dist = init_distributed("cpu")
+        build_engine(ParallelConfig(precision="fp32", tf32=tf32), build_model(ModelConfig(preset="debug"), 128),
+                     lambda m: build_optimizer(OptimConfig(), m, dist.device), dist)
+    assert calls == [("cpu", True), ("cpu", False)] and ParallelConfig().tf32 is True

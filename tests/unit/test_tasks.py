@@ -74,20 +74,69 @@ def test_sft_labels_only_response_and_packed_attention_stays_inside_each_pair():
     assert SFT(pad_id=1).collate([single], [0], CPU)["attn_mask"] is None
 
 
+def classification_sums(task: Classification, labels: list[int], predicted: list[int], batch_size: int = 3) -> dict:
+    """The task's eval sums over batches of (label, predicted) pairs, from a stand-in model whose logits
+    pick `predicted` — as evaluate() adds them up."""
+    sums = dict.fromkeys(task.eval_keys, 0.0)
+    for start in range(0, len(labels), batch_size):
+        logits = torch.nn.functional.one_hot(torch.tensor(predicted[start:start + batch_size]), len(task.labels)).float()
+        batch = {"input_ids": None, "attn_mask": None, "lengths": None,
+                 "labels": torch.tensor(labels[start:start + batch_size])}
+        for key, value in task.eval_sums(lambda ids, attn_mask, lengths: logits, batch).items():
+            sums[key] += value
+    return sums
+
+
 def test_classification_metrics_accuracy_and_macro_f1():
     task = Classification(pad_id=0, labels=["a", "b", "c"])
-    # predictions vs labels: a→a, a→b, b→b, c→b
-    sums = dict.fromkeys(task.eval_keys, 0.0)
-    for predicted, label in ((0, 0), (1, 0), (1, 1), (1, 2)):
-        sums["targets"] += 1
-        sums["correct"] += predicted == label
-        for i in range(3):
-            sums[f"tp_{i}"] += predicted == i and label == i
-            sums[f"fp_{i}"] += predicted == i and label != i
-            sums[f"fn_{i}"] += predicted != i and label == i
-    metrics = task.eval_metrics(sums)
+    # labels → predictions: a→a, a→b, b→b, c→b
+    metrics = task.eval_metrics(classification_sums(task, [0, 0, 1, 2], [0, 1, 1, 1]))
     assert metrics["eval/accuracy"] == 0.5
     # f1: a = 2/(2+0+1) , b = 2/(2+2+0), c = 0
     assert metrics["eval/f1"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+    assert metrics["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]  # rows: true label
+    assert metrics["labels"] == ["a", "b", "c"] and "eval/positive/f1" not in metrics
     batch = task.collate([{"tokens": np.array([3, 4, 5]), "label": 2}, {"tokens": np.array([3]), "label": 0}], [0, 1], CPU)
     assert batch["lengths"].tolist() == [3, 1] and batch["labels"].tolist() == [2, 0] and batch["num_targets"] == 2
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # sklearn's UndefinedMetricWarning: its default 0/0 → 0.0
+@pytest.mark.parametrize("case", ["multiclass", "binary"])
+def test_classification_report_equals_scikit_learn(case):
+    """Per-class, macro / micro / weighted and positive-class scores and the confusion matrix equal scikit-learn's
+    on the same predictions: with a class that is never predicted (its precision is 0/0 → 0) and, in the
+    multi-class case, a label in neither truth nor predictions (per-class zeros, left out of the macro mean)."""
+    metrics_lib = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    if case == "multiclass":
+        names, n = ["bird", "cat", "dog", "eel", "fox"], 41
+        y_true = rng.choice([0, 1, 2, 4], n, p=[0.4, 0.3, 0.2, 0.1])  # eel (3) never occurs
+        y_pred = np.where((rng.random(n) < 0.6) & (y_true != 4), y_true, rng.choice([0, 1, 2], n))  # no eel, fox
+    else:
+        names, n = ["neg", "pos"], 29
+        y_true = rng.integers(0, 2, n)
+        y_pred = np.where(rng.random(n) < 0.7, y_true, 1 - y_true)
+    task = Classification(pad_id=0, labels=names)
+    m = task.eval_metrics(classification_sums(task, y_true.tolist(), y_pred.tolist(), batch_size=4))
+
+    k = len(names)
+    assert m["confusion_matrix"] == metrics_lib.confusion_matrix(y_true, y_pred, labels=range(k)).tolist()
+    assert m["eval/accuracy"] == pytest.approx(metrics_lib.accuracy_score(y_true, y_pred), abs=1e-12)
+    p, r, f, s = metrics_lib.precision_recall_fscore_support(y_true, y_pred, labels=range(k))
+    assert [c["label"] for c in m["per_class"]] == names
+    for name, ours in (("precision", p), ("recall", r), ("f1", f), ("support", s)):
+        np.testing.assert_allclose([c[name] for c in m["per_class"]], ours, atol=1e-12, err_msg=name)
+    np.testing.assert_allclose([m[f"eval/f1/{label}"] for label in names], f, atol=1e-12)
+    for average in ("macro", "micro", "weighted"):
+        expected = metrics_lib.precision_recall_fscore_support(y_true, y_pred, average=average)[:3]
+        ours = [m[f"eval/{average}/{name}"] for name in ("precision", "recall", "f1")]
+        np.testing.assert_allclose(ours, expected, atol=1e-12, err_msg=average)
+    assert m["eval/f1"] == pytest.approx(metrics_lib.f1_score(y_true, y_pred, average="macro"), abs=1e-12)
+    if case == "binary":
+        expected = metrics_lib.precision_recall_fscore_support(y_true, y_pred, average="binary", pos_label=1)[:3]
+        ours = [m[f"eval/positive/{name}"] for name in ("precision", "recall", "f1")]
+        np.testing.assert_allclose(ours, expected, atol=1e-12)
+    else:
+        assert m["per_class"][3] == {"label": "eel", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+        assert "eval/positive/f1" not in m
+        assert m["per_class"][4]["support"] > 0 and sum(row[4] for row in m["confusion_matrix"]) == 0  # fox: unpredicted
