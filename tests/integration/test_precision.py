@@ -88,6 +88,7 @@ def test_check_shows_what_auto_resolves_to_on_this_machine(tmp_path):
 
 PROBE = textwrap.dedent("""
     import json
+    import sys
     from bigtrain.hardware import CpuInfo
     from bigtrain.strategy import init_distributed, shutdown
     from bigtrain.strategy.precision import resolve_job_precision
@@ -97,7 +98,8 @@ PROBE = textwrap.dedent("""
     mine = (CpuInfo("x86_64", frozenset({"avx2"}), "AVX2", None) if dist.rank == 0 else
             CpuInfo("x86_64", frozenset({"avx2", "avx512f", "amx_bf16"}), "AVX512", None))
     resolved = resolve_job_precision(dist, "auto", probe=lambda: mine)
-    print(json.dumps({"rank": dist.rank, "name": resolved.name, "reason": resolved.reason}), flush=True)
+    with open(sys.argv[1] + f"/rank-{dist.rank}.json", "w") as f:  # a file each: stdout lines of two ranks interleave
+        json.dump({"rank": dist.rank, "name": resolved.name, "reason": resolved.reason}, f)
     shutdown(dist)
 """)
 
@@ -109,11 +111,11 @@ def test_every_rank_takes_rank_0s_resolution(tmp_path):
     assert resolve_precision("auto", "cpu", cpu=CpuInfo("x86_64", frozenset({"amx_bf16"}), "AVX512", None)).name == "bf16"
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
-                     key=lambda r: r["rank"])
+    reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     reason = "this CPU has no native bf16 matmul (torch CPU capability AVX2)"
     assert reports == [{"rank": 0, "name": "fp32", "reason": reason}, {"rank": 1, "name": "fp32", "reason": reason}]
