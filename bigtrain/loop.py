@@ -31,7 +31,7 @@ class TrainingError(Exception):
 
 @dataclass
 class LoopContext:
-    """What the loop needs from run.py, built once in DESIGN.md's order."""
+    """What the loop needs from run.py, built once in the build order run.py writes out."""
 
     cfg: object  # bigtrain.config.Config
     dist: object  # bigtrain.strategy.Dist
@@ -71,7 +71,7 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
 
         with timer.data_wait():
             batches = fetch_micro_batches(ctx, sampler, state.samples_consumed)
-        # Normalise by the whole step's target count (all ranks, all micro-batches): DESIGN.md's loss contract.
+        # Normalise by the whole step's target count (all ranks, all micro-batches): the loss contract (tasks.py).
         # DDP averages gradients over ranks, hence the world_size factor. The same all-reduce carries the
         # preemption flag, so every rank stops at the same step when any rank got a signal.
         local = [sum(task.count_targets(b) for b in batches), sum(b["num_tokens"] for b in batches),

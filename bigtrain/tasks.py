@@ -1,6 +1,6 @@
 """Training objectives behind one small interface: collate, count targets, summed loss, eval metrics.
 
-Loss contract (DESIGN.md): a task returns the SUM of per-target losses; the loop divides by the
+Loss contract: a task returns the SUM of per-target losses; the loop divides by the
 global number of targets in the optimizer step (all ranks, all micro-batches), so the gradient
 is the same whatever the micro-batch size, accumulation steps or world size. A target is a
 predicted token (causal_lm, sft), a selected token (masked_lm) or an example (classification).

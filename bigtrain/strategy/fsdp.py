@@ -12,7 +12,7 @@ Checkpoints are sharded `torch.distributed.checkpoint` (DCP) folders: every rank
 the model and optimizer state; loading reshards, so a run resumes on another world size.
 `open_weights` reads one full tensor at a time without a process group (init_from, export).
 DCP pickles its `.metadata` and loads saved objects with `weights_only=False`; bigtrain reads both
-through an allowlist (`SafeReader`, `SafeLoadPlanner`), keeping DESIGN.md's weights-only contract.
+through an allowlist (`SafeReader`, `SafeLoadPlanner`), keeping the contract that nothing read from a file runs code (checkpoints load weights only).
 """
 
 from __future__ import annotations
