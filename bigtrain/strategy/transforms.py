@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import getpass
+import os
+import tempfile
+from pathlib import Path
+
+import torch
 from torch import nn
 
 
@@ -13,8 +19,29 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.blocks[i] = checkpoint_wrapper(block)
 
 
+def key_inductor_cache_by_cpu() -> Path:
+    """Point torch.compile's kernel cache at one folder per CPU capability (AVX2, AVX512, ...).
+
+    Inductor's cache key leaves out the CPU's vector ISA (torch 2.13): a graph compiled where torch
+    runs AVX-512 kernels and reused where it runs AVX2 ones (another node sharing the cache folder,
+    or ATEN_CPU_CAPABILITY set) gave NaN losses, and the reverse corrupted the heap. A folder the
+    user chose via TORCHINDUCTOR_CACHE_DIR is kept, with the capability as a subfolder."""
+    capability = f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if base is None:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = f"uid_{os.getuid()}"
+        base = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
+    folder = Path(base) if Path(base).name == capability else Path(base) / capability
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder
+
+
 def apply_compile(model: nn.Module) -> None:
     """torch.compile each block in place (per-block compile keeps state-dict keys and compiles fast)."""
+    key_inductor_cache_by_cpu()
     for block in model.blocks:
         block.compile()
 

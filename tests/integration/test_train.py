@@ -185,15 +185,25 @@ def test_prepare_and_bench_commands(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_compile_and_activation_checkpointing_train_like_eager(tmp_path, cache_dir):
+    """Two compiled runs share one kernel cache folder, the second with torch capped at AVX2 (as on
+    an AVX2-only node): inductor's cache key omits the CPU ISA, and a shared folder gave NaN losses."""
     eager, eager_dir = train(tmp_path, cache_dir, "train.max_steps=3", name="eager")
     assert eager.returncode == 0, eager.stderr
-    compiled, compiled_dir = train(tmp_path, cache_dir, "train.max_steps=3", "parallel.compile=true",
-                                   "parallel.activation_checkpointing=true", name="compiled")
-    assert compiled.returncode == 0, compiled.stderr
-    for a, b in zip(read_metrics(eager_dir)[0], read_metrics(compiled_dir)[0]):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
+    inductor_cache = tmp_path / "inductor"
+    runs = {}
+    for name, capability in (("compiled", {}), ("compiled-avx2", {"ATEN_CPU_CAPABILITY": "avx2"})):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_recipe(cache_dir, tmp_path / "runs"))
+        result = run_cli("train", str(recipe), f"run.name={name}", "train.max_steps=3", "parallel.compile=true",
+                         "parallel.activation_checkpointing=true",
+                         env={"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache), **capability})
+        assert result.returncode == 0, result.stderr
+        runs[name] = tmp_path / "runs" / name
+    for name, compiled_dir in runs.items():
+        for a, b in zip(read_metrics(eager_dir)[0], read_metrics(compiled_dir)[0], strict=True):
+            assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4), name
+    assert (inductor_cache / "cpu-avx2").is_dir()
     # State-dict keys are unchanged by the wrappers, so checkpoints move between the two settings.
-    keys = torch.load(compiled_dir / "checkpoints/step-0000003/model.pt", weights_only=True).keys()
+    keys = torch.load(runs["compiled"] / "checkpoints/step-0000003/model.pt", weights_only=True).keys()
     assert keys == torch.load(eager_dir / "checkpoints/step-0000003/model.pt", weights_only=True).keys()
 
 

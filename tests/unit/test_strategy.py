@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -167,3 +169,16 @@ def test_tf32_is_switched_on_cuda_only_as_parallel_tf32_says(monkeypatch):
         build_engine(ParallelConfig(precision="fp32", tf32=tf32), build_model(ModelConfig(preset="debug"), 128),
                      lambda m: build_optimizer(OptimConfig(), m, dist.device), dist)
     assert calls == [("cpu", True), ("cpu", False)] and ParallelConfig().tf32 is True
+
+
+def test_inductor_cache_folder_is_keyed_by_cpu_capability_once(monkeypatch, tmp_path):
+    """A worker inherits its parent's keyed folder: no second capability level."""
+    from bigtrain.strategy.transforms import key_inductor_cache_by_cpu
+
+    capability = f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "shared"))
+    assert key_inductor_cache_by_cpu() == tmp_path / "shared" / capability
+    assert key_inductor_cache_by_cpu() == tmp_path / "shared" / capability
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "shared" / capability)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert key_inductor_cache_by_cpu().name == capability
