@@ -227,12 +227,13 @@ def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print) -
 # --------------------------------------------------------------------------- init_from
 
 
-def resolve_init_checkpoint(path: str) -> Path:
+def resolve_init_checkpoint(path: str, revision: str | None = None) -> Path:
     """model.init_from → a verified checkpoint folder (a run dir means its newest complete checkpoint),
-    or a Hugging Face model folder (config.json + weights; see bigtrain/interop)."""
+    or a Hugging Face model folder (config.json + weights; a hub id's snapshot; see bigtrain/interop)."""
     from bigtrain.interop.hf_config import is_hf_folder, looks_like_hf_folder, read_config
+    from bigtrain.interop.hub import local_folder
 
-    where = Path(path).expanduser()
+    where = local_folder(path, revision)
     if not where.exists():
         raise CheckpointError(f"model.init_from: no such run dir, checkpoint or Hugging Face folder '{path}'")
     if is_hf_folder(where):

@@ -164,11 +164,9 @@ def cmd_check(args) -> int:
 
     cfg = _config(args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    spec = check_model(cfg)  # an HF init_from brings its own vocab_size
-    if spec.vocab_size is None:
+    spec = check_model(cfg)  # an HF init_from brings its own vocab_size; None: a hub id not downloaded yet
+    if spec is not None and spec.vocab_size is None:
         spec = dataclasses.replace(spec, vocab_size=padded_vocab_size(_vocab_size(cfg)))
-    params = count_params(spec)
-    flops = spec_flops_per_token(spec, cfg.data.seq_len)
     device = torch.device("cuda" if cfg.parallel.device == "cuda" or (cfg.parallel.device == "auto"
                                                                      and torch.cuda.is_available()) else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():  # checking a GPU recipe on a laptop
@@ -181,19 +179,25 @@ def cmd_check(args) -> int:
     t = cfg.train
     print(f"recipe {args.recipe}: valid")
     print(f"run dir      {cfg.run_dir()}")
-    print(f"model        {cfg.model.arch}/{cfg.model.preset}: {spec.n_layers} layers × d_model {spec.d_model}, "
-          f"{spec.n_heads} heads ({spec.n_kv_heads} kv), d_ff {spec.d_ff}, {spec.norm}/{spec.position}/{spec.mlp}, "
-          f"vocab {spec.vocab_size}{', tied' if spec.tie_embeddings else ''}")
-    head = " with a 2-label classifier (the label count comes from the data)" if cfg.task.name == "classification" else ""
-    print(f"parameters   {params:,} ({params / 1e6:.1f}M){head}")
-    print(f"FLOPs/token  {flops:.4g} (training, seq_len {cfg.data.seq_len})")
+    if spec is None:
+        revision = f" (revision {cfg.model.init_revision})" if cfg.model.init_revision else ""
+        print(f"model        {cfg.model.init_from}{revision}: a Hugging Face hub id not in the local cache — its "
+              f"config.json sets the model, checked when a run downloads it")
+    else:
+        params = count_params(spec)
+        print(f"model        {cfg.model.arch}/{cfg.model.preset}: {spec.n_layers} layers × d_model {spec.d_model}, "
+              f"{spec.n_heads} heads ({spec.n_kv_heads} kv), d_ff {spec.d_ff}, {spec.norm}/{spec.position}/{spec.mlp}, "
+              f"vocab {spec.vocab_size}{', tied' if spec.tie_embeddings else ''}")
+        head = " with a 2-label classifier (the label count comes from the data)" if cfg.task.name == "classification" else ""
+        print(f"parameters   {params:,} ({params / 1e6:.1f}M){head}")
+        print(f"FLOPs/token  {spec_flops_per_token(spec, cfg.data.seq_len):.4g} (training, seq_len {cfg.data.seq_len})")
     print(f"batch        global {t.global_batch_size} = micro {t.micro_batch_size} × accumulation "
           f"{t.accum_steps(world_size)} × data-parallel {world_size} · "
           f"{t.global_batch_size * cfg.data.seq_len:,} tokens/step · {t.max_steps:,} steps")
     print(f"strategy     {resolve_strategy(cfg.parallel.strategy, world_size)}"
           f"{' · activation checkpointing' if cfg.parallel.activation_checkpointing else ''}"
           f"{' · compile' if cfg.parallel.compile else ''}")
-    for name, gb in _memory_estimate_gb(spec, params, cfg, table).items():
+    for name, gb in (_memory_estimate_gb(spec, params, cfg, table) if spec is not None else {}).items():
         print(f"memory       {name}: {gb:.2f} GB per rank (estimate)")
     print(f"precision    {resolved.describe()}")
     print("             " + "  ".join(f"{k}={v}" for k, v in table.as_strings().items() if k != "name"))

@@ -48,7 +48,8 @@ class RunConfig:
 class ModelConfig:
     arch: str = _opt("decoder", "model family: decoder (GPT-2 / Llama style) | encoder (BERT style)")
     preset: str = _opt("debug", "named size: debug, gpt2-124m, gpt2-355m, llama-1b, llama-8b (decoder); debug, bert-tiny, bert-base, bert-large (encoder)")
-    init_from: Optional[str] = _opt(None, "start from the weights of a run dir, a checkpoint or a Hugging Face model folder (config.json + safetensors; its config.json sets the model keys); its tokenizer comes along")
+    init_from: Optional[str] = _opt(None, "start from the weights of a run dir, a checkpoint, a Hugging Face model folder (config.json + safetensors; its config.json sets the model keys) or a hub id (org/name, downloaded through the Hugging Face cache); its tokenizer comes along")
+    init_revision: Optional[str] = _opt(None, "with a hub id as init_from: the branch, tag or commit to take (default: main)")
     n_layers: Optional[int] = _opt(None, "transformer blocks (default: the preset's)")
     d_model: Optional[int] = _opt(None, "hidden width (default: the preset's)")
     n_heads: Optional[int] = _opt(None, "attention heads (default: the preset's)")

@@ -30,6 +30,7 @@ import torch
 
 from bigtrain import checkpoint
 from bigtrain.errors import UserError
+from bigtrain.interop.chat_template import TEMPLATE_FILE, TOKENIZER_CONFIG, read_tokenizer_config, special_tokens_of
 from bigtrain.strategy import open_weights
 
 WEIGHTS_FILE = "model.safetensors"
@@ -110,7 +111,8 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    tokens = _special_tokens(folder / "tokenizer.json", encoder=encoder)
+    source_config = read_tokenizer_config(folder)  # an imported model's tokenizer settings, carried by the run
+    tokens = _special_tokens(folder / "tokenizer.json", encoder=encoder, named=source_config)
     ids = {f"{role}_token_id": token_id for role, (_, token_id) in tokens.items()}
     (out / "config.json").write_text(json.dumps(hf_config(spec, family, dtype=dtype, bos_id=ids.get("bos_token_id"),
                                                           eos_id=ids.get("eos_token_id"),
@@ -121,19 +123,23 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
                                                                indent=2))
     if (folder / "tokenizer.json").is_file():
         shutil.copyfile(folder / "tokenizer.json", out / "tokenizer.json")
-        (out / "tokenizer_config.json").write_text(json.dumps(
+        template = {"chat_template": source_config["chat_template"]} if "chat_template" in source_config else {}
+        (out / TOKENIZER_CONFIG).write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": spec.max_seq_len,
-             "clean_up_tokenization_spaces": False, **{f"{role}_token": text for role, (text, _) in tokens.items()}},
-            indent=2))
+             "clean_up_tokenization_spaces": False, **{f"{role}_token": text for role, (text, _) in tokens.items()},
+             **template}, indent=2))
+    (out / TEMPLATE_FILE).unlink(missing_ok=True)
+    if (folder / TEMPLATE_FILE).is_file():
+        shutil.copyfile(folder / TEMPLATE_FILE, out / TEMPLATE_FILE)
     for stale in [*out.glob("model*.safetensors"), out / SAFETENSORS_INDEX]:  # an earlier export's shards
         stale.unlink(missing_ok=True)
     write_hf_weights(out, HFExportWeights(reader, family, spec, DTYPES[dtype]), max_shard_bytes)
     return out
 
 
-def _special_tokens(path: Path, encoder: bool = False) -> dict[str, tuple[str, int]]:
+def _special_tokens(path: Path, encoder: bool = False, named: dict | None = None) -> dict[str, tuple[str, int]]:
     """role (bos, eos, pad; an encoder's: cls, sep, mask, pad) -> (token, id) for the special tokens of
-    tokenizer.json found by name."""
+    tokenizer.json: the ones `named` (an imported tokenizer_config.json) gives, else found by name."""
     if not path.is_file():
         return {}
     try:
@@ -143,8 +149,9 @@ def _special_tokens(path: Path, encoder: bool = False) -> dict[str, tuple[str, i
     found = {}
     roles = ((*ENCODER_TOKENS.items(), ("pad", PAD_CANDIDATES)) if encoder else
              (("bos", BOS_CANDIDATES), ("eos", EOS_CANDIDATES), ("pad", PAD_CANDIDATES)))
+    given = special_tokens_of(named or {})
     for role, candidates in roles:
-        token = next((t for t in candidates if t in added), None)
+        token = next((t for t in (given.get(f"{role}_token"), *candidates) if t in added), None)
         if token is not None:
             found[role] = (token, added[token])
     return found

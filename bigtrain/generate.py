@@ -80,13 +80,15 @@ class Generator:
 
 
 def load_generator(source: str | Path, *, dtype: str = "fp32", device: str = "cpu") -> Generator:
-    """The model and tokenizer of a run dir (newest complete checkpoint), a checkpoint folder or an HF folder."""
+    """The model and tokenizer of a run dir (newest complete checkpoint), a checkpoint folder, an HF folder
+    or a hub id (through the Hugging Face cache)."""
     from bigtrain import checkpoint
     from bigtrain.interop.hf_config import is_hf_folder, looks_like_hf_folder, read_config
+    from bigtrain.interop.hub import local_folder
 
     if dtype not in DTYPES:
         raise UserError(f"generate --dtype: unknown dtype '{dtype}' — choose one of {', '.join(DTYPES)}")
-    where = Path(source).expanduser()
+    where = local_folder(str(source), where="generate")
     if not where.exists():
         raise UserError(f"generate: no such run dir, checkpoint or Hugging Face folder '{source}'")
     if is_hf_folder(where):

@@ -17,6 +17,7 @@ from bigtrain.data import load_prepared, prepare_data
 from bigtrain.errors import UserError
 from bigtrain.loop import LoopContext, evaluate, train
 from bigtrain.hardware import matmul_peak, raised_peak
+from bigtrain.interop.chat_template import TEMPLATE_FILE, TOKENIZER_CONFIG
 from bigtrain.metrics import MetricsLogger
 from bigtrain.models import build_model, check_model
 from bigtrain.optim import build_optimizer
@@ -29,6 +30,7 @@ from bigtrain.tasks import build_task
 VOCAB_MULTIPLE = 64  # pad the embedding table so matmuls hit fast kernel sizes
 TOKENIZER_FILE = "tokenizer.json"
 LABELS_FILE = "labels.json"
+TOKENIZER_SIDE_FILES = (TOKENIZER_CONFIG, TEMPLATE_FILE)  # beside a Hugging Face tokenizer.json
 
 
 def padded_vocab_size(vocab_size: int) -> int:
@@ -40,7 +42,7 @@ def with_init_tokenizer(cfg: Config) -> Config:
     data.tokenizer is set."""
     if not cfg.model.init_from or cfg.data.tokenizer:
         return cfg
-    folder = checkpoint.resolve_init_checkpoint(cfg.model.init_from)
+    folder = checkpoint.resolve_init_checkpoint(cfg.model.init_from, cfg.model.init_revision)
     if not (folder / TOKENIZER_FILE).is_file():
         raise UserError(f"model.init_from: {folder} has no {TOKENIZER_FILE} — set data.tokenizer")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(folder / TOKENIZER_FILE)))
@@ -109,9 +111,17 @@ def build(cfg: Config, dist: Dist) -> Built:
     extra_files = {TOKENIZER_FILE: run_dir / TOKENIZER_FILE}
     if data.labels:
         extra_files[LABELS_FILE] = run_dir / LABELS_FILE
+    # A Hugging Face tokenizer's settings and chat template travel with every checkpoint (export, generate).
+    beside = Path(cfg.data.tokenizer).expanduser().parent if cfg.data.tokenizer else None
+    for name in TOKENIZER_SIDE_FILES:
+        if beside is not None and (beside / name).is_file():
+            extra_files[name] = run_dir / name
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(data.path / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+        for name in TOKENIZER_SIDE_FILES:
+            if name in extra_files and beside.resolve() != run_dir.resolve():
+                shutil.copyfile(beside / name, run_dir / name)
         if data.labels:
             (run_dir / LABELS_FILE).write_text(json.dumps(data.labels))
 
@@ -124,7 +134,7 @@ def build(cfg: Config, dist: Dist) -> Built:
                         pooling=cfg.task.pooling)
     init_weights = None
     if cfg.model.init_from:
-        folder = checkpoint.resolve_init_checkpoint(cfg.model.init_from)
+        folder = checkpoint.resolve_init_checkpoint(cfg.model.init_from, cfg.model.init_revision)
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         report, init_weights = checkpoint.load_init_weights(folder, expected, arch=cfg.model.arch)
         if dist.is_main:

@@ -87,3 +87,18 @@ def run_torchrun(nproc: int, *args: str, env: dict | None = None, timeout: int =
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "bigtrain", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
+
+
+def put_in_hub_cache(hub_cache: Path, repo_id: str, folder: Path, revision: str = "main") -> Path:
+    """Place `folder`'s files in a Hugging Face hub cache (HF_HUB_CACHE layout: refs/<revision> → a commit,
+    snapshots/<commit>/files), as `hf download` would leave them; returns the snapshot folder."""
+    import hashlib
+    import shutil
+
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    return snapshot

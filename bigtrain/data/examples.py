@@ -12,7 +12,12 @@ Every example is one "document" of its split's token stream and ends with the EO
 Classification labels are fixed by the training split: its sorted distinct values (ints
 numerically, strings by code point) get ids 0..K-1. SFT's loss spans are the [start, stop)
 stream positions of the tokens to predict (response tokens and the EOS). A `messages` row is
-rendered as plain text with `ROLE_HEADER` before each turn; every assistant turn is loss:
+rendered with the tokenizer's own chat template when its folder has one (a Hugging Face model's, see
+`interop/chat_template.py`): each assistant turn, from after the generation prompt through the template's
+end-of-turn token, is loss; the EOS `prepare` appends only separates examples. A template must render a
+conversation's prefixes as prefixes of it (turns are found that way), else it is a one-line error.
+Without a template the row is rendered as plain text with `ROLE_HEADER` before each turn; every
+assistant turn is loss, and the EOS after the last:
 
     <|system|>\\nBe brief.\\n<|user|>\\nHi\\n<|assistant|>\\nHello<|endoftext|>
 """
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from bigtrain.errors import UserError
+from bigtrain.interop.chat_template import ChatTemplate, chat_template_beside
 
 if TYPE_CHECKING:
     import datasets
@@ -68,6 +74,13 @@ def task_columns(cfg, task: str) -> dict[str, str]:
             return {"data.messages_column": cfg.messages_column}
         return {"data.prompt_column": cfg.prompt_column, "data.response_column": cfg.response_column}
     return {"data.text_column": cfg.text_column}
+
+
+def sft_chat_template(cfg, task: str) -> ChatTemplate | None:
+    """The chat template that renders `task`'s messages: the given tokenizer's own, if it has one."""
+    if task != "sft" or not cfg.messages_column:
+        return None
+    return chat_template_beside(cfg.tokenizer)
 
 
 def bpe_text_columns(cfg, task: str) -> tuple[str, ...]:
@@ -150,7 +163,7 @@ def encode_batch(rows: dict[str, list], cfg, task: str, tok, ids, *, label_ids: 
     if task == "classification":
         return _encode_classification(rows, columns, cfg.seq_len, tok, ids, label_ids)
     if task == "sft":
-        return _encode_sft(rows, columns, tok)
+        return _encode_sft(rows, columns, tok, sft_chat_template(cfg, task))
     return EncodedBatch(_encode(tok, [text or "" for text in rows[columns["data.text_column"]]]))
 
 
@@ -182,28 +195,56 @@ def _encode_classification(rows, columns, seq_len: int, tok, ids, label_ids: dic
     return EncodedBatch(examples, {"labels": labels})
 
 
-def _encode_sft(rows, columns, tok) -> EncodedBatch:
-    """Each row as pieces of (text, is_loss); the pieces of the whole batch are encoded at once."""
+def _encode_sft(rows, columns, tok, template: ChatTemplate | None) -> EncodedBatch:
+    """Each row as pieces of (text, is_loss) -> tokens and loss spans, the whole batch encoded at once.
+    Prompt/response pairs and role-header chats encode each piece on its own; a chat rendered by a
+    template is encoded whole (as transformers' apply_chat_template does) and a token is loss when its
+    characters overlap an assistant turn."""
     if "data.messages_column" in columns:
         column = columns["data.messages_column"]
-        rendered = [render_messages(m, column) for m in rows[column]]
+        if template is None:
+            rendered = [render_messages(m, column) for m in rows[column]]
+        else:
+            rendered = [template_pieces(template, m, column) for m in rows[column]]
     else:
         prompts, responses = rows[columns["data.prompt_column"]], rows[columns["data.response_column"]]
         rendered = [[(p or "", False), (r or "", True)] for p, r in zip(prompts, responses)]
-    encoded = iter(_encode(tok, [text for pieces in rendered for text, _ in pieces]))
+    if template is None:
+        encoded = iter(_encode(tok, [text for pieces in rendered for text, _ in pieces]))
+        per_piece = ([(next(encoded), is_loss) for _, is_loss in pieces] for pieces in rendered)
+    else:
+        whole = tok.encode_batch(["".join(text for text, _ in pieces) for pieces in rendered], add_special_tokens=False)
+        per_piece = (_tokens_in_turns(pieces, enc) for pieces, enc in zip(rendered, whole))
     examples, spans, pos = [], [], 0
-    for pieces in rendered:
+    for pieces in per_piece:
         tokens, own = [], []  # own: this example's spans (never merged with the previous example's)
-        for _, is_loss in pieces:
-            piece = next(encoded)
+        for piece, is_loss in pieces:
             if is_loss and piece:
                 _add_span(own, pos + len(tokens), pos + len(tokens) + len(piece))
             tokens += piece
-        _add_span(own, pos + len(tokens), pos + len(tokens) + 1)  # the EOS is predicted too
+        if template is None:  # the EOS ends the response; with a template, its end-of-turn token does
+            _add_span(own, pos + len(tokens), pos + len(tokens) + 1)
         examples.append(tokens)
         spans += own
         pos += len(tokens) + 1
     return EncodedBatch(examples, {"loss_spans": np.array(spans, dtype=np.int64).reshape(-1, 2)})
+
+
+def _tokens_in_turns(pieces: list[tuple[str, bool]], encoding) -> list[tuple[list[int], bool]]:
+    """A whole text's tokens as runs of (ids, is_loss): loss where a token's characters overlap a loss piece."""
+    loss_chars, at = [], 0
+    for text, is_loss in pieces:
+        if is_loss:
+            loss_chars.append((at, at + len(text)))
+        at += len(text)
+    runs: list[tuple[list[int], bool]] = []
+    for token, (start, stop) in zip(encoding.ids, encoding.offsets):
+        is_loss = any(start < b and a < max(stop, start + 1) for a, b in loss_chars)
+        if runs and runs[-1][1] == is_loss:
+            runs[-1][0].append(token)
+        else:
+            runs.append(([token], is_loss))
+    return runs
 
 
 def _add_span(spans: list[list[int]], start: int, stop: int) -> None:
@@ -213,19 +254,54 @@ def _add_span(spans: list[list[int]], start: int, stop: int) -> None:
         spans.append([start, stop])
 
 
-def render_messages(messages, column: str) -> list[tuple[str, bool]]:
-    """A chat as (text, is_loss) pieces: a role header (never loss), then the content (loss for assistant)."""
+def check_messages(messages, column: str) -> list[dict[str, str]]:
+    """A row's chat as a list of {role, content} dicts of strings (a missing content is ""), else a UserError."""
     if not isinstance(messages, list):
         got = type(messages).__name__
         raise UserError(f"data.messages_column '{column}': expected a list of {{role, content}} messages, got {got}")
-    pieces = []
-    for i, message in enumerate(messages):
+    chat = []
+    for message in messages:
         role = message.get("role") if isinstance(message, dict) else None
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(role, str) or not isinstance(content, (str, type(None))):
             raise UserError(
                 f"data.messages_column '{column}': each message must be a {{role, content}} dict of strings, got {message!r:.80}"
             )
-        pieces.append((("\n" if i else "") + ROLE_HEADER.format(role=role), False))
-        pieces.append((content or "", role == "assistant"))
+        chat.append({"role": role, "content": content or ""})
+    return chat
+
+
+def render_messages(messages, column: str) -> list[tuple[str, bool]]:
+    """A chat as (text, is_loss) pieces: a role header (never loss), then the content (loss for assistant)."""
+    pieces = []
+    for i, message in enumerate(check_messages(messages, column)):
+        pieces.append((("\n" if i else "") + ROLE_HEADER.format(role=message["role"]), False))
+        pieces.append((message["content"], message["role"] == "assistant"))
     return pieces
+
+
+def template_pieces(template: ChatTemplate, messages, column: str) -> list[tuple[str, bool]]:
+    """A chat rendered by its tokenizer's template as (text, is_loss) pieces. An assistant turn is the text
+    that rendering it adds after the generation prompt of the turns before it (its content and the
+    template's end-of-turn token; whitespace after that is not loss)."""
+    chat = check_messages(messages, column)
+    pieces, done = [], ""
+    for i, message in enumerate(chat):
+        if message["role"] != "assistant":
+            continue
+        prompt = template.render(chat[:i], add_generation_prompt=True)
+        turn = template.render(chat[: i + 1], add_generation_prompt=False)
+        if not prompt.startswith(done) or not turn.startswith(prompt):
+            raise UserError(f"data.messages_column '{column}': the {template.where} renders a conversation's "
+                            f"earlier turns differently once later turns follow (assistant turn {i}), so its "
+                            f"assistant turns cannot be found — render the data to prompt/response columns")
+        reply = turn[len(prompt):]
+        kept = reply.rstrip()
+        pieces += [(prompt[len(done):], False), (kept, True), (reply[len(kept):], False)]
+        done = turn
+    whole = template.render(chat, add_generation_prompt=False)
+    if not whole.startswith(done):
+        raise UserError(f"data.messages_column '{column}': the {template.where} renders the last turns "
+                        f"differently once later turns follow — render the data to prompt/response columns")
+    pieces.append((whole[len(done):], False))
+    return [piece for piece in pieces if piece[0]]

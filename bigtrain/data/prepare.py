@@ -29,6 +29,7 @@ from bigtrain.data.examples import (
     check_task,
     encode_batch,
     label_set,
+    sft_chat_template,
     task_columns,
 )
 from bigtrain.data.shards import FORMAT_VERSION, INDEX, SplitWriter, read_index, token_dtype, verify_split, write_json_atomic
@@ -249,6 +250,7 @@ def _publish(tmp: Path, path: Path) -> None:
 
 
 def _data_key(cfg, source: Source, task: str) -> str:
+    template = sft_chat_template(cfg, task)
     return stable_hash(
         f"data-v{FORMAT_VERSION}",
         source.identity,
@@ -258,6 +260,7 @@ def _data_key(cfg, source: Source, task: str) -> str:
         cfg.validation_split,
         tokenizer_identity(cfg, source, task),
         cfg.seq_len,
+        *([f"chat-template:{template.identity()}"] if template else []),
     )
 
 

@@ -10,7 +10,10 @@ as variables. jinja2 is imported only here, on first use (`pip install bigtrain[
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigtrain.errors import UserError
@@ -45,8 +48,12 @@ def read_chat_template(folder: str | Path) -> str | None:
 
 
 def special_tokens(folder: str | Path) -> dict[str, str]:
-    """bos_token, eos_token, ... of tokenizer_config.json as text (a token given as {"content": ...} too)."""
-    config = read_tokenizer_config(folder)
+    """bos_token, eos_token, ... of the folder's tokenizer_config.json as text."""
+    return special_tokens_of(read_tokenizer_config(folder))
+
+
+def special_tokens_of(config: dict) -> dict[str, str]:
+    """bos_token, eos_token, ... of a tokenizer_config dict as text (a token given as {"content": ...} too)."""
     tokens = {}
     for key in SPECIAL_TOKEN_KEYS:
         value = config.get(key)
@@ -57,6 +64,34 @@ def special_tokens(folder: str | Path) -> dict[str, str]:
     return tokens
 
 
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A tokenizer folder's chat template with its special tokens (the variables it may use)."""
+
+    text: str
+    variables: dict[str, str] = field(default_factory=dict)
+    where: str = "chat template"
+
+    def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+        return render_chat(self.text, messages, add_generation_prompt=add_generation_prompt,
+                           variables=self.variables, where=self.where)
+
+    def identity(self) -> str:
+        """What rendered data depends on (part of the data cache key)."""
+        return hashlib.sha256(json.dumps([self.text, sorted(self.variables.items())]).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def chat_template_beside(tokenizer_file: str | None) -> ChatTemplate | None:
+    """The chat template of the folder holding `tokenizer_file` (a Hugging Face model folder, or a run dir
+    or checkpoint of an imported model), or None: no tokenizer given, or no template beside it."""
+    if tokenizer_file is None:
+        return None
+    folder = Path(tokenizer_file).expanduser().parent
+    text = read_chat_template(folder)
+    return None if text is None else ChatTemplate(text, special_tokens(folder), where=f"chat template in {folder}")
+
+
 def render_chat(template: str, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
                 variables: dict[str, str] | None = None, where: str = "chat template") -> str:
     """The prompt text of `messages` ([{"role": "user", "content": ...}]) under `template`."""
@@ -64,7 +99,7 @@ def render_chat(template: str, messages: list[dict[str, str]], *, add_generation
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
-        raise UserError("--chat needs jinja2 to render the chat template — pip install 'bigtrain[hf]'") from None
+        raise UserError("a chat template needs jinja2 to render it — pip install 'bigtrain[hf]'") from None
 
     def raise_exception(message: str):
         raise TemplateError(message)

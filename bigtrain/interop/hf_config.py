@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bigtrain.errors import UserError
+from bigtrain.interop.hub import local_folder
 from bigtrain.interop.hf_encoders import (ENCODER_CLASSES, encoder_export_class, encoder_hf_config, encoder_keys,
                                           is_encoder_family)
 
@@ -219,17 +220,18 @@ def _sliding_window(family: str, c: dict) -> int | None:
     return None
 
 
-def with_hf_model(cfg: Config) -> Config:
-    """cfg with its model keys read from the config.json of `model.init_from` when that is an HF folder
-    (unchanged otherwise). A recipe key that contradicts config.json is a UserError naming both values;
-    model.max_seq_len may be set lower than a RoPE model's max_position_embeddings (the tables get smaller),
-    and dropout / init_std are the recipe's to choose. Idempotent: the result passes through unchanged."""
+def with_hf_model(cfg: Config, *, download: bool = True) -> Config:
+    """cfg with its model keys read from the config.json of `model.init_from` when that is an HF folder or
+    hub id (unchanged otherwise, and for a hub id not in the cache when download=False). A recipe key that
+    contradicts config.json is a UserError naming both values; model.max_seq_len may be set lower than a
+    RoPE model's max_position_embeddings (the tables get smaller), and dropout / init_std are the recipe's
+    to choose. Idempotent: the result passes through unchanged."""
     from bigtrain.models.presets import PRESETS
 
     m = cfg.model
-    if not m.init_from or not is_hf_folder(m.init_from):
+    folder = local_folder(m.init_from, m.init_revision, download=download) if m.init_from else None
+    if folder is None or not is_hf_folder(folder):
         return cfg
-    folder = Path(m.init_from).expanduser()
     keys = model_keys(read_config(folder), where="model.init_from")
     window = keys.pop("sliding_window")
     source = f"{folder / CONFIG_FILE}"

@@ -84,14 +84,20 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, device: torch.device | str
     return model
 
 
-def check_model(cfg: Config, num_labels: int = 2) -> ModelSpec:
+def check_model(cfg: Config, num_labels: int = 2) -> ModelSpec | None:
     """Resolve the recipe's model spec and check it against the data and task settings (no weights, no torch).
     Classification specs carry num_labels (the real count is known once the data is prepared). With a
-    Hugging Face folder as model.init_from, the model keys come from its config.json (bigtrain/interop)."""
+    Hugging Face folder or hub id as model.init_from, the model keys come from its config.json
+    (bigtrain/interop); None when that is a hub id not in the local cache (nothing to check yet: the run
+    downloads it and checks then)."""
     if cfg.model.init_from:
         from bigtrain.interop.hf_config import with_hf_model  # torch-free; unchanged unless an HF folder
+        from bigtrain.interop.hub import is_hub_id, local_folder
 
-        cfg = with_hf_model(cfg)
+        m = cfg.model
+        if is_hub_id(m.init_from) and local_folder(m.init_from, m.init_revision, download=False) is None:
+            return None
+        cfg = with_hf_model(cfg, download=False)
     classify = cfg.task.name == "classification"
     spec = resolve_model_spec(cfg.model, cfg.model.vocab_size, head="classify" if classify else "lm",
                               num_labels=num_labels if classify else None, pooling=cfg.task.pooling)

@@ -664,6 +664,62 @@ def test_sft_messages_column_renders_turns_and_masks_assistant_turns(tokenizer_f
     assert decode(sample["tokens"][second & sample["loss_mask"]]) == "Hello<|endoftext|>"
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_tokenizer_folder(tokenizer_file: str, folder: Path, template: str) -> Path:
+    """A Hugging Face style tokenizer folder: the BPE plus ChatML's tokens, and a chat template."""
+    import tokenizers
+
+    folder.mkdir()
+    tok = tokenizers.Tokenizer.from_file(tokenizer_file)
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "chat_template": template}))
+    return folder
+
+
+def test_sft_messages_use_the_tokenizers_chat_template_like_transformers(tokenizer_file, tmp_path):
+    """Tokens equal transformers' apply_chat_template; loss is each assistant turn through <|im_end|>."""
+    transformers = pytest.importorskip("transformers")
+    folder = chat_tokenizer_folder(tokenizer_file, tmp_path / "tok", CHATML)
+    chats = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello there"}, {"role": "user", "content": "More"},
+              {"role": "assistant", "content": " Bye"}],
+             [{"role": "user", "content": "def f(x):"}, {"role": "assistant", "content": "    return x"}]]
+    source = write_jsonl(tmp_path / "chat.jsonl", [{"chat": c} for c in chats])
+    cfg = DataConfig(source=str(source), tokenizer=str(folder / "tokenizer.json"), messages_column="chat",
+                     seq_len=128, packing=False, validation_split=0.0, cache_dir=str(tmp_path / "c"))
+    data = prepare_data(cfg, task="sft", log=quiet)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    decode = lambda ids: data.tokenizer.decode(ids.tolist(), skip_special_tokens=False)  # noqa: E731
+    # A token that overlaps a turn is loss: "\n    return" encodes as "\n   " + " return".
+    replies = ["Hello there<|im_end|> Bye<|im_end|>", "\n    return x<|im_end|>"]
+    for i, chat in enumerate(chats):
+        sample = data.train[i]
+        tokens, loss = sample["tokens"][:-1], sample["loss_mask"][:-1]  # the EOS that separates examples
+        assert tokens.tolist() == theirs.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+        assert sample["tokens"][-1] == data.eos_id and not sample["loss_mask"][-1]
+        assert decode(tokens[loss]) == replies[i]
+    # The template is part of the cache key: another template, another cache.
+    other = chat_tokenizer_folder(tokenizer_file, tmp_path / "tok2", CHATML.replace("\n{{ m['content'] }}", ": {{ m['content'] }}"))
+    assert data_cache_path(dataclasses.replace(cfg, tokenizer=str(other / "tokenizer.json")), task="sft") != data.path
+
+
+def test_sft_chat_template_that_rewrites_history_is_named(tokenizer_file, tmp_path):
+    rewrites = CHATML.replace("{{ m['content'] }}", "{{ m['content'] if loop.last else '...' }}")
+    folder = chat_tokenizer_folder(tokenizer_file, tmp_path / "tok", rewrites)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "More"}, {"role": "assistant", "content": "Bye"}]
+    cfg = DataConfig(source=str(write_jsonl(tmp_path / "chat.jsonl", [{"chat": chat}])), messages_column="chat",
+                     tokenizer=str(folder / "tokenizer.json"), validation_split=0.0, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UserError, match=r"^data.messages_column 'chat': the chat template in .* renders a "
+                                        r"conversation's earlier turns differently .* \(assistant turn 1\)"):
+        prepare_data(cfg, task="sft", log=quiet)
+
+
 def test_sft_missing_prompt_column_names_it(tokenizer_file, tmp_path):
     source = write_jsonl(tmp_path / "sft.jsonl", [{"question": "q", "response": "r"}])
     cfg = DataConfig(source=str(source), tokenizer=tokenizer_file, cache_dir=str(tmp_path / "c"))

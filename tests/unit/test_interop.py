@@ -21,7 +21,7 @@ from bigtrain.interop.hf_config import with_hf_model  # noqa: E402
 from bigtrain.models import build_model  # noqa: E402
 from bigtrain.optim import build_optimizer  # noqa: E402
 from bigtrain.strategy import build_engine, init_distributed  # noqa: E402
-from tests.conftest import run_cli, tiny_recipe, write_recipe  # noqa: E402
+from tests.conftest import put_in_hub_cache, run_cli, tiny_recipe, write_recipe  # noqa: E402
 
 VOCAB = 320
 TOL = 1e-4
@@ -298,6 +298,44 @@ def test_check_counts_the_imported_models_parameters(tmp_path, cache_dir, capsys
     assert main(["check", str(recipe_for(tmp_path, cache_dir)), f"model.init_from={folder}"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("parameters"))
     assert int(line.split()[1].replace(",", "")) == hf.num_parameters()
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An empty hub cache with the hub unreachable (what HF_HUB_OFFLINE=1 HF_HUB_CACHE=... give a new process)."""
+    import huggingface_hub.constants
+
+    from bigtrain.interop import hub
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub._snapshot.cache_clear()
+    yield cache
+    hub._snapshot.cache_clear()
+
+
+def test_hub_id_resolves_through_the_cache_at_the_pinned_revision(tmp_path, cache_dir, capsys, offline_hub):
+    main_rev = put_in_hub_cache(offline_hub, "bigtrain-test/tiny", hf_folder(tmp_path, "qwen3-head-dim"))
+    v1 = put_in_hub_cache(offline_hub, "bigtrain-test/tiny", hf_folder(tmp_path, "gpt2"), revision="v1")
+    recipe = recipe_for(tmp_path, cache_dir)
+    for folder, revision in ((main_rev, []), (v1, ["model.init_revision=v1"])):
+        capsys.readouterr()
+        assert main(["check", str(recipe), "model.init_from=bigtrain-test/tiny", *revision]) == 0
+        line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("parameters"))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        assert int(line.split()[1].replace(",", "")) == hf.num_parameters()
+
+
+def test_hub_id_not_in_the_cache_checks_offline_and_train_is_one_line_exit_2(tmp_path, cache_dir, capsys, offline_hub):
+    recipe = recipe_for(tmp_path, cache_dir)
+    capsys.readouterr()
+    assert main(["check", str(recipe), "model.init_from=meta-llama/Llama-3.2-1B"]) == 0
+    out = capsys.readouterr().out
+    assert "model        meta-llama/Llama-3.2-1B: a Hugging Face hub id not in the local cache" in out
+    err = one_line_error(capsys, ["train", str(recipe), "model.init_from=meta-llama/Llama-3.2-1B"])
+    assert "'meta-llama/Llama-3.2-1B' is no local folder and is not in the Hugging Face cache" in err
+    assert "HF_HUB_OFFLINE=1" in err
 
 
 # --------------------------------------------------------------------------- end to end, through the CLI
