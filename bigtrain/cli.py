@@ -185,7 +185,7 @@ def cmd_check(args) -> int:
               f"config.json sets the model, checked when a run downloads it")
     else:
         params = count_params(spec)
-        print(f"model        {cfg.model.arch}/{cfg.model.preset}: {spec.n_layers} layers × d_model {spec.d_model}, "
+        print(f"model        {cfg.model.describe()}: {spec.n_layers} layers × d_model {spec.d_model}, "
               f"{spec.n_heads} heads ({spec.n_kv_heads} kv), d_ff {spec.d_ff}, {spec.norm}/{spec.position}/{spec.mlp}, "
               f"vocab {spec.vocab_size}{', tied' if spec.tie_embeddings else ''}")
         head = " with a 2-label classifier (the label count comes from the data)" if cfg.task.name == "classification" else ""

@@ -77,6 +77,10 @@ class ModelConfig:
     pooler: Optional[bool] = _opt(None, "classification: Linear + tanh on the pooled token before the classifier, as BERT (default: false)")
     vocab_size: Optional[int] = _opt(None, "rows of the token embedding (default: the tokenizer's size rounded up to a multiple of 64; a Hugging Face init_from sets it)")
 
+    def describe(self) -> str:
+        """The model as logs name it: arch/preset, or arch from where init_from takes it."""
+        return f"{self.arch} from {self.init_from}" if self.init_from else f"{self.arch}/{self.preset}"
+
 
 @dataclass(frozen=True)
 class DataConfig:

@@ -181,7 +181,7 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
             peak = matmul_peak(dist.device, table.compute, table.param)
         log_main(dist, f"bigtrain: {run_dir} · {resolve_strategy(cfg.parallel.strategy, dist.world_size)} × "
                        f"{dist.world_size} on {dist.device.type} · {cfg.task.name} · "
-                       f"{cfg.model.arch}/{cfg.model.preset} {b.model.num_params() / 1e6:.2f}M params · "
+                       f"{cfg.model.describe()} {b.model.num_params() / 1e6:.2f}M params · "
                        f"{len(b.data.train)} train samples of ≤ {cfg.data.seq_len} tokens · "
                        f"accumulation {cfg.train.accum_steps(dist.world_size)}"
                        + (f" · resuming at step {state.step}" if state.step else ""))

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from bigtrain.config import ConfigError, build_config, load_config, recipe_warnings, validate
-from tests.conftest import REPO, run_cli, write_recipe
+from tests.conftest import REPO, put_in_hub_cache, run_cli, write_recipe
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 
@@ -26,11 +26,52 @@ def test_every_recipe_loads_validates_and_names_its_command(recipe: Path):
     assert first.startswith("# Run:") and "bigtrain" in first, f"{recipe} must open with the command that runs it"
 
 
+# The config.json of the hub models shipped recipes fine-tune, as published (no weights needed to check).
+HUB_CONFIGS = {
+    "meta-llama/Llama-3.2-1B-Instruct": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "head_dim": 64, "hidden_act": "silu",
+        "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072,
+        "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16,
+        "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 128256},
+    "google-bert/bert-base-uncased": {
+        "architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072,
+        "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "model_type": "bert", "num_attention_heads": 12,
+        "num_hidden_layers": 12, "pad_token_id": 0, "position_embedding_type": "absolute", "type_vocab_size": 2,
+        "use_cache": True, "vocab_size": 30522},
+}
+
+
+@pytest.fixture(scope="module")
+def hub_env(tmp_path_factory) -> dict[str, str]:
+    """A hub cache holding the config.json of every model a shipped recipe names, with the hub offline."""
+    import json
+
+    cache = tmp_path_factory.mktemp("hub")
+    for repo_id, config in HUB_CONFIGS.items():
+        folder = tmp_path_factory.mktemp("config")
+        (folder / "config.json").write_text(json.dumps(config))
+        put_in_hub_cache(cache, repo_id, folder)
+    return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_bigtrain_check_every_recipe(recipe: Path):
-    result = run_cli("check", str(recipe))
+def test_bigtrain_check_every_recipe(recipe: Path, hub_env):
+    result = run_cli("check", str(recipe), env=hub_env)
     assert result.returncode == 0, result.stderr
     assert "parameters" in result.stdout and "FLOPs/token" in result.stdout and "precision" in result.stdout
+
+
+def test_check_reports_the_size_of_a_hub_model_from_its_config_json(hub_env):
+    result = run_cli("check", "recipes/finetune/llama-3.2-1b-sft.yaml", env=hub_env)
+    assert result.returncode == 0, result.stderr
+    params = int(next(l for l in result.stdout.splitlines() if l.startswith("parameters")).split()[1].replace(",", ""))
+    assert params == 1_235_814_400  # Llama 3.2 1B, tied embeddings (transformers' num_parameters())
 
 
 def test_check_reports_gpt2_124m_size():
