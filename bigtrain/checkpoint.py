@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -257,7 +258,8 @@ def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arc
     """Weights of checkpoint `folder` (any strategy's format, or a Hugging Face folder) that match the
     model's tensors `expected` (name -> shape); weights only: no optimizer, no step.
 
-    Returns ({"loaded", "new", "unused"} tensor names, {name: tensor} to load). A tensor whose shape
+    Returns ({"loaded", "new", "unused"} tensor names, {name: tensor} to load, read from the folder only
+    when looked up: engines copy one tensor at a time, so no rank holds a second full model). A tensor whose shape
     differs, or a checkpoint of another architecture, is a one-line error naming the tensor; except a
     Hugging Face classifier of another num_labels than the data's: that head is new (and the folder's unused),
     as transformers' from_pretrained(num_labels=..., ignore_mismatched_sizes=True) does.
@@ -291,4 +293,20 @@ def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arc
     loaded = [k for k in expected if (k in saved and k not in other_head) or k in tied]
     report = {"loaded": loaded, "new": [k for k in expected if k not in loaded],
               "unused": [k for k in saved if k not in loaded]}
-    return report, {k: reader.get("tok_emb.weight" if k in tied else k) for k in loaded}
+    return report, LazyWeights(reader, {k: "tok_emb.weight" if k in tied else k for k in loaded})
+
+
+class LazyWeights(Mapping):
+    """{model tensor name: full tensor} whose values a WeightsReader reads on lookup (never kept)."""
+
+    def __init__(self, reader, names: dict[str, str]):
+        self.reader, self.names = reader, names  # model name -> the name in the checkpoint
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.reader.get(self.names[name])
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)

@@ -11,6 +11,7 @@ process group, one tensor at a time: `model.init_from` and `bigtrain export` use
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import importlib
 import json
 from pathlib import Path
@@ -44,7 +45,7 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor: ...
     def step(self, finite: bool) -> None: ...
-    def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None: ...  # full tensors, by name (init_from)
+    def load_model_weights(self, weights: Mapping[str, torch.Tensor]) -> None: ...  # full tensors by name, read lazily (init_from)
     def save_state(self, folder: Path) -> None: ...  # collective: every rank calls it
     def load_state(self, folder: Path) -> None: ...  # collective; works for a checkpoint of another world size
     def close(self) -> None: ...  # release the engine's own threads and hooks (before the process group goes)

@@ -21,6 +21,7 @@ afterwards). `open_weights` consolidates the fp32 master weights without a proce
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import argparse
 import contextlib
 import json
@@ -243,8 +244,9 @@ class DeepSpeedEngine:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Full tensors by state_dict name (init_from); refreshes DeepSpeed's fp32 master copies."""
+    def load_model_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Full tensors by state_dict name (init_from), one at a time (with ZeRO-3 only rank 0 reads them);
+        refreshes DeepSpeed's fp32 master copies."""
         import deepspeed
 
         stage3 = self.ds.zero_optimization_partition_weights()

@@ -17,6 +17,7 @@ through an allowlist (`SafeReader`, `SafeLoadPlanner`), keeping the contract tha
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import contextlib
 import io
 import pickle
@@ -180,9 +181,12 @@ class FSDPEngine:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Full tensors by name (every rank holds them) → this rank's shards."""
-        set_model_state_dict(self.module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    def load_model_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Full tensors by name → this rank's shards, one tensor at a time (a lazy mapping reads each only
+        then, so a rank never holds more than one full tensor beside its shards)."""
+        for name in weights:
+            set_model_state_dict(self.module, {name: weights[name]},
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
 
     def save_state(self, folder: Path) -> None:
         """Every rank writes its shards of model and optimizer state into `folder` (synchronous DCP save)."""

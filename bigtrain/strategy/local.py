@@ -7,6 +7,7 @@ resumes on any other number of ranks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import contextlib
 import inspect
 from pathlib import Path
@@ -81,8 +82,12 @@ class LocalEngine:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(weights, strict=False)
+    def load_model_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Full tensors by name, copied one at a time (a lazy mapping reads each only then)."""
+        targets = self.module.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name in weights:
+                targets[name].copy_(weights[name])
 
     def save_state(self, folder: Path) -> None:
         if not self.dist.is_main:

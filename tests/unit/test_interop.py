@@ -290,6 +290,43 @@ def test_weights_of_another_shape_are_one_line_exit_2(tmp_path, cache_dir, capsy
     assert "tok_emb.weight" in err and "(320, 64)" in err and "(320, 32)" in err
 
 
+def test_init_from_reads_each_tensor_when_the_engine_copies_it(tmp_path, monkeypatch):
+    """Each tensor is read from the folder when the engine copies it, and dropped before the next read:
+    a rank holds at most one full tensor beside its model."""
+    import weakref
+
+    from bigtrain.interop import hf_weights
+
+    folder = hf_folder(tmp_path, "llama-gqa-untied-llama3-rope")
+    alive, most_alive = [], [0]
+
+    class Counting:  # the folder's real reader, counting the tensors it handed out that are still alive
+        def __init__(self, reader):
+            self.reader = reader
+
+        def __getattr__(self, name):
+            return getattr(self.reader, name)
+
+        def get(self, name):
+            most_alive[0] = max(most_alive[0], sum(ref() is not None for ref in alive))
+            tensor = self.reader.get(name)
+            alive.append(weakref.ref(tensor))
+            return tensor
+
+    real_open = hf_weights.open_hf_weights
+    monkeypatch.setattr(hf_weights, "open_hf_weights", lambda f, *a, **k: Counting(real_open(f, *a, **k)))
+    cfg = with_hf_model(Config(model=ModelConfig(init_from=str(folder)), data=DataConfig(seq_len=32)))
+    model = build_model(cfg.model, cfg.model.vocab_size)
+    dist = init_distributed("cpu")
+    engine = build_engine(ParallelConfig(precision="fp32"), model,
+                          lambda m: build_optimizer(OptimConfig(lr=1e-3), m, dist.device), dist)
+    report, weights = load_init_weights(folder, {k: tuple(t.shape) for k, t in model.state_dict().items()},
+                                        arch="decoder")
+    engine.load_model_weights(weights)
+    assert len(alive) == len(report["loaded"]) == len(model.state_dict()) and most_alive[0] == 0
+    assert max_diff(engine.module.eval(), folder, ids()) <= TOL
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama-gqa-untied-llama3-rope", "qwen3-head-dim"])
 def test_check_counts_the_imported_models_parameters(tmp_path, cache_dir, capsys, family):
     folder = hf_folder(tmp_path, family)

@@ -182,3 +182,4 @@ def test_inductor_cache_folder_is_keyed_by_cpu_capability_once(monkeypatch, tmp_
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "shared" / capability)
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     assert key_inductor_cache_by_cpu().name == capability
+
