@@ -68,6 +68,7 @@ def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: s
     barrier(dist)
     engine.save_state(tmp)
     torch.save(_rng_state(dist), tmp / "rng" / f"rank-{dist.rank:05d}.pt")
+    _fsync_tree(tmp)  # every rank: its own files are on disk before rank 0 publishes the folder
     barrier(dist)
     if dist.is_main:
         (tmp / TRAINER).write_text(json.dumps({**asdict(state), "world_size": dist.world_size,
@@ -79,11 +80,17 @@ def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: s
         files = {str(p.relative_to(tmp)): _file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"step": state.step, "samples_consumed": state.samples_consumed, "files": files}
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        if final.exists():  # re-saving the same step (e.g. a finished run resumed): replace it whole
-            shutil.rmtree(final)
+        _fsync_tree(tmp)
+        # Re-saving the same step (e.g. a finished run resumed): the complete one steps aside, and is
+        # deleted only once its replacement is in place (list_checkpoints lists it meanwhile).
+        old = final.with_name(f".old-{final.name}")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-        prune(run_dir, keep_last)
+        shutil.rmtree(old, ignore_errors=True)
+        prune(run_dir, keep_last)  # only now: the new checkpoint is durable
     barrier(dist)
     return final
 
@@ -117,6 +124,19 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(part, path)
 
 
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (so a rename after it publishes data that is on disk)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        _fsync_dir(path)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -147,11 +167,15 @@ def _restore_rng(folder: Path, dist: Dist, saved_world_size: int) -> None:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Step folders, oldest first (temp folders of interrupted saves are never listed)."""
+    """Step folders, oldest first (temp folders of interrupted saves are never listed; a step folder a
+    re-save of its step set aside, `.old-step-N`, is listed while `step-N` is missing)."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    folders = {p.name: p for p in root.iterdir() if p.is_dir()}
+    steps = [p for name, p in folders.items() if name.startswith("step-")]
+    steps += [p for name, p in folders.items() if name.startswith(".old-step-") and name[5:] not in folders]
+    return sorted(steps, key=lambda p: p.name.removeprefix(".old-"))
 
 
 def verify(folder: Path) -> dict:

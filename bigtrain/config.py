@@ -147,6 +147,7 @@ class ParallelConfig:
     offload_path: Optional[str] = _opt(None, "deepspeed: folder for nvme offload")
     deepspeed_config: Optional[str] = _opt(None, "deepspeed: a JSON file of extra DeepSpeed config keys; a key that contradicts the recipe is an error")
     shard_group_size: Optional[int] = _opt(None, "fsdp: shard within groups of this many ranks and replicate across groups (HSDP); default: shard over all ranks")
+    fsdp_no_sync: bool = _opt(False, "fsdp: reduce-scatter gradients only at a step's last micro-batch (fewer collectives, for HSDP or slow networks) — meanwhile every rank holds the unsharded fp32 gradient of every parameter; default: reduce-scatter each micro-batch into the sharded gradient")
     init_timeout_s: float = _opt(600.0, "seconds every rank waits for the others to join (rendezvous, preflight) before failing with a diagnosis")
 
 
@@ -422,6 +423,8 @@ def _check_parallel(p: ParallelConfig, world_size: int) -> None:
         for key, is_set in deepspeed_only.items():
             if is_set:
                 raise ConfigError(f"parallel.{key} is a deepspeed setting but parallel.strategy={p.strategy} — set parallel.strategy=deepspeed or remove it")
+    if p.strategy != "fsdp" and p.fsdp_no_sync:
+        raise ConfigError(f"parallel.fsdp_no_sync is an fsdp setting but parallel.strategy={p.strategy} — set parallel.strategy=fsdp or remove it")
     if p.strategy != "fsdp" and p.shard_group_size is not None:
         raise ConfigError(f"parallel.shard_group_size is an fsdp setting but parallel.strategy={p.strategy} — set parallel.strategy=fsdp or remove it")
     if p.offload_params != "none" and p.strategy not in ("fsdp", "deepspeed"):

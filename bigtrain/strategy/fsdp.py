@@ -122,6 +122,7 @@ class FSDPEngine:
             raise UserError("parallel.offload_params=nvme needs parallel.strategy=deepspeed — use cpu with fsdp")
         self.dist = dist
         self.precision = precision
+        self.parallel_cfg = parallel_cfg
         use_tf32(dist.device, parallel_cfg.tf32)
         model.to(precision.param)  # on meta: free; bf16-pure keeps the sharded weights themselves in bf16
         apply_transforms(model, parallel_cfg)  # activation checkpointing, then compile, before sharding
@@ -151,8 +152,11 @@ class FSDPEngine:
         return contextlib.nullcontext()  # FSDP's MixedPrecisionPolicy casts parameters for the forward
 
     def no_sync(self, sync: bool):
-        """Skip the gradient reduce-scatter unless `sync` (the last micro-batch): gradients accumulate unsharded."""
-        self.model.set_requires_gradient_sync(sync)
+        """Reduce-scatter every micro-batch, so gradients accumulate in the sharded fp32 gradient. With
+        parallel.fsdp_no_sync, only at the last one (`sync`): until then each rank holds the unsharded
+        gradient of every parameter (+4 bytes × parameters per rank)."""
+        if self.parallel_cfg.fsdp_no_sync:
+            self.model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -183,3 +183,52 @@ def test_inductor_cache_folder_is_keyed_by_cpu_capability_once(monkeypatch, tmp_
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     assert key_inductor_cache_by_cpu().name == capability
 
+
+
+@pytest.mark.parametrize("next_step", [2, 1], ids=["new-step", "same-step"])
+def test_a_save_killed_at_any_filesystem_step_leaves_a_complete_checkpoint(tmp_path, monkeypatch, next_step):
+    """keep_last=1: a save of the next step (or a re-save of the same step, as a resumed finished run does)
+    killed at each rename or delete in turn still leaves one complete checkpoint to resume from."""
+    import shutil
+
+    from bigtrain import checkpoint
+    from bigtrain.config import Config, dump_yaml
+
+    class Killed(Exception):
+        pass
+
+    engine = make_engine("fp32")
+    real = {"replace": os.replace, "rmtree": shutil.rmtree}
+    kill_at = 1
+    while True:
+        run_dir = tmp_path / f"run-{kill_at}"
+        checkpoint.save(run_dir, TrainState(step=1), engine, engine.dist, config_yaml=dump_yaml(Config()), keep_last=1)
+        calls = [0]
+
+        def dying(name):
+            def op(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] == kill_at:
+                    raise Killed(name)
+                return real[name](*args, **kwargs)
+            return op
+
+        monkeypatch.setattr(os, "replace", dying("replace"))
+        monkeypatch.setattr(shutil, "rmtree", dying("rmtree"))
+        try:
+            checkpoint.save(run_dir, TrainState(step=next_step), engine, engine.dist,
+                            config_yaml=dump_yaml(Config()), keep_last=1)
+            finished = True
+        except Killed:
+            finished = False
+        finally:
+            monkeypatch.setattr(os, "replace", real["replace"])
+            monkeypatch.setattr(shutil, "rmtree", real["rmtree"])
+        folder = checkpoint.find_resume_checkpoint("auto", run_dir, warn=lambda m: None)
+        assert folder is not None, f"no checkpoint left when killed at filesystem step {kill_at}"
+        checkpoint.verify(folder)
+        if finished:
+            assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == [f"step-{next_step:07d}"]
+            break
+        kill_at += 1
+    assert kill_at >= 3  # the manifest's rename, the step-aside or publish rename, the deletes
