@@ -124,9 +124,11 @@ class TrainConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = _opt(3e-4, "peak learning rate")
-    final_lr_ratio: float = _opt(0.1, "LR at max_steps as a fraction of lr (cosine/linear)")
-    schedule: Literal["cosine", "linear", "constant"] = _opt("cosine", "decay after warmup: cosine | linear | constant")
+    final_lr_ratio: float = _opt(0.1, "LR at max_steps as a fraction of lr (cosine/linear/wsd)")
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = _opt("cosine", "decay after warmup: cosine | linear | constant | wsd (warmup, stable at lr, then decay over the last optim.decay_steps)")
     warmup_steps: int = _opt(0, "steps of linear warmup from 0 to lr")
+    decay_steps: Optional[int] = _opt(None, "wsd: steps of the final decay, ending at max_steps (raise train.max_steps on resume to extend the stable phase)")
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = _opt("1-sqrt", "wsd: the decay's shape: linear | cosine | 1-sqrt (lr × (1 - sqrt(progress)), toward final_lr_ratio)")
     weight_decay: float = _opt(0.1, "AdamW weight decay on every matrix, embeddings included (not on norm weights and biases)")
     betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas")
     eps: float = _opt(1e-8, "AdamW epsilon")
@@ -393,6 +395,16 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError(f"train.stop_at_step={t.stop_at_step} must be in 1..train.max_steps ({t.max_steps})")
     if not 0.0 <= o.final_lr_ratio <= 1.0:
         raise ConfigError(f"optim.final_lr_ratio={o.final_lr_ratio} must be in [0, 1]")
+    if o.schedule == "wsd":
+        if o.decay_steps is None or o.decay_steps <= 0:
+            raise ConfigError(f"optim.schedule=wsd needs optim.decay_steps > 0 (got {o.decay_steps}): the steps of "
+                              f"the final decay")
+        if o.warmup_steps + o.decay_steps > t.max_steps:
+            raise ConfigError(f"optim.warmup_steps + optim.decay_steps = {o.warmup_steps} + {o.decay_steps} exceeds "
+                              f"train.max_steps={t.max_steps}: no room for the stable phase")
+    elif o.decay_steps is not None:
+        raise ConfigError(f"optim.decay_steps is a wsd setting but optim.schedule={o.schedule} — set "
+                          f"optim.schedule=wsd or remove it")
     if not 0.0 < cfg.task.mask_prob <= 1.0:
         raise ConfigError(f"task.mask_prob={cfg.task.mask_prob} must be in (0, 1]")
     if not 0.0 <= cfg.data.validation_split < 1.0:

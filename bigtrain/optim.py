@@ -1,4 +1,5 @@
-"""AdamW with weight-decay groups and the LR schedule (warmup, then cosine / linear / constant)."""
+"""AdamW with weight-decay groups and the LR schedule (warmup, then cosine / linear / constant, or
+warmup-stable-decay)."""
 
 from __future__ import annotations
 
@@ -23,16 +24,27 @@ def build_optimizer(cfg, model: nn.Module, device: torch.device) -> torch.optim.
 
 
 def lr_at(cfg, step: int, max_steps: int) -> float:
-    """LR for optimizer step `step` (1-based): linear warmup, then decay to lr*final_lr_ratio exactly at max_steps."""
+    """LR for optimizer step `step` (1-based): linear warmup, then decay to lr*final_lr_ratio exactly at max_steps.
+    wsd: lr until the last `decay_steps` steps, which decay in `decay_shape`; a pure function of (step,
+    max_steps), so a run resumed with a larger max_steps stays at lr longer and then decays exactly."""
     peak, warmup = cfg.lr, cfg.warmup_steps
     if step <= warmup:
         return peak * step / warmup
     if cfg.schedule == "constant":
         return peak
     final = peak * cfg.final_lr_ratio
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    if cfg.schedule == "linear":
+    shape = cfg.schedule
+    if shape == "wsd":
+        decay_start = max_steps - cfg.decay_steps
+        if step <= decay_start:
+            return peak
+        progress, shape = min(1.0, (step - decay_start) / cfg.decay_steps), cfg.decay_shape
+    else:
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    if shape == "linear":
         return final + (peak - final) * (1.0 - progress)
+    if shape == "1-sqrt":
+        return final + (peak - final) * (1.0 - math.sqrt(progress))
     return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

@@ -61,14 +61,16 @@ def test_metrics_keys_tokens_per_sec_and_mfu_match_hand_calculation(tmp_path, ca
         assert 0 <= r["perf/data_wait_frac"] < 1 and r["perf/max_memory_gb"] > 0
 
 
-def test_exact_resume_is_bitwise(tmp_path, cache_dir):
-    common = ("train.max_steps=8", "checkpoint.every=2", "optim.warmup_steps=3", "eval.every=4")
-    straight, straight_dir = train(tmp_path, cache_dir, *common, name="straight")
+def test_exact_resume_is_bitwise_and_a_wsd_run_extends_from_its_stable_phase(tmp_path, cache_dir):
+    """The first half is a 6-step WSD run stopped at step 4, still in its stable phase; resumed with
+    max_steps=8, it decays later and equals a straight 8-step run bit for bit."""
+    common = ("checkpoint.every=2", "optim.warmup_steps=3", "eval.every=4", "optim.schedule=wsd", "optim.decay_steps=2")
+    straight, straight_dir = train(tmp_path, cache_dir, *common, "train.max_steps=8", name="straight")
     assert straight.returncode == 0, straight.stderr
-    half, resumed_dir = train(tmp_path, cache_dir, *common, "train.stop_at_step=4", name="resumed")
+    half, resumed_dir = train(tmp_path, cache_dir, *common, "train.max_steps=6", "train.stop_at_step=4", name="resumed")
     assert half.returncode == 0, half.stderr
     assert read_metrics(resumed_dir)[0][-1]["step"] == 4
-    rest, _ = train(tmp_path, cache_dir, *common, name="resumed")
+    rest, _ = train(tmp_path, cache_dir, *common, "train.max_steps=8", name="resumed")
     assert rest.returncode == 0, rest.stderr
     assert "resuming at step 4" in rest.stderr
 
@@ -77,6 +79,7 @@ def test_exact_resume_is_bitwise(tmp_path, cache_dir):
     assert [r["step"] for r in b] == list(range(1, 9))
     for key in ("train/loss", "train/lr", "train/grad_norm", "train/samples_consumed"):
         assert [r[key] for r in a] == [r[key] for r in b], key  # bit for bit
+    assert [r["train/lr"] for r in a] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3, 3e-3, 3e-3, 3e-3 * (0.1 + 0.9 * (1 - 0.5 ** 0.5)), 3e-4])
     assert [e["eval/loss"] for e in a_eval] == [e["eval/loss"] for e in b_eval]
     wa = torch.load(straight_dir / "checkpoints/step-0000008/model.pt", weights_only=True)
     wb = torch.load(resumed_dir / "checkpoints/step-0000008/model.pt", weights_only=True)

@@ -183,3 +183,15 @@ def test_resolved_config_round_trips():
     cfg = build_config({"optim": {"betas": [0.8, 0.9]}})
     again = build_config(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
     assert again == cfg
+
+
+@pytest.mark.parametrize("optim, train, message", [
+    ({"schedule": "wsd"}, {}, r"^optim.schedule=wsd needs optim.decay_steps > 0 \(got None\)"),
+    ({"schedule": "wsd", "decay_steps": 80, "warmup_steps": 30}, {"max_steps": 100},
+     r"^optim.warmup_steps \+ optim.decay_steps = 30 \+ 80 exceeds train.max_steps=100"),
+    ({"decay_steps": 10}, {}, r"^optim.decay_steps is a wsd setting but optim.schedule=cosine"),
+    ({"schedule": "wsd", "decay_steps": 10, "decay_shape": "exp"}, {}, r"optim.decay_shape"),
+])
+def test_wsd_settings_are_checked(optim, train, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(build_config({"optim": optim, "train": train}))
