@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from bigtrain.errors import UserError
-from bigtrain.strategy import Dist, barrier, broadcast_object, open_weights
+from bigtrain.strategy import Dist, barrier, open_weights
+from bigtrain.strategy.dist import all_gather_object
 
 MANIFEST = "manifest.json"
 TRAINER = "trainer.json"
@@ -68,8 +69,6 @@ def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: s
     barrier(dist)
     engine.save_state(tmp)
     torch.save(_rng_state(dist), tmp / "rng" / f"rank-{dist.rank:05d}.pt")
-    _fsync_tree(tmp)  # every rank: its own files are on disk before rank 0 publishes the folder
-    barrier(dist)
     if dist.is_main:
         (tmp / TRAINER).write_text(json.dumps({**asdict(state), "world_size": dist.world_size,
                                                "format": engine.checkpoint_format,
@@ -77,7 +76,10 @@ def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: s
         (tmp / "config.yaml").write_text(config_yaml)
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, tmp / name)
-        files = {str(p.relative_to(tmp)): _file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    _fsync_tree(tmp)  # every rank: its own files are on disk before rank 0 publishes the folder
+    barrier(dist)
+    files = hash_files(tmp, dist)  # every rank hashes its share of the files
+    if dist.is_main:
         manifest = {"step": state.step, "samples_consumed": state.samples_consumed, "files": files}
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
         _fsync_tree(tmp)
@@ -105,6 +107,27 @@ def prune(run_dir: Path, keep_last: int) -> None:
 
 def _file_entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _shares(names: list[tuple[str, int]], world_size: int) -> list[list[str]]:
+    """Split files among ranks by size, largest first to the least loaded rank (each file read once)."""
+    shares, loads = [[] for _ in range(world_size)], [0] * world_size
+    for name, size in sorted(names, key=lambda item: -item[1]):
+        rank = loads.index(min(loads))
+        shares[rank].append(name)
+        loads[rank] += size
+    return shares
+
+
+def hash_files(folder: Path, dist: Dist) -> dict[str, dict]:
+    """{relative name: {bytes, sha256}} of every file under `folder` (collective): the ranks hash the files
+    in parallel, each its share (by size), so a save or verify takes the time of 1/world of the bytes."""
+    sized = [(str(p.relative_to(folder)), p.stat().st_size) for p in sorted(folder.rglob("*")) if p.is_file()]
+    mine = _shares(sized, dist.world_size)[dist.rank]
+    entries = {}
+    for part in all_gather_object(dist, {name: _file_entry(folder / name) for name in mine}):
+        entries.update(part)
+    return dict(sorted(entries.items()))
 
 
 def _sha256(path: Path) -> str:
@@ -178,70 +201,73 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(steps, key=lambda p: p.name.removeprefix(".old-"))
 
 
-def verify(folder: Path) -> dict:
-    """Check the manifest and every file's size and sha256; return the manifest or raise CheckpointError."""
+def verify(folder: Path, dist: Dist | None = None) -> dict:
+    """Check the manifest and every file's size and sha256; return the manifest or raise CheckpointError.
+    With `dist` it is collective: the ranks check the files in parallel, each its share (by size), and
+    every rank raises the same error."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"incomplete checkpoint {folder}: no {MANIFEST}")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError):
+        files = {str(name): (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"corrupted checkpoint {folder}: unreadable {MANIFEST}") from None
-    for name, entry in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"incomplete checkpoint {folder}: missing {name}")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise CheckpointError(f"truncated checkpoint file {path}: {size} bytes, manifest says {entry['bytes']}")
-        if _sha256(path) != entry["sha256"]:
-            raise CheckpointError(f"corrupted checkpoint file {path}: sha256 does not match the manifest")
+    mine = list(files) if dist is None else _shares([(n, size) for n, (size, _) in files.items()], dist.world_size)[dist.rank]
+    problems = {name: problem for name in mine if (problem := _file_problem(folder, name, *files[name]))}
+    if dist is not None:
+        problems = {k: v for part in all_gather_object(dist, problems) for k, v in part.items()}
+    first = next((name for name in files if name in problems), None)
+    if first is not None:
+        raise CheckpointError(problems[first])
     return manifest
 
 
-def find_resume_checkpoint(resume: str, run_dir: Path, warn=print) -> Path | None:
+def _file_problem(folder: Path, name: str, size: int, sha256: str) -> str | None:
+    path = folder / name
+    if not path.is_file():
+        return f"incomplete checkpoint {folder}: missing {name}"
+    if path.stat().st_size != size:
+        return f"truncated checkpoint file {path}: {path.stat().st_size} bytes, manifest says {size}"
+    if _sha256(path) != sha256:
+        return f"corrupted checkpoint file {path}: sha256 does not match the manifest"
+    return None
+
+
+def find_resume_checkpoint(resume: str, run_dir: Path, warn=print, dist: Dist | None = None) -> Path | None:
     """The checkpoint folder to resume from, or None for a fresh start.
 
     auto: the newest complete checkpoint of the run dir, skipping (and naming) damaged ones.
     A path: a checkpoint folder, or a run dir (its newest complete checkpoint); damage is an error.
+    With `dist` it is collective (every rank verifies its share of the files; rank 0 warns).
     """
     if resume == "none":
         return None
     if resume == "auto":
         for folder in reversed(list_checkpoints(run_dir)):
             try:
-                verify(folder)
+                verify(folder, dist)
                 return folder
             except CheckpointError as e:
-                warn(f"warning: {e} — falling back to an earlier checkpoint")
+                if dist is None or dist.is_main:
+                    warn(f"warning: {e} — falling back to an earlier checkpoint")
         return None
     path = Path(resume).expanduser()
     if (path / MANIFEST).exists() or path.name.startswith("step-"):
-        verify(path)
+        verify(path, dist)
         return path
     candidates = list_checkpoints(path)
     if not candidates:
         raise CheckpointError(f"checkpoint.resume: no checkpoint in '{path}'")
-    verify(candidates[-1])
+    verify(candidates[-1], dist)
     return candidates[-1]
 
 
 def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print) -> TrainState:
-    """Load engine state + trainer state from the chosen checkpoint (collective). Rank 0 verifies."""
-    choice: tuple[str | None, str | None] = (None, None)
-    if dist.is_main:
-        try:
-            folder = find_resume_checkpoint(resume_setting, run_dir, warn)
-            choice = (str(folder) if folder else None, None)
-        except CheckpointError as e:
-            choice = (None, str(e))
-    folder_name, error = broadcast_object(dist, choice)
-    if error:
-        raise CheckpointError(error)
-    if folder_name is None:
+    """Load engine state + trainer state from the chosen checkpoint (collective; the ranks verify it together)."""
+    folder = find_resume_checkpoint(resume_setting, run_dir, warn, dist)
+    if folder is None:
         return TrainState()
-    folder = Path(folder_name)
     engine.load_state(folder)
     saved = json.loads((folder / TRAINER).read_text())
     _restore_rng(folder, dist, saved.get("world_size", 1))

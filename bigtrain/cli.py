@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default fp32)")
     gen.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     gen.add_argument("--batch-size", type=int, default=16, help="--prompts generated together (default 16)")
+    ver = sub.add_parser("verify", help="check every byte of a run's checkpoints (or one checkpoint) against its manifest",
+                         description="check each file's size and sha256 against the manifest, for every checkpoint "
+                                     "of a run dir or one checkpoint folder (resume checks the one it takes, the "
+                                     "ranks sharing the files); exit 2 if any is damaged")
+    ver.add_argument("source", help="run dir or checkpoint folder")
     sub.add_parser("launch", help="start training on this node under torchrun, deepspeed or accelerate (see `bigtrain launch -h`)",
                    add_help=False, prefix_chars="\0")  # its own flags: parsed by launcher.cli
     return parser
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "check": cmd_check, "prepare": cmd_prepare, "bench": cmd_bench,
-                    "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate}
+                    "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate, "verify": cmd_verify}
         return commands[args.command](args)
     except UserError as e:
         print(f"bigtrain: error: {e}", file=sys.stderr, flush=True)
@@ -308,6 +313,41 @@ def _eval_checkpoint(run_dir, name: str | None):
         raise UserError(f"eval --checkpoint: no checkpoint '{name}' in {run_dir / 'checkpoints'}")
     checkpoint.verify(path)
     return path
+
+
+def cmd_verify(args) -> int:
+    from pathlib import Path
+
+    from bigtrain import checkpoint
+
+    source = Path(args.source)
+    folders = [source] if (source / checkpoint.MANIFEST).exists() else checkpoint.list_checkpoints(source)
+    if not folders:
+        raise UserError(f"verify: no checkpoint in '{source}' (neither a run dir with checkpoints/ nor a checkpoint)")
+    damaged = 0
+    if (source / "config.yaml").is_file() and not (source / checkpoint.MANIFEST).exists():  # a run dir: its data too
+        from bigtrain.config import load_config
+        from bigtrain.data import data_cache_path, load_prepared
+
+        cfg = load_config(source / "config.yaml")
+        path = data_cache_path(cfg.data, task=cfg.task.name)
+        try:
+            load_prepared(cfg.data, task=cfg.task.name, verify=True)
+            print(f"ok       data {path}")
+        except UserError as e:
+            damaged += 1
+            print(f"damaged  data {path}: {e}")
+    for folder in folders:
+        try:
+            manifest = checkpoint.verify(folder)
+            size = sum(entry["bytes"] for entry in manifest["files"].values())
+            print(f"ok       {folder} ({len(manifest['files'])} files, {size / 2**20:,.1f} MiB)")
+        except checkpoint.CheckpointError as e:
+            damaged += 1
+            print(f"damaged  {folder}: {e}")
+    if damaged:
+        raise UserError(f"verify: {damaged} damaged in '{source}' (listed above)")
+    return 0
 
 
 def cmd_export(args) -> int:

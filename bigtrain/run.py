@@ -14,6 +14,7 @@ from bigtrain import checkpoint
 from bigtrain.config import Config, dump_yaml
 from bigtrain.config import recipe_warnings
 from bigtrain.data import load_prepared, prepare_data
+from bigtrain.data.prepare import verify_prepared_once
 from bigtrain.errors import UserError
 from bigtrain.loop import LoopContext, evaluate, train
 from bigtrain.hardware import matmul_peak, raised_peak
@@ -100,10 +101,11 @@ def build(cfg: Config, dist: Dist) -> Built:
     """Data, task, model (with init_from weights), optimizer and engine, in that order."""
     run_dir = cfg.run_dir()
 
-    # Data: rank 0 tokenizes and packs once (cached) and verifies the shards; the others then open them.
+    # Data: rank 0 tokenizes and packs once (cached) and checksums the shards the first time (sizes after
+    # that); the others then open them.
     def prepare_and_verify():
         prepare_data(cfg.data, task=cfg.task.name, log=lambda m: log_main(dist, m))
-        load_prepared(cfg.data, task=cfg.task.name, verify=True)
+        verify_prepared_once(cfg.data, task=cfg.task.name)
 
     on_main(dist, prepare_and_verify)
     data = load_prepared(cfg.data, task=cfg.task.name, verify=False)

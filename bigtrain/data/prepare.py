@@ -10,7 +10,9 @@ last, so an interrupted prepare never leaves a cache that looks complete.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
 import shutil
 import time
@@ -166,9 +168,30 @@ def prepare_data(
     return data
 
 
+VERIFIED = "verified.json"
+
+
 def load_prepared(cfg, *, task: str = "causal_lm", verify: bool = True) -> PreparedData:
     """Open the cache `prepare_data(cfg, task=task)` wrote. File sizes are always checked; verify=True adds sha256."""
     return _open_prepared(cfg, data_cache_path(cfg, task=task), task=task, verify=verify)
+
+
+def verify_prepared_once(cfg, *, task: str = "causal_lm") -> None:
+    """Checksum the prepared cache the first time a run opens it, and record that (`verified.json`, keyed
+    by index.json's hash): later starts and requeues check file sizes only, not every byte."""
+    path = data_cache_path(cfg, task=task)
+    marker = path / VERIFIED
+    index_sha = hashlib.sha256((path / INDEX).read_bytes()).hexdigest()
+    try:
+        done = json.loads(marker.read_text()).get("index_sha256") == index_sha
+    except (OSError, ValueError, AttributeError):
+        done = False
+    _open_prepared(cfg, path, task=task, verify=not done)
+    if not done:
+        try:
+            write_json_atomic(marker, {"index_sha256": index_sha})
+        except OSError:
+            pass  # a read-only cache: checksummed again next time
 
 
 def _open_prepared(cfg, path: Path, *, task: str, verify: bool) -> PreparedData:

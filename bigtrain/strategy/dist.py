@@ -163,6 +163,15 @@ def broadcast_object(dist: Dist, obj):
     return box[0]
 
 
+def all_gather_object(dist: Dist, obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.distributed:
+        return [obj]
+    out = [None] * dist.world_size
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
 def shutdown(dist: Dist) -> None:
     """Destroy the process group: torchrun's, or the one-process group FSDP/DeepSpeed make when run alone."""
     if torch_dist.is_initialized():

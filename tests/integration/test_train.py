@@ -125,6 +125,15 @@ def test_corrupted_checkpoint_is_named_and_auto_falls_back(tmp_path, cache_dir):
 
     truncated = run_dir / "checkpoints/step-0000004/optimizer.pt"
     truncated.write_bytes(truncated.read_bytes()[:100])
+    check = run_cli("verify", str(run_dir))  # on demand: every checkpoint, every byte
+    assert check.returncode == 2
+    lines = check.stdout.splitlines()[1:]  # after the data cache's line
+    assert check.stdout.startswith("ok       data ")
+    assert lines[0].startswith(f"ok       {run_dir / 'checkpoints/step-0000002'} (")
+    assert lines[1] == f"damaged  {truncated.parent}: truncated checkpoint file {truncated}: 100 bytes, manifest says " \
+                       f"{json.loads((truncated.parent / 'manifest.json').read_text())['files']['optimizer.pt']['bytes']}"
+    assert lines[2].startswith(f"damaged  {damaged.parent}: corrupted checkpoint file {damaged}")
+    assert check.stderr.strip().endswith(f"2 damaged in '{run_dir}' (listed above)")
     auto, _ = train(tmp_path, cache_dir, "train.max_steps=8")
     assert auto.returncode == 0, auto.stderr
     assert str(damaged) in auto.stderr and str(truncated) in auto.stderr
@@ -134,13 +143,17 @@ def test_corrupted_checkpoint_is_named_and_auto_falls_back(tmp_path, cache_dir):
 
 
 def test_corrupted_shard_is_named(tmp_path):
+    """The first run checksums the prepared data; later starts check sizes, `bigtrain verify` every byte."""
     cache = tmp_path / "cache"
-    ok, _ = train(tmp_path, cache, "train.max_steps=2", name="first")
+    ok, first_dir = train(tmp_path, cache, "train.max_steps=2", name="first")
     assert ok.returncode == 0, ok.stderr
     shard = next(cache.glob("*/train/tokens-00000.bin"))
     data = bytearray(shard.read_bytes())
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
+    check = run_cli("verify", str(first_dir))
+    assert check.returncode == 2 and f"damaged  data {shard.parent.parent}: corrupted shard {shard}" in check.stdout
+    shard.write_bytes(bytes(data[:-2]))
     bad, run_dir = train(tmp_path, cache, "train.max_steps=2", name="second")
     assert bad.returncode == 2
     assert str(shard) in bad.stderr.strip().splitlines()[-1]

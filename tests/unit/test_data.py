@@ -751,3 +751,23 @@ def test_corrupted_task_file_is_detected_and_named(tokenizer_file, tmp_path, tas
     path.unlink()
     with pytest.raises(UserError, match=f"^missing {what} file {re.escape(str(path))}"):
         load_prepared(cfg, task=task, verify=False)
+
+
+def test_a_run_checksums_the_cache_once_then_checks_sizes(stdlib, tmp_path):
+    from bigtrain.data.prepare import verify_prepared_once
+
+    cfg = copy_cache(stdlib[0], tmp_path)
+    data = load_prepared(cfg, verify=False)
+    shard = data.path / "train" / "tokens-00000.bin"
+    verify_prepared_once(cfg)  # the first time: every byte, then recorded
+    assert (data.path / "verified.json").is_file()
+    blob = bytearray(shard.read_bytes())
+    blob[0] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    verify_prepared_once(cfg)  # same size: only a checksum would tell, and it is not repeated
+    (data.path / "verified.json").unlink()
+    with pytest.raises(UserError, match="corrupted shard .*sha256 mismatch"):
+        verify_prepared_once(cfg)
+    shard.write_bytes(bytes(blob[:-2]))
+    with pytest.raises(UserError, match="corrupted shard .*bytes, expected"):
+        verify_prepared_once(cfg)

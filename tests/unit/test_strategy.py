@@ -232,3 +232,14 @@ def test_a_save_killed_at_any_filesystem_step_leaves_a_complete_checkpoint(tmp_p
             break
         kill_at += 1
     assert kill_at >= 3  # the manifest's rename, the step-aside or publish rename, the deletes
+
+
+def test_checkpoint_hashing_shares_every_file_once_balanced_by_size():
+    from bigtrain.checkpoint import _shares
+
+    files = [("a", 100), ("b", 60), ("c", 50), ("d", 40), ("e", 10), ("f", 0)]
+    shares = _shares(files, 3)
+    assert sorted(name for share in shares for name in share) == ["a", "b", "c", "d", "e", "f"]
+    sizes = dict(files)
+    assert sorted(sum(sizes[n] for n in share) for share in shares) == [70, 90, 100]  # a; b+e+f; c+d
+    assert _shares(files, 1) == [["a", "b", "c", "d", "e", "f"]]
