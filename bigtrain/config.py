@@ -151,6 +151,7 @@ class ParallelConfig:
     shard_group_size: Optional[int] = _opt(None, "fsdp: shard within groups of this many ranks and replicate across groups (HSDP); default: shard over all ranks")
     fsdp_no_sync: bool = _opt(False, "fsdp: reduce-scatter gradients only at a step's last micro-batch (fewer collectives, for HSDP or slow networks) — meanwhile every rank holds the unsharded fp32 gradient of every parameter; default: reduce-scatter each micro-batch into the sharded gradient")
     init_timeout_s: float = _opt(600.0, "seconds every rank waits for the others to join (rendezvous, preflight) before failing with a diagnosis")
+    collective_timeout_s: float = _opt(1800.0, "seconds a collective (all-reduce, gather, barrier) may wait for the slowest rank before the job fails; rank 0's data preparation holds none open, however long")
 
 
 @dataclass(frozen=True)
@@ -453,6 +454,8 @@ def _check_parallel(p: ParallelConfig, world_size: int) -> None:
         raise ConfigError(f"parallel.deepspeed_config: no such file '{p.deepspeed_config}'")
     if p.init_timeout_s <= 0:
         raise ConfigError(f"parallel.init_timeout_s={p.init_timeout_s} must be > 0")
+    if p.collective_timeout_s <= 0:
+        raise ConfigError(f"parallel.collective_timeout_s={p.collective_timeout_s} must be > 0")
 
 
 def _check_paths(cfg: Config) -> None:

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from bigtrain.optim import build_optimizer
 from bigtrain.preempt import PREEMPTED_MARKER, Preempted, PreemptionGuard
 from bigtrain.strategy import (Dist, barrier, broadcast_object, build_engine, engine_class, init_distributed,
                                launcher_precision, resolve_strategy, shutdown)
+from bigtrain.strategy.dist import all_reduce_max
 from bigtrain.strategy.precision import Resolved, resolve_job_precision, slow_precision_warning
 from bigtrain.tasks import build_task
 
@@ -67,15 +70,43 @@ def model_vocab_size(cfg: Config, tokenizer_vocab_size: int) -> int:
     return cfg.model.vocab_size
 
 
-def on_main(dist: Dist, fn):
-    """Run fn on rank 0 while the others wait; a UserError there is raised on every rank (no hang)."""
-    result, error = None, None
-    if dist.is_main:
+def on_main(dist: Dist, fn, *, what: str = "rank 0's work", poll_s: float = 1.0):
+    """Run fn on rank 0 while the others wait; its error is raised on every rank (no hang).
+
+    No collective stays open while fn runs (data preparation may take hours): rank 0 runs it in a thread
+    and every rank meets in a short all-reduce every `poll_s` (each waits poll_s first, so they arrive
+    together) until it is done, so fn may take longer
+    than parallel.collective_timeout_s; the waiting ranks say so once a minute."""
+    if not dist.distributed:
+        return fn()
+    result, error, failure, done = None, None, None, threading.Event()
+
+    def work():
+        nonlocal result, error, failure
         try:
             result = fn()
         except UserError as e:
             error = str(e)
+        except BaseException as e:  # re-raised on rank 0; the others get a one-line error
+            failure, error = e, f"rank 0 failed during {what}: {type(e).__name__}: {e}"
+        finally:
+            done.set()
+
+    if dist.is_main:
+        threading.Thread(target=work, name="bigtrain-on-main", daemon=True).start()
+    start = said = time.monotonic()
+    while True:
+        finished = done.wait(timeout=poll_s) if dist.is_main else time.sleep(poll_s)
+        flag = torch.tensor([1.0 if finished else 0.0])
+        if all_reduce_max(dist, flag).item() > 0:
+            break
+        if not dist.is_main and dist.local_rank == 0 and time.monotonic() - said >= 60:
+            said = time.monotonic()
+            print(f"bigtrain: rank {dist.rank} waiting for {what} on rank 0 ({(said - start) / 60:.0f} min)",
+                  file=sys.stderr, flush=True)
     error = broadcast_object(dist, error)
+    if failure is not None:
+        raise failure
     if error:
         raise UserError(error)
     return result
@@ -107,7 +138,7 @@ def build(cfg: Config, dist: Dist) -> Built:
         prepare_data(cfg.data, task=cfg.task.name, log=lambda m: log_main(dist, m))
         verify_prepared_once(cfg.data, task=cfg.task.name)
 
-    on_main(dist, prepare_and_verify)
+    on_main(dist, prepare_and_verify, what="data preparation")
     data = load_prepared(cfg.data, task=cfg.task.name, verify=False)
     task = build_task(cfg.task, data, seed=cfg.run.seed)
     extra_files = {TOKENIZER_FILE: run_dir / TOKENIZER_FILE}
@@ -163,7 +194,9 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
     precision.json records what it resolved to here, and why."""
     cfg = with_init_from(cfg)
     check_model(cfg)
-    dist = init_distributed(cfg.parallel.device, timeout_s=cfg.parallel.init_timeout_s)
+    dist = init_distributed(cfg.parallel.device, timeout_s=cfg.parallel.init_timeout_s,
+                            collective_timeout_s=cfg.parallel.collective_timeout_s,
+                            cpu_collectives=cfg.parallel.offload_params != "none")
     logger = b = None
     try:
         run_dir = cfg.run_dir()
@@ -235,7 +268,9 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
 def run_eval(cfg: Config, folder: Path) -> dict[str, float]:
     """The task's eval metrics of checkpoint `folder` on the validation split (every rank; same result)."""
     check_model(cfg)
-    dist = init_distributed(cfg.parallel.device, timeout_s=cfg.parallel.init_timeout_s)
+    dist = init_distributed(cfg.parallel.device, timeout_s=cfg.parallel.init_timeout_s,
+                            collective_timeout_s=cfg.parallel.collective_timeout_s,
+                            cpu_collectives=cfg.parallel.offload_params != "none")
     try:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=None))
         cfg, _ = resolve_for_job(cfg, dist)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
-from tests.conftest import run_cli, run_torchrun, tiny_recipe, write_recipe
+from tests.conftest import REPO, run_cli, run_torchrun, tiny_recipe, write_recipe
 from tests.integration.test_train import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -118,3 +122,23 @@ def test_ddp_activation_checkpointing_on_two_processes_gives_the_same_gradients(
     wb = torch.load(tmp_path / "runs/ac/checkpoints/step-0000004/model.pt", weights_only=True)
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_rank_zero_work_longer_than_the_collective_timeout_holds_no_collective_open(tmp_path):
+    """Data preparation on rank 0 may outlast parallel.collective_timeout_s: the other ranks wait in short
+    all-reduces, not in one collective that times out."""
+    script = tmp_path / "long_rank0.py"
+    script.write_text(textwrap.dedent("""
+        import time
+        from bigtrain.run import on_main
+        from bigtrain.strategy import init_distributed, shutdown
+        dist = init_distributed("cpu", collective_timeout_s=3)
+        result = on_main(dist, lambda: time.sleep(8) or "prepared")
+        print(f"rank {dist.rank}: {result}", flush=True)
+        shutdown(dist)
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(result.stdout.splitlines()) == ["rank 0: prepared", "rank 1: None"]
