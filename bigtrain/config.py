@@ -86,6 +86,8 @@ class ModelConfig:
 class DataConfig:
     source: str = _opt("python-stdlib", "python-stdlib, a local text/json/jsonl/parquet/csv file or folder, a save_to_disk folder, or a hub dataset name")
     subset: Optional[str] = _opt(None, "hub dataset config name")
+    split: Optional[str] = _opt(None, "the split to train on (default: train; a source with several splits and none named train needs it)")
+    revision: Optional[str] = _opt(None, "hub dataset: the branch, tag or commit to load (default: main)")
     text_column: str = _opt("text", "column holding the text")
     pair_column: Optional[str] = _opt(None, "classification: optional second text column (sentence pairs)")
     label_column: str = _opt("label", "classification: column holding the label (strings or ints)")

@@ -19,6 +19,7 @@ else its row index), so the split never depends on random state, order of loadin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -64,7 +65,16 @@ class DocumentSplits:
 
 
 def resolve_source(cfg) -> Source:
-    """Find out what `cfg.source` names (cheap: stats files, reads none)."""
+    """Find out what `cfg.source` names (cheap: stats files, reads none). Its identity includes
+    data.split and, for the hub, data.revision when they are set."""
+    found = _resolve_source(cfg)
+    if cfg.revision and found.kind != "hub":
+        raise UserError(f"data.revision is for hub datasets, but data.source '{cfg.source}' is local — remove it")
+    extra = "".join(f"#{key}={value}" for key, value in (("split", cfg.split), ("revision", cfg.revision)) if value)
+    return dataclasses.replace(found, identity=found.identity + extra) if extra else found
+
+
+def _resolve_source(cfg) -> Source:
     source = cfg.source
     if source in (STDLIB, STDLIB_DOCSTRINGS):
         root = Path(sysconfig.get_paths()["stdlib"])
@@ -106,7 +116,7 @@ def load_documents(
         splits = _as_dict(_load_dataset(cfg, source, cache_dir=cache_dir, num_proc=num_proc))
 
     limit = None if by_file else cfg.max_documents  # files were limited already
-    train_name = "train" if "train" in splits else next(iter(splits))
+    train_name = _train_split(cfg, splits)
     val_name = next((n for n in ("validation", "test") if n in splits and n != train_name), None)
     train = _take(splits[train_name], limit)
     check_columns(train, cfg, task, cfg.source)
@@ -129,6 +139,18 @@ def load_documents(
         trained = {labels[i] for i in train_rows}
         val_rows = [i for i in val_rows if labels[i] in trained]
     return DocumentSplits(train.select(train_rows), train.select(val_rows))
+
+
+def _train_split(cfg, splits: dict) -> str:
+    """data.split, else "train", else the only split; several splits and none named train: a UserError."""
+    names = ", ".join(splits)
+    if cfg.split is not None:
+        if cfg.split not in splits:
+            raise UserError(f"data.split: no split '{cfg.split}' in '{cfg.source}' (splits: {names})")
+        return cfg.split
+    if "train" in splits or len(splits) == 1:
+        return "train" if "train" in splits else next(iter(splits))
+    raise UserError(f"data.source: '{cfg.source}' has no 'train' split (splits: {names}) — set data.split")
 
 
 def held_out_rows(keys: list[str], fraction: float) -> list[int]:
@@ -228,7 +250,8 @@ def _load_dataset(cfg, source: Source, *, cache_dir: Path, num_proc: int | None)
             if source.kind == "files":
                 files = [str(p) for p in source.files]
                 return datasets.load_dataset(source.builder, data_files=files, cache_dir=hf_cache, num_proc=num_proc)
-            return datasets.load_dataset(cfg.source, name=cfg.subset, cache_dir=hf_cache, num_proc=num_proc)
+            return datasets.load_dataset(cfg.source, name=cfg.subset, revision=cfg.revision, cache_dir=hf_cache,
+                                         num_proc=num_proc)
     except Exception as e:
         if source.kind == "files":
             raise UserError(f"data.source: cannot read '{cfg.source}' as {source.builder}: {_first_line(e)}") from None

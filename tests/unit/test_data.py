@@ -246,6 +246,26 @@ def test_save_to_disk_validation_split_is_used(tokenizer_file, tmp_path):
     assert train_texts == TEXTS[:20] and val_texts == TEXTS[20:]
 
 
+def test_data_split_picks_the_training_split_and_is_part_of_the_cache_key(tokenizer_file, tmp_path):
+    import datasets
+
+    saved = tmp_path / "saved"
+    splits = {"train_sft": TEXTS[:20], "test_sft": TEXTS[20:25], "train_gen": TEXTS[25:]}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()}).save_to_disk(str(saved))
+    cfg = DataConfig(source=str(saved), tokenizer=tokenizer_file, validation_split=0.0, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UserError, match=r"^data.source: '.*saved' has no 'train' split \(splits: train_sft, test_sft, "
+                                        r"train_gen\) — set data.split$"):
+        documents(cfg)
+    with pytest.raises(UserError, match=r"^data.split: no split 'train' in '.*saved' \(splits: train_sft, test_sft"):
+        documents(dataclasses.replace(cfg, split="train"))
+    assert documents(dataclasses.replace(cfg, split="train_gen"))[0] == TEXTS[25:]
+    assert documents(dataclasses.replace(cfg, split="train_sft"))[0] == TEXTS[:20]
+    keys = {data_cache_path(dataclasses.replace(cfg, split=s)) for s in ("train_sft", "train_gen")}
+    assert len(keys) == 2
+    with pytest.raises(UserError, match=r"^data.revision is for hub datasets, but data.source '.*saved' is local"):
+        documents(dataclasses.replace(cfg, split="train_sft", revision="v1"))
+
+
 def test_unpacked_drops_empty_documents(tokenizer_file, tmp_path):
     path = tmp_path / "docs.jsonl"
     rows = ["first doc", "", "third doc is here"]
