@@ -81,8 +81,8 @@ def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: s
     files = hash_files(tmp, dist)  # every rank hashes its share of the files
     if dist.is_main:
         manifest = {"step": state.step, "samples_consumed": state.samples_consumed, "files": files}
-        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        _fsync_tree(tmp)
+        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))  # fsynced; its folder entry next
+        _fsync_dir(tmp)
         # Re-saving the same step (e.g. a finished run resumed): the complete one steps aside, and is
         # deleted only once its replacement is in place (list_checkpoints lists it meanwhile).
         old = final.with_name(f".old-{final.name}")

@@ -112,6 +112,13 @@ def on_main(dist: Dist, fn, *, what: str = "rank 0's work", poll_s: float = 1.0)
     return result
 
 
+def init_job(cfg: Config) -> Dist:
+    """The process group for the recipe's parallel settings (see strategy/dist.py)."""
+    p = cfg.parallel
+    return init_distributed(p.device, timeout_s=p.init_timeout_s, collective_timeout_s=p.collective_timeout_s,
+                            cpu_collectives=p.offload_params != "none")
+
+
 def log_main(dist: Dist, text: str) -> None:
     if dist.is_main:
         print(text, file=sys.stderr, flush=True)
@@ -146,15 +153,14 @@ def build(cfg: Config, dist: Dist) -> Built:
         extra_files[LABELS_FILE] = run_dir / LABELS_FILE
     # A Hugging Face tokenizer's settings and chat template travel with every checkpoint (export, generate).
     beside = Path(cfg.data.tokenizer).expanduser().parent if cfg.data.tokenizer else None
-    for name in TOKENIZER_SIDE_FILES:
-        if beside is not None and (beside / name).is_file():
-            extra_files[name] = run_dir / name
+    side_files = {name: beside / name for name in TOKENIZER_SIDE_FILES if beside and (beside / name).is_file()}
+    extra_files.update({name: run_dir / name for name in side_files})
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(data.path / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
-        for name in TOKENIZER_SIDE_FILES:
-            if name in extra_files and beside.resolve() != run_dir.resolve():
-                shutil.copyfile(beside / name, run_dir / name)
+        for name, source in side_files.items():
+            if source.resolve() != (run_dir / name).resolve():
+                shutil.copyfile(source, run_dir / name)
         if data.labels:
             (run_dir / LABELS_FILE).write_text(json.dumps(data.labels))
 
@@ -194,9 +200,7 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
     precision.json records what it resolved to here, and why."""
     cfg = with_init_from(cfg)
     check_model(cfg)
-    dist = init_distributed(cfg.parallel.device, timeout_s=cfg.parallel.init_timeout_s,
-                            collective_timeout_s=cfg.parallel.collective_timeout_s,
-                            cpu_collectives=cfg.parallel.offload_params != "none")
+    dist = init_job(cfg)
     logger = b = None
     try:
         run_dir = cfg.run_dir()
@@ -268,9 +272,7 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
 def run_eval(cfg: Config, folder: Path) -> dict[str, float]:
     """The task's eval metrics of checkpoint `folder` on the validation split (every rank; same result)."""
     check_model(cfg)
-    dist = init_distributed(cfg.parallel.device, timeout_s=cfg.parallel.init_timeout_s,
-                            collective_timeout_s=cfg.parallel.collective_timeout_s,
-                            cpu_collectives=cfg.parallel.offload_params != "none")
+    dist = init_job(cfg)
     try:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=None))
         cfg, _ = resolve_for_job(cfg, dist)
