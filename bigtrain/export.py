@@ -63,8 +63,8 @@ def export(source: str | Path, out: str | Path) -> Path:
     """Write OUT/model.safetensors + config.yaml + tokenizer.json (+ labels.json) from checkpoint `source`."""
     folder = find_checkpoint(source)
     out = Path(out).expanduser()
+    reader = open_weights(folder)  # first: a refused checkpoint leaves no output folder behind
     out.mkdir(parents=True, exist_ok=True)
-    reader = open_weights(folder)
     write_safetensors(out / WEIGHTS_FILE, reader, metadata={"format": "pt", "source": str(folder)})
     for name in COPIED_FILES:
         if (folder / name).is_file():

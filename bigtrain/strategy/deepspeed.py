@@ -13,9 +13,11 @@ own step (all ranks agree), so `clip_grad_norm` runs that step and returns the n
 before clipping (inf when it skipped the update); `step` then only clears bookkeeping.
 
 Checkpoints are DeepSpeed's own files (`save_checkpoint` under tag `deepspeed`), every rank writing
-into the folder bigtrain/checkpoint.py prepared. Resuming on another world size goes through
-DeepSpeed's universal checkpoint (`ds_to_universal`, written next to the checkpoint and removed
-afterwards). `open_weights` consolidates the fp32 master weights without a process group.
+into the folder bigtrain/checkpoint.py prepared. DeepSpeed unpickles them with `weights_only=False`, so
+before it reads any, every file is opened with torch's weights-only unpickler (memory-mapped: only the
+pickle is read) admitting DeepSpeed's four plain-data classes and nothing else (`refuse_unsafe_files`).
+Resuming on another world size goes through DeepSpeed's universal checkpoint (`ds_to_universal`,
+written next to the checkpoint and removed afterwards). `open_weights` consolidates the fp32 master weights without a process group.
 `import deepspeed` happens only in this module, inside functions.
 """
 
@@ -27,6 +29,8 @@ import contextlib
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -180,6 +184,9 @@ class DeepSpeedEngine:
             raise UserError("parallel.precision=bf16 with parallel.zero_stage=1 is not available with "
                             "parallel.strategy=deepspeed (it would accumulate gradients in bf16) — use "
                             "parallel.zero_stage=2 (it also resumes ZeRO-1 checkpoints)")
+        if precision.name == "fp16" and dist.device.type == "cpu":  # DeepSpeed's CPU accelerator: a traceback
+            raise UserError("parallel.precision=fp16 is not available with parallel.strategy=deepspeed on the CPU "
+                            "(DeepSpeed's CPU accelerator has no fp16) — use parallel.precision=bf16 or fp32")
         ds_logger.setLevel(logging.WARNING)
         self.dist = dist
         self.precision = precision
@@ -281,6 +288,7 @@ class DeepSpeedEngine:
     def load_state(self, folder: Path) -> None:
         """Load a DeepSpeed checkpoint; one of another world size or ZeRO stage is converted to a universal one first."""
         folder = Path(folder)
+        refuse_unsafe_files(folder)
         trainer = folder / "trainer.json"
         saved = json.loads(trainer.read_text()) if trainer.is_file() else {}
         if saved.get("format", "deepspeed") != "deepspeed" or not (folder / TAG).is_dir():
@@ -366,6 +374,34 @@ def _to_universal(tag_folder: Path, output: Path) -> None:
         ds_to_universal.main(args)
 
 
+# --------------------------------------------------------------------------- trust boundary
+
+
+def _plain_data_classes() -> list[type]:
+    """The only non-torch classes DeepSpeed pickles into its checkpoints (loss scalers, the ZeRO stage,
+    fragment offsets): attribute bags, no behaviour on load."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def refuse_unsafe_files(folder: Path) -> None:
+    """UserError naming the file unless every .pt file under folder/deepspeed unpickles with weights_only=True
+    (tensors, plain data and _plain_data_classes): DeepSpeed itself then reads them with weights_only=False."""
+    allowed = _plain_data_classes()
+    for path in sorted((Path(folder) / TAG).rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            why = (f"it would run '{found.group(1)}', which is not a tensor or plain data" if found
+                   else f"it is not a readable torch file ({str(e).splitlines()[0][:120]})")
+            raise UserError(f"refusing DeepSpeed checkpoint file {path}: {why}") from None
+
+
 # --------------------------------------------------------------------------- weights reader
 
 
@@ -380,6 +416,7 @@ class DeepSpeedWeights:
 
         if not (folder / TAG).is_dir():
             raise UserError(f"checkpoint {folder}: no DeepSpeed folder '{TAG}' (incomplete checkpoint?)")
+        refuse_unsafe_files(folder)
         with contextlib.redirect_stdout(sys.stderr):
             state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG, lazy_mode=True)
         self._state = {name.replace(_WRAPPED, ""): t for name, t in state.items()}

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from bigtrain.checkpoint import _file_entry
 from tests.conftest import REPO, run_cli, run_torchrun, tiny_recipe, write_recipe
 from tests.integration.test_train import read_metrics
 
@@ -139,8 +141,31 @@ def test_deepspeed_zero2_checkpoint_resumes_as_zero1_and_zero3_refuses_it(tmp_pa
     assert refused.stderr.strip().splitlines()[-1].endswith(
         "was written with parallel.zero_stage=2, which does not resume under parallel.zero_stage=3 — resume with "
         "zero_stage=2 (on any number of processes), or start from its weights with model.init_from")
+    crafted = tmp_path / "crafted"
+    shutil.copytree(tmp_path / "stages", crafted)  # before the resume below adds steps 3-4
     assert "resuming at step 2" in ok(run_cli(*args, "parallel.zero_stage=1")).stderr
     assert_same_run(tmp_path / "stages", reference, rel=1e-5)
+
+    # A crafted checkpoint (consistent manifest) whose optimizer file runs code when DeepSpeed unpickles it
+    # with weights_only=False: refused before DeepSpeed reads it, by export and by resume.
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    folder = crafted / "checkpoints/step-0000002"
+    target = sorted((folder / "deepspeed").glob("*optim_states.pt"))[0]
+    torch.save({"optimizer_state_dict": RunsCode()}, target)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][str(target.relative_to(folder))] = _file_entry(target)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for result in (run_cli("export", str(crafted), str(tmp_path / "out")),
+                   run_cli("train", str(recipe), "run.name=crafted", f"run.output_dir={tmp_path}",
+                           *deepspeed_args(2))):
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1].endswith(
+            f"refusing DeepSpeed checkpoint file {target}: it would run 'posix.system', which is not a tensor or "
+            f"plain data")
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "out").exists()
 
 
 def test_init_from_loads_full_weights_into_zero3_on_two_processes(tmp_path, single_runs):
@@ -297,6 +322,12 @@ def test_deepspeed_config_that_contradicts_the_recipe_exits_2_naming_both_values
     assert "Traceback" not in result.stderr
     assert lines[-1].endswith(f"error: parallel.deepspeed_config: 'train_batch_size' is 16 in {extra} but the recipe gives "
                          f"8 (train.global_batch_size) — remove the key from {extra} or change the recipe")
+    if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator has no fp16: one line, not its traceback
+        result = run_cli("train", str(recipe), "parallel.precision=fp16", *deepspeed_args(2))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].endswith(
+            "parallel.precision=fp16 is not available with parallel.strategy=deepspeed on the CPU (DeepSpeed's CPU "
+            "accelerator has no fp16) — use parallel.precision=bf16 or fp32")
 
 
 @pytest.mark.gpu
