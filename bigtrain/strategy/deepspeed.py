@@ -10,7 +10,10 @@ Gradient contract: the loop scales each micro-batch loss by world_size / global 
 DeepSpeed averages over data-parallel ranks, so backward runs with `scale_wrt_gas=False` (no extra
 division by the accumulation steps). DeepSpeed clips and detects non-finite gradients inside its
 own step (all ranks agree), so `clip_grad_norm` runs that step and returns the norm it measured
-before clipping (inf when it skipped the update); `step` then only clears bookkeeping.
+before clipping (inf when it skipped the update); `step(finite)` checks that DeepSpeed's decision is
+the loop's. Skipping a non-finite step at every ZeRO stage in fp32 and bf16 needs deepspeed>=0.19.8
+(earlier versions check only fp16 at some stages and apply a NaN update); an applied non-finite step
+stops the run rather than train on NaN weights.
 
 Checkpoints are DeepSpeed's own files (`save_checkpoint` under tag `deepspeed`), every rank writing
 into the folder bigtrain/checkpoint.py prepared. DeepSpeed unpickles them with `weights_only=False`, so
@@ -67,6 +70,7 @@ def recipe_deepspeed_config(recipe, world_size: int) -> dict[str, tuple[object, 
     }
     if p.precision == "bf16":  # micro-batch gradients summed in fp32 (DeepSpeed's default: the model's bf16)
         keys["data_types.grad_accum_dtype"] = ("fp32", "parallel.precision")
+        keys["bf16.check_grad_overflow"] = (True, "parallel.precision")  # skip non-finite steps (the loop's contract)
     for what, setting, source in (("optimizer", p.offload_optimizer, "parallel.offload_optimizer"),
                                   ("param", p.offload_params, "parallel.offload_params")):
         keys[f"zero_optimization.offload_{what}.device"] = (setting, source)
@@ -154,6 +158,16 @@ def build_deepspeed_config(recipe, world_size: int) -> dict:
 # --------------------------------------------------------------------------- engine
 
 
+def import_deepspeed():
+    """The deepspeed module, or a one-line error saying how to install it (it is an extra)."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise UserError("parallel.strategy=deepspeed needs DeepSpeed, which is not installed — "
+                        "pip install 'bigtrain[deepspeed]'") from None
+    return deepspeed
+
+
 def _ensure_process_group(dist: Dist) -> None:
     """DeepSpeed runs on a torch.distributed group: a one-process group when started alone."""
     if not torch_dist.is_initialized():
@@ -172,7 +186,7 @@ class DeepSpeedEngine:
 
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg,
                  recipe):
-        import deepspeed
+        deepspeed = import_deepspeed()
         from deepspeed.utils import logger as ds_logger
 
         if precision.name == "bf16-pure":
@@ -234,8 +248,14 @@ class DeepSpeedEngine:
         return torch.tensor(float("nan") if norm is None else float(norm))
 
     def step(self, finite: bool) -> None:
-        """DeepSpeed already applied (finite) or skipped (non-finite) the update in clip_grad_norm."""
+        """DeepSpeed already applied (finite) or skipped (non-finite) the update in clip_grad_norm; the loop
+        decided the same from the all-reduced loss and that norm, or the weights now hold NaN."""
         self._scale_before_step = None
+        if not finite and self.ds.was_step_applied():
+            import deepspeed
+
+            raise RuntimeError(f"DeepSpeed {deepspeed.__version__} applied a non-finite optimizer step (it does not "
+                               f"skip them for this precision / ZeRO stage) — use deepspeed>=0.19.8")
 
     def _current_loss_scale(self) -> float | None:
         if not self.precision.loss_scaling:
@@ -416,6 +436,7 @@ class DeepSpeedWeights:
 
         if not (folder / TAG).is_dir():
             raise UserError(f"checkpoint {folder}: no DeepSpeed folder '{TAG}' (incomplete checkpoint?)")
+        import_deepspeed()
         refuse_unsafe_files(folder)
         with contextlib.redirect_stdout(sys.stderr):
             state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG, lazy_mode=True)

@@ -92,18 +92,36 @@ def test_non_finite_steps_are_counted_and_stop_after_the_limit():
 
 def test_declared_torch_and_deepspeed_lower_bounds_have_the_apis_the_strategies_use():
     """pyproject's lower bounds are the first releases with what bigtrain calls: torch 2.6 (public FSDP2
-    fully_shard, get_total_norm / clip_grads_with_norm_, torch.accelerator), DeepSpeed 0.16 (zero_to_fp32's
-    lazy_mode). The bounds do not promise older ones, and the installed torch has what they name."""
+    fully_shard, get_total_norm / clip_grads_with_norm_, torch.accelerator), DeepSpeed 0.19.8 (a non-finite
+    step skipped at every ZeRO stage in fp32 and bf16; bf16.check_grad_overflow). The bounds do not promise
+    older ones, and the installed versions have what they name. DeepSpeed and accelerate are extras."""
     import re
+
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
 
     from tests.conftest import REPO
 
     text = (REPO / "pyproject.toml").read_text()  # (tomllib is 3.11+; the project supports 3.10)
+    core = text.split("[project.optional-dependencies]")[0]
+    assert "deepspeed" not in core.split("dependencies = [")[1] and "accelerate>=" not in core
     bounds = {name: tuple(int(x) for x in v.split(".")) for name, v in re.findall(r'"(torch|deepspeed)>=([\d.]+)"', text)}
-    assert bounds["torch"] >= (2, 6) and bounds["deepspeed"] >= (0, 16)
+    assert bounds["torch"] >= (2, 6) and bounds["deepspeed"] >= (0, 19, 8)
     from torch.distributed.fsdp import fully_shard  # noqa: F401
 
     assert torch.nn.utils.get_total_norm and torch.nn.utils.clip_grads_with_norm_ and torch.accelerator.synchronize
+    assert "check_grad_overflow" in DeepSpeedBF16Config.model_fields
+
+
+def test_deepspeed_strategy_without_deepspeed_installed_is_a_one_line_error(monkeypatch):
+    import sys
+
+    from bigtrain.errors import UserError
+    from bigtrain.strategy.deepspeed import import_deepspeed
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # what `import deepspeed` meets when it is not installed
+    with pytest.raises(UserError, match=r"^parallel.strategy=deepspeed needs DeepSpeed, which is not installed — "
+                                        r"pip install 'bigtrain\[deepspeed\]'$"):
+        import_deepspeed()
 
 
 def test_deepspeed_bf16_config_accumulates_gradients_in_fp32_and_a_contradicting_key_is_an_error(tmp_path):
@@ -120,6 +138,7 @@ def test_deepspeed_bf16_config_accumulates_gradients_in_fp32_and_a_contradicting
             "strategy": "deepspeed", "precision": precision, "deepspeed_config": str(tmp_path / "ds.json")})), 1)
 
     assert config("bf16")["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert config("bf16")["bf16"] == {"enabled": True, "check_grad_overflow": True}  # skip non-finite steps
     assert "data_types" not in config("fp32")
     assert config("bf16", data_types={"grad_accum_dtype": "fp32"})["data_types"] == {"grad_accum_dtype": "fp32"}
     with pytest.raises(UserError, match=r"'data_types.grad_accum_dtype' is \"bf16\" in .* but the recipe gives "
@@ -243,3 +262,49 @@ def test_checkpoint_hashing_shares_every_file_once_balanced_by_size():
     sizes = dict(files)
     assert sorted(sum(sizes[n] for n in share) for share in shares) == [70, 90, 100]  # a; b+e+f; c+d
     assert _shares(files, 1) == [["a", "b", "c", "d", "e", "f"]]
+
+
+def test_async_save_copies_the_state_at_the_call_and_the_next_save_waits_for_it(tmp_path, capsys):
+    """checkpoint.async_save: save() returns before anything is published; training may change the weights
+    meanwhile, yet the checkpoint holds them as they were at the call. A synchronous save (preemption) waits for
+    the one in flight first. A background failure is raised by wait(), publishes nothing, and close() reports it."""
+    import threading
+
+    from bigtrain import checkpoint
+    from bigtrain.config import Config, dump_yaml
+    from bigtrain.strategy.local import in_background
+
+    engine = make_engine("fp32")
+    engine.backward(engine.model(torch.randint(0, 128, (2, 16))).sum())
+    engine.step(True)  # Adam state to copy as well
+    gate, real = threading.Event(), engine.save_state_async
+
+    def held_back(folder, group):  # the copy now, as always; the files only once the gate opens
+        written = real(folder, group)
+        return in_background(lambda: (gate.wait(30), written.result()))
+
+    engine.save_state_async = held_back
+    saver = checkpoint.Checkpointer(tmp_path, engine, engine.dist, config_yaml=dump_yaml(Config()), keep_last=0)
+    at_call = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    saver.save(TrainState(step=1))
+    assert checkpoint.list_checkpoints(tmp_path) == [] and (tmp_path / "checkpoints/.tmp-step-0000001").is_dir()
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            p.add_(1.0)  # the next optimizer steps
+    gate.set()
+    saver.save(TrainState(step=2), sync=True)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-0000001", "step-0000002"]
+    for folder in checkpoint.list_checkpoints(tmp_path):
+        checkpoint.verify(folder)
+    saved = torch.load(tmp_path / "checkpoints/step-0000001/model.pt", weights_only=True)
+    assert all(torch.equal(saved[k], at_call[k]) for k in at_call)
+    assert [(r["step"], r["async"]) for r in saver.history] == [(1, True), (2, False)]
+
+    engine.save_state_async = lambda folder, group: in_background(lambda: 1 / 0)  # e.g. the disk is full
+    saver.save(TrainState(step=3))
+    with pytest.raises(ZeroDivisionError):
+        saver.wait()
+    assert checkpoint.find_resume_checkpoint("auto", tmp_path).name == "step-0000002"
+    saver.save(TrainState(step=4))
+    saver.close()
+    assert "the checkpoint save in flight failed" in capsys.readouterr().err
