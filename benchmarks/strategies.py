@@ -10,6 +10,13 @@ round.
 
     python benchmarks/strategies.py [--configs debug 50m] [--rounds 2] [--steps 8] [--warmup 2] [--nproc 2]
     python benchmarks/strategies.py --configs 100m --strategies ddp fsdp fsdp-accum4 fsdp-accum4-no-sync  # FSDP accumulation memory
+    python benchmarks/strategies.py --configs 100m --strategies ddp fsdp zero3 --phase build      # build peak
+    python benchmarks/strategies.py --configs 100m --strategies ddp fsdp zero3 --phase init_from  # + init_from
+
+`--phase build` / `init_from` stop after the model and engine are built (no training step) and report each
+rank's peak anonymous memory (RssAnon, sampled every 2 ms: heap and tensors, not the page cache of a
+memory-mapped checkpoint) while building the model, wrapping it in the engine and loading init_from's
+weights (`init_from` first trains one step in one process for the checkpoint it then loads).
 """
 
 from __future__ import annotations
@@ -85,6 +92,73 @@ def local_bytes(engine) -> tuple[int, int]:
     return param_bytes, extra + sum(_local(v).numel() * _local(v).element_size() for v in state)
 
 
+class AnonPeak:
+    """Peak anonymous memory (RssAnon: heap and tensors, not file pages such as a memory-mapped checkpoint)
+    of this process, sampled every 2 ms in a thread; `phase()` returns the peak since the last call in MB."""
+
+    def __init__(self):
+        import threading
+
+        self._peak = self.now_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now_mb() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self._peak = max(self._peak, self.now_mb())
+
+    def phase(self) -> float:
+        peak, self._peak = max(self._peak, self.now_mb()), self.now_mb()
+        return peak
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def build_only(cfg, out: str) -> None:
+    """(In each torchrun process.) Build data, model and engine as training does (with init_from's weights),
+    then stop: rank r writes out.r.json with the peak anonymous memory of each part of the build."""
+    import bigtrain.run
+    from bigtrain.run import build, init_job, resolve_for_job, with_init_from
+    from bigtrain.strategy import shutdown
+
+    cfg = with_init_from(cfg)
+    dist = init_job(cfg)
+    job_cfg, _ = resolve_for_job(cfg, dist)
+    anon = AnonPeak()
+    peaks = {"start": anon.phase()}
+    build_engine = bigtrain.run.build_engine
+
+    def timed_build_engine(*args, **kwargs):  # the model is built (init_from's tensors not read yet)
+        peaks["model"] = anon.phase()
+        engine = build_engine(*args, **kwargs)
+        peaks["engine"] = anon.phase()
+        return engine
+
+    bigtrain.run.build_engine = timed_build_engine
+    built = build(job_cfg, dist)
+    peaks["load"] = anon.phase()  # loading init_from's weights into the engine
+    anon.close()
+    params, optim = local_bytes(built.engine)
+    base = peaks["start"]
+    Path(f"{out}.{dist.rank}.json").write_text(json.dumps({
+        "rank": dist.rank, "peak_rss_mb": max(peaks.values()), "base_mb": base,
+        **{f"{k}_rss_mb": peaks[k] - base for k in ("model", "engine", "load")},
+        "param_mb": params / 2**20, "optim_mb": optim / 2**20, "tokens_per_sec": 0.0,
+        "n_params": built.model.num_params()}))
+    built.engine.close()
+    shutdown(dist)
+
+
 def worker(recipe_path: str, overrides: list[str], out: str, warmup: int) -> None:
     """(In each torchrun process.) Train; rank r writes out.r.json with its figures."""
     import resource
@@ -92,6 +166,9 @@ def worker(recipe_path: str, overrides: list[str], out: str, warmup: int) -> Non
     from bigtrain.config import load_config
     from bigtrain.run import run_training
 
+    if warmup < 0:  # --phase build / init_from
+        build_only(load_config(recipe_path, overrides), out)
+        return
     ctx = run_training(load_config(recipe_path, overrides))
     params, optim = local_bytes(ctx.engine)
     rank = ctx.dist.rank
@@ -112,8 +189,16 @@ def measure(config: str, strategy: str, args, tmp: Path) -> dict:
                        capture_output=True)
     out = tmp / f"{config}-{strategy}"
     overrides = [f"run.name={config}-{strategy}", *STRATEGIES[strategy], *args.overrides]
+    if args.phase == "init_from":
+        source = tmp / "runs" / f"{config}-source"
+        if not source.exists():  # one step in one process: the checkpoint every strategy then loads
+            subprocess.run([sys.executable, "-m", "bigtrain", "train", str(path), f"run.name={config}-source",
+                            "train.max_steps=1", "train.micro_batch_size=4", "train.global_batch_size=4"],
+                           check=True, cwd=REPO, capture_output=True)
+        overrides.append(f"model.init_from={source}")
+    warmup = args.warmup if args.phase == "train" else -1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           __file__, "--worker", str(path), str(out), str(args.warmup), *overrides]
+           __file__, "--worker", str(path), str(out), str(warmup), *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if result.returncode != 0:
@@ -121,7 +206,8 @@ def measure(config: str, strategy: str, args, tmp: Path) -> dict:
     ranks = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(args.nproc)]
     return {"tokens_per_sec": ranks[0]["tokens_per_sec"], "n_params": ranks[0]["n_params"],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "param_mb": max(r["param_mb"] for r in ranks),
-            "optim_mb": max(r["optim_mb"] for r in ranks)}
+            "optim_mb": max(r["optim_mb"] for r in ranks),
+            **{key: max(r.get(key, 0.0) for r in ranks) for key in ("base_mb", "model_rss_mb", "engine_rss_mb", "load_rss_mb")}}
 
 
 def main() -> None:
@@ -132,6 +218,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--phase", choices=["train", "build", "init_from"], default="train",
+                   help="train (throughput + peak memory), or stop once the engine is built (with model.init_from)")
     p.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. parallel.precision=bf16")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,6 +228,24 @@ def main() -> None:
             n = rounds[0][args.strategies[0]]["n_params"]
             print(f"\n{config}: {n / 1e6:.1f}M parameters, {args.nproc} ranks, seq {SEQ}, micro 4 "
                   f"{' '.join(args.overrides)}")
+            if args.phase != "train":
+                print("Peak anonymous memory per rank (RssAnon, max over ranks, median over rounds) above the process's "
+                      "memory before the build (its imports, the data), during each part of the build; ratio vs ddp")
+                print("| strategy | before MB | model build MB | vs ddp | engine (wrap + optimizer) MB | init_from load MB "
+                      "| vs ddp | params / rank MB |")
+                print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+
+                def median(s, key):
+                    return statistics.median(r[s][key] for r in rounds)
+
+                def vs(s, key):
+                    return median(s, key) / median("ddp", key) if "ddp" in rounds[0] else float("nan")
+
+                for s in args.strategies:
+                    print(f"| {s} | {median(s, 'base_mb'):,.0f} | {median(s, 'model_rss_mb'):,.0f} | "
+                          f"{vs(s, 'model_rss_mb'):.2f} | {median(s, 'engine_rss_mb'):,.0f} | "
+                          f"{median(s, 'load_rss_mb'):,.0f} | {vs(s, 'load_rss_mb'):.2f} | {rounds[-1][s]['param_mb']:,.1f} |")
+                continue
             print("| strategy | tokens/s | vs ddp (per round) | peak RSS / rank MB | params / rank MB | optimizer state / rank MB |")
             print("| --- | --- | --- | --- | --- | --- |")
             for s in args.strategies:

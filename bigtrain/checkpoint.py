@@ -6,6 +6,9 @@ rng/rank-NNNNN.pt, and manifest.json. Everything is written into a hidden temp f
 manifest (size + sha256 of every file) is written last and the folder is renamed into place, so a
 `step-*` folder is complete by construction and a damaged one is caught by its checksums.
 Tensors go through the engine (`save_state` / `load_state`) so each strategy owns its format.
+`checkpoint.async_save` (the `Checkpointer`): the training thread only copies the state to host memory;
+writing, fsync, checksums, the manifest, the rename and pruning happen on a background thread, and the
+next save or the process's exit waits for them. A preemption's save is synchronous.
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ import json
 import os
 import random
 import shutil
+import sys
+import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from bigtrain.errors import UserError
 from bigtrain.strategy import Dist, barrier, open_weights
-from bigtrain.strategy.dist import all_gather_object
+from bigtrain.strategy.dist import all_gather_object, new_background_group
 
 MANIFEST = "manifest.json"
 TRAINER = "trainer.json"
@@ -57,18 +63,104 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: str, keep_last: int,
          extra_files: dict[str, Path] | None = None) -> Path:
-    """Write a complete checkpoint of `state` (collective: every rank calls it).
+    """Write a complete checkpoint of `state` (collective: every rank calls it; synchronous).
 
     extra_files: name → file copied in (the tokenizer, the label set), so a checkpoint stands alone.
     """
-    final = step_dir(run_dir, state.step)
+    tmp, final = _start(run_dir, state.step, dist)
+    engine.save_state(tmp)
+    _write_trainer_files(tmp, state, engine, dist, _rng_state(dist), config_yaml, extra_files)
+    _publish(tmp, final, state, dist, keep_last)
+    return final
+
+
+class Checkpointer:
+    """The run's saves. With `async_save` (and an engine that has `save_state_async`: single, ddp, fsdp) a save
+    copies the state to host memory and returns; a background thread writes, fsyncs, checksums and publishes it,
+    its collectives on a gloo group of its own. At most one save is in flight: the next save, `wait()` and
+    `close()` wait for it, so a checkpoint is durable before the next one starts and before the process exits.
+    `history` records, per save, the seconds the training thread spent in it and until it was durable (bench)."""
+
+    def __init__(self, run_dir: Path, engine, dist: Dist, *, config_yaml: str, keep_last: int,
+                 extra_files: dict[str, Path] | None = None, async_save: bool = True):
+        self.run_dir, self.engine, self.dist = Path(run_dir), engine, dist
+        self.config_yaml, self.keep_last, self.extra_files = config_yaml, keep_last, extra_files
+        self.async_save = async_save and hasattr(engine, "save_state_async")
+        self.history: list[dict] = []
+        self._group = None  # the background group, made at the first async save (every rank is there)
+        self._pending: Future | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def save(self, state: TrainState, sync: bool = False) -> Path:
+        """Checkpoint `state` (collective). `sync` (preemption): written, published and durable on return."""
+        t0 = time.perf_counter()
+        self.wait()
+        final = step_dir(self.run_dir, state.step)
+        record = {"step": state.step, "async": self.async_save and not sync}
+        if not record["async"]:
+            save(self.run_dir, state, self.engine, self.dist, config_yaml=self.config_yaml, keep_last=self.keep_last,
+                 extra_files=self.extra_files)
+            record["stall_s"] = record["durable_s"] = time.perf_counter() - t0
+            self.history.append(record)
+            return final
+        if self._executor is None:
+            self._group = new_background_group()
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigtrain-checkpoint")
+        tmp, _ = _start(self.run_dir, state.step, self.dist)
+        state = replace(state)  # the loop goes on changing its own
+        rng = _rng_state(self.dist)
+        written = self.engine.save_state_async(tmp, self._group)  # host copy now; this rank's files later
+
+        def finish() -> None:
+            error = None
+            try:
+                written.result()
+                _write_trainer_files(tmp, state, self.engine, self.dist, rng, self.config_yaml, self.extra_files)
+            except Exception as e:  # noqa: BLE001 — every rank learns of it below; none waits in _publish
+                error = e
+            failed = [f for f in all_gather_object(self.dist, error and f"rank {self.dist.rank}: {error}", self._group) if f]
+            if error is not None:
+                raise error
+            if failed:
+                raise RuntimeError(f"checkpoint {final.name} not saved: {failed[0]}")
+            _publish(tmp, final, state, self.dist, self.keep_last, self._group)
+            record["durable_s"] = time.perf_counter() - t0
+
+        self._pending = self._executor.submit(finish)
+        record["stall_s"] = time.perf_counter() - t0
+        self.history.append(record)
+        return final
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is durable; raise what it raised."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Before any exit: wait for the save in flight; report (not raise) its failure, as an error is on its way."""
+        try:
+            self.wait()
+        except Exception as e:  # noqa: BLE001 — the exit already under way says what went wrong first
+            print(f"bigtrain: warning: rank {self.dist.rank}: the checkpoint save in flight failed: {e}", file=sys.stderr)
+        if self._executor is not None:
+            self._executor.shutdown()
+
+
+def _start(run_dir: Path, step: int, dist: Dist) -> tuple[Path, Path]:
+    """(temp folder, final folder) of a save of `step`: the temp folder emptied and made, seen by every rank."""
+    final = step_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     barrier(dist)
-    engine.save_state(tmp)
-    torch.save(_rng_state(dist), tmp / "rng" / f"rank-{dist.rank:05d}.pt")
+    return tmp, final
+
+
+def _write_trainer_files(tmp: Path, state: TrainState, engine, dist: Dist, rng: dict, config_yaml: str,
+                         extra_files: dict[str, Path] | None) -> None:
+    torch.save(rng, tmp / "rng" / f"rank-{dist.rank:05d}.pt")
     if dist.is_main:
         (tmp / TRAINER).write_text(json.dumps({**asdict(state), "world_size": dist.world_size,
                                                "format": engine.checkpoint_format,
@@ -76,9 +168,13 @@ def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: s
         (tmp / "config.yaml").write_text(config_yaml)
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, tmp / name)
+
+
+def _publish(tmp: Path, final: Path, state: TrainState, dist: Dist, keep_last: int, group=None) -> None:
+    """fsync, checksum (each rank its share), manifest last, rename into place, then prune (collective over `group`)."""
     _fsync_tree(tmp)  # every rank: its own files are on disk before rank 0 publishes the folder
-    barrier(dist)
-    files = hash_files(tmp, dist)  # every rank hashes its share of the files
+    barrier(dist, group)
+    files = hash_files(tmp, dist, group)  # every rank hashes its share of the files
     if dist.is_main:
         manifest = {"step": state.step, "samples_consumed": state.samples_consumed, "files": files}
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))  # fsynced; its folder entry next
@@ -92,9 +188,8 @@ def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: s
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
-        prune(run_dir, keep_last)  # only now: the new checkpoint is durable
-    barrier(dist)
-    return final
+        prune(final.parent.parent, keep_last)  # only now: the new checkpoint is durable
+    barrier(dist, group)
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
@@ -119,13 +214,13 @@ def _shares(names: list[tuple[str, int]], world_size: int) -> list[list[str]]:
     return shares
 
 
-def hash_files(folder: Path, dist: Dist) -> dict[str, dict]:
+def hash_files(folder: Path, dist: Dist, group=None) -> dict[str, dict]:
     """{relative name: {bytes, sha256}} of every file under `folder` (collective): the ranks hash the files
     in parallel, each its share (by size), so a save or verify takes the time of 1/world of the bytes."""
     sized = [(str(p.relative_to(folder)), p.stat().st_size) for p in sorted(folder.rglob("*")) if p.is_file()]
     mine = _shares(sized, dist.world_size)[dist.rank]
     entries = {}
-    for part in all_gather_object(dist, {name: _file_entry(folder / name) for name in mine}):
+    for part in all_gather_object(dist, {name: _file_entry(folder / name) for name in mine}, group):
         entries.update(part)
     return dict(sorted(entries.items()))
 

@@ -154,6 +154,8 @@ class ParallelConfig:
     fsdp_no_sync: bool = _opt(False, "fsdp: reduce-scatter gradients only at a step's last micro-batch (fewer collectives, for HSDP or slow networks) — meanwhile every rank holds the unsharded fp32 gradient of every parameter; default: reduce-scatter each micro-batch into the sharded gradient")
     init_timeout_s: float = _opt(600.0, "seconds every rank waits for the others to join (rendezvous, preflight) before failing with a diagnosis")
     collective_timeout_s: float = _opt(1800.0, "seconds a collective (all-reduce, gather, barrier) may wait for the slowest rank before the job fails; rank 0's data preparation holds none open, however long")
+    hang_timeout_s: float = _opt(300.0, "with several processes, a training step still running after this many seconds (and hang_step_factor × the median step time) is a hang: every rank dumps its Python stacks and last phases to stderr and RUN/hang/rank-N.txt and the job exits 3 naming the ranks that did not arrive; the first steps, eval and checkpoints get collective_timeout_s instead; 0: off")
+    hang_step_factor: float = _opt(10.0, "a step is a hang only once it has also run this many times the median of the last 50 step times, so slow steps of a big model are not cut off at hang_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,9 @@ class CheckpointConfig:
     every: int = _opt(0, "save every N steps (0: only at the end); always at the end and at stop_at_step")
     keep_last: int = _opt(3, "keep this many newest checkpoints (0: keep all)")
     resume: str = _opt("auto", "auto (newest complete checkpoint in the run dir) | none | a checkpoint path")
+    async_save: bool = _opt(True, "copy the state to host memory and write it in the background (single, ddp, fsdp; "
+                                  "needs host memory for one more copy of this rank's state); the next save and "
+                                  "exit wait for it; preemption saves synchronously")
 
 
 @dataclass(frozen=True)
@@ -458,6 +463,10 @@ def _check_parallel(p: ParallelConfig, world_size: int) -> None:
         raise ConfigError(f"parallel.init_timeout_s={p.init_timeout_s} must be > 0")
     if p.collective_timeout_s <= 0:
         raise ConfigError(f"parallel.collective_timeout_s={p.collective_timeout_s} must be > 0")
+    if p.hang_timeout_s < 0:
+        raise ConfigError(f"parallel.hang_timeout_s={p.hang_timeout_s} must be >= 0 (0: no hang watchdog)")
+    if p.hang_step_factor < 1:
+        raise ConfigError(f"parallel.hang_step_factor={p.hang_step_factor} must be >= 1 (a step's limit is at least the median step time)")
 
 
 def _check_paths(cfg: Config) -> None:

@@ -23,6 +23,7 @@ from bigtrain.optim import lr_at, set_lr
 from bigtrain.preempt import Preempted, PreemptionGuard
 from bigtrain.strategy import all_reduce_sum
 from bigtrain.tasks import EVAL_KEY_OFFSET
+from bigtrain.watchdog import Progress
 
 
 class TrainingError(Exception):
@@ -43,16 +44,17 @@ class LoopContext:
     flops_per_token: float
     peak_flops_per_sec: float  # of one device
     raise_peak: Callable[[float], float] | None = None  # a run beat the peak (it was wrong): the corrected peak
-    save_checkpoint: Callable | None = None  # save_checkpoint(state) -> Path
+    save_checkpoint: Callable | None = None  # save_checkpoint(state, sync=False) -> Path (async: durable by the next)
     bench: bool = False  # time forward/backward and optimizer separately; no eval, no checkpoints
     preempt: PreemptionGuard | None = None  # a signal there: checkpoint at the next step boundary and stop
+    progress: Progress = field(default_factory=Progress)  # where the loop is, for the hang watchdog (watchdog.py)
     history: list = field(default_factory=list)  # logged training records (bench reads them)
     state: TrainState | None = None  # the final state, once train() returns
 
 
 def train(ctx: LoopContext, state: TrainState) -> TrainState:
     cfg, dist, engine, task = ctx.cfg, ctx.dist, ctx.engine, ctx.task
-    device = dist.device
+    device, progress = dist.device, ctx.progress
     sampler = GlobalSampler(len(ctx.train_data), seed=cfg.run.seed, global_batch_size=cfg.train.global_batch_size,
                             micro_batch_size=cfg.train.micro_batch_size, rank=dist.rank, world_size=dist.world_size)
     end_step = cfg.train.stop_at_step or cfg.train.max_steps
@@ -68,6 +70,7 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
         lr = lr_at(cfg.optim, step, cfg.train.max_steps)
         set_lr(engine.optimizer, lr)
         timer.start_step()
+        progress.start_step(step)
 
         with timer.data_wait():
             batches = fetch_micro_batches(ctx, sampler, state.samples_consumed)
@@ -76,23 +79,27 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
         # preemption flag, so every rank stops at the same step when any rank got a signal.
         local = [sum(task.count_targets(b) for b in batches), sum(b["num_tokens"] for b in batches),
                  float(ctx.preempt is not None and ctx.preempt.requested)]
+        progress.enter("all-reduce target counts")
         targets, tokens, stop = (int(x) for x in all_reduce_sum(dist, torch.tensor(local, dtype=torch.float64, device=device)))
         if stop:
             if state.step != saved_step:
                 state.wandb_run_id = ctx.logger.wandb_run_id
-                ctx.save_checkpoint(state)
+                ctx.save_checkpoint(state, sync=True)  # durable before the exit (75), whatever async_save says
             raise Preempted(ctx.preempt.signal_name or "a signal to another rank", state.step)
         scale = dist.world_size / max(targets, 1)
 
         t0 = time.perf_counter()
-        loss_sum = accumulate_gradients(engine, task, batches, scale)
+        loss_sum = accumulate_gradients(engine, task, batches, scale, progress)
+        progress.enter("clip gradients")
         grad_norm = float(engine.clip_grad_norm(cfg.optim.grad_clip))
+        progress.enter("all-reduce loss")
         step_loss = float(all_reduce_sum(dist, loss_sum)) / max(targets, 1)
         t1 = time.perf_counter()
 
         # A non-finite loss or gradient is the same on every rank (loss all-reduced, grads synced): skip together.
         finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
         scale_before = engine.loss_scale
+        progress.enter("optimizer step")
         engine.step(finite)
         if ctx.bench and device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -101,6 +108,7 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
         state.samples_consumed += cfg.train.global_batch_size
         _count_skip(cfg, state, finite, step_loss, grad_norm, scale_before)
         step_time_s = timer.end_step()
+        progress.end_step()
 
         window["loss"] += step_loss if finite else 0.0
         window["steps"] += 1 if finite else 0
@@ -122,6 +130,7 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
                 report_eval(ctx.logger, step, metrics, run_dir=cfg.run_dir() if dist.is_main else None)
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == end_step:
             state.wandb_run_id = ctx.logger.wandb_run_id
+            progress.enter("checkpoint save")
             ctx.save_checkpoint(state)
             saved_step = step
     return state
@@ -137,13 +146,18 @@ def fetch_micro_batches(ctx: LoopContext, sampler: GlobalSampler, consumed: int)
             for j, indices in enumerate(sampler.rank_micro_batches(consumed))]
 
 
-def accumulate_gradients(engine, task, batches: list[dict], scale: float) -> torch.Tensor:
+def accumulate_gradients(engine, task, batches: list[dict], scale: float, progress: Progress | None = None) -> torch.Tensor:
     """Forward/backward every micro-batch, all-reducing gradients only on the last; returns the summed loss."""
     loss_sum = torch.zeros((), device=engine.dist.device)
     for i, batch in enumerate(batches):
-        with engine.no_sync(sync=i == len(batches) - 1):
+        last = i == len(batches) - 1
+        with engine.no_sync(sync=last):
+            if progress is not None:
+                progress.enter(f"forward {i + 1}/{len(batches)}")
             with engine.autocast():
                 loss = task.loss_sum(engine.model, batch)
+            if progress is not None:
+                progress.enter(f"backward {i + 1}/{len(batches)}" + (" + gradient all-reduce" if last else ""))
             engine.backward(loss * scale)
         loss_sum += loss.detach().float()
     return loss_sum
@@ -209,6 +223,7 @@ def evaluate(ctx: LoopContext, stoppable: bool = False) -> dict[str, float] | No
     # busiest one; a rank out of samples runs a spare one-sample batch and discards it.
     busiest = eval_busiest_count(len(ctx.val_data), dist.world_size, limit=cfg.eval.max_samples)
     for start in range(0, busiest, batch_size):
+        ctx.progress.enter(f"eval batch {start // batch_size + 1}/{-(-busiest // batch_size)}")  # the same on every rank
         if stoppable and all_reduce_sum(dist, torch.tensor([float(ctx.preempt.requested)], device=dist.device)).item():
             model.train(was_training)
             return None

@@ -13,8 +13,8 @@ def build_optimizer(cfg, model: nn.Module, device: torch.device) -> torch.optim.
     """AdamW; matrices decay, vectors (biases, norm weights) do not. Fused on CUDA."""
     decay, no_decay = [], []
     for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+        if param.requires_grad:  # a ZeRO-3 partition is flat: its real shape is ds_shape
+            (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -22,14 +22,15 @@ from bigtrain.loop import LoopContext, evaluate, train
 from bigtrain.hardware import matmul_peak, raised_peak
 from bigtrain.interop.chat_template import TEMPLATE_FILE, TOKENIZER_CONFIG
 from bigtrain.metrics import MetricsLogger
-from bigtrain.models import build_model, check_model
+from bigtrain.models import build_model, check_model, count_params
 from bigtrain.optim import build_optimizer
 from bigtrain.preempt import PREEMPTED_MARKER, Preempted, PreemptionGuard
-from bigtrain.strategy import (Dist, barrier, broadcast_object, build_engine, engine_class, init_distributed,
-                               launcher_precision, resolve_strategy, shutdown)
+from bigtrain.strategy import (Dist, barrier, broadcast_object, build_engine, building, engine_class,
+                               init_distributed, launcher_precision, resolve_strategy, shutdown)
 from bigtrain.strategy.dist import all_reduce_max
 from bigtrain.strategy.precision import Resolved, resolve_job_precision, slow_precision_warning
 from bigtrain.tasks import build_task
+from bigtrain.watchdog import Watchdog, enable_flight_recorder
 
 VOCAB_MULTIPLE = 64  # pad the embedding table so matmuls hit fast kernel sizes
 TOKENIZER_FILE = "tokenizer.json"
@@ -164,17 +165,21 @@ def build(cfg: Config, dist: Dist) -> Built:
         if data.labels:
             (run_dir / LABELS_FILE).write_text(json.dumps(data.labels))
 
-    # Sharding strategies build on the meta device and initialise after sharding (no full copy per rank).
+    # Sharding strategies build on the meta device and initialise after sharding (fsdp), or partition each
+    # module as it is built (ZeRO-3): no full copy per rank.
     torch.manual_seed(cfg.run.seed)
     head = {"classification": "classify"}.get(cfg.task.name, "lm")
     on_meta = engine_class(cfg.parallel, dist.world_size).builds_on_meta
-    model = build_model(cfg.model, model_vocab_size(cfg, data.vocab_size), device="meta" if on_meta else dist.device,
-                        head=head, num_labels=len(data.labels) if head == "classify" else None,
-                        pooling=cfg.task.pooling)
+    with building(cfg, dist):
+        model = build_model(cfg.model, model_vocab_size(cfg, data.vocab_size), device="meta" if on_meta else dist.device,
+                            head=head, num_labels=len(data.labels) if head == "classify" else None,
+                            pooling=cfg.task.pooling)
     init_weights = None
     if cfg.model.init_from:
         folder = checkpoint.resolve_init_checkpoint(cfg.model.init_from, cfg.model.init_revision)
-        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        params = dict(model.named_parameters(remove_duplicate=False))  # ZeRO-3 keeps the full shape in ds_shape
+        expected = {name: tuple(getattr(params.get(name), "ds_shape", None) or t.shape)
+                    for name, t in model.state_dict().items()}
         report, init_weights = checkpoint.load_init_weights(folder, expected, arch=cfg.model.arch)
         if dist.is_main:
             (run_dir / "init_from.json").write_text(json.dumps({"checkpoint": str(folder), **report}, indent=1))
@@ -200,8 +205,9 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
     precision.json records what it resolved to here, and why."""
     cfg = with_init_from(cfg)
     check_model(cfg)
+    enable_flight_recorder(cfg.run_dir())  # NCCL's record of the last collectives, for a hang (watchdog.py)
     dist = init_job(cfg)
-    logger = b = None
+    logger = b = saver = None
     try:
         run_dir = cfg.run_dir()
         job_cfg, resolved = resolve_for_job(cfg, dist)
@@ -220,7 +226,7 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
             peak = matmul_peak(dist.device, table.compute, table.param)
         log_main(dist, f"bigtrain: {run_dir} · {resolve_strategy(cfg.parallel.strategy, dist.world_size)} × "
                        f"{dist.world_size} on {dist.device.type} · {cfg.task.name} · "
-                       f"{cfg.model.describe()} {b.model.num_params() / 1e6:.2f}M params · "
+                       f"{cfg.model.describe()} {count_params(b.model.spec) / 1e6:.2f}M params · "
                        f"{len(b.data.train)} train samples of ≤ {cfg.data.seq_len} tokens · "
                        f"accumulation {cfg.train.accum_steps(dist.world_size)}"
                        + (f" · resuming at step {state.step}" if state.step else ""))
@@ -242,18 +248,22 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
             logger.message(f"bigtrain: this run went faster than the MFU peak; now {peak.describe()}")
             return peak.flops_per_sec
 
+        saver = checkpoint.Checkpointer(run_dir, b.engine, dist, config_yaml=config_yaml, keep_last=cfg.checkpoint.keep_last,
+                                        extra_files=b.extra_files, async_save=cfg.checkpoint.async_save)
         ctx = LoopContext(
             cfg=job_cfg, dist=dist, engine=b.engine, task=b.task, train_data=b.data.train, val_data=b.data.validation,
             logger=logger, flops_per_token=b.model.flops_per_token(cfg.data.seq_len),
             peak_flops_per_sec=peak.flops_per_sec if dist.is_main else 1.0,
             raise_peak=raise_peak if dist.is_main else None,
-            save_checkpoint=lambda s: checkpoint.save(run_dir, s, b.engine, dist, config_yaml=config_yaml,
-                                                      keep_last=cfg.checkpoint.keep_last, extra_files=b.extra_files),
+            save_checkpoint=saver.save,
             bench=bench, preempt=preempt,
         )
         try:
-            ctx.state = train(ctx, state)
+            with Watchdog(job_cfg.parallel, dist, ctx.progress, run_dir):  # a hang: every rank's stacks, exit 3
+                ctx.state = train(ctx, state)
+            saver.wait()  # the last save is durable before the run ends
         except Preempted as e:
+            saver.wait()  # a save of this very step may still be in flight
             if dist.is_main:
                 folder = checkpoint.list_checkpoints(run_dir)[-1:] or [None]
                 (run_dir / PREEMPTED_MARKER).write_text(json.dumps(
@@ -262,6 +272,8 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
         barrier(dist)
         return ctx
     finally:
+        if saver is not None:
+            saver.close()  # on an error too: no save is left half-written by this process's exit
         if logger is not None:
             logger.close()
         if b is not None:

@@ -292,28 +292,104 @@ def param_seed(base_seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: a valid manual_seed
 
 
+ROW_BLOCK_ELEMENTS = 1 << 20  # rows drawn from one generator: ~4 MB of fp32 per block
+
+
+def normal_rows(shape: tuple[int, ...], std: float, seed: int, first: int, stop: int) -> torch.Tensor:
+    """Rows [first, stop) (dim 0) of an N(0, std) tensor of `shape`, fp32 on the CPU.
+
+    Each block of rows (ROW_BLOCK_ELEMENTS elements) comes from a generator of its own, seeded by
+    (seed, block index), so any row range is drawn without the rest of the tensor: a shard costs its own
+    size plus at most two partial blocks, and the values do not depend on how the tensor is split."""
+    row_numel = math.prod(shape[1:])
+    per_block = max(1, ROW_BLOCK_ELEMENTS // max(row_numel, 1))
+    out = torch.empty((stop - first, *shape[1:]), dtype=torch.float32)
+    for block in range(first // per_block, -(-stop // per_block)):
+        b0, b1 = block * per_block, min((block + 1) * per_block, shape[0])
+        generator = torch.Generator().manual_seed(param_seed(seed, f"rows-{block}"))
+        values = torch.empty((b1 - b0, *shape[1:]), dtype=torch.float32).normal_(0.0, std, generator=generator)
+        lo, hi = max(b0, first), min(b1, stop)
+        out[lo - first:hi - first] = values[lo - b0:hi - b0]
+    return out
+
+
+def _dim0_shard_rows(param) -> tuple[int, int] | None:
+    """The global rows [first, stop) of a DTensor sharded on dim 0 only over one mesh dim (FSDP2, HSDP:
+    torch.chunk sizes), or None for any other layout."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    sharded = [i for i, p in enumerate(param.placements) if isinstance(p, Shard) and p.dim == 0]
+    if len(sharded) != 1 or not all(isinstance(p, Replicate) for i, p in enumerate(param.placements) if i != sharded[0]):
+        return None
+    rows, parts = param.shape[0], param.device_mesh.size(sharded[0])
+    index = param.device_mesh.get_coordinate()[sharded[0]]
+    chunk = -(-rows // parts)
+    return min(index * chunk, rows), min((index + 1) * chunk, rows)
+
+
 @torch.no_grad()
-def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy the full (unsharded) tensor `full` into `param`; a sharded DTensor takes its own shard.
-    Every rank holds the same `full`, so no communication is needed (src_data_rank=None)."""
+def write_rows_(param: torch.Tensor, rows) -> None:
+    """Write into `param` the values `rows(first, stop)` gives for the full tensor's rows [first, stop),
+    asking only for the rows this rank holds, a block of rows (ROW_BLOCK_ELEMENTS) at a time so the
+    temporary stays one block whatever the shard's size:
+    - a DTensor sharded on dim 0 (FSDP2, HSDP): its own row range;
+    - a DeepSpeed ZeRO-3 parameter (`ds_tensor`: this rank's slice of the flattened tensor): the rows that
+      overlap the slice;
+    - anything else: all rows (another DTensor layout takes its part of the full tensor)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(param, DTensor):
-        full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
-                                 src_data_rank=None).to_local()
-        param = param.to_local()
-    param.copy_(full)
+        local = param.to_local()
+        span = _dim0_shard_rows(param)
+        if span is None:
+            full = rows(0, param.shape[0]).to(local.device)
+            local.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())
+            return
+        for first, stop in _row_blocks(*span, math.prod(param.shape[1:])):
+            local[first - span[0]:stop - span[0]].copy_(rows(first, stop))
+        return
+    partition = getattr(param, "ds_tensor", None)
+    if partition is not None:
+        numel, size = math.prod(param.ds_shape), partition.ds_numel
+        start = min(size * torch.distributed.get_rank(group=param.ds_process_group), numel)
+        stop = min(start + size, numel)
+        row_numel = numel // param.ds_shape[0] if stop > start else 1
+        for first, last in _row_blocks(start // row_numel, -(-stop // row_numel), row_numel):
+            lo, hi = max(start, first * row_numel), min(stop, last * row_numel)  # flat range of these rows we hold
+            flat = rows(first, last).reshape(-1)
+            partition.data[lo - start:hi - start].copy_(flat[lo - first * row_numel:hi - first * row_numel])
+        return
+    for first, stop in _row_blocks(0, param.shape[0] if param.dim() else 1, math.prod(param.shape[1:])):
+        param[first:stop].copy_(rows(first, stop)) if param.dim() else param.copy_(rows(0, 1).reshape(()))
+
+
+def _row_blocks(first: int, stop: int, row_numel: int):
+    """[first, stop) cut at normal_rows' block boundaries: (start, end) row ranges of at most one block."""
+    per_block = max(1, ROW_BLOCK_ELEMENTS // max(row_numel, 1))
+    at = first
+    while at < stop:
+        end = min(stop, (at // per_block + 1) * per_block)
+        yield at, end
+        at = end
 
 
 @torch.no_grad()
 def normal_init_(param: torch.Tensor, std: float, seed: int) -> None:
-    """N(0, std), drawn in full in fp32 on the CPU from a generator of its own: the same values on any
-    device, in any dtype and under any sharding (memory: one full tensor at a time). Meta tensors stay empty."""
+    """N(0, std) from `normal_rows`: the same values on any device, in any dtype and under any sharding,
+    each rank drawing only what it holds. Meta tensors stay empty."""
     if param.device.type == "meta":
         return
-    generator = torch.Generator().manual_seed(seed)
-    full = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-    copy_full_(param, full)
+    shape = tuple(getattr(param, "ds_shape", param.shape))
+    write_rows_(param, lambda first, stop: normal_rows(shape, std, seed, first, stop))
+
+
+@torch.no_grad()
+def constant_init_(param: torch.Tensor, value: float) -> None:
+    """Fill with `value`, through write_rows_ so a ZeRO-3 partition (empty `param.data`) is filled too."""
+    if param.device.type == "meta":
+        return
+    shape = tuple(getattr(param, "ds_shape", param.shape))
+    write_rows_(param, lambda first, stop: torch.full((stop - first, *shape[1:]), float(value)))
 
 
 @torch.no_grad()
@@ -327,8 +403,8 @@ def init_module(module: nn.Module, std: float, *, base_seed: int, prefix: str = 
         done.add(id(module.weight))
         normal_init_(module.weight, std, param_seed(base_seed, state_dict_name(f"{prefix}weight")))
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-        nn.init.ones_(module.weight)
+        constant_init_(module.weight, 1.0)
     if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
-        nn.init.zeros_(module.bias)
+        constant_init_(module.bias, 0.0)
     if isinstance(module, RotaryEmbedding):
         module.reset_buffers()

@@ -129,8 +129,9 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int | None = None) -> None:
         """N(0, init_std) for Linear/Embedding weights, zero biases, unit norm weights; the
         residual output projections get init_std / sqrt(2 * n_layers) (GPT-2). Each weight is
-        drawn in full from its own generator seeded by (seed, its state-dict name), so a sharded
-        model (DTensor parameters) gets exactly the weights of an unsharded one. seed defaults to
+        drawn from generators seeded by (seed, its state-dict name, block of rows) (layers.normal_rows),
+        each rank drawing only the rows it holds, so a sharded model (FSDP DTensors, ZeRO-3
+        partitions) gets exactly the weights of an unsharded one. seed defaults to
         torch.initial_seed() (the last torch.manual_seed). Recomputes rotary tables and re-ties the
         head, so it also finishes a model made with `to_empty()`."""
         base_seed = torch.initial_seed() if seed is None else seed

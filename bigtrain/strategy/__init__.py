@@ -12,6 +12,7 @@ process group, one tensor at a time: `model.init_from` and `bigtrain export` use
 from __future__ import annotations
 
 from collections.abc import Mapping
+import contextlib
 import importlib
 import json
 from pathlib import Path
@@ -47,6 +48,8 @@ class Engine(Protocol):
     def step(self, finite: bool) -> None: ...
     def load_model_weights(self, weights: Mapping[str, torch.Tensor]) -> None: ...  # full tensors by name, read lazily (init_from)
     def save_state(self, folder: Path) -> None: ...  # collective: every rank calls it
+    # Optional, `save_state_async(folder, group) -> Future` (single, ddp, fsdp; DeepSpeed saves synchronously):
+    # copies the state to host memory on the calling thread; the Future is done once this rank's files are written.
     def load_state(self, folder: Path) -> None: ...  # collective; works for a checkpoint of another world size
     def close(self) -> None: ...  # release the engine's own threads and hooks (before the process group goes)
     @property
@@ -81,6 +84,13 @@ def resolve_strategy(name: str, world_size: int) -> str:
 def engine_class(parallel_cfg, world_size: int) -> type:
     module, cls = STRATEGIES[resolve_strategy(parallel_cfg.strategy, world_size)]
     return getattr(importlib.import_module(f"bigtrain.strategy.{module}"), cls)
+
+
+def building(recipe, dist: Dist):
+    """The context to build the model in: an engine's own (`building(recipe, dist)`, e.g. ZeRO-3 partitioning
+    each module as it is made) or none."""
+    cls = engine_class(recipe.parallel, dist.world_size)
+    return cls.building(recipe, dist) if hasattr(cls, "building") else contextlib.nullcontext()
 
 
 def build_engine(parallel_cfg, model: nn.Module, make_optimizer: MakeOptimizer, dist: Dist, recipe=None) -> Engine:

@@ -222,6 +222,19 @@ class DeepSpeedEngine:
         self._group_settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self._scale_before_step: float | None = None
 
+    @staticmethod
+    def building(recipe, dist: Dist):
+        """ZeRO-3: the context run.py builds the model in. deepspeed.zero.Init partitions each module's
+        parameters as soon as the module is made, and init_weights then writes only this rank's slice
+        (models/layers.write_rows_), so no rank ever holds the whole model. Other stages build it whole."""
+        if recipe.parallel.zero_stage != 3:
+            return contextlib.nullcontext()
+        deepspeed = import_deepspeed()
+        _ensure_process_group(dist)
+        # DeepSpeed's comm layer over the existing group (deepspeed.initialize does this later; Init needs it now)
+        deepspeed.init_distributed(dist_backend=torch_dist.get_backend(), dist_init_required=False)
+        return deepspeed.zero.Init(config_dict_or_path=build_deepspeed_config(recipe, dist.world_size))
+
     # ---------------------------------------------------------------- step pieces
 
     def autocast(self):

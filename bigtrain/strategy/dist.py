@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -57,19 +58,38 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 600, collective
         backend = ("cuda:nccl,cpu:gloo" if cpu_collectives else "nccl") if use_cuda else "gloo"
         if not torch_dist.is_initialized():
             kwargs = {"device_id": dev} if use_cuda else {}
-            try:
-                torch_dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                              timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-                views = [None] * world_size
-                torch_dist.all_gather_object(views, _launch_view(rank))  # bounded by timeout_s too
-            except (RuntimeError, TimeoutError) as e:  # DistStoreError, DistNetworkError, gloo timeouts
+            try:  # joining and the preflight are bounded by timeout_s; collectives after by collective_timeout_s
+                store = _job_store(rank, world_size, timeout_s)
+                views = _exchange_views(store, rank, world_size, timeout_s)
+            except (RuntimeError, TimeoutError) as e:  # DistStoreError, DistNetworkError
                 raise UserError(_join_failure(rank, world_size, timeout_s, e)) from None
             problem = preflight_problem(views, world_size)
             if problem:
-                torch_dist.destroy_process_group()
                 raise UserError(f"preflight on rank {rank} ({socket.gethostname()}): {problem}")
-            torch_dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=collective_timeout_s))
+            torch_dist.init_process_group(backend, store=torch_dist.PrefixStore("bigtrain/pg/", store), rank=rank,
+                                          world_size=world_size,
+                                          timeout=datetime.timedelta(seconds=collective_timeout_s), **kwargs)
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, backend=backend)
+
+
+def _job_store(rank: int, world_size: int, timeout_s: float) -> torch_dist.Store:
+    """The job's TCPStore at MASTER_ADDR:MASTER_PORT, as env:// would make it: torchrun's agent hosts it (a
+    client here, keys under this restart's prefix), else rank 0 serves it and waits for every rank. Connecting
+    and waiting take at most timeout_s (the process group's own timeout is the collectives')."""
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = torch_dist.TCPStore(addr, port, world_size, False, timeout)
+        return torch_dist.PrefixStore(f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return torch_dist.TCPStore(addr, port, world_size, rank == 0, timeout, multi_tenant=True)
+
+
+def _exchange_views(store: torch_dist.Store, rank: int, world_size: int, timeout_s: float) -> list[dict]:
+    """Every rank's `_launch_view`, through the store (no process group yet), waiting at most timeout_s."""
+    store.set(f"bigtrain/preflight/{rank}", json.dumps(_launch_view(rank)))
+    keys = [f"bigtrain/preflight/{r}" for r in range(world_size)]
+    store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    return [json.loads(store.get(key)) for key in keys]
 
 
 def use_tf32(device: torch.device, enabled: bool) -> None:
@@ -145,9 +165,9 @@ def _join_failure(rank: int, world_size: int, timeout_s: float, error: BaseExcep
             f"{f'{nodes} nodes' if nodes else 'nodes'} started, with the same --nnodes, --master-addr and --master-port?")
 
 
-def barrier(dist: Dist) -> None:
+def barrier(dist: Dist, group=None) -> None:
     if dist.distributed:
-        torch_dist.barrier()
+        torch_dist.barrier(group=group)
 
 
 def all_reduce_sum(dist: Dist, tensor: torch.Tensor) -> torch.Tensor:
@@ -178,13 +198,19 @@ def all_reduce_max(dist: Dist, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_gather_object(dist: Dist, obj) -> list:
-    """Every rank's `obj`, in rank order, on every rank."""
+def all_gather_object(dist: Dist, obj, group=None) -> list:
+    """Every rank's `obj`, in rank order, on every rank (over `group`: default, all ranks)."""
     if not dist.distributed:
         return [obj]
     out = [None] * dist.world_size
-    torch_dist.all_gather_object(out, obj)
+    torch_dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def new_background_group():
+    """A second gloo group of all ranks, for collectives off the training thread (async checkpoint saves), so
+    they never interleave with the loop's on the default group; None without a process group. Collective."""
+    return torch_dist.new_group(backend="gloo") if torch_dist.is_initialized() else None
 
 
 def shutdown(dist: Dist) -> None:

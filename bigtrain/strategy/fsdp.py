@@ -2,8 +2,8 @@
 
 The model arrives built on the meta device. In torchtitan's order: activation checkpointing →
 compile → shard → `to_empty` → `init_weights`, so no rank ever holds the full model; init draws
-each weight in full from its own seeded generator and keeps this rank's shard, so the weights
-equal a single-process run's. Mixed precision is FSDP's own (`MixedPrecisionPolicy`: parameters
+only this rank's rows of each weight (generators seeded per block of rows), so the weights equal a
+single-process run's. Mixed precision is FSDP's own (`MixedPrecisionPolicy`: parameters
 all-gathered in the compute dtype, gradients reduce-scattered in fp32, sharded fp32 master weights),
 so autocast is not needed. FSDP's reduce-scatter averages over ranks like DDP, so the loop's
 loss contract (world_size / global targets) holds unchanged.
@@ -18,6 +18,7 @@ through an allowlist (`SafeReader`, `SafeLoadPlanner`), keeping the contract tha
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Future
 import contextlib
 import io
 import pickle
@@ -28,11 +29,10 @@ import torch
 import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, use_tf32
@@ -94,6 +94,42 @@ class SafeLoadPlanner(dcp.DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], value)
         else:
             self.state_dict[read_item.dest_index.fqn] = value
+
+
+_WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's name prefix (state_dict keys drop it)
+_SCATTER_ELEMENTS = 1 << 20  # init_from: each rank receives at most this many elements per scatter (4 MB fp32)
+
+
+def _load_full_tensor(target: torch.Tensor, full: torch.Tensor | None, dist: Dist) -> None:
+    """Copy `full` (given on rank 0 only) into `target`, a DTensor shard or a plain tensor (collective)."""
+    local = target.to_local() if isinstance(target, DTensor) else target
+    if not dist.distributed:
+        local.copy_(full)
+        return
+    rows, world = target.shape[0] if target.dim() else 0, dist.world_size
+    if isinstance(target, DTensor) and target.device_mesh.ndim == 1 and target.placements[0] == Shard(0):
+        chunk = -(-rows // world)  # torch.chunk's split, as fully_shard uses: rank r holds rows [r·chunk, …)
+        source = full.to(device=local.device, dtype=local.dtype) if dist.is_main else None  # no copy if it matches
+        row_numel = max(1, target.numel() // max(rows, 1))
+        per_piece = max(1, _SCATTER_ELEMENTS // row_numel)  # rows each rank receives per scatter
+        for at in range(0, chunk, per_piece):
+            n = min(per_piece, chunk - at)
+            received = torch.empty((n, *target.shape[1:]), dtype=local.dtype, device=local.device)
+            pieces = None
+            if dist.is_main:  # rank r's rows [r·chunk + at, +n), clipped at the end and padded to n (equal sizes)
+                pieces = [source[min(r * chunk + at, rows):min(r * chunk + at + n, rows)] for r in range(world)]
+                pieces = [p if p.shape[0] == n else torch.cat([p, received.new_zeros((n - p.shape[0], *p.shape[1:]))])
+                          for p in pieces]
+            torch_dist.scatter(received, pieces, src=0)
+            mine = max(0, min(n, local.shape[0] - at))
+            local[at:at + mine].copy_(received[:mine])
+        return
+    buffer = (full.to(device=local.device, dtype=local.dtype).contiguous() if dist.is_main else
+              torch.empty(target.shape, dtype=local.dtype, device=local.device))
+    torch_dist.broadcast(buffer, src=0)
+    if isinstance(target, DTensor):
+        buffer = distribute_tensor(buffer, target.device_mesh, target.placements, src_data_rank=None).to_local()
+    local.copy_(buffer)
 
 
 def build_mesh(dist: Dist, shard_group_size: int | None) -> DeviceMesh:
@@ -186,11 +222,16 @@ class FSDPEngine:
     # ---------------------------------------------------------------- checkpoints
 
     def load_model_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Full tensors by name → this rank's shards, one tensor at a time (a lazy mapping reads each only
-        then, so a rank never holds more than one full tensor beside its shards)."""
-        for name in weights:
-            set_model_state_dict(self.module, {name: weights[name]},
-                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        """Full tensors by name → this rank's shards, one tensor at a time, read by rank 0 only (a lazy mapping
+        reads each only then): a parameter sharded on dim 0 over all ranks (FSDP's layout) is scattered, each
+        rank receiving just its rows; anything else (HSDP's 2-D layout, buffers) is broadcast whole. So the
+        checkpoint is read once per job, and beside its shards a rank holds at most one tensor's rows (rank 0:
+        the tensor it read, memory-mapped when the checkpoint is)."""
+        targets = {name.replace(_WRAPPED, "").replace("_orig_mod.", ""): t for name, t in
+                   [*self.module.named_parameters(remove_duplicate=False), *self.module.named_buffers()]}
+        with torch.no_grad():
+            for name in weights:  # the same names in the same order on every rank
+                _load_full_tensor(targets[name], weights[name] if self.dist.is_main else None, self.dist)
 
     def save_state(self, folder: Path) -> None:
         """Every rank writes its shards of model and optimizer state into `folder` (synchronous DCP save)."""
@@ -198,6 +239,16 @@ class FSDPEngine:
         dcp.save({MODEL_KEY: model_state, OPTIM_KEY: optim_state}, checkpoint_id=folder)
         if self.scaler and self.dist.is_main:
             torch.save(self.scaler.state_dict(), folder / "scaler.pt")
+
+    def save_state_async(self, folder: Path, group=None) -> Future:
+        """DCP's async_save: this rank's shards are copied to host memory now, then written by DCP's thread,
+        planned over `group` (a gloo group of its own, so its collectives never meet the training loop's)."""
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        future = dcp.async_save({MODEL_KEY: model_state, OPTIM_KEY: optim_state}, checkpoint_id=folder,
+                                process_group=group)
+        if self.scaler and self.dist.is_main:
+            torch.save(self.scaler.state_dict(), folder / "scaler.pt")
+        return future
 
     def load_state(self, folder: Path) -> None:
         """Load model + optimizer state resharded onto this world size (DCP plans the reads)."""

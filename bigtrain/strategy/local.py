@@ -8,7 +8,9 @@ resumes on any other number of ranks.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 import contextlib
+import copy
 import inspect
 from pathlib import Path
 
@@ -89,13 +91,25 @@ class LocalEngine:
             for name in weights:
                 targets[name].copy_(weights[name])
 
-    def save_state(self, folder: Path) -> None:
-        if not self.dist.is_main:
-            return
-        torch.save(self.module.state_dict(), folder / "model.pt")
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+    def _state_files(self) -> dict[str, dict]:
+        """file name -> the state dict it holds (rank 0 writes them all)."""
+        files = {"model.pt": self.module.state_dict(), "optimizer.pt": self.optimizer.state_dict()}
         if self.scaler:
-            torch.save(self.scaler.state_dict(), folder / "scaler.pt")
+            files["scaler.pt"] = self.scaler.state_dict()
+        return files
+
+    def save_state(self, folder: Path) -> None:
+        if self.dist.is_main:
+            for name, state in self._state_files().items():
+                torch.save(state, folder / name)
+
+    def save_state_async(self, folder: Path, group=None) -> Future:
+        """Copy the state to host memory now (the only part the training thread waits for), write it from a
+        background thread; the Future is done when this rank's files are written."""
+        if not self.dist.is_main:
+            return _done()
+        staged = copy_to_host(self._state_files())
+        return in_background(lambda: [torch.save(state, folder / name) for name, state in staged.items()])
 
     def load_state(self, folder: Path) -> None:
         device = self.dist.device
@@ -107,6 +121,47 @@ class LocalEngine:
 
     def close(self) -> None:
         """Nothing of its own to release (DeepSpeed's engine has)."""
+
+
+def copy_to_host(obj, _memo: dict | None = None):
+    """A copy of a nested state dict (dicts, lists, tuples) with every tensor's storage copied into CPU memory.
+    What is shared stays shared, as in copy.deepcopy (tensors of one storage, like tied weights; the optimizer's
+    param groups' tuples), so torch.save writes the same file as from the original."""
+    memo = {} if _memo is None else _memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        key = (storage.device, storage.data_ptr(), storage.nbytes())
+        if key not in memo:
+            memo[key] = torch.UntypedStorage(storage.nbytes(), device="cpu")
+            memo[key].copy_(storage)
+        out = torch.empty(0, dtype=obj.dtype).set_(memo[key], obj.storage_offset(), obj.size(), obj.stride())
+    elif isinstance(obj, dict):  # an OrderedDict keeps its type and its `_metadata` (module versions)
+        out = type(obj)((k, copy_to_host(v, memo)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = copy.deepcopy(obj._metadata)
+    elif isinstance(obj, (list, tuple)):
+        out = type(obj)(copy_to_host(v, memo) for v in obj)
+    else:
+        return obj
+    memo[id(obj)] = out
+    return out
+
+
+def in_background(work) -> Future:
+    """Run `work()` on a thread of its own; the Future holds its result or exception."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigtrain-save")
+    future = pool.submit(work)
+    pool.shutdown(wait=False)  # the thread ends when the work does
+    return future
+
+
+def _done() -> Future:
+    future = Future()
+    future.set_result(None)
+    return future
+
 
 class LocalWeights:
     """model.pt of a single/ddp checkpoint, memory-mapped: a tensor is read when asked for."""

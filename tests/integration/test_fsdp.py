@@ -21,8 +21,9 @@ FINAL = f"checkpoints/step-{STEPS:07d}"
 # (accumulation 2), two take 2 each (accumulation 2): the same global batches.
 RUNS = {
     "single": (1, ["train.micro_batch_size=4"]),
-    "fsdp": (2, [FSDP]),
-    "fsdp-ac": (2, [FSDP, "parallel.activation_checkpointing=true"]),
+    # Both save every step, "fsdp" in the background (async_save, the default), "fsdp-ac" synchronously.
+    "fsdp": (2, [FSDP, "checkpoint.every=1"]),
+    "fsdp-ac": (2, [FSDP, "parallel.activation_checkpointing=true", "checkpoint.every=1", "checkpoint.async_save=false"]),
     # HSDP is where reduce-scattering only at the last micro-batch pays: the opt-in is tested here.
     "hsdp-offload": (2, [FSDP, "parallel.shard_group_size=1", "parallel.offload_params=cpu", "parallel.fsdp_no_sync=true"]),
     "ddp": (2, ["parallel.strategy=ddp"]),
@@ -119,6 +120,24 @@ def test_fsdp_activation_checkpointing_on_two_processes_gives_the_same_gradients
     assert [(r["train/loss"], r["train/grad_norm"]) for r in b] == [(r["train/loss"], r["train/grad_norm"]) for r in a]
     wa, wb = final_weights(runs("fsdp")), final_weights(runs("fsdp-ac"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_fsdp_async_saves_write_the_shards_a_synchronous_save_writes(runs):
+    """Every step checkpointed by DCP's async_save ("fsdp") and by a synchronous save ("fsdp-ac", whose arithmetic
+    is the same to the bit): the same complete checkpoints, each rank's shard file byte for byte."""
+    from bigtrain.checkpoint import list_checkpoints, verify
+
+    sync_dir, async_dir = runs("fsdp-ac"), runs("fsdp")
+    steps = [f"step-{step:07d}" for step in range(1, STEPS + 1)]
+    for run_dir in (sync_dir, async_dir):
+        assert [p.name for p in list_checkpoints(run_dir)] == steps
+        assert not list((run_dir / "checkpoints").glob(".*"))  # no temp folder left behind
+    for step in steps:
+        verify(async_dir / "checkpoints" / step)
+        for shard in ("__0_0.distcp", "__1_0.distcp"):
+            assert (async_dir / "checkpoints" / step / shard).read_bytes() == \
+                (sync_dir / "checkpoints" / step / shard).read_bytes(), (step, shard)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bigtrain import checkpoint
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 
@@ -63,9 +64,11 @@ def test_metrics_keys_tokens_per_sec_and_mfu_match_hand_calculation(tmp_path, ca
 
 def test_exact_resume_is_bitwise_and_a_wsd_run_extends_from_its_stable_phase(tmp_path, cache_dir):
     """The first half is a 6-step WSD run stopped at step 4, still in its stable phase; resumed with
-    max_steps=8, it decays later and equals a straight 8-step run bit for bit."""
+    max_steps=8, it decays later and equals a straight 8-step run bit for bit. The straight run saves
+    synchronously, the other in the background (the default): every checkpoint's tensor files are the same bytes."""
     common = ("checkpoint.every=2", "optim.warmup_steps=3", "eval.every=4", "optim.schedule=wsd", "optim.decay_steps=2")
-    straight, straight_dir = train(tmp_path, cache_dir, *common, "train.max_steps=8", name="straight")
+    straight, straight_dir = train(tmp_path, cache_dir, *common, "train.max_steps=8", "checkpoint.async_save=false",
+                                   name="straight")
     assert straight.returncode == 0, straight.stderr
     half, resumed_dir = train(tmp_path, cache_dir, *common, "train.max_steps=6", "train.stop_at_step=4", name="resumed")
     assert half.returncode == 0, half.stderr
@@ -84,6 +87,14 @@ def test_exact_resume_is_bitwise_and_a_wsd_run_extends_from_its_stable_phase(tmp
     wa = torch.load(straight_dir / "checkpoints/step-0000008/model.pt", weights_only=True)
     wb = torch.load(resumed_dir / "checkpoints/step-0000008/model.pt", weights_only=True)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    steps = [p.name for p in checkpoint.list_checkpoints(straight_dir)]
+    assert steps == [p.name for p in checkpoint.list_checkpoints(resumed_dir)] == [f"step-{s:07d}" for s in (2, 4, 6, 8)]
+    assert not list((resumed_dir / "checkpoints").glob(".*"))  # no temp folder left behind
+    for step in steps:
+        checkpoint.verify(resumed_dir / "checkpoints" / step)
+        for name in ("model.pt", "optimizer.pt"):
+            assert ((straight_dir / "checkpoints" / step / name).read_bytes()
+                    == (resumed_dir / "checkpoints" / step / name).read_bytes()), (step, name)
 
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])

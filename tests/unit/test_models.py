@@ -589,3 +589,16 @@ def test_post_norm_encoder_is_bert_shaped_and_its_pooler_counts_in_flops():
         torch.testing.assert_close(block(x), block.mlp_norm(h + block.mlp(h)))
     out = model(tokens(T=8), attn_mask=key_padding([8, 5], 8))
     assert out.shape == (2, K) and out.abs().max() <= model.classifier.weight.abs().sum(1).max() + model.classifier.bias.abs().max()
+
+
+def test_init_rows_of_any_range_equal_the_same_rows_of_the_full_draw():
+    """normal_rows draws each block of rows from its own generator, so a shard (FSDP's row range, the rows
+    under a ZeRO-3 flat slice) draws only its rows and still gets the values of the unsharded tensor."""
+    from bigtrain.models.layers import ROW_BLOCK_ELEMENTS, normal_rows
+
+    shape = (3 * ROW_BLOCK_ELEMENTS // 256 + 5, 256)  # three full blocks and a partial one
+    full = normal_rows(shape, 0.02, seed=7, first=0, stop=shape[0])
+    assert full.shape == shape and abs(full.std().item() - 0.02) < 1e-3
+    for first, stop in ((0, 1), (4095, 4097), (100, shape[0]), (shape[0] - 1, shape[0])):
+        assert torch.equal(normal_rows(shape, 0.02, seed=7, first=first, stop=stop), full[first:stop])
+    assert not torch.equal(normal_rows(shape, 0.02, seed=8, first=0, stop=4), full[:4])

@@ -1,0 +1,81 @@
+"""`bigtrain` CLI with one injected fault, for tests of what a job does when one rank misbehaves.
+
+    BIGTRAIN_FAULT=KIND:rank=R:step=S[:key=value…] torchrun … tests/integration/faulty.py train RECIPE [overrides]
+
+Kinds (at training step S on rank R only; other ranks and steps run untouched):
+    sleep:seconds=N   the forward of the step's first micro-batch sleeps N seconds (a rank that stops arriving)
+    nan               every micro-batch's loss of the step is multiplied by NaN (NaN loss and gradients)
+
+The fault goes in by wrapping the task's `loss_sum` and the loop's batch fetch (which tells the step), so
+production code carries no test hooks. Without BIGTRAIN_FAULT this is exactly `python -m bigtrain`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import bigtrain.loop
+import bigtrain.run
+from bigtrain.cli import main
+
+
+def parse_fault(text: str) -> dict:
+    """'sleep:rank=1:step=3:seconds=300' → {'kind': 'sleep', 'rank': 1, 'step': 3, 'seconds': 300.0}."""
+    kind, *pairs = text.split(":")
+    fault = {"kind": kind}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        fault[key] = int(value) if key in ("rank", "step") else float(value)
+    if kind not in FAULTS or "rank" not in fault or "step" not in fault:
+        raise SystemExit(f"BIGTRAIN_FAULT={text!r}: want KIND:rank=R:step=S[:key=value] with KIND one of {sorted(FAULTS)}")
+    return fault
+
+
+def sleep_in_forward(fault: dict, loss_sum, model, batch):
+    if not fault.get("fired"):
+        fault["fired"] = True
+        print(f"faulty: rank {fault['rank']} sleeps {fault['seconds']:g} s in step {fault['step']}", file=sys.stderr, flush=True)
+        time.sleep(fault["seconds"])
+    return loss_sum(model, batch)
+
+
+def nan_loss(fault: dict, loss_sum, model, batch):
+    return loss_sum(model, batch) * float("nan")
+
+
+FAULTS = {"sleep": sleep_in_forward, "nan": nan_loss}
+
+
+def install(fault: dict) -> None:
+    """Wrap the loop's batch fetch (to know the step) and the built task's loss (to misbehave at that step)."""
+    if int(os.environ.get("RANK", "0")) != fault["rank"]:
+        return
+    current = {"step": 0}
+    fetch, build_task = bigtrain.loop.fetch_micro_batches, bigtrain.run.build_task
+
+    def fetch_with_step(ctx, sampler, consumed):
+        current["step"] = consumed // ctx.cfg.train.global_batch_size + 1
+        return fetch(ctx, sampler, consumed)
+
+    def build_faulty_task(*args, **kwargs):
+        task = build_task(*args, **kwargs)
+        loss_sum = task.loss_sum
+
+        def faulty_loss_sum(model, batch):
+            if model.training and current["step"] == fault["step"]:
+                return FAULTS[fault["kind"]](fault, loss_sum, model, batch)
+            return loss_sum(model, batch)
+
+        task.loss_sum = faulty_loss_sum
+        return task
+
+    bigtrain.loop.fetch_micro_batches = fetch_with_step
+    bigtrain.run.build_task = build_faulty_task
+
+
+if __name__ == "__main__":
+    if os.environ.get("BIGTRAIN_FAULT"):
+        install(parse_fault(os.environ["BIGTRAIN_FAULT"]))
+    raise SystemExit(main())
