@@ -1,4 +1,4 @@
-"""Tests for bigtrain/metrics.py: metrics.jsonl, progress lines, wandb (offline only), MFU, timers."""
+"""Tests for bigtrain/metrics/ (sinks, progress, throughput): metrics.jsonl, progress lines, wandb (offline only), MFU, timers."""
 
 import json
 import subprocess
@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigtrain import metrics
-from bigtrain.metrics import MetricsLogger, StepTimer, max_memory_gb, mfu
+from bigtrain.metrics import MetricsLogger, StepTimer, max_memory_gb, mfu, sinks
 
 
 @dataclass
@@ -196,12 +195,12 @@ def test_wandb_online_without_api_key_falls_back_to_offline(tmp_path, wandb_sand
 
 
 def test_api_key_detection_reads_env_and_netrc(wandb_sandbox, monkeypatch):
-    assert not metrics._have_wandb_api_key()
+    assert not sinks._have_wandb_api_key()
     (wandb_sandbox / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
-    assert metrics._have_wandb_api_key()
+    assert sinks._have_wandb_api_key()
     (wandb_sandbox / ".netrc").unlink()
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    assert metrics._have_wandb_api_key()
+    assert sinks._have_wandb_api_key()
 
 
 def test_wandb_init_failure_warns_and_logging_continues(tmp_path, wandb_sandbox, monkeypatch, capsys):

@@ -1,0 +1,222 @@
+"""Where a run's metrics go, on global rank 0 only: ``metrics.jsonl``, wandb and the console display.
+
+``MetricsLogger`` is one object per process. On global rank 0 it appends one JSON line per ``log()``
+call to ``run_dir/metrics.jsonl``, mirrors the metrics to wandb, and drives the console progress
+display (``progress.py``). On every other rank it is a cheap no-op (``enabled=False``).
+
+wandb is imported lazily and only here. It never stops training: "online" without an API key
+falls back to "offline", and any exception from wandb warns once and turns wandb off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bigtrain.metrics.progress import DISPLAY_KEYS, ProgressDisplay, stderr_is_tty
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogger:
+    """Writes metrics.jsonl, mirrors to wandb and shows progress; a no-op when not enabled.
+
+    ``cfg`` is a ``LoggingConfig``: ``every``, ``wandb`` ("online" | "offline" | "disabled"),
+    ``wandb_project``, ``wandb_entity`` and ``progress``.
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        run_name: str,
+        config: dict,
+        total_steps: int,
+        start_step: int = 0,
+        wandb_run_id: str | None = None,
+    ) -> None:
+        self._enabled = enabled
+        self._closed = False
+        self._wandb_run_id = wandb_run_id
+        self._wandb_run = None
+        self._file = None
+        self._display: ProgressDisplay | None = None
+        if not enabled:
+            return
+
+        if cfg.progress:
+            self._display = ProgressDisplay(total_steps, start_step, live=stderr_is_tty())
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / METRICS_FILE
+        # Steps after start_step were logged by a run killed after its last checkpoint and will
+        # be redone; dropping them (also when start_step is 0) keeps the file free of repeats.
+        _drop_lines_after(path, start_step)
+        self._file = path.open("a", encoding="utf-8")
+        self._wandb_run = self._start_wandb(cfg, run_dir, run_name, config, wandb_run_id)
+        if self._wandb_run is not None:
+            self._wandb_run_id = self._wandb_run.id
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        """Id of the wandb run (store it in checkpoints so a resume continues the same run)."""
+        return self._wandb_run_id
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Append ``{"step": step, **metrics}`` to metrics.jsonl, send to wandb, refresh progress.
+
+        With a plain (non-terminal) display, a log() carrying train/perf values prints the
+        progress line, so log files get one line per logging interval.
+        """
+        if not self._enabled or self._closed:
+            return
+        values = {key: _plain_number(value) for key, value in metrics.items()}
+        self._file.write(json.dumps({"step": step, **values}) + "\n")
+        self._file.flush()
+        if self._wandb_run is not None:
+            self._call_wandb(self._wandb_run.log, values, step=step)
+        if self._display is not None:
+            shown = {arg: values[key] for key, arg in DISPLAY_KEYS.items() if key in values}
+            self._display.update(step, **shown, logged=bool(shown))
+
+    def progress(
+        self,
+        step: int,
+        *,
+        loss: float | None = None,
+        lr: float | None = None,
+        tokens_per_sec: float | None = None,
+        mfu: float | None = None,
+    ) -> None:
+        """Advance the live display to ``step``; values left as None keep their last value.
+
+        Cheap enough to call every step: on a terminal the rich bar is refreshed at most
+        10 times a second; otherwise nothing is printed here (log() prints the plain line).
+        """
+        if self._display is not None:
+            self._display.update(step, loss=loss, lr=lr, tokens_per_sec=tokens_per_sec, mfu=mfu)
+
+    def message(self, text: str) -> None:
+        """Print a line above the progress bar (eval results, warnings)."""
+        if not self._enabled:
+            return
+        if self._display is not None:
+            self._display.print(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Finish wandb, stop the display, close metrics.jsonl. Safe to call twice."""
+        if not self._enabled or self._closed:
+            return
+        self._closed = True
+        if self._display is not None:
+            self._display.close()
+        if self._wandb_run is not None:
+            self._call_wandb(self._wandb_run.finish)
+            self._wandb_run = None
+        self._file.close()
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- wandb ------------------------------------------------------------------------------
+
+    def _start_wandb(self, cfg, run_dir: Path, run_name: str, config: dict, run_id: str | None):
+        """Start a wandb run, or return None (with one warning) when it is off or fails."""
+        mode = cfg.wandb
+        if mode == "disabled":
+            return None
+        if mode == "online" and not _have_wandb_api_key():
+            self._warn("wandb is 'online' but no API key was found (WANDB_API_KEY or ~/.netrc); "
+                       "logging offline — upload later with `wandb sync`")
+            mode = "offline"
+        try:
+            import wandb
+
+            settings = wandb.Settings(
+                silent=True,  # our display owns the console
+                console="off",  # do not capture stdout/stderr (it garbles the live bar)
+                x_disable_stats=True,  # no system-metrics sampler process
+            )
+            return wandb.init(
+                project=cfg.wandb_project,
+                entity=cfg.wandb_entity,
+                name=run_name,
+                dir=str(run_dir),
+                config=config,
+                mode=mode,
+                id=run_id,  # None: wandb makes a new id, read back through wandb_run_id
+                resume="allow",  # same id after a restart continues the same run
+                settings=settings,
+            )
+        except Exception as e:  # wandb must never stop training
+            self._warn(f"wandb failed to start ({type(e).__name__}: {e}); continuing without wandb")
+            return None
+
+    def _call_wandb(self, fn, *args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # wandb must never stop training
+            self._wandb_run = None
+            self._warn(f"wandb failed ({type(e).__name__}: {e}); continuing without wandb")
+
+    def _warn(self, text: str) -> None:
+        self.message(f"warning: {text}")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def _drop_lines_after(path: Path, last_step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) without lines past ``last_step`` or torn lines."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and _line_step(line) <= last_step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _line_step(line: str) -> float:
+    """The "step" of one metrics.jsonl line; infinity (dropped) for a line that does not parse."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _plain_number(value: Any) -> Any:
+    """Python number for JSON and wandb (accepts 0-d tensors and numpy scalars)."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return float(value)
+
+
+def _have_wandb_api_key() -> bool:
+    """True when wandb can authenticate: WANDB_API_KEY, or a netrc entry for its host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    netrc_path = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
+    try:
+        return host is not None and netrc.netrc(netrc_path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
