@@ -1,4 +1,4 @@
-"""`bigtrain` subcommands: train, check, prepare, bench, eval, export, generate, launch. Bad input exits 2 with one line; no traceback."""
+"""`bigtrain` subcommands: train, check, prepare, bench, eval, export, generate, verify, plot, launch. Bad input exits 2 with one line; no traceback."""
 
 from __future__ import annotations
 
@@ -79,6 +79,16 @@ def _parser() -> argparse.ArgumentParser:
                                      "of a run dir or one checkpoint folder (resume checks the one it takes, the "
                                      "ranks sharing the files); exit 2 if any is damaged")
     ver.add_argument("source", help="run dir or checkpoint folder")
+    plot = sub.add_parser("plot", help="draw the curves of one or more runs from their metrics.jsonl to a PNG",
+                          description="draw loss, LR, tokens/s, grad norm and the task's eval metrics (or the "
+                                      "--metric keys) of one or more runs, one colour per run; needs matplotlib "
+                                      "(pip install 'bigtrain[plot]')")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run dir (runs/NAME) with a metrics.jsonl")
+    plot.add_argument("--metric", nargs="+", action="extend", metavar="KEY", help="metrics.jsonl keys to draw, e.g. train/loss "
+                      "eval/accuracy (default: train and eval loss, LR, tokens/s, grad norm, the task's eval metrics)")
+    plot.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default: RUN/curves.png for one run, "
+                                                             "./curves.png for several)")
+    plot.add_argument("--log-steps", action="store_true", help="log-scale step axis")
     sub.add_parser("launch", help="start training on this node under torchrun, deepspeed or accelerate (see `bigtrain launch -h`)",
                    add_help=False, prefix_chars="\0")  # its own flags: parsed by launcher.cli
     return parser
@@ -93,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "check": cmd_check, "prepare": cmd_prepare, "bench": cmd_bench,
-                    "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate, "verify": cmd_verify}
+                    "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate, "verify": cmd_verify,
+                    "plot": cmd_plot}
         return commands[args.command](args)
     except UserError as e:
         print(f"bigtrain: error: {e}", file=sys.stderr, flush=True)
@@ -347,6 +358,36 @@ def cmd_verify(args) -> int:
             print(f"damaged  {folder}: {e}")
     if damaged:
         raise UserError(f"verify: {damaged} damaged in '{source}' (listed above)")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from pathlib import Path
+
+    from bigtrain.metrics import METRICS_FILE, plots
+
+    if not plots.have_matplotlib():
+        raise UserError(f"plot: matplotlib is not installed — {plots.INSTALL_HINT}")
+    runs = {}
+    for run in map(Path, args.runs):
+        if not (run / METRICS_FILE).is_file():
+            raise UserError(f"plot: '{run}' has no {METRICS_FILE} — give a run dir (runs/NAME) that has logged")
+        name = run.resolve().name
+        runs[name if name not in runs else str(run)] = plots.read_series(run / METRICS_FILE)
+    present = {key for series in runs.values() for key in series}
+    keys = args.metric or list(dict.fromkeys(k for series in runs.values() for k in plots.default_keys(series)))
+    if not keys:
+        raise UserError(f"plot: nothing to draw — the {METRICS_FILE} of {', '.join(args.runs)} holds no metrics yet")
+    missing = [k for k in keys if k not in present]
+    if missing:
+        raise UserError(f"plot --metric: no run has {', '.join(missing)} — its keys: {', '.join(sorted(present))}")
+    default_out = Path(args.runs[0]) / plots.CURVES_FILE if len(runs) == 1 else Path(plots.CURVES_FILE)
+    out = Path(args.output) if args.output else default_out
+    try:
+        plots.plot_runs(runs, keys, out, log_steps=args.log_steps)
+    except OSError as e:
+        raise UserError(f"plot: cannot write {out} ({e.strerror or e}) — choose another -o FILE") from None
+    print(f"bigtrain: {', '.join(runs)} → {out}", file=sys.stderr)
     return 0
 
 

@@ -128,6 +128,7 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
             metrics = evaluate(ctx, stoppable=ctx.preempt is not None and step != end_step)
             if metrics is not None:  # scalars to metrics.jsonl; a classification report to eval/step-N.json (rank 0)
                 report_eval(ctx.logger, step, metrics, run_dir=cfg.run_dir() if dist.is_main else None)
+                ctx.logger.write_curves()  # RUN/curves.png redrawn from metrics.jsonl (rank 0; never stops training)
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == end_step:
             state.wandb_run_id = ctx.logger.wandb_run_id
             progress.enter("checkpoint save")

@@ -3,6 +3,7 @@
 ``MetricsLogger`` is one object per process. On global rank 0 it appends one JSON line per ``log()``
 call to ``run_dir/metrics.jsonl``, mirrors the metrics to wandb, and drives the console progress
 display (``progress.py``). On every other rank it is a cheap no-op (``enabled=False``).
+With ``curves=True`` it also redraws ``run_dir/curves.png`` (``plots.py``) when asked and at close.
 
 wandb is imported lazily and only here. It never stops training: "online" without an API key
 falls back to "offline", and any exception from wandb warns once and turns wandb off.
@@ -15,6 +16,7 @@ import math
 import netrc
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,7 +30,8 @@ class MetricsLogger:
     """Writes metrics.jsonl, mirrors to wandb and shows progress; a no-op when not enabled.
 
     ``cfg`` is a ``LoggingConfig``: ``every``, ``wandb`` ("online" | "offline" | "disabled"),
-    ``wandb_project``, ``wandb_entity`` and ``progress``.
+    ``wandb_project``, ``wandb_entity`` and ``progress``. ``curves``: ``write_curves()`` and ``close()``
+    redraw ``run_dir/curves.png`` from metrics.jsonl (training passes True; bench does not).
     """
 
     def __init__(
@@ -42,8 +45,14 @@ class MetricsLogger:
         total_steps: int,
         start_step: int = 0,
         wandb_run_id: str | None = None,
+        curves: bool = False,
     ) -> None:
         self._enabled = enabled
+        self._run_dir = Path(run_dir)
+        self._curves = curves
+        self._curves_warned = False
+        self._logged_since_curves = 0
+        self._next_curves_at = 0.0  # time.monotonic() before which write_curves() skips (see there)
         self._closed = False
         self._wandb_run_id = wandb_run_id
         self._wandb_run = None
@@ -81,6 +90,7 @@ class MetricsLogger:
         values = {key: _plain_number(value) for key, value in metrics.items()}
         self._file.write(json.dumps({"step": step, **values}) + "\n")
         self._file.flush()
+        self._logged_since_curves += 1
         if self._wandb_run is not None:
             self._call_wandb(self._wandb_run.log, values, step=step)
         if self._display is not None:
@@ -113,10 +123,39 @@ class MetricsLogger:
         else:
             print(text, file=sys.stderr, flush=True)
 
+    def write_curves(self, *, final: bool = False) -> None:
+        """Redraw run_dir/curves.png from metrics.jsonl if anything was logged since the last drawing.
+
+        Drawing takes about a second; when evals come faster than every 20 drawings' time, the ones in
+        between are skipped (at most ~5 % of the run goes to pictures). ``final`` (close) always draws.
+        Never stops training: without matplotlib, or when drawing fails, it warns once (and keeps trying
+        when drawing failed, so a passing problem leaves no stale picture).
+        """
+        if not self._enabled or self._closed or not self._curves or not self._logged_since_curves:
+            return
+        if not final and time.monotonic() < self._next_curves_at:
+            return
+        self._logged_since_curves = 0
+        from bigtrain.metrics import plots
+
+        if not plots.have_matplotlib():
+            self._curves = False
+            self._warn(f"matplotlib is not installed: no {plots.CURVES_FILE} — {plots.INSTALL_HINT}")
+            return
+        start = time.monotonic()
+        try:
+            plots.write_run_curves(self._run_dir)
+            self._next_curves_at = time.monotonic() + 19 * (time.monotonic() - start)
+        except Exception as e:  # a picture must never stop training
+            if not self._curves_warned:
+                self._curves_warned = True
+                self._warn(f"could not draw {plots.CURVES_FILE} ({type(e).__name__}: {e}); training goes on")
+
     def close(self) -> None:
-        """Finish wandb, stop the display, close metrics.jsonl. Safe to call twice."""
+        """Draw the final curves.png, finish wandb, stop the display, close metrics.jsonl. Safe to call twice."""
         if not self._enabled or self._closed:
             return
+        self.write_curves(final=True)
         self._closed = True
         if self._display is not None:
             self._display.close()

@@ -38,6 +38,7 @@ def test_train_lowers_loss_and_writes_run_dir(tmp_path, cache_dir):
     assert (run_dir / "config.yaml").is_file()
     assert json.loads((run_dir / "precision.json").read_text())["compute"] == "float32"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000020", "step-0000040"]
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn at the evals and at the end
 
 
 def test_metrics_keys_tokens_per_sec_and_mfu_match_hand_calculation(tmp_path, cache_dir):
