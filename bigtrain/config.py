@@ -182,6 +182,7 @@ class LoggingConfig:
     wandb_project: str = _opt("bigtrain", "wandb project")
     wandb_entity: Optional[str] = _opt(None, "wandb entity (team or user)")
     progress: bool = _opt(True, "live progress display on rank 0")
+    curves: bool = _opt(True, "rank 0 redraws RUN/curves.png (matplotlib) at each eval and at the end")
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,7 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
 
         logger = MetricsLogger(cfg.logging, run_dir, enabled=dist.is_main, run_name=cfg.run.name,
                                config=cfg.to_dict(), total_steps=cfg.train.max_steps, start_step=state.step,
-                               wandb_run_id=state.wandb_run_id, curves=not bench)
+                               wandb_run_id=state.wandb_run_id, curves=cfg.logging.curves and not bench)
 
         def raise_peak(achieved_flops_per_sec: float) -> float:
             nonlocal peak

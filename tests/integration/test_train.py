@@ -27,7 +27,8 @@ def train(tmp_path: Path, cache_dir: Path, *overrides: str, name: str = "tiny", 
 
 
 def test_train_lowers_loss_and_writes_run_dir(tmp_path, cache_dir):
-    result, run_dir = train(tmp_path, cache_dir, "train.max_steps=40", "eval.every=20", "checkpoint.every=20")
+    result, run_dir = train(tmp_path, cache_dir, "train.max_steps=40", "eval.every=20", "checkpoint.every=20",
+                            "logging.curves=true")
     assert result.returncode == 0, result.stderr
     records, evals = read_metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, 41))
