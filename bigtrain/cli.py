@@ -287,6 +287,10 @@ def cmd_eval(args) -> int:
 
     if args.tasks is not None:
         return cmd_lm_eval(args)
+    flag = next((f for f, v in (("--include-path", args.include_path), ("--limit", args.limit),
+                                ("--num-fewshot", args.num_fewshot)) if v is not None), None)
+    if flag:
+        raise UserError(f"eval {flag}: applies to lm-eval tasks only — add --tasks NAME[,NAME…]")
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"eval: '{run_dir}' is not a run dir (no config.yaml)")

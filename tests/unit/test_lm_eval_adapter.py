@@ -134,6 +134,8 @@ def test_unknown_task_is_a_one_line_error(trained, tasks_dir, capsys):
     assert "--include-path" in one_error_line(capsys)
     assert main(["eval", str(run_dir), "--tasks", "bt_mc,no_such_task", "--include-path", str(tasks_dir)]) == 2
     assert "'no_such_task'" in one_error_line(capsys)
+    assert main(["eval", str(run_dir), "--limit", "3"]) == 2  # an lm-eval flag without --tasks
+    assert "--tasks" in one_error_line(capsys)
 
 
 def test_missing_lm_eval_names_the_extra(trained, monkeypatch, capsys):
