@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", help="run dir (runs/NAME)")
     ev.add_argument("overrides", nargs="*", metavar="section.key=value", help="override the run's recipe values")
     ev.add_argument("--checkpoint", help="checkpoint folder name (step-N or step-NNNNNNN) or path")
+    ev.add_argument("--tasks", help="instead: lm-eval tasks, comma-separated (hellaswag,arc_easy; a decoder only; "
+                                    "needs bigtrain[eval]); scores to RUN/eval/lm-eval-step-N.json and wandb")
+    ev.add_argument("--include-path", metavar="DIR", help="--tasks: a folder of custom lm-eval task YAML files")
+    ev.add_argument("--limit", type=int, help="--tasks: the first N documents of each task only")
+    ev.add_argument("--num-fewshot", type=int, help="--tasks: few-shot examples per prompt (default: the task's)")
+    ev.add_argument("--batch-size", type=int, default=16, help="--tasks: sequences per forward (default 16)")
     ex = sub.add_parser("export", help="consolidated weights (model.safetensors + config.yaml) of any strategy's checkpoint",
                         description="write the consolidated weights of a checkpoint (a run dir means its newest) as "
                                     "OUT/model.safetensors plus config.yaml and the tokenizer, or (--format hf) as a "
@@ -290,6 +296,12 @@ def cmd_eval(args) -> int:
     from bigtrain.eval_report import console_text, eval_file, scalars, write_eval_file
     from bigtrain.run import TOKENIZER_FILE, run_eval
 
+    if args.tasks is not None:
+        return cmd_lm_eval(args)
+    flag = next((f for f, v in (("--include-path", args.include_path), ("--limit", args.limit),
+                                ("--num-fewshot", args.num_fewshot)) if v is not None), None)
+    if flag:
+        raise UserError(f"eval {flag}: applies to lm-eval tasks only — add --tasks NAME[,NAME…]")
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"eval: '{run_dir}' is not a run dir (no config.yaml)")
@@ -305,6 +317,66 @@ def cmd_eval(args) -> int:
         print(json.dumps({"step": step, **scalars(metrics)}))  # one machine-readable line; the report is in the file
         print(f"bigtrain: eval of {folder} → {out}", file=sys.stderr)
     return 0
+
+
+def cmd_lm_eval(args) -> int:
+    """`bigtrain eval RUN --tasks …`: lm-eval tasks on the checkpoint; RUN/eval/lm-eval-step-N.json, wandb, a table."""
+    import json
+    from pathlib import Path
+
+    from bigtrain import checkpoint
+    from bigtrain.eval_report import EVAL_DIR, write_eval_file
+
+    source = Path(args.run_dir)
+    if args.overrides:
+        raise UserError(f"eval --tasks: recipe overrides ({args.overrides[0]}) do not apply to lm-eval tasks")
+    if (source / checkpoint.MANIFEST).is_file() and args.checkpoint is None:  # a checkpoint folder itself
+        checkpoint.verify(source)
+        folder, run_dir = source, source.parent.parent
+    elif (source / "config.yaml").is_file():
+        folder, run_dir = _eval_checkpoint(source, args.checkpoint), source
+    else:
+        raise UserError(f"eval: '{source}' is not a run dir (no config.yaml) or a checkpoint folder")
+    from bigtrain.lm_eval_adapter import (REPORT_PREFIX, check_tasks, require_lm_eval, run_config, run_lm_eval,
+                                          scores_table, task_manager, task_scores)
+
+    require_lm_eval()
+    from bigtrain.generate import load_generator
+
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    manager = task_manager(args.include_path)
+    check_tasks(tasks, manager)  # before the model loads: a typo fails fast
+    trainer = json.loads((folder / checkpoint.TRAINER).read_text())
+    results = run_lm_eval(load_generator(folder), tasks, manager, limit=args.limit, num_fewshot=args.num_fewshot,
+                          batch_size=args.batch_size)
+    scores = task_scores(results)
+    config = run_config(results, tasks=tasks, include_path=args.include_path, limit=args.limit,
+                        num_fewshot=args.num_fewshot)
+    step = trainer["step"]
+    out = write_eval_file(run_dir / EVAL_DIR / f"{REPORT_PREFIX}{folder.name}.json", step,
+                          {"tasks": scores, "lm_eval": config}, checkpoint=folder)
+    _log_lm_eval_to_wandb(run_dir, folder, step, trainer.get("wandb_run_id"), scores)
+    print(scores_table(scores), file=sys.stderr)
+    print(json.dumps({"step": step, "tasks": scores}))  # one machine-readable line; the config is in the file
+    print(f"bigtrain: lm-eval of {folder} → {out}", file=sys.stderr)
+    return 0
+
+
+def _log_lm_eval_to_wandb(run_dir, folder, step: int, run_id: str | None, scores: dict) -> None:
+    """lm_eval/<task>/<metric> at `step` to the run's wandb run (when its recipe logs to wandb)."""
+    import yaml
+
+    from bigtrain.config import build_config
+    from bigtrain.metrics import MetricsLogger
+
+    cfg = build_config(yaml.safe_load((folder / "config.yaml").read_text()) or {}, where=str(folder / "config.yaml"))
+    if cfg.logging.wandb == "disabled":
+        return
+    values = {f"lm_eval/{task}/{metric}": v for task, metrics in scores.items() for metric, v in metrics.items()}
+    logging = dataclasses.replace(cfg.logging, progress=False)
+    with MetricsLogger(logging, run_dir, enabled=True, run_name=cfg.run.name, config=cfg.to_dict(), total_steps=step,
+                       start_step=step, wandb_run_id=run_id, metrics_file=False) as logger:
+        logger.log(step, values)
 
 
 def _eval_checkpoint(run_dir, name: str | None):

@@ -112,7 +112,7 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     source_config = read_tokenizer_config(folder)  # an imported model's tokenizer settings, carried by the run
-    tokens = _special_tokens(folder / "tokenizer.json", encoder=encoder, named=source_config)
+    tokens = find_special_tokens(folder / "tokenizer.json", encoder=encoder, named=source_config)
     ids = {f"{role}_token_id": token_id for role, (_, token_id) in tokens.items()}
     (out / "config.json").write_text(json.dumps(hf_config(spec, family, dtype=dtype, bos_id=ids.get("bos_token_id"),
                                                           eos_id=ids.get("eos_token_id"),
@@ -137,7 +137,7 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
     return out
 
 
-def _special_tokens(path: Path, encoder: bool = False, named: dict | None = None) -> dict[str, tuple[str, int]]:
+def find_special_tokens(path: Path, encoder: bool = False, named: dict | None = None) -> dict[str, tuple[str, int]]:
     """role (bos, eos, pad; an encoder's: cls, sep, mask, pad) -> (token, id) for the special tokens of
     tokenizer.json: the ones `named` (an imported tokenizer_config.json) gives, else found by name."""
     if not path.is_file():

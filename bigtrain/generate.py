@@ -138,7 +138,7 @@ def _load(folder: Path, model_cfg, *, hf: bool, dtype: torch.dtype, device: str)
     from bigtrain.models.layers import RotaryEmbedding
     from bigtrain.strategy import open_weights
 
-    tokenizer_path = _tokenizer_path(folder)
+    tokenizer_path = find_tokenizer_file(folder)
     tokenizer = _read_tokenizer(tokenizer_path)
     reader = open_hf_weights(folder) if hf else open_weights(folder)
     shapes = reader.tensors()
@@ -172,7 +172,7 @@ def _load(folder: Path, model_cfg, *, hf: bool, dtype: torch.dtype, device: str)
                      vocab_limit=limit if model_cfg.vocab_size is None and limit < vocab_size else None)
 
 
-def _tokenizer_path(folder: Path) -> Path:
+def find_tokenizer_file(folder: Path) -> Path:
     """tokenizer.json of the folder, or of the run dir a checkpoint folder sits in."""
     for candidate in (folder / TOKENIZER_FILE, folder.parent.parent / TOKENIZER_FILE):
         if candidate.is_file():

@@ -45,6 +45,7 @@ class MetricsLogger:
         total_steps: int,
         start_step: int = 0,
         wandb_run_id: str | None = None,
+        metrics_file: bool = True,
         curves: bool = False,
     ) -> None:
         self._enabled = enabled
@@ -65,11 +66,12 @@ class MetricsLogger:
             self._display = ProgressDisplay(total_steps, start_step, live=stderr_is_tty())
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / METRICS_FILE
-        # Steps after start_step were logged by a run killed after its last checkpoint and will
-        # be redone; dropping them (also when start_step is 0) keeps the file free of repeats.
-        _drop_lines_after(path, start_step)
-        self._file = path.open("a", encoding="utf-8")
+        if metrics_file:  # False: wandb only (`bigtrain eval --tasks` logging into a finished run)
+            path = run_dir / METRICS_FILE
+            # Steps after start_step were logged by a run killed after its last checkpoint and will
+            # be redone; dropping them (also when start_step is 0) keeps the file free of repeats.
+            _drop_lines_after(path, start_step)
+            self._file = path.open("a", encoding="utf-8")
         self._wandb_run = self._start_wandb(cfg, run_dir, run_name, config, wandb_run_id)
         if self._wandb_run is not None:
             self._wandb_run_id = self._wandb_run.id
@@ -88,8 +90,9 @@ class MetricsLogger:
         if not self._enabled or self._closed:
             return
         values = {key: _plain_number(value) for key, value in metrics.items()}
-        self._file.write(json.dumps({"step": step, **values}) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps({"step": step, **values}) + "\n")
+            self._file.flush()
         self._logged_since_curves += 1
         if self._wandb_run is not None:
             self._call_wandb(self._wandb_run.log, values, step=step)
@@ -162,7 +165,8 @@ class MetricsLogger:
         if self._wandb_run is not None:
             self._call_wandb(self._wandb_run.finish)
             self._wandb_run = None
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self) -> MetricsLogger:
         return self

@@ -1,0 +1,199 @@
+"""`bigtrain eval RUN --tasks …`: lm-evaluation-harness tasks (hellaswag, arc_easy, or custom YAML tasks)
+on a decoder run or checkpoint, through an lm-eval model over bigtrain's own decoder.
+
+`BigtrainLM` is lm-eval's `TemplateLM`, loaded as `bigtrain generate` loads a model (`load_generator`).
+lm-eval itself splits each (context, continuation) pair into ids as its `hf` backend does (trailing
+spaces moved to the continuation; the whole text encoded, then split); the tokenizer.json encodes with
+its own special-token rules, as the exported PreTrainedTokenizerFast does. `_loglikelihood_tokens`
+scores as the `hf` backend: (context + continuation)[-(max_len + 1):][:-1] as input, right-padded
+batches under the causal mask, log_softmax in fp32 over every logit row, the continuation's log-probs
+summed, and whether each continuation token was the argmax. So the scores are lm-eval's `hf` model's
+on the `bigtrain export --format hf` folder (tests/unit/test_lm_eval_adapter.py). Generation tasks
+(`generate_until`) are not supported yet: a one-line error.
+
+`run_lm_eval` runs `lm_eval.simple_evaluate`; `task_scores` reduces its results to task -> metric -> value.
+lm-eval is imported only here (`pip install 'bigtrain[eval]'`); this module is imported only by
+`bigtrain eval --tasks`, so the import happens there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bigtrain.errors import UserError
+
+try:
+    import lm_eval
+    from lm_eval.api.model import TemplateLM
+except ImportError:  # run_lm_eval names the fix
+    lm_eval = None
+    TemplateLM = object
+
+if TYPE_CHECKING:
+    from bigtrain.generate import Generator
+
+INSTALL_HINT = "pip install 'bigtrain[eval]'"
+REPORT_PREFIX = "lm-eval-"  # RUN/eval/lm-eval-step-NNNNNNN.json
+
+
+def require_lm_eval() -> None:
+    if lm_eval is None:
+        raise UserError(f"eval --tasks needs lm-eval (lm-evaluation-harness), which is not installed — {INSTALL_HINT}")
+
+
+class BigtrainLM(TemplateLM):
+    """lm-eval's model interface over a bigtrain decoder (a `Generator` from `load_generator`)."""
+
+    def __init__(self, gen: Generator, batch_size: int = 16):
+        super().__init__()
+        from bigtrain.export import find_special_tokens
+        from bigtrain.generate import find_tokenizer_file
+
+        self.gen, self.model, self.batch_size = gen, gen.model, batch_size
+        self.max_length = gen.model.spec.max_seq_len
+        self._device = gen.model.tok_emb.weight.device
+        if not gen.eos_ids:
+            raise UserError(f"eval --tasks: the tokenizer of {gen.folder} has no end-of-text token "
+                            f"(<|endoftext|>, </s>, …) — lm-eval needs one as the context of an empty prompt")
+        # the BOS the HF export names (its tokenizer_config.json), else EOS: the hf backend's prefix_token_id
+        bos = find_special_tokens(find_tokenizer_file(gen.folder), named=gen.template_tokens).get("bos")
+        self._bos_text = bos[0] if bos else None
+        self._prefix_id = bos[1] if bos else gen.eos_ids[0]
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.gen.eos_ids[0]
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self._prefix_id
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """Ids of `string`; None: the tokenizer's own special-token rule, off when the text starts with BOS."""
+        if add_special_tokens is None:
+            add_special_tokens = not (self._bos_text and string.startswith(self._bos_text))
+        return self.gen.tokenizer.encode(string, add_special_tokens=add_special_tokens).ids
+
+    def tok_decode(self, tokens: list[int], **kwargs) -> str:
+        return self.gen.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(sum of the continuation's log-probs, whether it is the greedy continuation) per
+        ((context, continuation), context_ids, continuation_ids), longest first in batches."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            # the last token is only a target; too long: cut from the left, as the hf backend does
+            inputs = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in batch]
+            ids = torch.zeros(len(batch), max(map(len, inputs)), dtype=torch.long)  # (B, T), right-padded
+            for row, tokens in enumerate(inputs):
+                ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            logprobs = self.model(ids.to(self._device)).float().log_softmax(dim=-1)  # (B, T, V)
+            for row, i in enumerate(batch):
+                (request, _, continuation), n = requests[i], len(inputs[row])
+                target = torch.tensor(continuation, dtype=torch.long, device=self._device)  # (C,)
+                scores = logprobs[row, n - len(continuation):n]  # (C, V): the positions predicting the continuation
+                answer = (float(scores.gather(-1, target[:, None]).sum()), bool((scores.argmax(-1) == target).all()))
+                results[i] = answer
+                if request is not None:
+                    self.cache_hook.add_partial("loglikelihood", request, answer)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of each whole text: disjoint windows of max_length tokens (perplexity tasks)."""
+        from lm_eval import utils
+
+        totals = []
+        for (text,) in [request.args for request in requests]:
+            windows = [(None, *utils.make_disjoint_window(window)) for window in utils.get_rolling_token_windows(
+                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                context_len=1)]
+            totals.append(sum(score for score, _ in self._loglikelihood_tokens(windows)))
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        raise UserError("eval --tasks: generation tasks (generate_until) are not supported yet — choose "
+                        "loglikelihood or multiple-choice tasks (hellaswag, arc_easy, piqa, …)")
+
+
+def task_manager(include_path: str | Path | None = None):
+    """lm-eval's TaskManager with its own tasks and those of the folder `include_path` (YAML task files)."""
+    require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise UserError(f"eval --include-path: '{include_path}' is not a folder of lm-eval task YAML files")
+    return TaskManager(include_path=str(include_path) if include_path is not None else None)
+
+
+def check_tasks(names: list[str], manager) -> list[str]:
+    """The task names, each one lm-eval knows (a task, group or tag); else a UserError naming it."""
+    if not names:
+        raise UserError("eval --tasks: no task named — e.g. --tasks hellaswag,arc_easy")
+    known = set(manager.all_tasks)
+    for name in names:
+        if name not in known:
+            raise UserError(f"eval --tasks: unknown lm-eval task '{name}' — `lm-eval ls tasks` lists them; a custom "
+                            f"task's YAML folder goes in --include-path DIR")
+    return names
+
+
+def run_lm_eval(gen: Generator, tasks: list[str], manager, *, limit: int | None = None, num_fewshot: int | None = None,
+                batch_size: int = 16, log_samples: bool = False) -> dict[str, Any]:
+    """lm_eval.simple_evaluate of `tasks` (known to `manager`, a `task_manager`) on the decoder `gen`; its
+    results dict (with per-sample records under "samples" when log_samples)."""
+    check_tasks(tasks, manager)
+    if limit is not None and limit < 1:
+        raise UserError(f"eval --limit={limit}: must be at least 1")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UserError(f"eval --num-fewshot={num_fewshot}: must be >= 0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    results = lm_eval.simple_evaluate(model=BigtrainLM(gen, batch_size=batch_size), tasks=list(tasks), limit=limit,
+                                      num_fewshot=num_fewshot, task_manager=manager, log_samples=log_samples,
+                                      bootstrap_iters=0)
+    if results is None:  # simple_evaluate returns None on ranks other than 0
+        return {}
+    return results
+
+
+def task_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """task -> metric -> value from lm-eval's results ("acc,none" -> "acc"; another filter stays in the name)."""
+    scores: dict[str, dict[str, float]] = {}
+    for task, metrics in {**results.get("results", {}), **results.get("groups", {})}.items():
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue  # alias, "N/A" stderr
+            metric, _, filtered = key.partition(",")
+            scores.setdefault(task, {})[metric if filtered in ("", "none") else f"{metric},{filtered}"] = float(value)
+    return scores
+
+
+def run_config(results: dict[str, Any], *, tasks: list[str], include_path, limit, num_fewshot) -> dict[str, Any]:
+    """What the report records of how lm-eval ran."""
+    return {"tasks": list(tasks), "include_path": None if include_path is None else str(include_path), "limit": limit,
+            "num_fewshot": num_fewshot, "lm_eval_version": lm_eval.__version__, "n-shot": results.get("n-shot", {}),
+            "n-samples": results.get("n-samples", {}), "versions": results.get("versions", {}),
+            "task_configs": results.get("configs", {})}
+
+
+def scores_table(scores: dict[str, dict[str, float]]) -> str:
+    """task · metric · value (± stderr when lm-eval gives one), one metric per line."""
+    rows = [(task, metric, value, metrics.get(f"{metric}_stderr")) for task, metrics in scores.items()
+            for metric, value in metrics.items() if not metric.endswith("_stderr")]
+    if not rows:
+        return "(no scores)"
+    tw, mw = max(4, *(len(r[0]) for r in rows)), max(6, *(len(r[1]) for r in rows))
+    number = lambda v: "" if v is None else f"{v:.4f}" if abs(v) < 1e5 else f"{v:.4g}"  # noqa: E731
+    lines = [f"{'task':<{tw}}  {'metric':<{mw}}  {'value':>10}  {'stderr':>8}"]
+    lines += [f"{t:<{tw}}  {m:<{mw}}  {number(v):>10}  {number(s):>8}" for t, m, v, s in rows]
+    return "\n".join(lines)
