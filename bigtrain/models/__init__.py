@@ -11,6 +11,8 @@ validates it before starting any process; torch and the model classes load on fi
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 from typing import TYPE_CHECKING
 
@@ -61,6 +63,25 @@ def resolve_model_spec(cfg: ModelConfig, vocab_size: int | None = None, *, head:
     return resolve_spec(cfg, vocab_size, head=head, num_labels=num_labels, pooling=pooling)
 
 
+@contextlib.contextmanager
+def skip_default_init():
+    """While the model is constructed, Linear/Embedding/norm layers skip their own default init:
+    `init_weights` sets every parameter right after, so drawing them twice is waste, and untouched memory is
+    not resident (under ZeRO-3's zero.Init a module then exists whole without its pages being touched
+    before it is partitioned)."""
+    from torch import nn
+
+    classes = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm)
+    saved = {cls: cls.reset_parameters for cls in classes}
+    try:
+        for cls in classes:
+            cls.reset_parameters = lambda self: None
+        yield
+    finally:
+        for cls, method in saved.items():
+            cls.reset_parameters = method
+
+
 def build_model(cfg: ModelConfig, vocab_size: int, *, device: torch.device | str = "cpu",
                 head: str = "lm", num_labels: int | None = None, pooling: str = "auto") -> nn.Module:
     """Build and initialise the model cfg describes, its parameters on `device`.
@@ -78,7 +99,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, device: torch.device | str
     import torch
 
     spec = resolve_model_spec(cfg, vocab_size, head=head, num_labels=num_labels, pooling=pooling)
-    with torch.device(device):
+    with torch.device(device), skip_default_init():
         model = _arch_class(spec.arch)(spec)
     model.init_weights()
     return model
