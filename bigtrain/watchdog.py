@@ -7,9 +7,9 @@ The first steps (warm-up, compile), eval, checkpoints and the final barrier may 
 `parallel.collective_timeout_s` per phase instead. A collective that raises a timeout counts as a hang too.
 
 On a hang each rank publishes its position (step, how many phases into it, phase name) to the job's c10d store —
-torchrun's TCPStore at MASTER_ADDR:MASTER_PORT, which answers while every process group is stuck — and
-raises a flag there, so the other ranks (stalled too, and checking the flag once a step has stalled a few
-seconds) report at once. Each rank writes its last phases and every thread's Python stack to stderr and
+the TCPStore the process group was made on (torchrun's agent store or rank 0's), which answers while every
+process group is stuck — and raises a flag there, so the other ranks (stalled too, and checking the flag
+once a step has stalled a few seconds) report at once. Each rank writes its last phases and every thread's Python stack to stderr and
 RUN/hang/rank-N.txt (on CUDA also the NCCL flight recorder, nccl-trace-rank-N.pkl), waits for the others'
 reports, prints which ranks are behind (or sent nothing), and exits with EXIT_HANG. No rank exits before
 every reporting rank has dumped, so a launcher that kills the rest on the first exit loses nothing.
@@ -35,7 +35,6 @@ HANG_DIR = "hang"
 MIN_TIMED_STEPS = 2  # the median step time counts from this many steps (a process's first step is not timed)
 _STEP_WINDOW = 50  # the median is over the last this many steps
 _RECENT = 32  # phases kept for the report
-_STORE_TIMEOUT_S = 10.0
 _GRACE_S = 15.0  # how long a reporting rank waits for the others' reports (they check the flag every poll_s)
 
 
@@ -161,7 +160,7 @@ class Watchdog:
         if self.dist.distributed and self.dist.device.type == "cuda":
             self.hang_dir.mkdir(parents=True, exist_ok=True)  # where NCCL's own timeout dump goes
         if self.enabled:
-            self.store = _connect_store()
+            self.store = _hang_store(self.dist)
             self._thread = threading.Thread(target=self._watch, name="bigtrain-watchdog", daemon=True)
             self._thread.start()
         return self
@@ -282,22 +281,16 @@ class Watchdog:
             return None
 
 
-def _connect_store():
-    """A client of the job's c10d store (torchrun's agent store, or rank 0's) under a bigtrain prefix, or None."""
+def _hang_store(dist):
+    """The job's c10d store (dist.py made the process group on it: torchrun's agent store, or rank 0's) under a
+    bigtrain prefix, or None (reports then stay local)."""
     import torch.distributed as torch_dist
 
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
-    if not addr or not port.isdigit():
-        return None
-    try:
-        store = torch_dist.TCPStore(addr, int(port), is_master=False, wait_for_workers=False,
-                                    timeout=datetime.timedelta(seconds=_STORE_TIMEOUT_S))
-    except Exception as e:
-        print(f"bigtrain: warning: hang reports stay local (c10d store {addr}:{port}: {str(e)[:160]})",
+    if dist.store is None:
+        print("bigtrain: warning: hang reports stay local (no c10d store from bigtrain's process-group setup)",
               file=sys.stderr, flush=True)
         return None
-    attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    return torch_dist.PrefixStore(f"bigtrain/hang/{attempt}/", store)
+    return torch_dist.PrefixStore("bigtrain/hang/", dist.store)
 
 
 def _dump_nccl_trace(dist, hang_dir: Path) -> None:

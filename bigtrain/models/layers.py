@@ -359,8 +359,8 @@ def write_rows_(param: torch.Tensor, rows) -> None:
             flat = rows(first, last).reshape(-1)
             partition.data[lo - start:hi - start].copy_(flat[lo - first * row_numel:hi - first * row_numel])
         return
-    for first, stop in _row_blocks(0, param.shape[0] if param.dim() else 1, math.prod(param.shape[1:])):
-        param[first:stop].copy_(rows(first, stop)) if param.dim() else param.copy_(rows(0, 1).reshape(()))
+    for first, stop in _row_blocks(0, param.shape[0], math.prod(param.shape[1:])):
+        param[first:stop].copy_(rows(first, stop))
 
 
 def _row_blocks(first: int, stop: int, row_numel: int):

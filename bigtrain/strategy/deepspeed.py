@@ -46,7 +46,7 @@ from torch import nn
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, barrier, broadcast_object, use_tf32
 from bigtrain.strategy.precision import PrecisionTable
-from bigtrain.strategy.transforms import apply_transforms
+from bigtrain.strategy.transforms import apply_transforms, named_tensors
 
 TAG = "deepspeed"  # the one DeepSpeed tag folder inside a bigtrain checkpoint folder
 LAYOUT = "deepspeed.json"  # ZeRO stage and world size that wrote it: another layout loads via universal
@@ -296,7 +296,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         stage3 = self.ds.zero_optimization_partition_weights()
-        for name, tensor in _named_tensors(self.module).items():
+        for name, tensor in named_tensors(self.module).items():
             if name not in weights:
                 continue
             # ZeRO-3: gather the full parameter, let rank 0 write it, re-partition from rank 0's copy.
@@ -387,14 +387,6 @@ def _cpu_adam(optimizer: torch.optim.Optimizer):
     groups = [dict(g) for g in optimizer.param_groups]
     return DeepSpeedCPUAdam(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
                             adamw_mode=True)
-
-
-def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers under their state_dict names (tied weights under every name)."""
-    named = {}
-    for name, tensor in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
-        named[name.replace(_WRAPPED, "")] = tensor
-    return named
 
 
 def _to_universal(tag_folder: Path, output: Path) -> None:

@@ -23,6 +23,7 @@ class Dist:
     world_size: int
     device: torch.device
     backend: str | None  # None when not distributed
+    store: object | None = None  # the job's c10d store the group was made on (the hang watchdog talks over it)
 
     @property
     def is_main(self) -> bool:
@@ -53,7 +54,7 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 600, collective
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    backend = None
+    backend = store = None
     if world_size > 1:
         backend = ("cuda:nccl,cpu:gloo" if cpu_collectives else "nccl") if use_cuda else "gloo"
         if not torch_dist.is_initialized():
@@ -69,7 +70,7 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 600, collective
             torch_dist.init_process_group(backend, store=torch_dist.PrefixStore("bigtrain/pg/", store), rank=rank,
                                           world_size=world_size,
                                           timeout=datetime.timedelta(seconds=collective_timeout_s), **kwargs)
-    return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, backend=backend)
+    return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, backend=backend, store=store)
 
 
 def _job_store(rank: int, world_size: int, timeout_s: float) -> torch_dist.Store:

@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, use_tf32
 from bigtrain.strategy.precision import PrecisionTable, make_grad_scaler, scaled_optimizer_step
-from bigtrain.strategy.transforms import apply_transforms
+from bigtrain.strategy.transforms import apply_transforms, named_tensors
 
 DCP_METADATA = ".metadata"  # written last by dcp.save; marks a DCP folder
 MODEL_KEY, OPTIM_KEY = "model", "optim"  # top-level keys of the DCP state: "model.<state-dict name>"
@@ -96,7 +96,6 @@ class SafeLoadPlanner(dcp.DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = value
 
 
-_WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's name prefix (state_dict keys drop it)
 _SCATTER_ELEMENTS = 1 << 20  # init_from: each rank receives at most this many elements per scatter (4 MB fp32)
 
 
@@ -227,8 +226,7 @@ class FSDPEngine:
         rank receiving just its rows; anything else (HSDP's 2-D layout, buffers) is broadcast whole. So the
         checkpoint is read once per job, and beside its shards a rank holds at most one tensor's rows (rank 0:
         the tensor it read, memory-mapped when the checkpoint is)."""
-        targets = {name.replace(_WRAPPED, "").replace("_orig_mod.", ""): t for name, t in
-                   [*self.module.named_parameters(remove_duplicate=False), *self.module.named_buffers()]}
+        targets = named_tensors(self.module)
         with torch.no_grad():
             for name in weights:  # the same names in the same order on every rank
                 _load_full_tensor(targets[name], weights[name] if self.dist.is_main else None, self.dist)

@@ -11,6 +11,20 @@ import torch
 from torch import nn
 
 
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.")  # what AC and compile add to parameter names
+
+
+def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers under their state_dict names, the transforms' wrapper parts dropped (tied
+    weights under every name): where engines write full tensors by name (init_from)."""
+    named = {}
+    for name, tensor in [*module.named_parameters(remove_duplicate=False), *module.named_buffers()]:
+        for part in _WRAPPER_PARTS:
+            name = name.replace(part, "")
+        named[name] = tensor
+    return named
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in backward. State-dict keys stay unchanged."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
