@@ -64,6 +64,7 @@ class Launch:
     run_dir: Path
     node_rank: int
     requeue: bool
+    temp_files: tuple[str, ...] = ()  # made for this launch (the deepspeed hostfile); removed when it ends
 
 
 def build_command(argv: list[str], env: dict[str, str]) -> Launch:
@@ -80,7 +81,8 @@ def build_command(argv: list[str], env: dict[str, str]) -> Launch:
     extra = {"precision": cfg.parallel.precision} if args.launcher == "accelerate" else {}
     command = LAUNCHERS[args.launcher](topo, train, timeout_s=cfg.parallel.init_timeout_s, **extra)
     added_env = {"OMP_NUM_THREADS": str(topo.omp_threads)} if topo.omp_threads else {}
-    return Launch(command, added_env, args.dry_run, Path(cfg.run_dir()), topo.node_rank, args.requeue)
+    temp_files = tuple(value for flag, value in zip(command, command[1:]) if flag == "--hostfile")
+    return Launch(command, added_env, args.dry_run, Path(cfg.run_dir()), topo.node_rank, args.requeue, temp_files)
 
 
 def main(argv: list[str]) -> int:
@@ -89,13 +91,17 @@ def main(argv: list[str]) -> int:
     except UserError as e:
         print(f"bigtrain launch: error: {e}", file=sys.stderr, flush=True)
         return 2
-    if launch.dry_run:
+    if launch.dry_run:  # the printed command names the hostfile, so a dry run leaves it for the user
         print(shlex.join([f"{k}={v}" for k, v in launch.added_env.items()] + launch.command))
         return 0
     marker = launch.run_dir / PREEMPTED_MARKER
     if launch.node_rank == 0:
         marker.unlink(missing_ok=True)  # a marker of an earlier start says nothing about this one
-    returncode = run_forwarding_signals(launch.command, {**os.environ, **launch.added_env})
+    try:
+        returncode = run_forwarding_signals(launch.command, {**os.environ, **launch.added_env})
+    finally:
+        for path in launch.temp_files:
+            Path(path).unlink(missing_ok=True)
     if returncode is None:
         return 2
     if returncode == 0 or not marker.is_file():

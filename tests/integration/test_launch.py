@@ -78,20 +78,26 @@ def test_two_node_launches_on_localhost_match_one_node_with_two_processes(baseli
 
 
 @pytest.mark.parametrize("nodes", [1, 2])
-def test_deepspeed_launcher_runs_two_processes(baseline, nodes):
+def test_deepspeed_launcher_runs_two_processes(baseline, nodes, tmp_path):
     """The deepspeed launcher (`--num_gpus N`, no GPU needed: it only sets ranks) passes --local_rank=N first;
-    as two nodes it runs without ssh (`--no_ssh --node_rank`), one launch per node."""
+    as two nodes it runs without ssh (`--no_ssh --node_rank`), one launch per node, each with a hostfile of its
+    own that is gone when the launch ends."""
     recipe, expected = baseline
+    temp = tmp_path / "tmp"
+    temp.mkdir()
     name = f"deepspeed-launcher-{nodes}"
     topology = ["--nproc-per-node", str(2 // nodes)]
     if nodes > 1:
         topology += ["--nnodes", str(nodes), "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     procs = [launch(str(recipe), f"run.name={name}", *topology, "--launcher", "deepspeed",
-                    *(["--node-rank", str(rank)] if nodes > 1 else [])) for rank in range(nodes)]
+                    *(["--node-rank", str(rank)] if nodes > 1 else []), env={"TMPDIR": str(temp)}) for rank in range(nodes)]
     results = [finish(p) for p in procs]
     for r in results:
         assert r.returncode == 0, r.stderr[-3000:]
     assert f"--local_rank={2 // nodes - 1}" in results[-1].stdout + results[-1].stderr  # the launcher's spawn log
+    if nodes > 1:  # the runner read node names from our hostfile, and it is gone
+        assert "WORLD INFO DICT: {'node-0': [0], 'node-1': [0]}" in results[0].stdout
+    assert not list(temp.glob("bigtrain-hostfile-*"))
     assert losses(recipe.parent / f"runs/{name}") == pytest.approx(expected, rel=1e-6)
 
 
