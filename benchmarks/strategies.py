@@ -13,10 +13,11 @@ round.
     python benchmarks/strategies.py --configs 100m --strategies ddp fsdp zero3 --phase build      # build peak
     python benchmarks/strategies.py --configs 100m --strategies ddp fsdp zero3 --phase init_from  # + init_from
 
-`--phase build` / `init_from` stop after the model and engine are built (no training step) and report each
-rank's peak anonymous memory (RssAnon, sampled every 2 ms: heap and tensors, not the page cache of a
-memory-mapped checkpoint) while building the model, wrapping it in the engine and loading init_from's
-weights (`init_from` first trains one step in one process for the checkpoint it then loads).
+`--phase build` / `init_from` build the model and engine as training does, take one training step, and
+report each rank's peak anonymous memory (RssAnon, sampled every 2 ms: heap and tensors, not the page cache
+of a memory-mapped checkpoint) while building the model, wrapping it in the engine, loading init_from's
+weights (`init_from` first trains one step in one process for the checkpoint it then loads) and taking that
+first step, when ddp and fsdp allocate their optimizer state (DeepSpeed does when its engine is made).
 """
 
 from __future__ import annotations
@@ -147,12 +148,22 @@ def build_only(cfg, out: str) -> None:
     bigtrain.run.build_engine = timed_build_engine
     built = build(job_cfg, dist)
     peaks["load"] = anon.phase()  # loading init_from's weights into the engine
+    # One training step (one micro-batch): ddp and fsdp allocate gradients and Adam's moments here, DeepSpeed
+    # when its engine was made, so start-up peaks compare only once every strategy holds its training state.
+    from bigtrain.loop import accumulate_gradients
+
+    engine, micro = built.engine, cfg.train.micro_batch_size
+    batch = built.task.collate([built.data.train[i] for i in range(micro)], range(micro), dist.device)
+    accumulate_gradients(engine, built.task, [batch], 1.0)
+    engine.clip_grad_norm(cfg.optim.grad_clip)
+    engine.step(True)
+    peaks["step"] = anon.phase()
     anon.close()
     params, optim = local_bytes(built.engine)
     base = peaks["start"]
     Path(f"{out}.{dist.rank}.json").write_text(json.dumps({
         "rank": dist.rank, "peak_rss_mb": max(peaks.values()), "base_mb": base,
-        **{f"{k}_rss_mb": peaks[k] - base for k in ("model", "engine", "load")},
+        **{f"{k}_rss_mb": peaks[k] - base for k in ("model", "engine", "load", "step")},
         "param_mb": params / 2**20, "optim_mb": optim / 2**20, "tokens_per_sec": 0.0,
         "n_params": built.model.num_params()}))
     built.engine.close()
@@ -207,7 +218,7 @@ def measure(config: str, strategy: str, args, tmp: Path) -> dict:
     return {"tokens_per_sec": ranks[0]["tokens_per_sec"], "n_params": ranks[0]["n_params"],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "param_mb": max(r["param_mb"] for r in ranks),
             "optim_mb": max(r["optim_mb"] for r in ranks),
-            **{key: max(r.get(key, 0.0) for r in ranks) for key in ("base_mb", "model_rss_mb", "engine_rss_mb", "load_rss_mb")}}
+            **{key: max(r.get(key, 0.0) for r in ranks) for key in ("base_mb", "model_rss_mb", "engine_rss_mb", "load_rss_mb", "step_rss_mb")}}
 
 
 def main() -> None:
@@ -232,8 +243,8 @@ def main() -> None:
                 print("Peak anonymous memory per rank (RssAnon, max over ranks, median over rounds) above the process's "
                       "memory before the build (its imports, the data), during each part of the build; ratio vs ddp")
                 print("| strategy | before MB | model build MB | vs ddp | engine (wrap + optimizer) MB | init_from load MB "
-                      "| vs ddp | params / rank MB |")
-                print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+                      "| vs ddp | first step MB | start-up peak MB | vs ddp | params / rank MB |")
+                print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
                 def median(s, key):
                     return statistics.median(r[s][key] for r in rounds)
@@ -241,10 +252,14 @@ def main() -> None:
                 def vs(s, key):
                     return median(s, key) / median("ddp", key) if "ddp" in rounds[0] else float("nan")
 
+                for r in rounds:  # the highest point of the whole start-up: build, engine, load, first step
+                    for figures in r.values():
+                        figures["startup_rss_mb"] = max(figures[f"{k}_rss_mb"] for k in ("model", "engine", "load", "step"))
                 for s in args.strategies:
                     print(f"| {s} | {median(s, 'base_mb'):,.0f} | {median(s, 'model_rss_mb'):,.0f} | "
                           f"{vs(s, 'model_rss_mb'):.2f} | {median(s, 'engine_rss_mb'):,.0f} | "
-                          f"{median(s, 'load_rss_mb'):,.0f} | {vs(s, 'load_rss_mb'):.2f} | {rounds[-1][s]['param_mb']:,.1f} |")
+                          f"{median(s, 'load_rss_mb'):,.0f} | {vs(s, 'load_rss_mb'):.2f} | {median(s, 'step_rss_mb'):,.0f} | "
+                          f"{median(s, 'startup_rss_mb'):,.0f} | {vs(s, 'startup_rss_mb'):.2f} | {rounds[-1][s]['param_mb']:,.1f} |")
                 continue
             print("| strategy | tokens/s | vs ddp (per round) | peak RSS / rank MB | params / rank MB | optimizer state / rank MB |")
             print("| --- | --- | --- | --- | --- | --- |")

@@ -13,7 +13,6 @@ next save or the process's exit waits for them. A preemption's save is synchrono
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from bigtrain import filehash
 from bigtrain.errors import UserError
 from bigtrain.strategy import Dist, barrier, open_weights
 from bigtrain.strategy.dist import all_gather_object, new_background_group
@@ -160,7 +160,7 @@ def _start(run_dir: Path, step: int, dist: Dist) -> tuple[Path, Path]:
 
 def _write_trainer_files(tmp: Path, state: TrainState, engine, dist: Dist, rng: dict, config_yaml: str,
                          extra_files: dict[str, Path] | None) -> None:
-    torch.save(rng, tmp / "rng" / f"rank-{dist.rank:05d}.pt")
+    filehash.save(rng, tmp / "rng" / f"rank-{dist.rank:05d}.pt")
     if dist.is_main:
         (tmp / TRAINER).write_text(json.dumps({**asdict(state), "world_size": dist.world_size,
                                                "format": engine.checkpoint_format,
@@ -200,10 +200,6 @@ def prune(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _file_entry(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-
-
 def _shares(names: list[tuple[str, int]], world_size: int) -> list[list[str]]:
     """Split files among ranks by size, largest first to the least loaded rank (each file read once)."""
     shares, loads = [[] for _ in range(world_size)], [0] * world_size
@@ -215,22 +211,20 @@ def _shares(names: list[tuple[str, int]], world_size: int) -> list[list[str]]:
 
 
 def hash_files(folder: Path, dist: Dist, group=None) -> dict[str, dict]:
-    """{relative name: {bytes, sha256}} of every file under `folder` (collective): the ranks hash the files
-    in parallel, each its share (by size), so a save or verify takes the time of 1/world of the bytes."""
-    sized = [(str(p.relative_to(folder)), p.stat().st_size) for p in sorted(folder.rglob("*")) if p.is_file()]
-    mine = _shares(sized, dist.world_size)[dist.rank]
+    """{relative name: {bytes, sha256}} of every file under `folder` (collective). A file whose digest was taken
+    as it was written (bigtrain/filehash.py: torch.save files, DCP shards) is not read again; the rest
+    (DeepSpeed's files) the ranks hash in parallel, each its share by size, so that part of a save or
+    verify takes the time of 1/world of those bytes."""
+    names = [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file()]
     entries = {}
-    for part in all_gather_object(dist, {name: _file_entry(folder / name) for name in mine}, group):
+    for part in all_gather_object(dist, {n: e for n in names if (e := filehash.known(folder / n))}, group):
         entries.update(part)
+    rest = [(n, (folder / n).stat().st_size) for n in names if n not in entries]
+    mine = _shares(rest, dist.world_size)[dist.rank]
+    for part in all_gather_object(dist, {name: filehash.file_entry(folder / name) for name in mine}, group):
+        entries.update(part)
+    filehash.forget(folder)
     return dict(sorted(entries.items()))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -324,7 +318,7 @@ def _file_problem(folder: Path, name: str, size: int, sha256: str) -> str | None
         return f"incomplete checkpoint {folder}: missing {name}"
     if path.stat().st_size != size:
         return f"truncated checkpoint file {path}: {path.stat().st_size} bytes, manifest says {size}"
-    if _sha256(path) != sha256:
+    if filehash.sha256(path) != sha256:
         return f"corrupted checkpoint file {path}: sha256 does not match the manifest"
     return None
 

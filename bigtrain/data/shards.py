@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from bigtrain.errors import UserError
+from bigtrain.filehash import sha256
 
 FORMAT_VERSION = 1
 INDEX = "index.json"
 DOC_OFFSETS = "doc_offsets.npy"
 MAX_SHARD_TOKENS = 2**27  # 256 MiB of uint16 per shard
 
-_HASH_CHUNK_BYTES = 1 << 23
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -93,12 +93,12 @@ class SplitWriter:
         for name, parts in self.arrays.items():
             path = self.folder / f"{name}.npy"
             np.save(path, np.concatenate(parts))
-            arrays.append({"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)})
+            arrays.append({"file": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)})
         return {
             "num_tokens": int(offsets[-1]),
             "num_docs": int(lengths.size),
             "shards": self.shards,
-            "doc_offsets_sha256": _sha256(self.folder / DOC_OFFSETS),
+            "doc_offsets_sha256": sha256(self.folder / DOC_OFFSETS),
             "arrays": arrays,
         }
 
@@ -174,19 +174,11 @@ def verify_split(cache_path: Path, split: str, info: dict, dtype: np.dtype, *, c
 
 
 def _check_sha256(path: Path, expected: str, cache_path: Path, *, what: str) -> None:
-    got = _sha256(path)
+    got = sha256(path)
     if got != expected:
         raise UserError(
             f"corrupted {what} {path}: sha256 mismatch (expected {expected}, got {got}) — {_fix_hint(cache_path)}"
         )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fix_hint(cache_path: Path) -> str:

@@ -168,6 +168,28 @@ def import_deepspeed():
     return deepspeed
 
 
+def _partitioning_init(deepspeed):
+    """deepspeed.zero.Init without its broadcast of each new parameter from rank 0.
+
+    zero.Init sends every parameter whole from rank 0 before partitioning it, so that ranks which drew
+    different random values agree. bigtrain's models draw nothing in their constructors (build_model skips
+    torch's default init) and init_weights writes each rank's partition from the same per-row seeds right
+    after, so the broadcast would ship uninitialised memory, and receiving it makes every rank touch the whole
+    tensor: the largest one (embedding or head) then sets the build's peak. Partitioning directly copies only
+    this rank's rows. `_zero_init_param` is DeepSpeed's per-parameter hook (broadcast, then partition) in the
+    versions we allow; should it go, the plain Init is used, which is correct, only heavier."""
+    init = deepspeed.zero.Init
+    if not callable(getattr(init, "_zero_init_param", None)):
+        return init
+
+    class PartitioningInit(init):
+        def _zero_init_param(self, param):
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+    return PartitioningInit
+
+
 def _ensure_process_group(dist: Dist) -> None:
     """DeepSpeed runs on a torch.distributed group: a one-process group when started alone."""
     if not torch_dist.is_initialized():
@@ -233,7 +255,7 @@ class DeepSpeedEngine:
         _ensure_process_group(dist)
         # DeepSpeed's comm layer over the existing group (deepspeed.initialize does this later; Init needs it now)
         deepspeed.init_distributed(dist_backend=torch_dist.get_backend(), dist_init_required=False)
-        return deepspeed.zero.Init(config_dict_or_path=build_deepspeed_config(recipe, dist.world_size))
+        return _partitioning_init(deepspeed)(config_dict_or_path=build_deepspeed_config(recipe, dist.world_size))
 
     # ---------------------------------------------------------------- step pieces
 

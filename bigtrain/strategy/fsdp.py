@@ -34,6 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from bigtrain import filehash
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, use_tf32
 from bigtrain.strategy.precision import PrecisionTable, make_grad_scaler, scaled_optimizer_step
@@ -129,6 +130,14 @@ def _load_full_tensor(target: torch.Tensor, full: torch.Tensor | None, dist: Dis
     if isinstance(target, DTensor):
         buffer = distribute_tensor(buffer, target.device_mesh, target.placements, src_data_rank=None).to_local()
     local.copy_(buffer)
+
+
+def _hashing_writer(folder: Path) -> dcp.FileSystemWriter:
+    """DCP's file writer for `folder`, hashing each shard (and .metadata) as it writes it (bigtrain/filehash.py),
+    so the manifest needs no second read of the checkpoint."""
+    writer = dcp.FileSystemWriter(folder)
+    writer.fs = filehash.hashing_filesystem()
+    return writer
 
 
 def build_mesh(dist: Dist, shard_group_size: int | None) -> DeviceMesh:
@@ -234,18 +243,18 @@ class FSDPEngine:
     def save_state(self, folder: Path) -> None:
         """Every rank writes its shards of model and optimizer state into `folder` (synchronous DCP save)."""
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        dcp.save({MODEL_KEY: model_state, OPTIM_KEY: optim_state}, checkpoint_id=folder)
+        dcp.save({MODEL_KEY: model_state, OPTIM_KEY: optim_state}, storage_writer=_hashing_writer(folder))
         if self.scaler and self.dist.is_main:
-            torch.save(self.scaler.state_dict(), folder / "scaler.pt")
+            filehash.save(self.scaler.state_dict(), folder / "scaler.pt")
 
     def save_state_async(self, folder: Path, group=None) -> Future:
         """DCP's async_save: this rank's shards are copied to host memory now, then written by DCP's thread,
         planned over `group` (a gloo group of its own, so its collectives never meet the training loop's)."""
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        future = dcp.async_save({MODEL_KEY: model_state, OPTIM_KEY: optim_state}, checkpoint_id=folder,
+        future = dcp.async_save({MODEL_KEY: model_state, OPTIM_KEY: optim_state}, storage_writer=_hashing_writer(folder),
                                 process_group=group)
         if self.scaler and self.dist.is_main:
-            torch.save(self.scaler.state_dict(), folder / "scaler.pt")
+            filehash.save(self.scaler.state_dict(), folder / "scaler.pt")
         return future
 
     def load_state(self, folder: Path) -> None:

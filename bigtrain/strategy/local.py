@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from bigtrain import filehash
 from bigtrain.strategy.dist import Dist, use_tf32
 from bigtrain.strategy.precision import PrecisionTable, autocast, make_grad_scaler, scaled_optimizer_step
 from bigtrain.strategy.transforms import apply_transforms
@@ -101,7 +102,7 @@ class LocalEngine:
     def save_state(self, folder: Path) -> None:
         if self.dist.is_main:
             for name, state in self._state_files().items():
-                torch.save(state, folder / name)
+                filehash.save(state, folder / name)
 
     def save_state_async(self, folder: Path, group=None) -> Future:
         """Copy the state to host memory now (the only part the training thread waits for), write it from a
@@ -109,7 +110,7 @@ class LocalEngine:
         if not self.dist.is_main:
             return _done()
         staged = copy_to_host(self._state_files())
-        return in_background(lambda: [torch.save(state, folder / name) for name, state in staged.items()])
+        return in_background(lambda: [filehash.save(state, folder / name) for name, state in staged.items()])
 
     def load_state(self, folder: Path) -> None:
         device = self.dist.device

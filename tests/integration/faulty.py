@@ -5,6 +5,8 @@
 Kinds (at training step S on rank R only; other ranks and steps run untouched):
     sleep:seconds=N   the forward of the step's first micro-batch sleeps N seconds (a rank that stops arriving)
     nan               every micro-batch's loss of the step is multiplied by NaN (NaN loss and gradients)
+    slow_save:seconds=N   the save of step S sleeps N seconds before writing its trainer files (with async
+                      saves: in the background thread, so the save is still in flight while training goes on)
 
 The fault goes in by wrapping the task's `loss_sum` and the loop's batch fetch (which tells the step), so
 production code carries no test hooks. Without BIGTRAIN_FAULT this is exactly `python -m bigtrain`.
@@ -16,6 +18,7 @@ import os
 import sys
 import time
 
+import bigtrain.checkpoint
 import bigtrain.loop
 import bigtrain.run
 from bigtrain.cli import main
@@ -29,7 +32,7 @@ def parse_fault(text: str) -> dict:
         key, _, value = pair.partition("=")
         fault[key] = int(value) if key in ("rank", "step") else float(value)
     if kind not in FAULTS or "rank" not in fault or "step" not in fault:
-        raise SystemExit(f"BIGTRAIN_FAULT={text!r}: want KIND:rank=R:step=S[:key=value] with KIND one of {sorted(FAULTS)}")
+        raise SystemExit(f"BIGTRAIN_FAULT={text!r}: want KIND:rank=R:step=S[:key=value] with KIND one of {FAULTS}")
     return fault
 
 
@@ -45,12 +48,30 @@ def nan_loss(fault: dict, loss_sum, model, batch):
     return loss_sum(model, batch) * float("nan")
 
 
-FAULTS = {"sleep": sleep_in_forward, "nan": nan_loss}
+def install_slow_save(fault: dict) -> None:
+    write = bigtrain.checkpoint._write_trainer_files
+
+    def slow_write(tmp, state, *args, **kwargs):
+        if state.step == fault["step"]:
+            print(f"faulty: rank {fault['rank']}'s save of step {state.step} sleeps {fault['seconds']:g} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(fault["seconds"])
+        return write(tmp, state, *args, **kwargs)
+
+    bigtrain.checkpoint._write_trainer_files = slow_write
+
+
+LOSS_FAULTS = {"sleep": sleep_in_forward, "nan": nan_loss}
+FAULTS = [*LOSS_FAULTS, "slow_save"]
 
 
 def install(fault: dict) -> None:
-    """Wrap the loop's batch fetch (to know the step) and the built task's loss (to misbehave at that step)."""
+    """Wrap the loop's batch fetch (to know the step) and the built task's loss (to misbehave at that step), or
+    the checkpoint's trainer-file writer (slow_save)."""
     if int(os.environ.get("RANK", "0")) != fault["rank"]:
+        return
+    if fault["kind"] == "slow_save":
+        install_slow_save(fault)
         return
     current = {"step": 0}
     fetch, build_task = bigtrain.loop.fetch_micro_batches, bigtrain.run.build_task
@@ -65,7 +86,7 @@ def install(fault: dict) -> None:
 
         def faulty_loss_sum(model, batch):
             if model.training and current["step"] == fault["step"]:
-                return FAULTS[fault["kind"]](fault, loss_sum, model, batch)
+                return LOSS_FAULTS[fault["kind"]](fault, loss_sum, model, batch)
             return loss_sum(model, batch)
 
         task.loss_sum = faulty_loss_sum

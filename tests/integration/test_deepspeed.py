@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from bigtrain.checkpoint import _file_entry
+from bigtrain.filehash import file_entry
 from tests.conftest import REPO, run_cli, run_torchrun, tiny_recipe, write_recipe
 from tests.integration.test_train import read_metrics
 
@@ -156,7 +156,7 @@ def test_deepspeed_zero2_checkpoint_resumes_as_zero1_and_zero3_refuses_it(tmp_pa
     target = sorted((folder / "deepspeed").glob("*optim_states.pt"))[0]
     torch.save({"optimizer_state_dict": RunsCode()}, target)
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"][str(target.relative_to(folder))] = _file_entry(target)
+    manifest["files"][str(target.relative_to(folder))] = file_entry(target)
     (folder / "manifest.json").write_text(json.dumps(manifest))
     for result in (run_cli("export", str(crafted), str(tmp_path / "out")),
                    run_cli("train", str(recipe), "run.name=crafted", f"run.output_dir={tmp_path}",

@@ -286,7 +286,8 @@ def test_dcp_checkpoint_reads_back_exactly_and_a_code_running_metadata_pickle_is
     import os
     import pickle
 
-    from bigtrain.checkpoint import TrainState, _file_entry, save
+    from bigtrain.checkpoint import TrainState, save
+    from bigtrain.filehash import file_entry
     from bigtrain.cli import main
     from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
     from bigtrain.errors import UserError
@@ -315,7 +316,7 @@ def test_dcp_checkpoint_reads_back_exactly_and_a_code_running_metadata_pickle_is
     manifest = json.loads((folder / "manifest.json").read_text())
     for payload in (pickle.dumps(RunsCode()), dotted):
         (folder / ".metadata").write_bytes(payload)
-        manifest["files"][".metadata"] = _file_entry(folder / ".metadata")  # consistent manifest: a crafted checkpoint
+        manifest["files"][".metadata"] = file_entry(folder / ".metadata")  # consistent manifest: a crafted checkpoint
         (folder / "manifest.json").write_text(json.dumps(manifest))
         assert main(["export", str(folder), str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err

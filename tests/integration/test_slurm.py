@@ -250,6 +250,9 @@ def test_sbatch_finetune_starts_from_the_pretrain_run(pretrain, cache_dir):
 
 
 def test_sigterm_to_bigtrain_train_checkpoints_exits_75_and_rerun_matches_uninterrupted(tmp_path, cache_dir):
+    """The signal comes while the async save of step 3 is still being written (tests/integration/faulty.py makes
+    that save sleep 4 s in its background thread): the preemption save waits for it, then writes its own step
+    synchronously before exit 75, so both checkpoints are complete."""
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
         cache_dir, tmp_path / "runs", train={"max_steps": STEPS, "global_batch_size": 8, "micro_batch_size": 4},
         eval={"every": 30, "max_samples": 8}, checkpoint={"every": 0, "keep_last": 0}))
@@ -257,10 +260,16 @@ def test_sigterm_to_bigtrain_train_checkpoints_exits_75_and_rerun_matches_uninte
     assert straight.returncode == 0, straight.stderr
 
     run_dir = tmp_path / "runs" / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "bigtrain", "train", str(recipe), "run.name=stopped"], env=ENV,
+    in_flight = run_dir / "checkpoints/.tmp-step-0000003"
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests/integration/faulty.py"), "train", str(recipe),
+                             "run.name=stopped", "checkpoint.every=3"],
+                            env={**ENV, "BIGTRAIN_FAULT": "slow_save:rank=0:step=3:seconds=4"},
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_step(run_dir, 3, "", log=tmp_path / "none")
+        deadline = time.monotonic() + 120
+        while not in_flight.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert in_flight.is_dir(), "the save of step 3 never started"
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)  # a second signal changes nothing
@@ -268,10 +277,13 @@ def test_sigterm_to_bigtrain_train_checkpoints_exits_75_and_rerun_matches_uninte
     finally:
         proc.kill()
     assert proc.returncode == 75, err[-3000:]
+    assert "faulty: rank 0's save of step 3 sleeps 4 s" in err
     found = re.search(r"bigtrain: preempted by SIGTERM at step (\d+); checkpoint saved", err)
     assert found, err[-3000:]
     step = int(found.group(1))
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step-{step:07d}"]
+    assert step > 3 and sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000003", f"step-{step:07d}"]
+    verified = run_cli("verify", str(run_dir), env=ENV)  # both complete: every byte matches its manifest
+    assert verified.returncode == 0 and "step-0000003" in verified.stdout + verified.stderr, verified.stderr
     assert json.loads((run_dir / "preempted.json").read_text())["step"] == step
 
     rest = run_cli("train", str(recipe), "run.name=stopped", env=ENV)  # same threads: same float sums

@@ -264,6 +264,52 @@ def test_checkpoint_hashing_shares_every_file_once_balanced_by_size():
     assert _shares(files, 1) == [["a", "b", "c", "d", "e", "f"]]
 
 
+def test_files_hashed_while_written_are_not_read_back_for_the_manifest(tmp_path):
+    """filehash.save / DCP's writer record each file's sha256 as its bytes go out; hash_files takes the record
+    while the file is unchanged (size, mtime, inode) and reads back only the rest. Shown by rewriting a recorded
+    file in place behind its back (same size, mtime put back): the manifest keeps the written bytes' digest."""
+    import hashlib
+
+    import torch.distributed.checkpoint as dcp
+
+    from bigtrain import filehash
+    from bigtrain.checkpoint import hash_files
+    from bigtrain.strategy import Dist
+    from bigtrain.strategy.fsdp import _hashing_writer
+
+    def digest(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    dist = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    filehash.save({"w": torch.arange(1000.0)}, folder / "model.pt")
+    dcp.save({"m": {"w": torch.ones(64, 8)}}, storage_writer=_hashing_writer(folder / "dcp"), no_dist=True)
+    (folder / "trainer.json").write_text("{}")  # written plainly: read back
+    written = {name: digest(folder / name) for name in ("model.pt", "dcp/.metadata", "dcp/__0_0.distcp", "trainer.json")}
+    assert {name: filehash.known(folder / name) for name in written} == {
+        **{name: {"bytes": (folder / name).stat().st_size, "sha256": written[name]} for name in written},
+        "trainer.json": None}
+    assert torch.load(folder / "model.pt", weights_only=True)["w"].equal(torch.arange(1000.0))
+
+    model = folder / "model.pt"
+    info = model.stat()
+    raw = bytearray(model.read_bytes())
+    raw[-1] ^= 0xFF
+    with open(model, "r+b") as f:  # the same inode and size
+        f.write(raw)
+    os.utime(model, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert digest(model) != written["model.pt"]
+    entries = hash_files(folder, dist)
+    assert {name: entry["sha256"] for name, entry in entries.items()} == written  # model.pt not read again
+    assert filehash.known(model) is None  # the records go with the manifest
+    assert hash_files(folder, dist)["model.pt"]["sha256"] == digest(model)  # unrecorded: read back
+
+    filehash.save({"w": torch.zeros(3)}, model)
+    model.write_bytes(model.read_bytes())  # rewritten by someone else (new mtime): the record is not trusted
+    assert filehash.known(model) is None
+
+
 def test_async_save_copies_the_state_at_the_call_and_the_next_save_waits_for_it(tmp_path, capsys):
     """checkpoint.async_save: save() returns before anything is published; training may change the weights
     meanwhile, yet the checkpoint holds them as they were at the call. A synchronous save (preemption) waits for
