@@ -9,11 +9,14 @@ checkpoints) / saves, which also counts the background thread slowing the steps 
 
 sizes: one torchrun job that builds FSDP engines of each size, takes one optimizer step (so the Adam state
 exists), and times a synchronous save (write, fsync, checksums, manifest, rename: a preemption's save) and a
-collective `verify` of it. A least-squares line t = a + b · bytes per rank gives the measured rate; the
-preemption budget (120 s at 1 GB/s per node) is then worked out from it.
+collective `verify` of it. Saves alternate between files hashed as they are written (bigtrain/filehash.py,
+the default) and the manifest reading every file back after writing (as before), two of each. A least-squares
+line t = a + b · bytes per rank gives the measured rate; the preemption budget (120 s at 1 GB/s per node) is
+then worked out from it.
 
     python benchmarks/checkpoints.py [--config 100m] [--strategies ddp fsdp] [--steps 7] [--every 2]
                                      [--sizes debug 50m 100m] [--nproc 2]
+    python benchmarks/checkpoints.py --strategies --sizes debug 50m 100m    # only save + verify vs size
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def sizes_worker(sizes: list[str], out: str) -> None:
     """(In each torchrun process.) Per size: FSDP engine, one step, timed sync save and collective verify."""
     import torch
 
-    from bigtrain import checkpoint
+    from bigtrain import checkpoint, filehash
     from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig, dump_yaml, Config
     from bigtrain.models import build_model
     from bigtrain.optim import build_optimizer
@@ -69,18 +72,25 @@ def sizes_worker(sizes: list[str], out: str) -> None:
         engine.backward(engine.model(tokens).float().mean())
         engine.step(True)
         run_dir = Path(out).parent / f"sizes-{name}"
-        barrier(dist)
-        t0 = time.perf_counter()
-        folder = checkpoint.save(run_dir, checkpoint.TrainState(step=1), engine, dist, config_yaml=dump_yaml(Config()),
-                                 keep_last=1)
-        t1 = time.perf_counter()
-        checkpoint.verify(folder, dist)
-        barrier(dist)
-        t2 = time.perf_counter()
+        times = {"save_s": [], "readback_save_s": [], "verify_s": []}
+        for mode in ("readback_save_s", "save_s") * 2:  # alternated, so neither always goes first
+            known = filehash.known
+            if mode == "readback_save_s":  # as before hashing while writing: the manifest reads every file back
+                filehash.known = lambda path: None
+            barrier(dist)
+            t0 = time.perf_counter()
+            folder = checkpoint.save(run_dir, checkpoint.TrainState(step=1), engine, dist,
+                                     config_yaml=dump_yaml(Config()), keep_last=1)
+            t1 = time.perf_counter()
+            filehash.known = known
+            checkpoint.verify(folder, dist)
+            barrier(dist)
+            times[mode].append(t1 - t0)
+            times["verify_s"].append(time.perf_counter() - t1)
         mine = sum(p.stat().st_size for p in folder.glob(f"__{dist.rank}_*.distcp"))
         total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         rows.append({"size": name, "params": sum(p.numel() for p in model.parameters()), "bytes": total,
-                     "rank_bytes": mine, "save_s": t1 - t0, "verify_s": t2 - t1})
+                     "rank_bytes": mine, **{k: statistics.median(v) for k, v in times.items()}})
         del engine, model
     if dist.rank == 0:
         Path(f"{out}.json").write_text(json.dumps(rows))
@@ -109,7 +119,8 @@ def measure_loop(strategy: str, mode: str, args, tmp: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="100m", choices=list(CONFIGS))
-    p.add_argument("--strategies", nargs="+", default=["ddp", "fsdp"], choices=list(STRATEGIES))
+    p.add_argument("--strategies", nargs="*", default=["ddp", "fsdp"], choices=list(STRATEGIES),
+                   help="strategies for the stall measurement (none: only the save + verify sizes)")
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--every", type=int, default=2)
     p.add_argument("--sizes", nargs="*", default=["debug", "50m", "100m"], choices=list(CONFIGS))
@@ -137,12 +148,15 @@ def main() -> None:
             out = tmp / "sizes"
             torchrun(args.nproc, "--sizes", str(out), *args.sizes)
             rows = json.loads(Path(f"{out}.json").read_text())
-            print(f"\nsave + verify, fsdp on {args.nproc} ranks (synchronous save: a preemption's)")
-            print("| config | parameters | checkpoint MB | per rank MB | save s | verify s | save MB/s per rank |")
-            print("| --- | --- | --- | --- | --- | --- | --- |")
+            print(f"\nsave + verify, fsdp on {args.nproc} ranks (synchronous save: a preemption's; median of 2 each, "
+                  f"hashed while written vs read back after writing)")
+            print("| config | parameters | checkpoint MB | per rank MB | save s | save s, read back | verify s | "
+                  "save MB/s per rank |")
+            print("| --- | --- | --- | --- | --- | --- | --- | --- |")
             for r in rows:
                 print(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['bytes'] / 1e6:,.0f} | {r['rank_bytes'] / 1e6:,.0f} | "
-                      f"{r['save_s']:.2f} | {r['verify_s']:.2f} | {r['rank_bytes'] / 1e6 / r['save_s']:,.0f} |")
+                      f"{r['save_s']:.2f} | {r['readback_save_s']:.2f} | {r['verify_s']:.2f} | "
+                      f"{r['rank_bytes'] / 1e6 / r['save_s']:,.0f} |")
             xs, ys = [r["rank_bytes"] / 1e9 for r in rows], [r["save_s"] for r in rows]
             mx, my = statistics.fmean(xs), statistics.fmean(ys)
             slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)

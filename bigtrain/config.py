@@ -173,6 +173,10 @@ class EvalConfig:
     every: int = _opt(0, "evaluate every N steps (0: only at the end)")
     max_samples: Optional[int] = _opt(None, "evaluate on the first N validation samples (default: all)")
     micro_batch_size: Optional[int] = _opt(None, "eval sequences per forward (default: train.micro_batch_size)")
+    tasks: tuple[str, ...] = _opt((), "lm-eval tasks scored at each eval, each rank a share of the documents (decoder runs; pip install 'bigtrain[eval]'), e.g. [hellaswag, arc_easy]")
+    tasks_limit: Optional[int] = _opt(None, "eval.tasks: only the first N documents of each task (default: all)")
+    tasks_num_fewshot: Optional[int] = _opt(None, "eval.tasks: few-shot examples per prompt (default: each task's own)")
+    tasks_include_path: Optional[str] = _opt(None, "eval.tasks: a folder of extra lm-eval task YAML files")
 
 
 @dataclass(frozen=True)
@@ -310,7 +314,7 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
-        return "list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return "list of " + ", ".join(_type_name(a) for a in typing.get_args(tp) if a is not Ellipsis)
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -337,6 +341,8 @@ def _check_type(value: Any, tp: Any, path: str, where: str) -> Any:
         raise ConfigError(f"{where}: {path}={value!r} is not one of: {choices}")
     elif origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)):  # tuple[X, ...]: any length
+            return tuple(_check_type(v, args[0], path, where) for v in value)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(_check_type(v, a, path, where) for v, a in zip(value, args))
     elif tp is bool:
@@ -420,6 +426,7 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError(f"data.validation_split={cfg.data.validation_split} must be in [0, 1)")
     if not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas={list(o.betas)} must each be in [0, 1)")
+    _check_eval_tasks(cfg)
     _check_parallel(cfg.parallel, world_size)
     _check_paths(cfg)
 
@@ -468,6 +475,24 @@ def _check_parallel(p: ParallelConfig, world_size: int) -> None:
         raise ConfigError(f"parallel.hang_timeout_s={p.hang_timeout_s} must be >= 0 (0: no hang watchdog)")
     if p.hang_step_factor < 1:
         raise ConfigError(f"parallel.hang_step_factor={p.hang_step_factor} must be >= 1 (a step's limit is at least the median step time)")
+
+
+def _check_eval_tasks(cfg: Config) -> None:
+    e = cfg.eval
+    if not e.tasks:
+        for key in ("tasks_limit", "tasks_num_fewshot", "tasks_include_path"):
+            if getattr(e, key) is not None:
+                raise ConfigError(f"eval.{key} applies to eval.tasks, which is empty — name lm-eval tasks in eval.tasks or remove it")
+        return
+    if cfg.model.arch != "decoder" or cfg.task.name not in ("causal_lm", "sft"):
+        raise ConfigError(f"eval.tasks scores a decoder language model (task causal_lm or sft), not "
+                          f"model.arch={cfg.model.arch} with task.name={cfg.task.name}")
+    if e.tasks_limit is not None and e.tasks_limit < 1:
+        raise ConfigError(f"eval.tasks_limit={e.tasks_limit} must be at least 1")
+    if e.tasks_num_fewshot is not None and e.tasks_num_fewshot < 0:
+        raise ConfigError(f"eval.tasks_num_fewshot={e.tasks_num_fewshot} must be >= 0")
+    if e.tasks_include_path is not None and not Path(e.tasks_include_path).expanduser().is_dir():
+        raise ConfigError(f"eval.tasks_include_path: no such folder '{e.tasks_include_path}'")
 
 
 def _check_paths(cfg: Config) -> None:

@@ -45,6 +45,13 @@ def report_eval(logger, step: int, metrics: dict, run_dir: Path | None = None) -
     (classification) run_dir/eval/step-NNNNNNN.json. Pass run_dir on rank 0 only: only it writes."""
     logger.log(step, scalars(metrics))
     logger.message(console_text(step, metrics))
+    report = metrics.get("lm_eval_report")  # eval.tasks: the file and table `bigtrain eval --tasks` writes
+    if report is not None:
+        from bigtrain.lm_eval_adapter import REPORT_PREFIX, scores_table
+
+        logger.message(scores_table(report["tasks"]))
+        if run_dir is not None:
+            write_eval_file(Path(run_dir) / EVAL_DIR / f"{REPORT_PREFIX}step-{step:07d}.json", step, report)
     if run_dir is not None and "confusion_matrix" in metrics:
         write_eval_file(eval_file(run_dir, f"step-{step:07d}"), step, metrics)
 

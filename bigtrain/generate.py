@@ -131,7 +131,6 @@ def _checkpoint_model_config(folder: Path):
 
 def _load(folder: Path, model_cfg, *, hf: bool, dtype: torch.dtype, device: str) -> Generator:
     from bigtrain.checkpoint import load_init_weights
-    from bigtrain.data.tokenizer import EOS_CANDIDATES
     from bigtrain.interop.chat_template import read_chat_template, special_tokens
     from bigtrain.interop.hf_weights import open_hf_weights
     from bigtrain.models import build_model
@@ -161,15 +160,31 @@ def _load(folder: Path, model_cfg, *, hf: bool, dtype: torch.dtype, device: str)
     model.load_state_dict(weights, strict=True)
     model.eval().requires_grad_(False)
 
-    eos_ids = _hf_eos_ids(folder) if hf else ()
-    if not eos_ids:
-        # the tokenizer's end-of-document token; BERT's [SEP], the last candidate, ends no generation
-        eos_ids = tuple(i for i in (tokenizer.token_to_id(t) for t in EOS_CANDIDATES if t != "[SEP]") if i is not None)[:1]
+    eos_ids = (_hf_eos_ids(folder) if hf else ()) or _eos_ids(tokenizer)
     limit = tokenizer.get_vocab_size()
     template_folder = tokenizer_path.parent
     return Generator(model=model, tokenizer=tokenizer, eos_ids=eos_ids, folder=folder,
                      chat_template=read_chat_template(template_folder), template_tokens=special_tokens(template_folder),
                      vocab_limit=limit if model_cfg.vocab_size is None and limit < vocab_size else None)
+
+
+def _eos_ids(tokenizer) -> tuple[int, ...]:
+    """The tokenizer's end-of-document token; BERT's [SEP], the last candidate, ends no generation."""
+    from bigtrain.data.tokenizer import EOS_CANDIDATES
+
+    return tuple(i for i in (tokenizer.token_to_id(t) for t in EOS_CANDIDATES if t != "[SEP]") if i is not None)[:1]
+
+
+def live_generator(model, run_dir: Path) -> Generator:
+    """A Generator over a model being trained (any strategy's module) and its run dir's tokenizer: what
+    in-loop lm-eval scores (bigtrain/lm_eval_adapter.InLoopTasks)."""
+    from bigtrain.interop.chat_template import read_chat_template, special_tokens
+
+    tokenizer_path = find_tokenizer_file(Path(run_dir))
+    tokenizer = _read_tokenizer(tokenizer_path)
+    return Generator(model=model, tokenizer=tokenizer, eos_ids=_eos_ids(tokenizer), folder=Path(run_dir),
+                     chat_template=read_chat_template(tokenizer_path.parent),
+                     template_tokens=special_tokens(tokenizer_path.parent))
 
 
 def find_tokenizer_file(folder: Path) -> Path:

@@ -12,17 +12,20 @@ on the `bigtrain export --format hf` folder (tests/unit/test_lm_eval_adapter.py)
 (`generate_until`) are not supported yet: a one-line error.
 
 `run_lm_eval` runs `lm_eval.simple_evaluate`; `task_scores` reduces its results to task -> metric -> value.
+`InLoopTasks` runs `eval.tasks` at each eval of a training run, every rank scoring a share.
 lm-eval is imported only here (`pip install 'bigtrain[eval]'`); this module is imported only by
-`bigtrain eval --tasks`, so the import happens there.
+`bigtrain eval --tasks` and by a run with `eval.tasks`, so the import happens there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as torch_dist
 
 from bigtrain.errors import UserError
 
@@ -35,6 +38,7 @@ except ImportError:  # run_lm_eval names the fix
 
 if TYPE_CHECKING:
     from bigtrain.generate import Generator
+    from bigtrain.strategy import Dist
 
 INSTALL_HINT = "pip install 'bigtrain[eval]'"
 REPORT_PREFIX = "lm-eval-"  # RUN/eval/lm-eval-step-NNNNNNN.json
@@ -46,16 +50,24 @@ def require_lm_eval() -> None:
 
 
 class BigtrainLM(TemplateLM):
-    """lm-eval's model interface over a bigtrain decoder (a `Generator` from `load_generator`)."""
+    """lm-eval's model interface over a bigtrain decoder (a `Generator` from `load_generator`, or over the
+    model being trained). With `dist` of several ranks, lm-eval gives each rank a share of every task's
+    documents (its rank / world_size split, request counts padded to the busiest rank) and gathers the
+    per-document results on rank 0 through the collectives below. `forward_context` wraps each forward
+    (training's autocast)."""
 
-    def __init__(self, gen: Generator, batch_size: int = 16):
+    def __init__(self, gen: Generator, batch_size: int = 16, dist: Dist | None = None, forward_context=None):
         super().__init__()
         from bigtrain.export import find_special_tokens
         from bigtrain.generate import find_tokenizer_file
 
         self.gen, self.model, self.batch_size = gen, gen.model, batch_size
         self.max_length = gen.model.spec.max_seq_len
-        self._device = gen.model.tok_emb.weight.device
+        self._device = dist.device if dist is not None else gen.model.tok_emb.weight.device
+        self.dist = dist if dist is not None and dist.distributed else None
+        if self.dist is not None:
+            self._rank, self._world_size = self.dist.rank, self.dist.world_size
+        self.forward_context = forward_context or contextlib.nullcontext
         if not gen.eos_ids:
             raise UserError(f"eval --tasks: the tokenizer of {gen.folder} has no end-of-text token "
                             f"(<|endoftext|>, </s>, …) — lm-eval needs one as the context of an empty prompt")
@@ -76,6 +88,25 @@ class BigtrainLM(TemplateLM):
     def device(self) -> torch.device:
         return self._device
 
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor`, stacked (a 0-d tensor per rank) or concatenated along dim 0."""
+        if self.dist is None:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self._world_size)]
+        torch_dist.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self.dist is None:
+            return [obj]
+        out = [None] * self._world_size if self._rank == dst else None
+        torch_dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self.dist is not None:
+            torch_dist.barrier()
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """Ids of `string`; None: the tokenizer's own special-token rule, off when the text starts with BOS."""
         if add_special_tokens is None:
@@ -91,6 +122,15 @@ class BigtrainLM(TemplateLM):
         ((context, continuation), context_ids, continuation_ids), longest first in batches."""
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        batches = -(-len(order) // self.batch_size)
+        if self.dist is not None:
+            # A sharded model's forward is collective (FSDP / ZeRO-3 gather parameters): every rank runs as
+            # many as the busiest one (a rolling task's texts split into different numbers of windows).
+            busiest = torch.tensor([batches], device=self._device)
+            torch_dist.all_reduce(busiest, op=torch_dist.ReduceOp.MAX)
+            for _ in range(int(busiest) - batches):
+                with self.forward_context():
+                    self.model(torch.zeros(1, 1, dtype=torch.long, device=self._device))
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
             # the last token is only a target; too long: cut from the left, as the hf backend does
@@ -98,7 +138,9 @@ class BigtrainLM(TemplateLM):
             ids = torch.zeros(len(batch), max(map(len, inputs)), dtype=torch.long)  # (B, T), right-padded
             for row, tokens in enumerate(inputs):
                 ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            logprobs = self.model(ids.to(self._device)).float().log_softmax(dim=-1)  # (B, T, V)
+            with self.forward_context():
+                logits = self.model(ids.to(self._device))
+            logprobs = logits.float().log_softmax(dim=-1)  # (B, T, V)
             for row, i in enumerate(batch):
                 (request, _, continuation), n = requests[i], len(inputs[row])
                 target = torch.tensor(continuation, dtype=torch.long, device=self._device)  # (C,)
@@ -149,21 +191,75 @@ def check_tasks(names: list[str], manager) -> list[str]:
 
 
 def run_lm_eval(gen: Generator, tasks: list[str], manager, *, limit: int | None = None, num_fewshot: int | None = None,
-                batch_size: int = 16, log_samples: bool = False) -> dict[str, Any]:
+                batch_size: int = 16, log_samples: bool = False, dist: Dist | None = None,
+                forward_context=None) -> dict[str, Any]:
     """lm_eval.simple_evaluate of `tasks` (known to `manager`, a `task_manager`) on the decoder `gen`; its
-    results dict (with per-sample records under "samples" when log_samples)."""
+    results dict (with per-sample records under "samples" when log_samples) on rank 0, {} on the other ranks
+    (with `dist` every rank scores its share; collective). lm-eval seeds Python's, NumPy's and torch's global
+    generators (so few-shot picks are reproducible); their states are put back afterwards, so a training run
+    draws the same dropout and masks after an eval as without one."""
     check_tasks(tasks, manager)
     if limit is not None and limit < 1:
         raise UserError(f"eval --limit={limit}: must be at least 1")
     if num_fewshot is not None and num_fewshot < 0:
         raise UserError(f"eval --num-fewshot={num_fewshot}: must be >= 0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    results = lm_eval.simple_evaluate(model=BigtrainLM(gen, batch_size=batch_size), tasks=list(tasks), limit=limit,
-                                      num_fewshot=num_fewshot, task_manager=manager, log_samples=log_samples,
-                                      bootstrap_iters=0)
+    lm = BigtrainLM(gen, batch_size=batch_size, dist=dist, forward_context=forward_context)
+    with _global_rng_kept():
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
+                                          task_manager=manager, log_samples=log_samples, bootstrap_iters=0)
     if results is None:  # simple_evaluate returns None on ranks other than 0
         return {}
     return results
+
+
+@contextlib.contextmanager
+def _global_rng_kept():
+    import random
+
+    import numpy as np
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+class InLoopTasks:
+    """`eval.tasks` during training: at each eval every rank scores its share of the tasks' documents on the
+    model being trained (its run dir's tokenizer); rank 0 gathers them. Called on every rank (collective);
+    returns on every rank the same metrics: `lm_eval/<task>/<metric>` scalars (metrics.jsonl, wandb) and
+    `lm_eval_report` (what `bigtrain eval --tasks` writes to RUN/eval/lm-eval-step-N.json). Built before the
+    first step, so a task name lm-eval does not know fails the run at start, not at the first eval."""
+
+    def __init__(self, eval_cfg, dist: Dist, run_dir: Path, batch_size: int):
+        require_lm_eval()
+        self.cfg, self.dist, self.run_dir, self.batch_size = eval_cfg, dist, Path(run_dir), batch_size
+        self.manager = task_manager(eval_cfg.tasks_include_path)
+        self.tasks = check_tasks(list(eval_cfg.tasks), self.manager)
+
+    def __call__(self, model, forward_context=None) -> dict[str, Any]:
+        from bigtrain.generate import live_generator
+        from bigtrain.strategy import broadcast_object
+
+        results = run_lm_eval(live_generator(model, self.run_dir), self.tasks, self.manager,
+                              limit=self.cfg.tasks_limit, num_fewshot=self.cfg.tasks_num_fewshot,
+                              batch_size=self.batch_size, dist=self.dist, forward_context=forward_context)
+        report = None
+        if self.dist.is_main:
+            report = {"tasks": task_scores(results),
+                      "lm_eval": run_config(results, tasks=self.tasks, include_path=self.cfg.tasks_include_path,
+                                            limit=self.cfg.tasks_limit, num_fewshot=self.cfg.tasks_num_fewshot)}
+        report = broadcast_object(self.dist, report)
+        flat = {f"lm_eval/{task}/{metric}": value for task, metrics in report["tasks"].items()
+                for metric, value in metrics.items()}
+        return {**flat, "lm_eval_report": report}
 
 
 def task_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -49,6 +49,7 @@ class LoopContext:
     preempt: PreemptionGuard | None = None  # a signal there: checkpoint at the next step boundary and stop
     progress: Progress = field(default_factory=Progress)  # where the loop is, for the hang watchdog (watchdog.py)
     history: list = field(default_factory=list)  # logged training records (bench reads them)
+    lm_eval: Callable | None = None  # eval.tasks: lm_eval_adapter.InLoopTasks, run by evaluate (collective)
     state: TrainState | None = None  # the final state, once train() returns
 
 
@@ -238,6 +239,14 @@ def evaluate(ctx: LoopContext, stoppable: bool = False) -> dict[str, float] | No
         if not spare:
             for key, value in batch_sums.items():
                 sums[key] += value
-    model.train(was_training)
     totals = all_reduce_sum(dist, torch.tensor(list(sums.values()), dtype=torch.float64, device=dist.device))
-    return task.eval_metrics(dict(zip(sums, totals.tolist())))
+    metrics = task.eval_metrics(dict(zip(sums, totals.tolist())))
+    if ctx.lm_eval is not None:  # eval.tasks: lm-eval's scores of the same model, every rank a share
+
+        def forward_context():  # each forward is a phase: a long task is progress, not a hang
+            ctx.progress.enter("eval.tasks forward")
+            return ctx.engine.autocast()
+
+        metrics.update(ctx.lm_eval(model, forward_context))
+    model.train(was_training)
+    return metrics

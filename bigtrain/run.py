@@ -256,7 +256,7 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
             peak_flops_per_sec=peak.flops_per_sec if dist.is_main else 1.0,
             raise_peak=raise_peak if dist.is_main else None,
             save_checkpoint=saver.save,
-            bench=bench, preempt=preempt,
+            bench=bench, preempt=preempt, lm_eval=in_loop_tasks(job_cfg, dist, run_dir) if not bench else None,
         )
         try:
             with Watchdog(job_cfg.parallel, dist, ctx.progress, run_dir):  # a hang: every rank's stacks, exit 3
@@ -279,6 +279,15 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
         if b is not None:
             b.engine.close()  # an engine's own threads and hooks go before the process group does
         shutdown(dist)
+
+
+def in_loop_tasks(cfg: Config, dist: Dist, run_dir: Path):
+    """eval.tasks' scorer (lm-eval, imported only when tasks are named), or None."""
+    if not cfg.eval.tasks:
+        return None
+    from bigtrain.lm_eval_adapter import InLoopTasks
+
+    return InLoopTasks(cfg.eval, dist, run_dir, batch_size=cfg.eval.micro_batch_size or cfg.train.micro_batch_size)
 
 
 def run_eval(cfg: Config, folder: Path) -> dict[str, float]:

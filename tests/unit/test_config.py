@@ -195,3 +195,25 @@ def test_resolved_config_round_trips():
 def test_wsd_settings_are_checked(optim, train, message):
     with pytest.raises(ConfigError, match=message):
         validate(build_config({"optim": optim, "train": train}))
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"eval": {"tasks": "hellaswag"}}, r"^recipe: eval.tasks must be list of str, got 'hellaswag'"),
+    ({"eval": {"tasks_limit": 5}}, r"^eval.tasks_limit applies to eval.tasks, which is empty"),
+    ({"eval": {"tasks": ["hellaswag"]}, "task": {"name": "masked_lm"}, "model": {"arch": "encoder"}},
+     r"^eval.tasks scores a decoder language model .* model.arch=encoder with task.name=masked_lm"),
+    ({"eval": {"tasks": ["hellaswag"], "tasks_limit": 0}}, r"^eval.tasks_limit=0 must be at least 1"),
+    ({"eval": {"tasks": ["hellaswag"], "tasks_num_fewshot": -1}}, r"^eval.tasks_num_fewshot=-1 must be >= 0"),
+    ({"eval": {"tasks": ["hellaswag"], "tasks_include_path": "/no/such/dir"}},
+     r"^eval.tasks_include_path: no such folder '/no/such/dir'"),
+])
+def test_eval_tasks_settings_are_checked(sections, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(build_config(sections))
+
+
+def test_eval_tasks_is_a_list_of_any_length():
+    cfg = build_config({"eval": {"tasks": ["hellaswag", "arc_easy", "piqa"]}})
+    validate(cfg)
+    assert cfg.eval.tasks == ("hellaswag", "arc_easy", "piqa") and build_config({}).eval.tasks == ()
+    assert build_config(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg

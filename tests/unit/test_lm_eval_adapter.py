@@ -15,7 +15,7 @@ pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 
 from bigtrain.cli import main  # noqa: E402
-from tests.conftest import run_cli, tiny_recipe, write_recipe  # noqa: E402
+from tests.conftest import run_cli, run_torchrun, tiny_recipe, write_recipe  # noqa: E402
 
 MC_DOCS = [
     {"context": "def __init__(self", "choices": ["):", " = 1", "import os", "while"], "label": 0},
@@ -120,6 +120,36 @@ def test_eval_tasks_writes_the_report_and_prints_a_table(trained, tasks_dir, cap
     assert report["lm_eval"]["limit"] == 3 and report["lm_eval"]["num_fewshot"] == 1
     assert report["lm_eval"]["n-shot"]["bt_mc"] == 1 and report["lm_eval"]["n-samples"]["bt_mc"]["effective"] == 3
     assert "bt_mc" in err and "acc_norm" in err
+
+
+@pytest.mark.slow
+def test_eval_tasks_in_the_loop_split_over_fsdp_ranks_score_as_bigtrain_eval_does(tmp_path, cache_dir, tasks_dir):
+    """eval.tasks at each eval of a 2-rank FSDP run: each rank scores a share of the documents (5 and 3 documents
+    split 3 + 2 and 2 + 1, so one rank pads its forwards: FSDP's forward is collective), rank 0 gathers. The
+    scores equal `bigtrain eval --tasks` on the checkpoint of that step in one process; they go to metrics.jsonl
+    and RUN/eval/lm-eval-step-N.json."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        cache_dir, tmp_path / "runs", train={"max_steps": 4, "global_batch_size": 8, "micro_batch_size": 2},
+        eval={"every": 2, "max_samples": 8, "tasks": ["bt_mc", "bt_ll"], "tasks_include_path": str(tasks_dir)},
+        checkpoint={"every": 2, "keep_last": 0}, parallel={"strategy": "fsdp"}))
+    result = run_torchrun(2, "train", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny"
+    logged = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if "lm_eval/bt_mc/acc" in r}
+    assert sorted(logged) == [2, 4]
+    reports = {step: json.loads((run_dir / "eval" / f"lm-eval-step-{step:07d}.json").read_text()) for step in (2, 4)}
+    for step, report in reports.items():
+        assert report["lm_eval"]["n-samples"]["bt_mc"]["effective"] == len(MC_DOCS)
+        assert logged[step]["lm_eval/bt_mc/acc"] == report["tasks"]["bt_mc"]["acc"]
+        assert logged[step]["lm_eval/bt_ll/perplexity"] == report["tasks"]["bt_ll"]["perplexity"]
+    assert reports[2]["tasks"]["bt_ll"] != reports[4]["tasks"]["bt_ll"]  # scored on the model of each step
+    alone = run_cli("eval", str(run_dir), "--tasks", "bt_mc,bt_ll", "--include-path", str(tasks_dir))  # step 4
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    theirs = json.loads(alone.stdout.strip().splitlines()[-1])["tasks"]
+    for task in ("bt_mc", "bt_ll"):
+        assert reports[4]["tasks"][task] == pytest.approx(theirs[task], rel=1e-4), task
+    assert "bt_ll" in result.stderr and "perplexity" in result.stderr  # the table on the console
 
 
 def one_error_line(capsys) -> str:
