@@ -87,12 +87,28 @@ _DEFAULTS = {
     "fp16.loss_scale": 0,              # dynamic loss scaling
     "fp16.initial_scale_power": 16,
     # Gradient reduction overlaps the backward; gradients go into one contiguous buffer (no fragmentation).
-    # Buckets of 2e8 elements (0.8 GB fp32): large enough to saturate NCCL, small enough to overlap.
     "zero_optimization.overlap_comm": True,
     "zero_optimization.contiguous_gradients": True,
+}
+
+# Sizes in elements, each at most a quarter of the model's parameters (_sized_to_model): a gradient bucket
+# as large as the model overlaps nothing and fills to the whole gradient; at ZeRO-3 a reuse distance or live
+# limit beyond the model keeps every gathered parameter resident from forward to backward. For a model of a
+# billion parameters or more these are the ceilings: buckets of 2e8 (0.8 GB fp32, enough to saturate NCCL
+# and still overlap), DeepSpeed's own 5e7 prefetch and 1e9 live / reuse limits.
+_MODEL_SIZED = {
     "zero_optimization.reduce_bucket_size": 200_000_000,
     "zero_optimization.allgather_bucket_size": 200_000_000,
+    "zero_optimization.stage3_prefetch_bucket_size": 50_000_000,
+    "zero_optimization.stage3_max_live_parameters": 1_000_000_000,
+    "zero_optimization.stage3_max_reuse_distance": 1_000_000_000,
 }
+
+
+def _sized_to_model(n_params: int | None) -> dict[str, int]:
+    if n_params is None:
+        return dict(_MODEL_SIZED)
+    return {key: max(1_000_000, min(ceiling, n_params // 4)) for key, ceiling in _MODEL_SIZED.items()}
 
 
 def _set_dotted(config: dict, key: str, value) -> None:
@@ -135,11 +151,12 @@ def config_precision(path: str) -> str | None:
     return enabled[0] if enabled else None
 
 
-def build_deepspeed_config(recipe, world_size: int) -> dict:
-    """The DeepSpeed config for this recipe, merged with parallel.deepspeed_config (extra keys only)."""
+def build_deepspeed_config(recipe, world_size: int, n_params: int | None = None) -> dict:
+    """The DeepSpeed config for this recipe, merged with parallel.deepspeed_config (extra keys only); bucket
+    sizes and ZeRO-3's live / reuse limits scaled to a model of `n_params` parameters when given."""
     from_recipe = recipe_deepspeed_config(recipe, world_size)
     config: dict = {}
-    for key, value in _DEFAULTS.items():
+    for key, value in {**_DEFAULTS, **_sized_to_model(n_params)}.items():
         _set_dotted(config, key, value)
     path = recipe.parallel.deepspeed_config
     if path:
@@ -229,7 +246,8 @@ class DeepSpeedEngine:
         self.parallel_cfg = parallel_cfg
         use_tf32(dist.device, parallel_cfg.tf32)
         _ensure_process_group(dist)
-        config = build_deepspeed_config(recipe, dist.world_size)
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())
+        config = build_deepspeed_config(recipe, dist.world_size, n_params)
         apply_transforms(model, parallel_cfg)
         optimizer = make_optimizer(model)
         if parallel_cfg.offload_optimizer != "none":

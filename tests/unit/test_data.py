@@ -17,6 +17,7 @@ from bigtrain.config import DataConfig
 from bigtrain.data import GlobalSampler, data_cache_path, eval_busiest_count, eval_indices, load_prepared, prepare_data
 from bigtrain.data import prepare as prepare_module
 from bigtrain.data import shards as shards_module
+from bigtrain.data.sampler import IndexPermutation
 from bigtrain.data.shards import token_dtype
 from bigtrain.data.sources import held_out_rows, load_documents, resolve_source
 from bigtrain.errors import UserError
@@ -414,11 +415,39 @@ def test_global_batch_crossing_an_epoch_boundary():
     n = 10
     s = sampler(n, gbs=8, mbs=4)
     batch = s.global_indices(8)  # positions 8..15: two of epoch 0, six of epoch 1
-    perm0 = np.random.default_rng([3, 0]).permutation(n)
-    perm1 = np.random.default_rng([3, 1]).permutation(n)
+    perm0, perm1 = IndexPermutation(n, 3, 0)(np.arange(n)), IndexPermutation(n, 3, 1)(np.arange(n))
     np.testing.assert_array_equal(batch, np.concatenate([perm0[8:], perm1[:6]]))
     tiny = sampler(3, gbs=8, mbs=8).global_indices(0)  # a batch larger than the dataset spans 3 epochs
     assert sorted(tiny[:3]) == sorted(tiny[3:6]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 16, 17, 1000, 4097])
+def test_index_permutation_is_a_bijection_that_depends_on_seed_and_epoch(n):
+    orders = {(seed, epoch): IndexPermutation(n, seed, epoch)(np.arange(n)) for seed in (0, 1) for epoch in (0, 1)}
+    for order in orders.values():
+        assert order.dtype == np.int64 and sorted(order.tolist()) == list(range(n))
+    if n >= 7:
+        assert len({tuple(o.tolist()) for o in orders.values()}) == 4
+    np.testing.assert_array_equal(IndexPermutation(n, 1, 1)(np.arange(n)[::-1]), orders[1, 1][::-1])  # any positions
+
+
+def test_sampler_of_a_billion_samples_holds_no_permutation_and_reads_any_position_alike():
+    """A materialised int64 permutation of 10**9 samples would be 8 GB per rank and epoch; the sampler allocates
+    nothing of that order, and a batch at the end of an epoch is drawn like one at the start: well spread
+    over the samples (mean near n/2, no two alike)."""
+    import tracemalloc
+
+    n = 10**9
+    tracemalloc.start()
+    s = sampler(n, gbs=4096, mbs=4096)
+    first, last, next_epoch = s.global_indices(0), s.global_indices(n - 4096), s.global_indices(n)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2_000_000  # bytes: a few batches of indices, no permutation
+    for batch in (first, last, next_epoch):
+        assert len(set(batch.tolist())) == 4096 and batch.min() >= 0 and batch.max() < n
+        assert abs(batch.mean() / n - 0.5) < 0.03 and batch.std() / n > 0.25  # uniform: sd of U(0, 1) is 0.289
+    assert not np.array_equal(first, next_epoch)
 
 
 def test_sampler_rejects_indivisible_batch():

@@ -146,6 +146,31 @@ def test_deepspeed_bf16_config_accumulates_gradients_in_fp32_and_a_contradicting
         config("bf16", data_types={"grad_accum_dtype": "bf16"})
 
 
+def test_deepspeed_buckets_and_zero3_live_limits_scale_with_the_model_below_their_ceilings(tmp_path):
+    """A bucket as large as the model overlaps nothing and fills to the whole gradient, and ZeRO-3's 1e9 reuse
+    distance keeps every gathered parameter of a small model resident: each is at most a quarter of the
+    parameters (at least 1e6), up to the ceilings a billion-parameter model gets; a deepspeed_config key wins."""
+    import json
+
+    from bigtrain.config import build_config
+    from bigtrain.strategy.deepspeed import build_deepspeed_config
+    from tests.conftest import tiny_recipe
+
+    def zero(n_params, **ds):
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        recipe = build_config(tiny_recipe(tmp_path, tmp_path, parallel={
+            "strategy": "deepspeed", "zero_stage": 3, "deepspeed_config": str(tmp_path / "ds.json")}))
+        return build_deepspeed_config(recipe, 2, n_params)["zero_optimization"]
+
+    keys = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+            "stage3_max_live_parameters", "stage3_max_reuse_distance")
+    assert [zero(None)[k] for k in keys] == [200_000_000, 200_000_000, 50_000_000, 1_000_000_000, 1_000_000_000]
+    assert [zero(8_000_000_000)[k] for k in keys] == [200_000_000, 200_000_000, 50_000_000, 1_000_000_000, 1_000_000_000]
+    assert [zero(135_500_000)[k] for k in keys] == [33_875_000] * 5
+    assert [zero(100_000)[k] for k in keys] == [1_000_000] * 5
+    assert zero(135_500_000, zero_optimization={"reduce_bucket_size": 5})["reduce_bucket_size"] == 5
+
+
 def test_ddp_skips_the_buffer_broadcast_and_keeps_gradients_as_bucket_views():
     """RoPE tables are identical on every rank (no broadcast each forward); gradients live in DDP's buckets."""
     import torch.distributed as torch_dist
