@@ -212,9 +212,9 @@ def _shares(names: list[tuple[str, int]], world_size: int) -> list[list[str]]:
 
 def hash_files(folder: Path, dist: Dist, group=None) -> dict[str, dict]:
     """{relative name: {bytes, sha256}} of every file under `folder` (collective). A file whose digest was taken
-    as it was written (bigtrain/filehash.py: torch.save files, DCP shards) is not read again; the rest
-    (DeepSpeed's files) the ranks hash in parallel, each its share by size, so that part of a save or
-    verify takes the time of 1/world of those bytes."""
+    as it was written (bigtrain/filehash.py: torch.save files, DCP shards, DeepSpeed's) is not read again;
+    the rest the ranks hash in parallel, each its share by size, so that part takes the time of 1/world
+    of those bytes."""
     names = [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file()]
     entries = {}
     for part in all_gather_object(dist, {n: e for n in names if (e := filehash.known(folder / n))}, group):

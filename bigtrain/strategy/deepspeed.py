@@ -43,6 +43,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from bigtrain import filehash
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, barrier, broadcast_object, use_tf32
 from bigtrain.strategy.precision import PrecisionTable
@@ -216,6 +217,27 @@ def _ensure_process_group(dist: Dist) -> None:
         os.environ.setdefault(key, str(value))  # DeepSpeed reads these (torchrun sets them already)
 
 
+@contextlib.contextmanager
+def _hashing_saves(checkpoint_engine):
+    """DeepSpeed's own torch.save checkpoint engine (zip format) saving through bigtrain/filehash.py, so each
+    rank's files are hashed as they are written; another checkpoint engine is left as it is (its files are
+    hashed after the write)."""
+    plain = type(checkpoint_engine).__name__ == "TorchCheckpointEngine" and getattr(
+        checkpoint_engine, "zipfile_serialization", False)
+    if not plain:
+        yield
+        return
+
+    def save(state_dict, path: str) -> None:  # DeepSpeed passes both by keyword
+        filehash.save(state_dict, path)
+
+    checkpoint_engine.save = save
+    try:
+        yield
+    finally:
+        del checkpoint_engine.save  # the class's own again
+
+
 class DeepSpeedEngine:
     """A model wrapped by deepspeed.initialize with ZeRO `parallel.zero_stage`."""
 
@@ -352,7 +374,7 @@ class DeepSpeedEngine:
                                                     UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
         info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _hashing_saves(self.ds.checkpoint_engine):
             self.ds.save_checkpoint(str(folder), tag=TAG, client_state=info, save_latest=False)
         if self.dist.is_main:
             layout = {"zero_stage": self.parallel_cfg.zero_stage, "world_size": self.dist.world_size}

@@ -335,6 +335,23 @@ def test_files_hashed_while_written_are_not_read_back_for_the_manifest(tmp_path)
     assert filehash.known(model) is None
 
 
+def test_deepspeed_checkpoint_files_are_hashed_as_deepspeed_writes_them(tmp_path):
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from bigtrain import filehash
+    from bigtrain.strategy.deepspeed import _hashing_saves
+
+    engine = TorchCheckpointEngine()
+    engine.zipfile_serialization = True  # DeepSpeed's default serialization
+    with _hashing_saves(engine):
+        engine.save(state_dict={"w": torch.arange(10.0)}, path=str(tmp_path / "states.pt"))  # as DeepSpeed calls it
+    assert filehash.known(tmp_path / "states.pt") == filehash.file_entry(tmp_path / "states.pt") is not None
+    assert torch.load(tmp_path / "states.pt", weights_only=True)["w"].equal(torch.arange(10.0))
+    engine.save({"w": torch.zeros(1)}, str(tmp_path / "after.pt"))  # outside: DeepSpeed's own save again
+    assert filehash.known(tmp_path / "after.pt") is None
+
+
 def test_async_save_copies_the_state_at_the_call_and_the_next_save_waits_for_it(tmp_path, capsys):
     """checkpoint.async_save: save() returns before anything is published; training may change the weights
     meanwhile, yet the checkpoint holds them as they were at the call. A synchronous save (preemption) waits for
