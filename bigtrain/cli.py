@@ -29,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     check = command("check", "validate a recipe; print parameters, FLOPs/token, memory estimate, and the precision "
                              "it resolves to on this machine")
     check.add_argument("--keys", action="store_true", help="also list every recipe key with its help")
-    command("prepare", "tokenize and pack the recipe's data once into the cache")
+    prep = command("prepare", "tokenize and pack the recipe's data once into the cache")
+    prep.add_argument("--verify", action="store_true",
+                      help="check every byte of the prepared cache again (otherwise once, the first time it is opened)")
     bench = command("bench", "measure tokens/s, MFU and the step-time breakdown")
     bench.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
     bench.add_argument("--warmup", type=int, default=3, help="steps run before measuring (default 3)")
@@ -163,12 +165,19 @@ def cmd_train(args) -> int:
 
 
 def cmd_prepare(args) -> int:
+    """Tokenize and pack the data unless the cache has it; its checksums are verified once (`--verify`: again),
+    so running it at every job start (slurm/launch.sh does) costs a look at sizes and the index."""
     from bigtrain.data import load_prepared, prepare_data
+    from bigtrain.data.prepare import verify_prepared_once
     from bigtrain.run import with_init_tokenizer
 
     cfg = with_init_tokenizer(_config(args))
     prepare_data(cfg.data, task=cfg.task.name)
-    data = load_prepared(cfg.data, task=cfg.task.name, verify=True)
+    if args.verify:
+        load_prepared(cfg.data, task=cfg.task.name, verify=True)
+    else:
+        verify_prepared_once(cfg.data, task=cfg.task.name)
+    data = load_prepared(cfg.data, task=cfg.task.name, verify=False)
     print(f"prepared {data.path}: vocab {data.vocab_size} · train {data.train.num_tokens:,} tokens "
           f"({len(data.train):,} samples) · validation {data.validation.num_tokens:,} tokens "
           f"({len(data.validation):,} samples)")

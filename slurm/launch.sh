@@ -1,7 +1,8 @@
 # The body shared by slurm/pretrain.sh and slurm/finetune.sh, which differ only in their #SBATCH lines.
 # Sourced (never run) on every job start and requeue, as
 #   . launch.sh SCRIPT RECIPE [section.key=value ...]      SCRIPT: the caller's name, for the usage line
-# It sources slurm/env.sh, starts `bigtrain launch` once per node with srun, and waits for it. The batch
+# It sources slurm/env.sh, runs `bigtrain prepare` as a one-task step, then starts `bigtrain launch` once per
+# node with srun and waits for it. The batch
 # shell itself may get the preemption signal too (`--signal=B:USR1@N`, `scancel --signal=USR1 --full` or
 # `--batch`): it passes the signal on to the training step instead of dying of it (a batch shell that dies
 # ends the job, so the launcher would find it COMPLETING and not requeue it).
@@ -37,6 +38,12 @@ pass_on() {   # $1: the signal name, USR1 or TERM
 }
 trap 'pass_on USR1' USR1
 trap 'pass_on TERM' TERM
+
+# The data first, as a step of its own (one task on the first node, all its CPUs): no training rank waits
+# while a corpus is tokenized and packed. On a restart (requeue) the cache is there and this only opens it
+# (file sizes and index; its checksums were verified once, when it was made).
+echo "bigtrain: preparing the data: bigtrain prepare $*"
+srun --nodes=1 --ntasks=1 bigtrain prepare "$@" || { status=$?; echo "bigtrain: data preparation failed (exit $status)" >&2; exit "$status"; }
 
 # srun in the background and `wait` for it, because bash runs a trap only between commands: with srun in
 # the foreground the signal would be passed on only after training had ended. A trapped signal also ends

@@ -138,6 +138,8 @@ def test_sbatch_pretrain_starts_one_process_per_cpu_slot_and_completes(pretrain)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), read_log(log)
     text = log.read_text()
     assert "ddp × 2 on cpu" in text  # --cpus-per-task=2 on a CPU-only node: two training processes
+    prepared = re.search(r"^prepared \S+: vocab \d+ · train [\d,]+ tokens", text, re.M)  # its own step, first
+    assert prepared and prepared.start() < text.index("ddp × 2 on cpu"), read_log(log)
     assert f"bigtrain: finished step {STEPS}" in text
     losses(run_dir)
     assert (run_dir / f"checkpoints/step-{STEPS:07d}/manifest.json").is_file()

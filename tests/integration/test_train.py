@@ -166,6 +166,10 @@ def test_corrupted_shard_is_named(tmp_path):
     shard.write_bytes(bytes(data))
     check = run_cli("verify", str(first_dir))
     assert check.returncode == 2 and f"damaged  data {shard.parent.parent}: corrupted shard {shard}" in check.stdout
+    recipe = str(first_dir / "config.yaml")
+    assert run_cli("prepare", recipe).returncode == 0  # verified once already: sizes and index only (a job start)
+    again = run_cli("prepare", recipe, "--verify")  # every byte, on demand
+    assert again.returncode == 2 and f"corrupted shard {shard}" in again.stderr.strip().splitlines()[-1]
     shard.write_bytes(bytes(data[:-2]))
     bad, run_dir = train(tmp_path, cache, "train.max_steps=2", name="second")
     assert bad.returncode == 2
