@@ -166,12 +166,16 @@ def cmd_train(args) -> int:
 
 def cmd_prepare(args) -> int:
     """Tokenize and pack the data unless the cache has it; its checksums are verified once (`--verify`: again),
-    so running it at every job start (slurm/launch.sh does) costs a look at sizes and the index."""
+    so running it at every job start (slurm/launch.sh does) costs a look at sizes and the index. Without
+    model.init_from it imports no torch (a second or two of every job start)."""
     from bigtrain.data import load_prepared, prepare_data
     from bigtrain.data.prepare import verify_prepared_once
-    from bigtrain.run import with_init_tokenizer
 
-    cfg = with_init_tokenizer(_config(args))
+    cfg = _config(args)
+    if cfg.model.init_from and not cfg.data.tokenizer:  # the checkpoint's tokenizer; only this needs torch
+        from bigtrain.run import with_init_tokenizer
+
+        cfg = with_init_tokenizer(cfg)
     prepare_data(cfg.data, task=cfg.task.name)
     if args.verify:
         load_prepared(cfg.data, task=cfg.task.name, verify=True)

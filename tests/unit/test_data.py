@@ -820,3 +820,22 @@ def test_a_run_checksums_the_cache_once_then_checks_sizes(stdlib, tmp_path):
     shard.write_bytes(bytes(blob[:-2]))
     with pytest.raises(UserError, match="corrupted shard .*bytes, expected"):
         verify_prepared_once(cfg)
+
+
+def test_prepare_without_init_from_imports_no_torch(tmp_path, cache_dir):
+    """slurm/launch.sh runs `bigtrain prepare` at every job start: for a recipe without model.init_from it stays
+    clear of torch's import (about 2 s here), and the second run finds the cache and only opens it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, tiny_recipe, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs"))
+    code = ("import sys; from bigtrain.cli import main; rc = main(['prepare', sys.argv[1]]); "
+            "print(rc, 'torch' in sys.modules)")
+    runs = [subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, cwd=REPO,
+                           timeout=300) for _ in range(2)]
+    for result in runs:
+        assert result.stdout.splitlines()[-1] == "0 False", result.stderr[-2000:]
+        assert result.stdout.splitlines()[-2].startswith("prepared ")
+    assert runs[1].stdout.startswith("data: already prepared at ")  # nothing tokenized the second time
