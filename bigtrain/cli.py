@@ -178,10 +178,9 @@ def cmd_prepare(args) -> int:
         cfg = with_init_tokenizer(cfg)
     prepare_data(cfg.data, task=cfg.task.name)
     if args.verify:
-        load_prepared(cfg.data, task=cfg.task.name, verify=True)
+        data = load_prepared(cfg.data, task=cfg.task.name, verify=True)
     else:
-        verify_prepared_once(cfg.data, task=cfg.task.name)
-    data = load_prepared(cfg.data, task=cfg.task.name, verify=False)
+        data = verify_prepared_once(cfg.data, task=cfg.task.name)
     print(f"prepared {data.path}: vocab {data.vocab_size} · train {data.train.num_tokens:,} tokens "
           f"({len(data.train):,} samples) · validation {data.validation.num_tokens:,} tokens "
           f"({len(data.validation):,} samples)")

@@ -243,12 +243,15 @@ class InLoopTasks:
         self.cfg, self.dist, self.run_dir, self.batch_size = eval_cfg, dist, Path(run_dir), batch_size
         self.manager = task_manager(eval_cfg.tasks_include_path)
         self.tasks = check_tasks(list(eval_cfg.tasks), self.manager)
+        self._gen = None  # the tokenizer side, read from the run dir at the first eval only
 
     def __call__(self, model, forward_context=None) -> dict[str, Any]:
         from bigtrain.generate import live_generator
         from bigtrain.strategy import broadcast_object
 
-        results = run_lm_eval(live_generator(model, self.run_dir), self.tasks, self.manager,
+        if self._gen is None or self._gen.model is not model:
+            self._gen = live_generator(model, self.run_dir)
+        results = run_lm_eval(self._gen, self.tasks, self.manager,
                               limit=self.cfg.tasks_limit, num_fewshot=self.cfg.tasks_num_fewshot,
                               batch_size=self.batch_size, dist=self.dist, forward_context=forward_context)
         report = None

@@ -176,9 +176,9 @@ def load_prepared(cfg, *, task: str = "causal_lm", verify: bool = True) -> Prepa
     return _open_prepared(cfg, data_cache_path(cfg, task=task), task=task, verify=verify)
 
 
-def verify_prepared_once(cfg, *, task: str = "causal_lm") -> None:
-    """Checksum the prepared cache the first time a run opens it, and record that (`verified.json`, keyed
-    by index.json's hash): later starts and requeues check file sizes only, not every byte."""
+def verify_prepared_once(cfg, *, task: str = "causal_lm") -> PreparedData:
+    """Open the prepared cache, checksumming it the first time a run opens it, and record that (`verified.json`,
+    keyed by index.json's hash): later starts and requeues check file sizes only, not every byte."""
     path = data_cache_path(cfg, task=task)
     marker = path / VERIFIED
     index_sha = hashlib.sha256((path / INDEX).read_bytes()).hexdigest()
@@ -186,12 +186,13 @@ def verify_prepared_once(cfg, *, task: str = "causal_lm") -> None:
         done = json.loads(marker.read_text()).get("index_sha256") == index_sha
     except (OSError, ValueError, AttributeError):
         done = False
-    _open_prepared(cfg, path, task=task, verify=not done)
+    data = _open_prepared(cfg, path, task=task, verify=not done)
     if not done:
         try:
             write_json_atomic(marker, {"index_sha256": index_sha})
         except OSError:
             pass  # a read-only cache: checksummed again next time
+    return data
 
 
 def _open_prepared(cfg, path: Path, *, task: str, verify: bool) -> PreparedData:
