@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=("bigtrain", "hf"), default="bigtrain",
                     help="bigtrain (default): bigtrain's own folder; hf: a Hugging Face model folder "
                          "(GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM)")
+    ex.add_argument("--ema", action="store_true",
+                    help="export the EMA weights the run kept (optim.ema_decay) instead of the trained ones")
     ex.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                     help="--format hf: dtype of the written tensors (default fp32)")
     ex.add_argument("--max-shard-size", default="5GB",
@@ -479,9 +481,10 @@ def cmd_export(args) -> int:
     from bigtrain.export import export, export_hf
 
     if args.format == "hf":
-        out = export_hf(args.source, args.out, dtype=args.dtype, max_shard_bytes=_size_bytes(args.max_shard_size))
+        out = export_hf(args.source, args.out, dtype=args.dtype, max_shard_bytes=_size_bytes(args.max_shard_size),
+                        ema=args.ema)
     else:
-        out = export(args.source, args.out)
+        out = export(args.source, args.out, ema=args.ema)
     print(f"bigtrain: exported {out}" + (" (Hugging Face format)" if args.format == "hf" else ""), file=sys.stderr)
     return 0
 

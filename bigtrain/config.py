@@ -135,6 +135,8 @@ class OptimConfig:
     betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas")
     eps: float = _opt(1e-8, "AdamW epsilon")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping; the norm is still reported)")
+    ema_decay: Optional[float] = _opt(None, "keep an fp32 exponential moving average of the weights with this decay (e.g. 0.999), sharded like the parameters and saved in checkpoints (single, ddp, fsdp); eval.use_ema evaluates it, export --ema exports it")
+    ema_start_step: int = _opt(0, "optim.ema_decay: until this step the average is a copy of the weights; from it on, ema = decay × ema + (1 − decay) × weights after each step")
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,7 @@ class EvalConfig:
     tasks_limit: Optional[int] = _opt(None, "eval.tasks: only the first N documents of each task (default: all)")
     tasks_num_fewshot: Optional[int] = _opt(None, "eval.tasks: few-shot examples per prompt (default: each task's own)")
     tasks_include_path: Optional[str] = _opt(None, "eval.tasks: a folder of extra lm-eval task YAML files")
+    use_ema: bool = _opt(False, "evaluate the EMA weights (optim.ema_decay) instead of the trained ones, in training and in `bigtrain eval`")
 
 
 @dataclass(frozen=True)
@@ -420,6 +423,15 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
     elif o.decay_steps is not None:
         raise ConfigError(f"optim.decay_steps is a wsd setting but optim.schedule={o.schedule} — set "
                           f"optim.schedule=wsd or remove it")
+    if o.ema_decay is not None and not 0.0 < o.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay={o.ema_decay} must be in (0, 1), e.g. 0.999")
+    if o.ema_start_step < 0:
+        raise ConfigError(f"optim.ema_start_step={o.ema_start_step} must be >= 0")
+    if cfg.eval.use_ema and o.ema_decay is None:
+        raise ConfigError("eval.use_ema needs optim.ema_decay (the EMA's decay, e.g. 0.999) — set it or drop eval.use_ema")
+    if o.ema_decay is not None and cfg.parallel.strategy == "deepspeed":
+        raise ConfigError("optim.ema_decay is not supported with parallel.strategy=deepspeed yet — use single, ddp "
+                          "or fsdp")
     if not 0.0 < cfg.task.mask_prob <= 1.0:
         raise ConfigError(f"task.mask_prob={cfg.task.mask_prob} must be in (0, 1]")
     if not 0.0 <= cfg.data.validation_split < 1.0:

@@ -59,11 +59,12 @@ def find_checkpoint(source: str | Path) -> Path:
     return folder
 
 
-def export(source: str | Path, out: str | Path) -> Path:
-    """Write OUT/model.safetensors + config.yaml + tokenizer.json (+ labels.json) from checkpoint `source`."""
+def export(source: str | Path, out: str | Path, *, ema: bool = False) -> Path:
+    """Write OUT/model.safetensors + config.yaml + tokenizer.json (+ labels.json) from checkpoint `source`
+    (`ema`: its EMA weights, optim.ema_decay)."""
     folder = find_checkpoint(source)
     out = Path(out).expanduser()
-    reader = open_weights(folder)  # first: a refused checkpoint leaves no output folder behind
+    reader = open_weights(folder, ema=ema)  # first: a refused checkpoint leaves no output folder behind
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / WEIGHTS_FILE, reader, metadata={"format": "pt", "source": str(folder)})
     for name in COPIED_FILES:
@@ -81,8 +82,9 @@ ENCODER_TOKENS = {"cls": ("[CLS]", "<s>", "<|cls|>"), "sep": ("[SEP]", "</s>", "
 
 
 def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write checkpoint `source` as a Hugging Face folder OUT (see the module docstring); dtype fp32|bf16|fp16."""
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, ema: bool = False) -> Path:
+    """Write checkpoint `source` as a Hugging Face folder OUT (see the module docstring); dtype fp32|bf16|fp16;
+    `ema`: its EMA weights (optim.ema_decay)."""
     import yaml
 
     from bigtrain.config import build_config
@@ -93,7 +95,7 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
     if dtype not in DTYPES:
         raise UserError(f"export --dtype: unknown dtype '{dtype}' — choose one of {', '.join(DTYPES)}")
     folder = find_checkpoint(source)
-    reader = open_weights(folder)
+    reader = open_weights(folder, ema=ema)
     saved = reader.tensors()
     if "tok_emb.weight" not in saved:
         raise UserError(f"export --format hf: {folder} has no tensor 'tok_emb.weight' — not a bigtrain model checkpoint")

@@ -17,6 +17,7 @@ import torch
 
 from bigtrain.checkpoint import TrainState
 from bigtrain.data import GlobalSampler, eval_busiest_count, eval_indices
+from bigtrain.ema import ema_weights
 from bigtrain.eval_report import report_eval
 from bigtrain.metrics import StepTimer, max_memory_gb, mfu
 from bigtrain.optim import lr_at, set_lr
@@ -209,11 +210,16 @@ def _log_train(ctx: LoopContext, state: TrainState, window: dict, times: dict, l
     ctx.history.append({"step": state.step, **metrics})
 
 
-@torch.no_grad()
 def evaluate(ctx: LoopContext, stoppable: bool = False) -> dict[str, float] | None:
-    """Task metrics on the validation split; each rank takes a disjoint chunk (no padded duplicates).
-    `stoppable`: before each batch the ranks agree (one all-reduce) whether any got a preemption signal;
-    if so, eval is abandoned on every rank at the same batch and None is returned."""
+    """Task metrics on the validation split (of the EMA weights with eval.use_ema); each rank takes a disjoint
+    chunk (no padded duplicates). `stoppable`: before each batch the ranks agree (one all-reduce) whether any
+    got a preemption signal; if so, eval is abandoned on every rank at the same batch and None is returned."""
+    with ema_weights(ctx.engine, ctx.cfg.eval.use_ema):
+        return _evaluate(ctx, stoppable)
+
+
+@torch.no_grad()
+def _evaluate(ctx: LoopContext, stoppable: bool) -> dict[str, float] | None:
     cfg, dist, task, model = ctx.cfg, ctx.dist, ctx.task, ctx.engine.module
     indices = eval_indices(len(ctx.val_data), dist.rank, dist.world_size, limit=cfg.eval.max_samples)
     batch_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size

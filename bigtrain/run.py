@@ -17,6 +17,7 @@ from bigtrain.config import Config, dump_yaml
 from bigtrain.config import recipe_warnings
 from bigtrain.data import load_prepared, prepare_data
 from bigtrain.data.prepare import verify_prepared_once
+from bigtrain.ema import EMA
 from bigtrain.errors import UserError
 from bigtrain.loop import LoopContext, evaluate, train
 from bigtrain.hardware import matmul_peak, raised_peak
@@ -25,7 +26,7 @@ from bigtrain.metrics import MetricsLogger
 from bigtrain.models import build_model, check_model, count_params
 from bigtrain.optim import build_optimizer
 from bigtrain.preempt import PREEMPTED_MARKER, Preempted, PreemptionGuard
-from bigtrain.strategy import (Dist, barrier, broadcast_object, build_engine, building, engine_class,
+from bigtrain.strategy import (Dist, barrier, broadcast_object, build_engine, building, engine_class, open_weights,
                                init_distributed, launcher_precision, resolve_strategy, shutdown)
 from bigtrain.strategy.dist import all_reduce_max
 from bigtrain.strategy.precision import Resolved, resolve_job_precision, slow_precision_warning
@@ -188,6 +189,8 @@ def build(cfg: Config, dist: Dist) -> Built:
     engine = build_engine(cfg.parallel, model, lambda m: build_optimizer(cfg.optim, m, dist.device), dist, recipe=cfg)
     if init_weights is not None:
         engine.load_model_weights(init_weights)
+    if cfg.optim.ema_decay:  # averaged from the weights training starts from (a resume loads the saved average)
+        engine.ema = EMA(engine.module, cfg.optim.ema_decay, cfg.optim.ema_start_step)
     return Built(cfg, dist, data, task, engine.module, engine, extra_files)
 
 
@@ -217,6 +220,8 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
             (run_dir / "config.yaml").write_text(config_yaml)
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # an earlier start's; this one may write its own
         state = checkpoint.resume(cfg.checkpoint.resume, run_dir, b.engine, dist, warn=lambda m: log_main(dist, m))
+        if b.engine.ema:
+            b.engine.ema.step = state.step
 
         table = b.engine.precision
         peak = None
@@ -297,6 +302,8 @@ def run_eval(cfg: Config, folder: Path) -> dict[str, float]:
     try:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=None))
         cfg, _ = resolve_for_job(cfg, dist)
+        if cfg.eval.use_ema:
+            open_weights(folder, ema=True)  # a checkpoint without EMA weights: a one-line error, not its weights
         b = build(cfg, dist)
         b.engine.load_state(folder)
         ctx = LoopContext(cfg=cfg, dist=dist, engine=b.engine, task=b.task, train_data=b.data.train,

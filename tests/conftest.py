@@ -102,3 +102,25 @@ def put_in_hub_cache(hub_cache: Path, repo_id: str, folder: Path, revision: str 
     snapshot = repo / "snapshots" / commit
     shutil.copytree(folder, snapshot)
     return snapshot
+
+
+def assert_ema_follows_weights(run_dir: Path, steps: list[int], decay: float, start_step: int) -> None:
+    """The EMA weights saved in the run's consecutive checkpoints `steps` (optim.ema_decay) equal the average
+    computed here from their model weights: from the first checkpoint's saved EMA on, ema_t = w_t while
+    t < start_step, else decay · ema_(t-1) + (1 − decay) · w_t (float64 here, fp32 there)."""
+    from bigtrain.strategy import open_weights
+
+    def read(step: int, ema: bool) -> dict[str, torch.Tensor]:
+        reader = open_weights(run_dir / f"checkpoints/step-{step:07d}", ema=ema)
+        return {name: reader.get(name) for name in reader.tensors()}
+
+    expected = {name: t.double() for name, t in read(steps[0], ema=True).items()}
+    for step in steps[1:]:
+        weights, saved = read(step, ema=False), read(step, ema=True)
+        assert saved.keys() == weights.keys() and all(t.dtype == torch.float32 for t in saved.values())
+        expected = {name: weights[name].double() if step < start_step else
+                    decay * expected[name] + (1 - decay) * weights[name].double() for name in expected}
+        for name, tensor in saved.items():
+            torch.testing.assert_close(tensor.double(), expected[name], rtol=0, atol=1e-6, msg=f"step {step} {name}")
+    # The average lags the weights once it averages (a copy of them would pass the loop above only before start_step).
+    assert steps[-1] >= start_step and max((saved[n] - weights[n]).abs().max().item() for n in saved) > 1e-4

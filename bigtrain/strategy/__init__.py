@@ -39,6 +39,7 @@ class Engine(Protocol):
     optimizer: torch.optim.Optimizer
     precision: PrecisionTable
     builds_on_meta: bool              # class attribute: run.py builds the model on the meta device
+    ema: object                       # bigtrain.ema.EMA (optim.ema_decay; run.py attaches it; saved and loaded with the state) or None
     checkpoint_format: str            # class attribute: key of READERS for its checkpoints
 
     def autocast(self) -> ContextManager: ...
@@ -123,10 +124,10 @@ def checkpoint_format(folder: Path) -> str:
     return json.loads(trainer.read_text()).get("format", "local") if trainer.is_file() else "local"
 
 
-def open_weights(folder: Path) -> WeightsReader:
-    """A reader of the model weights in checkpoint `folder`, whatever strategy wrote it."""
+def open_weights(folder: Path, ema: bool = False) -> WeightsReader:
+    """A reader of the model weights in checkpoint `folder`, whatever strategy wrote it (`ema`: its EMA weights)."""
     fmt = checkpoint_format(folder)
-    return importlib.import_module(f"bigtrain.strategy.{READERS[fmt]}").open_weights(Path(folder))
+    return importlib.import_module(f"bigtrain.strategy.{READERS[fmt]}").open_weights(Path(folder), ema=ema)
 
 
 def iter_weights(reader: WeightsReader) -> Iterator[tuple[str, torch.Tensor]]:

@@ -244,6 +244,7 @@ class DeepSpeedEngine:
     builds_on_meta = False  # DeepSpeed partitions a model built on the real device
     needs_recipe = True  # its config repeats batch sizes, accumulation and clipping
     checkpoint_format = "deepspeed"
+    ema = None  # optim.ema_decay is refused with deepspeed (config.py)
 
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg,
                  recipe):
@@ -517,5 +518,8 @@ class DeepSpeedWeights:
         return tensor if isinstance(tensor, torch.Tensor) else tensor.contiguous()
 
 
-def open_weights(folder: Path) -> DeepSpeedWeights:
+def open_weights(folder: Path, ema: bool = False) -> DeepSpeedWeights:
+    if ema:
+        raise UserError(f"checkpoint {folder} has no EMA weights — optim.ema_decay is not supported with "
+                        f"parallel.strategy=deepspeed yet")
     return DeepSpeedWeights(Path(folder))

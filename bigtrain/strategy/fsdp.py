@@ -35,6 +35,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from bigtrain import filehash
+from bigtrain.ema import EMA_KEY
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, use_tf32
 from bigtrain.strategy.precision import PrecisionTable, make_grad_scaler, scaled_optimizer_step
@@ -160,6 +161,7 @@ class FSDPEngine:
 
     builds_on_meta = True
     checkpoint_format = "dcp"
+    ema = None  # bigtrain.ema.EMA over this rank's shards when optim.ema_decay is set (run.py attaches it)
 
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg):
         if parallel_cfg.offload_params == "nvme":
@@ -222,6 +224,8 @@ class FSDPEngine:
     def step(self, finite: bool) -> None:
         """Apply the update when gradients are finite (the same decision on every rank); always advance the scaler."""
         scaled_optimizer_step(self.optimizer, self.scaler, finite)
+        if self.ema:
+            self.ema.update(finite)
 
     @property
     def loss_scale(self) -> float | None:
@@ -240,19 +244,24 @@ class FSDPEngine:
             for name in weights:  # the same names in the same order on every rank
                 _load_full_tensor(targets[name], weights[name] if self.dist.is_main else None, self.dist)
 
+    def _state(self) -> dict:
+        """What a DCP checkpoint holds: model and optimizer state (and the EMA's shards), by state-dict name."""
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        state = {MODEL_KEY: model_state, OPTIM_KEY: optim_state}
+        if self.ema:
+            state[EMA_KEY] = self.ema.state_dict()
+        return state
+
     def save_state(self, folder: Path) -> None:
         """Every rank writes its shards of model and optimizer state into `folder` (synchronous DCP save)."""
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        dcp.save({MODEL_KEY: model_state, OPTIM_KEY: optim_state}, storage_writer=_hashing_writer(folder))
+        dcp.save(self._state(), storage_writer=_hashing_writer(folder))
         if self.scaler and self.dist.is_main:
             filehash.save(self.scaler.state_dict(), folder / "scaler.pt")
 
     def save_state_async(self, folder: Path, group=None) -> Future:
         """DCP's async_save: this rank's shards are copied to host memory now, then written by DCP's thread,
         planned over `group` (a gloo group of its own, so its collectives never meet the training loop's)."""
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        future = dcp.async_save({MODEL_KEY: model_state, OPTIM_KEY: optim_state}, storage_writer=_hashing_writer(folder),
-                                process_group=group)
+        future = dcp.async_save(self._state(), storage_writer=_hashing_writer(folder), process_group=group)
         if self.scaler and self.dist.is_main:
             filehash.save(self.scaler.state_dict(), folder / "scaler.pt")
         return future
@@ -262,12 +271,16 @@ class FSDPEngine:
         if not (folder / DCP_METADATA).is_file():
             raise UserError(f"checkpoint {folder} was not written by parallel.strategy=fsdp — resume it with the "
                             f"strategy that wrote it, or start from its weights with model.init_from")
-        SafeReader(str(folder)).read_metadata()  # a bad .metadata: the same one-line error on every rank
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        state = {MODEL_KEY: model_state, OPTIM_KEY: optim_state}
+        metadata = SafeReader(str(folder)).read_metadata()  # a bad one: the same one-line error on every rank
+        state = self._state()
+        saved_ema = any(key.startswith(f"{EMA_KEY}.") for key in metadata.state_dict_metadata)
+        if EMA_KEY in state and not saved_ema:
+            del state[EMA_KEY]
         dcp.load(state, storage_reader=SafeReader(str(folder)), planner=SafeLoadPlanner())
         set_state_dict(self.module, self.optimizer, model_state_dict=state[MODEL_KEY],
                        optim_state_dict=state[OPTIM_KEY])
+        if self.ema:  # loaded in place into the EMA's own shards, or (saved without EMA) started here
+            self.ema.load_state_dict(state[EMA_KEY]) if saved_ema else self.ema.restart_from_weights()
         if self.scaler and (folder / "scaler.pt").exists():
             self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
 
@@ -279,15 +292,17 @@ class DCPWeights:
     """The model tensors of a DCP checkpoint: names, dtypes and shapes from its metadata; one full
     tensor assembled from the shard files when asked for (no process group needed)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, key: str = MODEL_KEY):
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        self.folder = folder
+        self.folder, self.key = folder, key
         metadata = SafeReader(str(folder)).read_metadata()
-        prefix = f"{MODEL_KEY}."
+        prefix = f"{key}."
         self._tensors = {key[len(prefix):]: (meta.properties.dtype, tuple(meta.size))
                          for key, meta in metadata.state_dict_metadata.items()
                          if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+        if not self._tensors and key == EMA_KEY:
+            raise UserError(f"checkpoint {folder} has no EMA weights — train with optim.ema_decay to keep them")
 
     def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         return dict(self._tensors)
@@ -297,10 +312,10 @@ class DCPWeights:
         out = torch.empty(shape, dtype=dtype)
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load({f"{MODEL_KEY}.{name}": out}, storage_reader=SafeReader(str(self.folder)),
+            dcp.load({f"{self.key}.{name}": out}, storage_reader=SafeReader(str(self.folder)),
                      planner=SafeLoadPlanner(), no_dist=True)
         return out
 
 
-def open_weights(folder: Path) -> DCPWeights:
-    return DCPWeights(folder)
+def open_weights(folder: Path, ema: bool = False) -> DCPWeights:
+    return DCPWeights(folder, EMA_KEY if ema else MODEL_KEY)

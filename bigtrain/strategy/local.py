@@ -19,6 +19,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bigtrain import filehash
+from bigtrain.ema import EMA_FILE
+from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, use_tf32
 from bigtrain.strategy.precision import PrecisionTable, autocast, make_grad_scaler, scaled_optimizer_step
 from bigtrain.strategy.transforms import apply_transforms
@@ -35,6 +37,7 @@ class LocalEngine:
 
     builds_on_meta = False
     checkpoint_format = "local"
+    ema = None  # bigtrain.ema.EMA when optim.ema_decay is set (run.py attaches it)
 
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg):
         self.dist = dist
@@ -78,6 +81,8 @@ class LocalEngine:
     def step(self, finite: bool) -> None:
         """Apply the update when gradients are finite; always advance the loss scaler."""
         scaled_optimizer_step(self.optimizer, self.scaler, finite)
+        if self.ema:
+            self.ema.update(finite)
 
     @property
     def loss_scale(self) -> float | None:
@@ -97,6 +102,8 @@ class LocalEngine:
         files = {"model.pt": self.module.state_dict(), "optimizer.pt": self.optimizer.state_dict()}
         if self.scaler:
             files["scaler.pt"] = self.scaler.state_dict()
+        if self.ema:
+            files[EMA_FILE] = self.ema.state_dict()
         return files
 
     def save_state(self, folder: Path) -> None:
@@ -118,7 +125,10 @@ class LocalEngine:
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
         if self.scaler and (folder / "scaler.pt").exists():
             self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
-
+        if self.ema and (folder / EMA_FILE).is_file():
+            self.ema.load_state_dict(torch.load(folder / EMA_FILE, map_location=device, weights_only=True))
+        elif self.ema:
+            self.ema.restart_from_weights()  # saved without EMA: the average starts here
 
     def close(self) -> None:
         """Nothing of its own to release (DeepSpeed's engine has)."""
@@ -165,10 +175,12 @@ def _done() -> Future:
 
 
 class LocalWeights:
-    """model.pt of a single/ddp checkpoint, memory-mapped: a tensor is read when asked for."""
+    """model.pt (or ema.pt) of a single/ddp checkpoint, memory-mapped: a tensor is read when asked for."""
 
-    def __init__(self, folder: Path):
-        self._state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+    def __init__(self, folder: Path, file: str = "model.pt"):
+        if file == EMA_FILE and not (folder / file).is_file():
+            raise UserError(f"checkpoint {folder} has no EMA weights — train with optim.ema_decay to keep them")
+        self._state = torch.load(folder / file, map_location="cpu", weights_only=True, mmap=True)
 
     def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         return {name: (t.dtype, tuple(t.shape)) for name, t in self._state.items()}
@@ -177,5 +189,5 @@ class LocalWeights:
         return self._state[name]
 
 
-def open_weights(folder: Path) -> LocalWeights:
-    return LocalWeights(folder)
+def open_weights(folder: Path, ema: bool = False) -> LocalWeights:
+    return LocalWeights(folder, EMA_FILE if ema else "model.pt")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bigtrain.checkpoint import list_checkpoints, verify
-from tests.conftest import REPO, run_cli, run_torchrun, tiny_recipe, write_recipe
+from tests.conftest import REPO, assert_ema_follows_weights, run_cli, run_torchrun, tiny_recipe, write_recipe
 from tests.integration.test_train import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -48,18 +48,21 @@ def test_ddp_matches_single_process(tmp_path, cache_dir):
 def test_ddp_run_resumes_on_one_process(tmp_path, cache_dir):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
         cache_dir, tmp_path / "runs", train={"max_steps": 6, "global_batch_size": 8, "micro_batch_size": 2}))
-    first = run_torchrun(2, "train", str(recipe), "train.stop_at_step=3", "checkpoint.every=1")  # saved in the background
+    ema = ("optim.ema_decay=0.6", "optim.ema_start_step=2", "checkpoint.every=1")  # every step saved (in the background)
+    first = run_torchrun(2, "train", str(recipe), "train.stop_at_step=3", *ema)
     assert first.returncode == 0, first.stderr
-    rest = run_cli("train", str(recipe))
+    rest = run_cli("train", str(recipe), *ema)
     assert rest.returncode == 0, rest.stderr
     assert "resuming at step 3" in rest.stderr
     folders = list_checkpoints(tmp_path / "runs/tiny")
-    assert [p.name for p in folders] == ["step-0000001", "step-0000002", "step-0000003", "step-0000006"]
+    assert [p.name for p in folders] == [f"step-{s:07d}" for s in range(1, 7)]
     for folder in folders:
         verify(folder)
     records, _ = read_metrics(tmp_path / "runs/tiny")
     assert [r["step"] for r in records] == list(range(1, 7))
     assert records[-1]["train/samples_consumed"] == 48
+    # The EMA of the weights: a copy at step 1, averaged from step 2 on, carried from 2 ranks to 1 at step 3.
+    assert_ema_follows_weights(tmp_path / "runs/tiny", list(range(1, 7)), decay=0.6, start_step=2)
 
 
 def test_bad_recipe_under_torchrun_exits_nonzero_with_the_message(tmp_path, cache_dir):

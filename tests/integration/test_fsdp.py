@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli, run_torchrun, tiny_recipe, write_recipe
+from tests.conftest import assert_ema_follows_weights, run_cli, run_torchrun, tiny_recipe, write_recipe
 from tests.integration.test_train import read_metrics
 
 FSDP = "parallel.strategy=fsdp"
@@ -158,11 +158,12 @@ def test_fsdp_run_resumes_on_another_number_of_processes(runs, first, then):
     """Stop at step 2 on `first` processes, resume on `then`: DCP reshards model and optimizer state, and
     steps 3-4 log the losses of an uninterrupted run."""
     name = f"elastic-{first}to{then}"
+    ema = ("optim.ema_decay=0.6", "optim.ema_start_step=1", "checkpoint.every=1")  # DCP reshards the EMA's shards too
     micro = ["train.micro_batch_size=4"] if first == 1 else []
-    stopped = start(first, "train", str(runs.recipe), f"run.name={name}", FSDP, "train.stop_at_step=2", *micro)
+    stopped = start(first, "train", str(runs.recipe), f"run.name={name}", FSDP, "train.stop_at_step=2", *micro, *ema)
     assert stopped.returncode == 0, stopped.stderr
     micro = ["train.micro_batch_size=4"] if then == 1 else []
-    resumed = start(then, "train", str(runs.recipe), f"run.name={name}", FSDP, *micro)
+    resumed = start(then, "train", str(runs.recipe), f"run.name={name}", FSDP, *micro, *ema)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step 2" in resumed.stderr and f"fsdp × {then}" in resumed.stderr
     saved = json.loads((runs.root / "runs" / name / "checkpoints/step-0000002/trainer.json").read_text())
@@ -170,6 +171,7 @@ def test_fsdp_run_resumes_on_another_number_of_processes(runs, first, then):
     (a, _), (b, _) = read_metrics(runs("fsdp")), read_metrics(runs.root / "runs" / name)
     assert_same_losses(a, b, rel=1e-5)
     assert_close_weights(final_weights(runs("fsdp")), final_weights(runs.root / "runs" / name))
+    assert_ema_follows_weights(runs.root / "runs" / name, [1, 2, 3, 4], decay=0.6, start_step=1)
 
 
 # --------------------------------------------------------------------------- export, init_from

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from bigtrain import checkpoint
 from tests.conftest import run_cli, tiny_recipe, write_recipe
@@ -67,8 +68,11 @@ def test_metrics_keys_tokens_per_sec_and_mfu_match_hand_calculation(tmp_path, ca
 def test_exact_resume_is_bitwise_and_a_wsd_run_extends_from_its_stable_phase(tmp_path, cache_dir):
     """The first half is a 6-step WSD run stopped at step 4, still in its stable phase; resumed with
     max_steps=8, it decays later and equals a straight 8-step run bit for bit. The straight run saves
-    synchronously, the other in the background (the default): every checkpoint's tensor files are the same bytes."""
-    common = ("checkpoint.every=2", "optim.warmup_steps=3", "eval.every=4", "optim.schedule=wsd", "optim.decay_steps=2")
+    synchronously, the other in the background (the default): every checkpoint's tensor files are the same bytes,
+    the EMA of the weights (ema.pt) included. Eval uses the EMA (eval.use_ema), as `bigtrain eval` and
+    `export --ema` do."""
+    common = ("checkpoint.every=2", "optim.warmup_steps=3", "eval.every=4", "optim.schedule=wsd", "optim.decay_steps=2",
+              "optim.ema_decay=0.7", "optim.ema_start_step=3", "eval.use_ema=true")
     straight, straight_dir = train(tmp_path, cache_dir, *common, "train.max_steps=8", "checkpoint.async_save=false",
                                    name="straight")
     assert straight.returncode == 0, straight.stderr
@@ -94,9 +98,24 @@ def test_exact_resume_is_bitwise_and_a_wsd_run_extends_from_its_stable_phase(tmp
     assert not list((resumed_dir / "checkpoints").glob(".*"))  # no temp folder left behind
     for step in steps:
         checkpoint.verify(resumed_dir / "checkpoints" / step)
-        for name in ("model.pt", "optimizer.pt"):
+        for name in ("model.pt", "optimizer.pt", "ema.pt"):
             assert ((straight_dir / "checkpoints" / step / name).read_bytes()
                     == (resumed_dir / "checkpoints" / step / name).read_bytes()), (step, name)
+
+    # The in-loop eval at step 8 scored the EMA weights: `bigtrain eval` of that checkpoint with eval.use_ema
+    # gives the same loss, and a different one without.
+    scores = {}
+    for use in ("true", "false"):
+        result = run_cli("eval", str(straight_dir), f"eval.use_ema={use}")
+        assert result.returncode == 0, result.stderr
+        scores[use] = json.loads(result.stdout.strip().splitlines()[-1])["eval/loss"]
+    assert scores["true"] == pytest.approx(a_eval[-1]["eval/loss"], rel=1e-6)
+    assert abs(scores["false"] - scores["true"]) > 1e-4
+    exported = run_cli("export", str(straight_dir), str(tmp_path / "ema-export"), "--ema")
+    assert exported.returncode == 0, exported.stderr
+    ema = torch.load(straight_dir / "checkpoints/step-0000008/ema.pt", weights_only=True)
+    assert load_file(tmp_path / "ema-export/model.safetensors").keys() == ema.keys()
+    assert all(torch.equal(t, ema[k]) for k, t in load_file(tmp_path / "ema-export/model.safetensors").items())
 
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])

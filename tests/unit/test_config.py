@@ -198,6 +198,18 @@ def test_wsd_settings_are_checked(optim, train, message):
 
 
 @pytest.mark.parametrize("sections, message", [
+    ({"optim": {"ema_decay": 1.0}}, r"^optim.ema_decay=1.0 must be in \(0, 1\), e.g. 0.999$"),
+    ({"optim": {"ema_decay": 0.9, "ema_start_step": -1}}, r"^optim.ema_start_step=-1 must be >= 0$"),
+    ({"eval": {"use_ema": True}}, r"^eval.use_ema needs optim.ema_decay"),
+    ({"optim": {"ema_decay": 0.9}, "parallel": {"strategy": "deepspeed"}},
+     r"^optim.ema_decay is not supported with parallel.strategy=deepspeed yet"),
+])
+def test_ema_settings_are_checked(sections, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(build_config(sections))
+
+
+@pytest.mark.parametrize("sections, message", [
     ({"eval": {"tasks": "hellaswag"}}, r"^recipe: eval.tasks must be list of str, got 'hellaswag'"),
     ({"eval": {"tasks_limit": 5}}, r"^eval.tasks_limit applies to eval.tasks, which is empty"),
     ({"eval": {"tasks": ["hellaswag"]}, "task": {"name": "masked_lm"}, "model": {"arch": "encoder"}},

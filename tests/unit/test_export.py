@@ -122,3 +122,11 @@ def test_export_of_a_damaged_checkpoint_is_one_line_exit_2(tmp_path, capsys):
     assert main(["export", str(folder), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "model.pt" in err and err.count("\n") == 1
+
+
+def test_export_ema_of_a_checkpoint_without_ema_weights_is_one_line_exit_2(tmp_path, capsys):
+    _, folder = single_checkpoint(tmp_path)
+    assert main(["export", str(folder), str(tmp_path / "out"), "--ema"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"checkpoint {folder} has no EMA weights — train with optim.ema_decay" in err
+    assert not (tmp_path / "out").exists()

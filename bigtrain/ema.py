@@ -1,0 +1,95 @@
+"""EMA of the weights (`optim.ema_decay`): an fp32 moving average of the parameters a rank holds.
+
+After each optimizer step `t` (counted like the loop's steps, a skipped non-finite step included):
+
+    ema = params                                   while t < optim.ema_start_step
+    ema = decay · ema + (1 − decay) · params       from t = optim.ema_start_step on (a skipped step: unchanged)
+
+starting from the weights training starts from. The average lives where the parameters do: whole on
+every rank under single/ddp, this rank's shards (DTensors with the parameters' layout) under fsdp, so
+sharding it costs no full copy per rank. The engine saves it with its checkpoint in its own format
+(`ema.pt` beside `model.pt`; the `ema.` keys of a DCP checkpoint) under the model's state-dict names,
+so a resume on another world size reshards it like the weights, and `open_weights(folder, ema=True)`
+reads it like the weights (export --ema). `eval.use_ema` evaluates with these weights (`swapped_in`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+EMA_FILE = "ema.pt"  # single/ddp checkpoints
+EMA_KEY = "ema"      # the DCP state's top-level key (fsdp)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of `tensor` this rank holds (a DTensor's shard; a plain tensor whole)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class EMA:
+    """fp32 moving average of `module`'s trainable parameters, under their state-dict names."""
+
+    def __init__(self, module: nn.Module, decay: float, start_step: int):
+        self.decay, self.start_step = decay, start_step
+        self.step = 0  # optimizer steps taken (the loop's step count; run.py sets it on resume)
+        named = module.state_dict(keep_vars=True)  # tied weights under each name, one tensor
+        params = {name: t for name, t in named.items() if isinstance(t, nn.Parameter) and t.requires_grad}
+        shadows: dict[int, torch.Tensor] = {}
+        with torch.no_grad():
+            for t in params.values():
+                if id(t) not in shadows:
+                    shadows[id(t)] = t.detach().to(torch.float32, copy=True)
+        self.averages = {name: shadows[id(t)] for name, t in params.items()}
+        unique = {id(t): t for t in params.values()}
+        self._params = [_local(t.detach()) for t in unique.values()]
+        self._shadows = [_local(shadows[key]) for key in unique]
+
+    @torch.no_grad()
+    def update(self, applied: bool) -> None:
+        """After optimizer step number self.step + 1: average the new weights in (`applied`: not skipped)."""
+        self.step += 1
+        if not applied:
+            return
+        if self.step < self.start_step:
+            torch._foreach_copy_(self._shadows, self._params)
+            return
+        params = [p if p.dtype == torch.float32 else p.float() for p in self._params]  # bf16-pure weights
+        torch._foreach_lerp_(self._shadows, params, 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.averages)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        missing = sorted(set(self.averages) - set(state))
+        if missing:
+            raise KeyError(f"the checkpoint's EMA lacks {', '.join(missing[:3])}")
+        for name, average in self.averages.items():
+            if state[name] is not average:
+                _local(average).copy_(_local(state[name]))
+
+    def restart_from_weights(self) -> None:
+        """Set the average to the current weights (a checkpoint saved without EMA)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self._shadows, self._params)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The model holds the averaged weights (cast to its dtype) inside; its own weights again after."""
+        with torch.no_grad():
+            saved = [p.clone() for p in self._params]
+            torch._foreach_copy_(self._params, self._shadows)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self._params, saved)
+
+
+def ema_weights(engine, use: bool):
+    """The context evaluation runs in: the engine's EMA weights swapped in when `use`, else nothing."""
+    return engine.ema.swapped_in() if use else contextlib.nullcontext()
