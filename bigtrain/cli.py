@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
                              "it resolves to on this machine")
     check.add_argument("--keys", action="store_true", help="also list every recipe key with its help")
     prep = command("prepare", "tokenize and pack the recipe's data once into the cache")
+    prep.add_argument("--workers", type=int, default=None,
+                      help="processes tokenizing at once (default: every CPU this process may use)")
     prep.add_argument("--verify", action="store_true",
                       help="check every byte of the prepared cache again (otherwise once, the first time it is opened)")
     bench = command("bench", "measure tokens/s, MFU and the step-time breakdown")
@@ -178,7 +180,10 @@ def cmd_prepare(args) -> int:
         from bigtrain.run import with_init_tokenizer
 
         cfg = with_init_tokenizer(cfg)
-    prepare_data(cfg.data, task=cfg.task.name)
+    workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
+    if workers < 1:
+        raise UserError(f"prepare --workers={workers}: give at least 1")
+    prepare_data(cfg.data, task=cfg.task.name, workers=workers)
     if args.verify:
         data = load_prepared(cfg.data, task=cfg.task.name, verify=True)
     else:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -16,7 +18,7 @@ from bigtrain import checkpoint
 from bigtrain.config import Config, dump_yaml
 from bigtrain.config import recipe_warnings
 from bigtrain.data import load_prepared, prepare_data
-from bigtrain.data.prepare import verify_prepared_once
+from bigtrain.data.prepare import cache_visible, training_prepare_problem, verify_prepared_once
 from bigtrain.ema import EMA
 from bigtrain.errors import UserError
 from bigtrain.loop import LoopContext, evaluate, train
@@ -28,7 +30,7 @@ from bigtrain.optim import build_optimizer
 from bigtrain.preempt import PREEMPTED_MARKER, Preempted, PreemptionGuard
 from bigtrain.strategy import (Dist, barrier, broadcast_object, build_engine, building, engine_class, open_weights,
                                init_distributed, launcher_precision, resolve_strategy, shutdown)
-from bigtrain.strategy.dist import all_reduce_max
+from bigtrain.strategy.dist import all_gather_object, all_reduce_max
 from bigtrain.strategy.precision import Resolved, resolve_job_precision, slow_precision_warning
 from bigtrain.tasks import build_task
 from bigtrain.watchdog import Watchdog, enable_flight_recorder
@@ -144,10 +146,15 @@ def build(cfg: Config, dist: Dist) -> Built:
     # Data: rank 0 tokenizes and packs once (cached) and checksums the shards the first time (sizes after
     # that); the others then open them.
     def prepare_and_verify():
+        problem = training_prepare_problem(cfg.data, task=cfg.task.name, world_size=dist.world_size,
+                                           under_slurm="SLURM_JOB_ID" in os.environ)
+        if problem:
+            raise UserError(problem)
         prepare_data(cfg.data, task=cfg.task.name, log=lambda m: log_main(dist, m))
         verify_prepared_once(cfg.data, task=cfg.task.name)
 
     on_main(dist, prepare_and_verify, what="data preparation")
+    check_cache_shared(cfg, dist)
     data = load_prepared(cfg.data, task=cfg.task.name, verify=False)
     task = build_task(cfg.task, data, seed=cfg.run.seed)
     extra_files = {TOKENIZER_FILE: run_dir / TOKENIZER_FILE}
@@ -192,6 +199,20 @@ def build(cfg: Config, dist: Dist) -> Built:
     if cfg.optim.ema_decay:  # averaged from the weights training starts from (a resume loads the saved average)
         engine.ema = EMA(engine.module, cfg.optim.ema_decay, cfg.optim.ema_start_step)
     return Built(cfg, dist, data, task, engine.module, engine, extra_files)
+
+
+def check_cache_shared(cfg: Config, dist: Dist) -> None:
+    """Every rank sees the cache rank 0 prepared, or every rank stops with one line naming data.cache_dir (on a
+    multi-node job, a folder local to each node: the other nodes' ranks would find nothing there)."""
+    if not dist.distributed:
+        return
+    views = all_gather_object(dist, (cache_visible(cfg.data, task=cfg.task.name), socket.gethostname(), dist.rank))
+    blind = [(host, rank) for seen, host, rank in views if not seen]
+    if blind:
+        hosts = sorted({host for host, _ in blind})
+        raise UserError(f"data.cache_dir={cfg.data.cache_dir}: rank 0 prepared the data there, but ranks "
+                        f"{', '.join(str(rank) for _, rank in blind)} (on {', '.join(hosts)}) do not see it — a folder "
+                        f"local to each node? Point data.cache_dir at a filesystem every node mounts")
 
 
 def resolve_for_job(cfg: Config, dist: Dist) -> tuple[Config, Resolved]:

@@ -6,16 +6,28 @@ rank then calls `load_prepared` with the same task, which only memmaps and verif
 an example is for each task is in `examples.py`; what a sample is, in `dataset.py`. The
 folder is built beside its final place and renamed into it whole, with index.json written
 last, so an interrupted prepare never leaves a cache that looks complete.
+
+Each split is tokenized in pieces of consecutive documents (`_piece_plan`), by `workers` processes
+at once (forked: they share the loaded documents and the tokenizer), each into shards of its own;
+its `piece-NNNNN.json`, written last, marks it done. The build folder's name is fixed per cache key
+(one prepare at a time holds its lock), so a prepare killed midway keeps its finished pieces and the
+next one tokenizes only the rest. The join then renames the pieces' shards, in order, into the split's
+`tokens-NNNNN.bin` (no copy) and joins their document offsets and per-task arrays. The token stream is
+the same whatever the number of workers or pieces.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import shutil
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -34,7 +46,9 @@ from bigtrain.data.examples import (
     sft_chat_template,
     task_columns,
 )
-from bigtrain.data.shards import FORMAT_VERSION, INDEX, SplitWriter, read_index, token_dtype, verify_split, write_json_atomic
+from bigtrain.data.shards import (DOC_OFFSETS, FORMAT_VERSION, INDEX, SplitWriter, read_index, token_dtype, verify_split,
+                                  write_json_atomic)
+from bigtrain.filehash import sha256
 from bigtrain.data.sources import Source, load_documents, resolve_source, stable_hash
 from bigtrain.data.tokenizer import (
     SpecialIds,
@@ -54,7 +68,9 @@ if TYPE_CHECKING:
 SPLITS = ("train", "validation")
 TOKENIZER_FILE = "tokenizer.json"
 _ENCODE_BATCH_DOCS = 1000
-_LOG_EVERY_S = 30.0
+_LOG_EVERY_S = 30.0  # progress lines without a terminal; on one, the line is redrawn every second
+_PIECE_DOCS = (256, 20_000)  # documents per piece: at least, at most (~4 pieces per worker in between)
+PLAN = "plan.json"  # in the build folder: the piece plan a resumed prepare must share to keep pieces
 
 
 @dataclass
@@ -95,12 +111,13 @@ def data_cache_path(cfg, *, task: str = "causal_lm") -> Path:
 
 
 def prepare_data(
-    cfg, *, task: str = "causal_lm", num_proc: int | None = None, log: Callable[[str], None] = print
+    cfg, *, task: str = "causal_lm", num_proc: int | None = None, workers: int = 1, log: Callable[[str], None] = print
 ) -> PreparedData:
     """Tokenize `cfg`'s documents for `task` into the cache (if not there yet) and open it.
 
     task: causal_lm | masked_lm | classification | sft (the run passes cfg.task.name).
     num_proc: processes `datasets` may use to read local files or hub data.
+    workers: processes tokenizing pieces at once (1: this process, with the tokenizer's own threads).
     """
     check_task(task)
     check_seq_len(cfg, task)
@@ -110,6 +127,19 @@ def prepare_data(
     if read_index(path) is not None:
         log(f"data: already prepared at {path}")
         return _open_prepared(cfg, path, task=task, verify=False)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".lock-{path.name}", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one prepare per cache key at a time; a second one waits, then opens it
+        except OSError:  # a filesystem without locks (some parallel filesystems): prepare unguarded, as before
+            log(f"data: cannot lock {lock.name}; make sure one prepare of this data runs at a time")
+        if read_index(path) is not None:
+            log(f"data: prepared meanwhile by another process at {path}")
+            return _open_prepared(cfg, path, task=task, verify=False)
+        return _prepare_locked(cfg, task, source, root, path, num_proc, max(1, workers), log)
+
+
+def _prepare_locked(cfg, task: str, source: Source, root: Path, path: Path, num_proc, workers: int, log) -> PreparedData:
     if cfg.tokenizer is not None:  # a missing mask token is known before any document is read
         require_mask(find_special_ids(load_tokenizer_file(cfg.tokenizer, where="data.tokenizer")), cfg, task)
 
@@ -127,15 +157,19 @@ def prepare_data(
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
 
-    tmp = root / f".tmp-{path.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = root / f".tmp-{path.name}"  # the same folder for the same key: a killed prepare's pieces are kept
+    plan = {name: _piece_plan(len(split_docs), workers) for name, split_docs in zip(SPLITS, (docs.train, docs.validation))}
+    if tmp.exists() and _read_plan(tmp) != plan:
+        shutil.rmtree(tmp)  # not the pieces this prepare would write
+    tmp.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(tmp / PLAN, plan)
     try:
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         label_ids = {label: i for i, label in enumerate(labels or [])}
         splits = {}
         for name, split_docs in zip(SPLITS, (docs.train, docs.validation)):
-            splits[name] = _tokenize_split(split_docs, cfg, task, tok, ids, tmp / name, dtype, name, log, label_ids)
+            job = _PieceJob(split_docs, cfg, task, tok, ids, tmp / name, dtype, label_ids)
+            splits[name] = _tokenize_split(job, plan[name], workers, name, log)
         index = {
             "version": FORMAT_VERSION,
             "dtype": dtype.name,
@@ -155,10 +189,13 @@ def prepare_data(
             "tokenizer": tokenizer_identity(cfg, source, task),
             "splits": splits,
         }
+        (tmp / PLAN).unlink()
         write_json_atomic(tmp / INDEX, index)  # last: it marks the folder complete
         _publish(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        if not any(tmp.glob("*/piece-*.json")):  # nothing finished worth keeping for the next prepare
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
     data = _open_prepared(cfg, path, task=task, verify=False)
     log(
@@ -166,6 +203,38 @@ def prepare_data(
         f"validation {data.validation.num_tokens:,} tokens ({len(data.validation):,} samples), dtype {dtype.name}"
     )
     return data
+
+
+TRAINING_PREPARE_LIMIT_BYTES = 2 * 10**9  # a multi-process training start tokenizes at most this much source itself
+
+
+def training_prepare_problem(cfg, *, task: str, world_size: int, under_slurm: bool,
+                             limit_bytes: int = TRAINING_PREPARE_LIMIT_BYTES) -> str | None:
+    """Why a training start of `world_size` processes must not prepare this data itself, or None. Rank 0 would
+    tokenize it single-process while every other rank (and its GPU) waits: refused under Slurm (slurm/launch.sh
+    prepares first, so a missing cache there means a job started another way), for hub datasets, and for local
+    sources over `limit_bytes`."""
+    path = data_cache_path(cfg, task=task)
+    if world_size == 1 or read_index(path) is not None:
+        return None
+    source = resolve_source(cfg)
+    size = sum(f.stat().st_size for f in source.files) if source.files else None
+    if under_slurm:
+        why = "under Slurm"
+    elif source.kind == "hub":
+        why = f"hub dataset '{cfg.source}'"
+    elif size is not None and size > limit_bytes:
+        why = f"{size / 1e9:.1f} GB of source files (over {limit_bytes / 1e9:g} GB)"
+    else:
+        return None
+    return (f"data: not prepared ({path}) and this {world_size}-process start would tokenize it on rank 0 while the "
+            f"other ranks wait ({why}) — run 'bigtrain prepare RECIPE' first, on one node with all its CPUs "
+            f"(slurm/pretrain.sh and finetune.sh do it as their first step)")
+
+
+def cache_visible(cfg, *, task: str) -> bool:
+    """Whether this process sees the prepared cache (a rank on another node may not: a node-local cache_dir)."""
+    return read_index(data_cache_path(cfg, task=task)) is not None
 
 
 VERIFIED = "verified.json"
@@ -224,42 +293,191 @@ def _open_prepared(cfg, path: Path, *, task: str, verify: bool) -> PreparedData:
     )
 
 
-def _tokenize_split(
-    docs: "datasets.Dataset",
-    cfg,
-    task: str,
-    tok,
-    ids: SpecialIds,
-    folder: Path,
-    dtype: np.dtype,
-    name: str,
-    log: Callable,
-    label_ids: dict,
-) -> dict:
-    """Encode examples in batches (the tokenizer's Rust thread pool runs each batch in parallel)."""
-    writer = SplitWriter(folder, dtype, arrays=TASK_ARRAYS.get(task))
-    t0 = last_log = time.perf_counter()
-    done = 0
-    columns = list(task_columns(cfg, task).values())
-    for batch in docs.select_columns(columns).iter(batch_size=_ENCODE_BATCH_DOCS):
-        encoded = encode_batch(batch, cfg, task, tok, ids, label_ids=label_ids)
+@dataclass
+class _PieceJob:
+    """What tokenizing a piece of one split needs (forked workers inherit it)."""
+
+    docs: "datasets.Dataset"
+    cfg: object
+    task: str
+    tok: "tokenizers.Tokenizer"
+    ids: SpecialIds
+    folder: Path
+    dtype: np.dtype
+    label_ids: dict
+
+
+def _piece_plan(num_docs: int, workers: int) -> dict:
+    """Documents per piece for a split of `num_docs`: ~4 pieces per worker, within _PIECE_DOCS."""
+    low, high = _PIECE_DOCS
+    per_piece = min(high, max(low, -(-num_docs // (4 * workers))))
+    return {"num_docs": num_docs, "piece_docs": per_piece, "pieces": -(-num_docs // per_piece)}
+
+
+def _read_plan(tmp: Path) -> dict | None:
+    try:
+        return json.loads((tmp / PLAN).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _piece_prefix(k: int) -> str:
+    return f"piece-{k:05d}-"
+
+
+def _piece_done(folder: Path, k: int) -> Path:
+    return folder / f"piece-{k:05d}.json"
+
+
+_job: _PieceJob | None = None  # set before workers fork
+
+
+def _tokenize_piece(k: int, piece_docs: int) -> dict:
+    """Tokenize documents [k·piece_docs, …) of the job's split into the piece's own files; its json last."""
+    job = _job
+    for stale in job.folder.glob(f"{_piece_prefix(k)}*"):  # a killed prepare's half-written piece
+        stale.unlink()
+    writer = SplitWriter(job.folder, job.dtype, arrays=TASK_ARRAYS.get(job.task), prefix=_piece_prefix(k))
+    columns = list(task_columns(job.cfg, job.task).values())
+    rows = job.docs.select(range(k * piece_docs, min((k + 1) * piece_docs, len(job.docs)))).select_columns(columns)
+    for batch in rows.iter(batch_size=_ENCODE_BATCH_DOCS):
+        encoded = encode_batch(batch, job.cfg, job.task, job.tok, job.ids, label_ids=job.label_ids)
         examples = encoded.examples  # each without its EOS
         lengths = np.fromiter((len(x) + 1 for x in examples), dtype=np.int64, count=len(examples))  # + EOS
         is_eos = np.zeros(int(lengths.sum()), dtype=bool)
         is_eos[np.cumsum(lengths) - 1] = True
-        tokens = np.empty(is_eos.size, dtype=dtype)
-        tokens[is_eos] = ids.eos
-        tokens[~is_eos] = np.fromiter(itertools.chain.from_iterable(examples), dtype=dtype, count=is_eos.size - len(examples))
-        arrays = {k: v + writer.num_tokens if k in POSITION_ARRAYS else v for k, v in encoded.arrays.items()}
+        tokens = np.empty(is_eos.size, dtype=job.dtype)
+        tokens[is_eos] = job.ids.eos
+        tokens[~is_eos] = np.fromiter(itertools.chain.from_iterable(examples), dtype=job.dtype,
+                                      count=is_eos.size - len(examples))
+        arrays = {key: v + writer.num_tokens if key in POSITION_ARRAYS else v for key, v in encoded.arrays.items()}
         writer.add_documents(tokens, lengths, arrays)
-        done += len(examples)
-        if time.perf_counter() - last_log > _LOG_EVERY_S:
-            last_log = time.perf_counter()
-            log(f"data: {name}: tokenized {done:,}/{len(docs):,} documents")
     info = writer.finish()
-    seconds = time.perf_counter() - t0
-    log(f"data: {name}: {info['num_tokens']:,} tokens from {info['num_docs']:,} documents in {seconds:.1f}s")
+    write_json_atomic(_piece_done(job.folder, k), info)
     return info
+
+
+def _worker_start() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
+
+
+def _tokenize_split(job: _PieceJob, plan: dict, workers: int, name: str, log: Callable) -> dict:
+    """Tokenize the split's pieces not done yet (`workers` at a time), then join them into the split's files."""
+    global _job
+    job.folder.mkdir(parents=True, exist_ok=True)
+    pieces, piece_docs = plan["pieces"], plan["piece_docs"]
+    todo = [k for k in range(pieces) if not _piece_done(job.folder, k).is_file()]
+    if len(todo) < pieces:
+        log(f"data: {name}: {pieces - len(todo)} of {pieces} pieces kept from an interrupted prepare")
+    progress = _Progress(name, plan["num_docs"], done_docs=(pieces - len(todo)) * piece_docs, log=log)
+    _job = job
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for k in todo:
+                progress.add(_tokenize_piece(k, piece_docs))
+        else:
+            context = multiprocessing.get_context("fork")  # workers share the loaded documents and the tokenizer
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_worker_start) as pool:
+                for future in as_completed([pool.submit(_tokenize_piece, k, piece_docs) for k in todo]):
+                    progress.add(future.result())
+    finally:
+        _job = None
+    info = _join_pieces(job, pieces)
+    log(f"data: {name}: {info['num_tokens']:,} tokens from {info['num_docs']:,} documents in "
+        f"{progress.seconds():.1f}s ({workers} worker{'s' if workers > 1 else ''})")
+    return info
+
+
+def _join_pieces(job: _PieceJob, pieces: int) -> dict:
+    """The split's index entry: the pieces' shards in order, their document offsets and per-task arrays joined
+    (written through memmaps: nothing of corpus size in memory); the pieces' own small files removed."""
+    folder = job.folder
+    infos = [json.loads(_piece_done(folder, k).read_text()) for k in range(pieces)]
+    num_docs = sum(i["num_docs"] for i in infos)
+    token_starts = np.cumsum([0] + [i["num_tokens"] for i in infos])
+    offsets = _new_npy(folder / DOC_OFFSETS, np.int64, (num_docs + 1,))
+    at = 0
+    for k, info in enumerate(infos):
+        piece = np.load(folder / f"{_piece_prefix(k)}{DOC_OFFSETS}", mmap_mode="r")
+        offsets[at:at + info["num_docs"]] = piece[:-1] + token_starts[k]
+        at += info["num_docs"]
+    offsets[num_docs] = token_starts[-1]
+    offsets.flush()
+    del offsets
+    arrays = []
+    for array, empty in TASK_ARRAYS.get(job.task, {}).items():
+        parts = [np.load(folder / f"{_piece_prefix(k)}{array}.npy", mmap_mode="r") for k in range(pieces)]
+        path = folder / f"{array}.npy"
+        out = _new_npy(path, empty.dtype, (sum(len(p) for p in parts), *empty.shape[1:]))
+        row = 0
+        for k, part in enumerate(parts):
+            out[row:row + len(part)] = part + token_starts[k] if array in POSITION_ARRAYS else part
+            row += len(part)
+        if isinstance(out, np.memmap):
+            out.flush()
+        del out, parts
+        arrays.append({"file": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)})
+    shards = [dict(shard) for info in infos for shard in info["shards"]]
+    for j, shard in enumerate(shards):  # the split's shards in stream order: tokens-00000.bin, tokens-00001.bin, …
+        name = f"tokens-{j:05d}.bin"
+        if (folder / shard["file"]).exists() or not (folder / name).exists():  # renamed already by a killed join
+            os.replace(folder / shard["file"], folder / name)
+        shard["file"] = name
+    for k in range(pieces):
+        for leftover in [folder / f"{_piece_prefix(k)}{DOC_OFFSETS}", _piece_done(folder, k),
+                         *(folder / f"{_piece_prefix(k)}{a}.npy" for a in TASK_ARRAYS.get(job.task, {}))]:
+            leftover.unlink()
+    return {
+        "num_tokens": int(token_starts[-1]),
+        "num_docs": num_docs,
+        "shards": shards,
+        "doc_offsets_sha256": sha256(folder / DOC_OFFSETS),
+        "arrays": arrays,
+    }
+
+
+def _new_npy(path: Path, dtype, shape: tuple) -> np.ndarray:
+    """A new .npy file of `shape`, memory-mapped for writing (an empty one is written at once: nothing to map)."""
+    if 0 in shape:
+        empty = np.zeros(shape, dtype)
+        np.save(path, empty)
+        return empty
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
+class _Progress:
+    """Documents and tokens done, tokens/s and ETA: a line redrawn every second on a terminal, else a line
+    every _LOG_EVERY_S through `log`."""
+
+    def __init__(self, name: str, total_docs: int, *, done_docs: int, log: Callable):
+        self.name, self.total, self.done, self.log = name, total_docs, min(done_docs, total_docs), log
+        self.tokens = 0
+        self.t0 = self.last = time.perf_counter()
+        self.tty = log is print and sys.stdout.isatty()
+
+    def add(self, piece: dict) -> None:
+        self.done += piece["num_docs"]
+        self.tokens += piece["num_tokens"]
+        now = time.perf_counter()
+        if now - self.last < (1.0 if self.tty else _LOG_EVERY_S) and self.done < self.total:
+            return
+        self.last = now
+        rate = self.tokens / max(now - self.t0, 1e-9)
+        per_doc = (now - self.t0) / max(self.done, 1)
+        line = (f"data: {self.name}: {self.done:,}/{self.total:,} documents ({100 * self.done / max(self.total, 1):.0f}%) · "
+                f"{rate:,.0f} tokens/s · ETA {_duration((self.total - self.done) * per_doc)}")
+        if self.tty:
+            print(f"\r{line}", end="\n" if self.done >= self.total else "", flush=True)
+        else:
+            self.log(line)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _publish(tmp: Path, path: Path) -> None:

@@ -49,9 +49,11 @@ class SplitWriter:
     """
 
     def __init__(
-        self, folder: Path, dtype: np.dtype, max_shard_tokens: int | None = None, *, arrays: dict[str, np.ndarray] | None = None
+        self, folder: Path, dtype: np.dtype, max_shard_tokens: int | None = None, *, arrays: dict[str, np.ndarray] | None = None,
+        prefix: str = "",
     ):
         self.folder = folder
+        self.prefix = prefix  # of every file name it writes (a piece of a split: "piece-00003-")
         self.dtype = np.dtype(dtype)
         self.max_shard_tokens = max_shard_tokens or MAX_SHARD_TOKENS
         self.doc_lengths: list[np.ndarray] = []
@@ -88,22 +90,22 @@ class SplitWriter:
         self._close_shard()
         lengths = np.concatenate(self.doc_lengths) if self.doc_lengths else np.zeros(0, np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        np.save(self.folder / DOC_OFFSETS, offsets)
+        np.save(self.folder / f"{self.prefix}{DOC_OFFSETS}", offsets)
         arrays = []
         for name, parts in self.arrays.items():
-            path = self.folder / f"{name}.npy"
+            path = self.folder / f"{self.prefix}{name}.npy"
             np.save(path, np.concatenate(parts))
             arrays.append({"file": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)})
         return {
             "num_tokens": int(offsets[-1]),
             "num_docs": int(lengths.size),
             "shards": self.shards,
-            "doc_offsets_sha256": sha256(self.folder / DOC_OFFSETS),
+            "doc_offsets_sha256": sha256(self.folder / f"{self.prefix}{DOC_OFFSETS}"),
             "arrays": arrays,
         }
 
     def _open_shard(self) -> None:
-        name = f"tokens-{len(self.shards):05d}.bin"
+        name = f"{self.prefix}tokens-{len(self.shards):05d}.bin"
         self._file = open(self.folder / name, "wb")
         self._hash = hashlib.sha256()
         self._shard_tokens = 0

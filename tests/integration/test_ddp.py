@@ -72,6 +72,19 @@ def test_bad_recipe_under_torchrun_exits_nonzero_with_the_message(tmp_path, cach
     assert "train.global_batch_size=6 is not divisible by train.micro_batch_size × data-parallel size = 2 × 2 = 4" in result.stderr
 
 
+def test_two_process_start_under_slurm_without_prepared_data_says_to_run_prepare(tmp_path):
+    """Under Slurm a missing cache means a job that skipped slurm/launch.sh's prepare step: rank 0 does not
+    tokenize while the other rank waits; every rank stops with one line, nothing prepared."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "cache", tmp_path / "runs"))
+    result = run_torchrun(2, "train", str(recipe), env={"SLURM_JOB_ID": "4242"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("bigtrain: error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], result.stderr[-3000:]
+    assert errors[0].startswith("bigtrain: error: data: not prepared (") and "this 2-process start would tokenize it " \
+        "on rank 0 while the other ranks wait (under Slurm) — run 'bigtrain prepare RECIPE' first" in errors[0]
+    assert not list((tmp_path / "cache").glob("*/index.json"))
+
+
 @pytest.mark.parametrize("task, arch", [("classification", "encoder"), ("sft", "decoder")])
 def test_ddp_matches_single_process_with_ragged_task_batches(tmp_path, cache_dir, task, arch):
     """(micro 8 × accum 1) on one process vs 2 ranks × (micro 2 × accum 2): the same logged loss (the

@@ -77,6 +77,27 @@ def test_two_node_launches_on_localhost_match_one_node_with_two_processes(baseli
     assert losses(recipe.parent / "runs/two-nodes") == pytest.approx(expected, rel=1e-6)
 
 
+def test_two_nodes_with_a_node_local_cache_dir_stop_with_one_line_naming_it(tmp_path):
+    """data.cache_dir=~/bigtrain-cache where each "node" has a home of its own (as /tmp or a local disk is per
+    node): rank 0 prepares into its node's folder, rank 1 finds nothing there; both stop with the same line."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe("~/bigtrain-cache", tmp_path / "runs"))
+    port = str(free_port())
+    homes = [tmp_path / f"home{rank}" for rank in (0, 1)]
+    for home in homes:
+        home.mkdir()
+    nodes = [launch(str(recipe), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+                    "--master-addr", "127.0.0.1", "--master-port", port, env={"HOME": str(homes[rank])})
+             for rank in (0, 1)]
+    results = [finish(p) for p in nodes]
+    expected = ("bigtrain: error: data.cache_dir=~/bigtrain-cache: rank 0 prepared the data there, but ranks 1 "
+                f"(on {os.uname().nodename}) do not see it — a folder local to each node? Point data.cache_dir at a "
+                f"filesystem every node mounts")
+    for r in results:
+        assert r.returncode != 0 and expected in r.stderr.splitlines(), r.stderr[-3000:]
+    assert list((homes[0] / "bigtrain-cache").glob("*/index.json")) and not (homes[1] / "bigtrain-cache").exists()
+    assert not (tmp_path / "runs/tiny/metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_deepspeed_launcher_runs_two_processes(baseline, nodes, tmp_path):
     """The deepspeed launcher (`--num_gpus N`, no GPU needed: it only sets ranks) passes --local_rank=N first;

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bigtrain.config import DataConfig
+from bigtrain.config import DataConfig, load_config
 from bigtrain.data import GlobalSampler, data_cache_path, eval_busiest_count, eval_indices, load_prepared, prepare_data
 from bigtrain.data import prepare as prepare_module
 from bigtrain.data import shards as shards_module
@@ -152,6 +152,102 @@ def test_shards_split_and_windows_cross_shard_boundaries(stdlib, tokenizer_file,
     whole = np.concatenate([np.fromfile(f, dtype=np.uint16) for f in shard_files]).astype(np.int64)
     for i in range(len(prepared.train)):
         np.testing.assert_array_equal(prepared.train[i], whole[i * SEQ_LEN : i * SEQ_LEN + SEQ_LEN + 1])
+
+
+def split_files(data) -> dict[str, dict[str, np.ndarray]]:
+    """Per split: the whole token stream, the document offsets and the per-task arrays of a prepared cache."""
+    out = {}
+    for name, split in (("train", data.train), ("validation", data.validation)):
+        out[name] = {"stream": split.read(0, split.num_tokens)}
+        for array in sorted((data.path / name).glob("*.npy")):
+            out[name][array.name] = np.load(array)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory) -> Path:
+    """900 jsonl rows of stdlib source lines with a text, a label, a prompt and a response each."""
+    lines = [l for l in Path(json.__file__).with_name("decoder.py").read_text().splitlines() if l.strip()]
+    rows = [{"text": "\n".join(lines[i % len(lines):i % len(lines) + 1 + i % 7]), "label": ["a", "b", "c"][i % 3],
+             "prompt": lines[i % len(lines)], "response": lines[(i * 7) % len(lines)]} for i in range(900)]
+    path = tmp_path_factory.mktemp("rows") / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "sft", "classification"])
+def test_prepare_with_two_workers_writes_what_one_process_writes(tokenizer_file, rows_file, tmp_path, task):
+    """Pieces tokenized by two forked workers join into the same stream, offsets and task arrays (labels, loss
+    spans: stream positions, shifted per piece) as one process's pieces."""
+    cfg = DataConfig(source=str(rows_file), tokenizer=tokenizer_file, seq_len=SEQ_LEN, cache_dir=str(tmp_path / "one"),
+                     validation_split=0.2)
+    one = prepare_data(cfg, task=task, log=quiet)
+    messages = []
+    two = prepare_data(dataclasses.replace(cfg, cache_dir=str(tmp_path / "two")), task=task, workers=2,
+                       log=messages.append)
+    assert len(json.loads((two.path / "index.json").read_text())["splits"]["train"]["shards"]) >= 2  # pieces
+    assert any("(2 workers)" in m for m in messages)
+    a, b = split_files(one), split_files(two)
+    assert a.keys() == b.keys() and all(a[s].keys() == b[s].keys() for s in a)
+    for split in a:
+        for name in a[split]:
+            np.testing.assert_array_equal(a[split][name], b[split][name], err_msg=f"{split} {name}")
+    assert not list((tmp_path / "two").glob(".tmp-*")) and not list((two.path / "train").glob("piece-*.json"))
+
+
+def test_a_training_start_of_several_processes_prepares_only_small_local_data(tokenizer_file, rows_file, tmp_path):
+    from bigtrain.data.prepare import training_prepare_problem
+
+    cfg = DataConfig(source=str(rows_file), tokenizer=tokenizer_file, seq_len=SEQ_LEN, cache_dir=str(tmp_path / "c"))
+    size = rows_file.stat().st_size
+    problem = lambda **kw: training_prepare_problem(cfg, task="causal_lm", **{"world_size": 2, "under_slurm": False, **kw})  # noqa: E731
+    assert problem() is None and problem(limit_bytes=size) is None  # small: rank 0 prepares it while the others wait
+    assert problem(world_size=1, under_slurm=True, limit_bytes=1) is None  # one process waits for no one
+    assert f"({size / 1e9:.1f} GB of source files (over 1e-06 GB))" in problem(limit_bytes=1000)
+    assert "(under Slurm) — run 'bigtrain prepare RECIPE' first" in problem(under_slurm=True)
+    prepare_data(cfg, log=quiet)
+    assert problem(under_slurm=True, limit_bytes=1) is None  # prepared already
+
+
+def test_prepare_killed_midway_keeps_its_finished_pieces(tokenizer_file, tmp_path):
+    """`bigtrain prepare` killed (SIGKILL) once its first piece is written: the next prepare keeps the finished
+    pieces, tokenizes the rest, and the cache equals an uninterrupted prepare's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, tiny_recipe, write_recipe
+
+    import sysconfig
+
+    lines = [line for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+             for line in f.read_text(errors="replace").splitlines()] * 2
+    corpus = tmp_path / "corpus.jsonl"  # ~9 MB in documents of 40 lines: 4 pieces of about a second each
+    corpus.write_text("".join(json.dumps({"text": "\n".join(lines[i:i + 40])}) + "\n" for i in range(0, len(lines), 40)))
+    data = {"source": str(corpus), "tokenizer": tokenizer_file, "seq_len": SEQ_LEN, "max_documents": None}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "cache", tmp_path / "runs", data=data))
+    command = [sys.executable, "-m", "bigtrain", "prepare", str(recipe), "--workers", "1"]
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "cache").glob(".tmp-*/train/piece-*.json")) and first.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL, first.stderr.read()
+    kept = len(list((tmp_path / "cache").glob(".tmp-*/train/piece-*.json")))
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"data: train: {kept} of 4 pieces kept from an interrupted prepare" in again.stdout
+    cfg = load_config(recipe).data
+    fresh = prepare_data(dataclasses.replace(cfg, cache_dir=str(tmp_path / "fresh")), log=quiet)
+    resumed = load_prepared(cfg)
+    index = lambda data: json.loads((data.path / "index.json").read_text())["splits"]  # noqa: E731
+    assert index(resumed) == index(fresh)  # the same files, byte for byte (each listed with its sha256)
+    a, b = split_files(resumed), split_files(fresh)
+    for split in a:
+        for name in a[split]:
+            np.testing.assert_array_equal(a[split][name], b[split][name], err_msg=f"{split} {name}")
 
 
 def test_token_dataset_pickles_without_its_data(stdlib):
