@@ -159,8 +159,11 @@ def _prepare_locked(cfg, task: str, source: Source, root: Path, path: Path, num_
 
     tmp = root / f".tmp-{path.name}"  # the same folder for the same key: a killed prepare's pieces are kept
     plan = {name: _piece_plan(len(split_docs), workers) for name, split_docs in zip(SPLITS, (docs.train, docs.validation))}
-    if tmp.exists() and _read_plan(tmp) != plan:
-        shutil.rmtree(tmp)  # not the pieces this prepare would write
+    kept = _read_plan(tmp) if tmp.exists() else None
+    if kept is not None and all(kept.get(name, {}).get("num_docs") == plan[name]["num_docs"] for name in SPLITS):
+        plan = kept  # a killed prepare's pieces, whatever number of workers cut them
+    elif tmp.exists():
+        shutil.rmtree(tmp)  # not pieces of these documents
     tmp.mkdir(parents=True, exist_ok=True)
     write_json_atomic(tmp / PLAN, plan)
     try:
