@@ -172,8 +172,8 @@ def cmd_prepare(args) -> int:
     """Tokenize and pack the data unless the cache has it; its checksums are verified once (`--verify`: again),
     so running it at every job start (slurm/launch.sh does) costs a look at sizes and the index. Without
     model.init_from it imports no torch (a second or two of every job start)."""
-    from bigtrain.data import load_prepared, prepare_data
-    from bigtrain.data.prepare import verify_prepared_once
+    from bigtrain.data import load_prepared
+    from bigtrain.data.prepare import prepare_sources, source_configs, verify_sources_once
 
     cfg = _config(args)
     if cfg.model.init_from and not cfg.data.tokenizer:  # the checkpoint's tokenizer; only this needs torch
@@ -183,14 +183,16 @@ def cmd_prepare(args) -> int:
     workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
     if workers < 1:
         raise UserError(f"prepare --workers={workers}: give at least 1")
-    prepare_data(cfg.data, task=cfg.task.name, workers=workers)
+    prepare_sources(cfg.data, task=cfg.task.name, workers=workers)
     if args.verify:
-        data = load_prepared(cfg.data, task=cfg.task.name, verify=True)
+        prepared = [load_prepared(source, task=cfg.task.name, verify=True)
+                    for source in source_configs(cfg.data, task=cfg.task.name)]
     else:
-        data = verify_prepared_once(cfg.data, task=cfg.task.name)
-    print(f"prepared {data.path}: vocab {data.vocab_size} · train {data.train.num_tokens:,} tokens "
-          f"({len(data.train):,} samples) · validation {data.validation.num_tokens:,} tokens "
-          f"({len(data.validation):,} samples)")
+        prepared = verify_sources_once(cfg.data, task=cfg.task.name)
+    for data in prepared:  # a mixture: one line per source
+        print(f"prepared {data.path}: vocab {data.vocab_size} · train {data.train.num_tokens:,} tokens "
+              f"({len(data.train):,} samples) · validation {data.validation.num_tokens:,} tokens "
+              f"({len(data.validation):,} samples)")
     return 0
 
 
@@ -430,15 +432,17 @@ def cmd_verify(args) -> int:
     if (source / "config.yaml").is_file() and not (source / checkpoint.MANIFEST).exists():  # a run dir: its data too
         from bigtrain.config import load_config
         from bigtrain.data import data_cache_path, load_prepared
+        from bigtrain.data.prepare import source_configs
 
         cfg = load_config(source / "config.yaml")
-        path = data_cache_path(cfg.data, task=cfg.task.name)
-        try:
-            load_prepared(cfg.data, task=cfg.task.name, verify=True)
-            print(f"ok       data {path}")
-        except UserError as e:
-            damaged += 1
-            print(f"damaged  data {path}: {e}")
+        for data_cfg in source_configs(cfg.data, task=cfg.task.name):  # a mixture: each source's cache
+            path = data_cache_path(data_cfg, task=cfg.task.name)
+            try:
+                load_prepared(data_cfg, task=cfg.task.name, verify=True)
+                print(f"ok       data {path}")
+            except UserError as e:
+                damaged += 1
+                print(f"damaged  data {path}: {e}")
     for folder in folders:
         try:
             manifest = checkpoint.verify(folder)

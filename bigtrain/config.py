@@ -83,6 +83,22 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class MixtureSource:
+    """One source of data.mixture: its weight and the data keys it sets (unset: the data section's)."""
+
+    source: str = _opt("", "the source, as data.source")
+    weight: float = _opt(0.0, "its share of the training samples (weights are normalised to sum to 1)")
+    name: Optional[str] = _opt(None, "its name in logs and metrics (default: source1, source2, …)")
+    subset: Optional[str] = _opt(None, "as data.subset")
+    split: Optional[str] = _opt(None, "as data.split")
+    revision: Optional[str] = _opt(None, "as data.revision")
+    text_column: Optional[str] = _opt(None, "as data.text_column (default: the data section's)")
+    max_documents: Optional[int] = _opt(None, "as data.max_documents (default: the data section's)")
+    validation_split: Optional[float] = _opt(None, "as data.validation_split (default: the data section's)")
+    tokenizer: Optional[str] = _opt(None, "as data.tokenizer: every source must use the same one")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: str = _opt("python-stdlib", "python-stdlib, a local text/json/jsonl/parquet/csv file or folder, a save_to_disk folder, or a hub dataset name")
     subset: Optional[str] = _opt(None, "hub dataset config name")
@@ -101,6 +117,8 @@ class DataConfig:
     seq_len: int = _opt(256, "tokens per training sequence")
     cache_dir: str = _opt("~/.cache/bigtrain", "where tokenizers and packed token shards are cached")
     packing: bool = _opt(True, "pack documents (sft: prompt/response pairs, attention kept inside each) into full sequences; false: one padded example per sample")
+    mixture: tuple[MixtureSource, ...] = _opt((), "train on several sources at once, each a mapping with source, weight and any source key of this section (name, subset, split, revision, text_column, max_documents, validation_split): e.g. [{source: a.jsonl, weight: 0.7}, {source: b.jsonl, weight: 0.3}]; causal_lm and masked_lm; every 1,000 consecutive samples hold each source's share; each source is prepared into its own cache")
+    mixture_exhaust: Literal["repeat", "stop"] = _opt("repeat", "data.mixture: a source that runs out of samples starts over in a new order (repeat), or the mixture's epoch ends with the first source to run out (stop)")
 
 
 @dataclass(frozen=True)
@@ -318,6 +336,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
         return "list of " + ", ".join(_type_name(a) for a in typing.get_args(tp) if a is not Ellipsis)
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -348,6 +368,13 @@ def _check_type(value: Any, tp: Any, path: str, where: str) -> Any:
             return tuple(_check_type(v, args[0], path, where) for v in value)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(_check_type(v, a, path, where) for v, a in zip(value, args))
+    elif dataclasses.is_dataclass(tp):  # a mapping of the dataclass's keys (data.mixture's entries)
+        if isinstance(value, dict):
+            hints = typing.get_type_hints(tp)
+            for key in value:
+                if key not in hints:
+                    raise ConfigError(f"{where}: unknown key '{key}' in {path} — one of: {', '.join(hints)}")
+            return tp(**{key: _check_type(v, hints[key], f"{path}.{key}", where) for key, v in value.items()})
     elif tp is bool:
         if isinstance(value, bool):
             return value
@@ -423,6 +450,7 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
     elif o.decay_steps is not None:
         raise ConfigError(f"optim.decay_steps is a wsd setting but optim.schedule={o.schedule} — set "
                           f"optim.schedule=wsd or remove it")
+    _check_mixture(cfg)
     if o.ema_decay is not None and not 0.0 < o.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay={o.ema_decay} must be in (0, 1), e.g. 0.999")
     if o.ema_start_step < 0:
@@ -487,6 +515,32 @@ def _check_parallel(p: ParallelConfig, world_size: int) -> None:
         raise ConfigError(f"parallel.hang_timeout_s={p.hang_timeout_s} must be >= 0 (0: no hang watchdog)")
     if p.hang_step_factor < 1:
         raise ConfigError(f"parallel.hang_step_factor={p.hang_step_factor} must be >= 1 (a step's limit is at least the median step time)")
+
+
+def _check_mixture(cfg: Config) -> None:
+    d = cfg.data
+    if not d.mixture:
+        return
+    if cfg.task.name not in ("causal_lm", "masked_lm"):
+        raise ConfigError(f"data.mixture is for pretraining (task.name causal_lm or masked_lm), not {cfg.task.name} — "
+                          f"give that task one data.source")
+    names = []
+    for i, entry in enumerate(d.mixture):
+        where = f"data.mixture[{i}]"
+        if not entry.source:
+            raise ConfigError(f"{where} has no source — each entry needs source and weight")
+        if not entry.weight > 0:
+            raise ConfigError(f"{where}.weight={entry.weight:g} must be > 0 (its share of the samples)")
+        if entry.validation_split is not None and not 0.0 <= entry.validation_split < 1.0:
+            raise ConfigError(f"{where}.validation_split={entry.validation_split} must be in [0, 1)")
+        names.append(entry.name or f"source{i + 1}")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"data.mixture: two sources are named alike ({', '.join(names)}) — give each a distinct name")
+    tokenizers = {entry.tokenizer or d.tokenizer for entry in d.mixture}
+    if len(tokenizers) > 1:
+        shown = ", ".join(sorted(str(t) for t in tokenizers))
+        raise ConfigError(f"data.mixture: the sources use different tokenizers ({shown}) — a mixture trains one "
+                          f"model on one vocabulary: set data.tokenizer once")
 
 
 def _check_eval_tasks(cfg: Config) -> None:

@@ -58,7 +58,8 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
     cfg, dist, engine, task = ctx.cfg, ctx.dist, ctx.engine, ctx.task
     device, progress = dist.device, ctx.progress
     sampler = GlobalSampler(len(ctx.train_data), seed=cfg.run.seed, global_batch_size=cfg.train.global_batch_size,
-                            micro_batch_size=cfg.train.micro_batch_size, rank=dist.rank, world_size=dist.world_size)
+                            micro_batch_size=cfg.train.micro_batch_size, rank=dist.rank, world_size=dist.world_size,
+                            ordered=getattr(ctx.train_data, "ordered", False))  # a mixture orders its own samples
     end_step = cfg.train.stop_at_step or cfg.train.max_steps
     timer = StepTimer()
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "fwd_bwd_s": 0.0, "optim_s": 0.0}
@@ -206,6 +207,8 @@ def _log_train(ctx: LoopContext, state: TrainState, window: dict, times: dict, l
         metrics["perf/optim_s"] = window["optim_s"] / max(times["steps"], 1)
     if ctx.engine.loss_scale is not None:
         metrics["train/loss_scale"] = ctx.engine.loss_scale
+    if hasattr(ctx.train_data, "metrics"):  # a mixture: what each source has given so far
+        metrics.update(ctx.train_data.metrics(state.samples_consumed))
     ctx.logger.log(state.step, metrics)
     ctx.history.append({"step": state.step, **metrics})
 

@@ -17,8 +17,8 @@ import torch
 from bigtrain import checkpoint
 from bigtrain.config import Config, dump_yaml
 from bigtrain.config import recipe_warnings
-from bigtrain.data import load_prepared, prepare_data
-from bigtrain.data.prepare import cache_visible, training_prepare_problem, verify_prepared_once
+from bigtrain.data import load_prepared
+from bigtrain.data.prepare import cache_visible, prepare_sources, training_prepare_problem, verify_sources_once
 from bigtrain.ema import EMA
 from bigtrain.errors import UserError
 from bigtrain.loop import LoopContext, evaluate, train
@@ -150,12 +150,17 @@ def build(cfg: Config, dist: Dist) -> Built:
                                            under_slurm="SLURM_JOB_ID" in os.environ)
         if problem:
             raise UserError(problem)
-        prepare_data(cfg.data, task=cfg.task.name, log=lambda m: log_main(dist, m))
-        verify_prepared_once(cfg.data, task=cfg.task.name)
+        prepare_sources(cfg.data, task=cfg.task.name, log=lambda m: log_main(dist, m))
+        verify_sources_once(cfg.data, task=cfg.task.name)
 
     on_main(dist, prepare_and_verify, what="data preparation")
     check_cache_shared(cfg, dist)
-    data = load_prepared(cfg.data, task=cfg.task.name, verify=False)
+    data = load_prepared(cfg.data, task=cfg.task.name, verify=False, seed=cfg.run.seed)
+    if hasattr(data.train, "passes"):  # a mixture: how often the run reads each source
+        passes = data.train.passes(cfg.train.max_steps * cfg.train.global_batch_size)
+        log_main(dist, "data.mixture over the run: " + " · ".join(
+            f"{name} {n:.2f} passes" + (" (repeated)" if n > 1 and cfg.data.mixture_exhaust == "repeat" else "")
+            for name, n in passes.items()))
     task = build_task(cfg.task, data, seed=cfg.run.seed)
     extra_files = {TOKENIZER_FILE: run_dir / TOKENIZER_FILE}
     if data.labels:

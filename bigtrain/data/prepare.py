@@ -18,6 +18,7 @@ the same whatever the number of workers or pieces.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import itertools
@@ -104,7 +105,10 @@ class PreparedData:
 
 
 def data_cache_path(cfg, *, task: str = "causal_lm") -> Path:
-    """The folder `prepare_data(cfg, task=task)` writes. Cheap: it stats source files and trains nothing."""
+    """The folder `prepare_data(cfg, task=task)` writes. Cheap: it stats source files and trains nothing.
+    (A mixture has one per source: `source_configs`.)"""
+    if cfg.mixture:
+        raise ValueError("a data.mixture has one cache per source: see source_configs")
     check_task(task)
     source = resolve_source(cfg)
     return _cache_root(cfg) / _data_key(cfg, source, task)
@@ -208,6 +212,31 @@ def _prepare_locked(cfg, task: str, source: Source, root: Path, path: Path, num_
     return data
 
 
+def source_configs(cfg, *, task: str = "causal_lm") -> list:
+    """The data configs that get a cache each: `cfg`, or the sources of its data.mixture on their shared
+    tokenizer — data.tokenizer, or the BPE trained on the first source (its file, once that one is prepared)."""
+    if not cfg.mixture:
+        return [cfg]
+    from bigtrain.data.mixture import mixture_parts
+
+    parts = [part.cfg for part in mixture_parts(cfg)]
+    first = data_cache_path(parts[0], task=task)
+    if parts[0].tokenizer is None and read_index(first) is not None:
+        parts[1:] = [dataclasses.replace(part, tokenizer=str(first / TOKENIZER_FILE)) for part in parts[1:]]
+    return parts
+
+
+def prepare_sources(cfg, *, task: str = "causal_lm", workers: int = 1, log: Callable[[str], None] = print) -> list:
+    """`prepare_data` for `cfg`, or for each source of its mixture in order (the first one's tokenizer serving all)."""
+    return [prepare_data(source_configs(cfg, task=task)[i], task=task, workers=workers, log=log)
+            for i in range(len(cfg.mixture) or 1)]
+
+
+def verify_sources_once(cfg, *, task: str = "causal_lm") -> list:
+    """`verify_prepared_once` for `cfg` or each source of its mixture."""
+    return [verify_prepared_once(source, task=task) for source in source_configs(cfg, task=task)]
+
+
 TRAINING_PREPARE_LIMIT_BYTES = 2 * 10**9  # a multi-process training start tokenizes at most this much source itself
 
 
@@ -217,6 +246,10 @@ def training_prepare_problem(cfg, *, task: str, world_size: int, under_slurm: bo
     tokenize it single-process while every other rank (and its GPU) waits: refused under Slurm (slurm/launch.sh
     prepares first, so a missing cache there means a job started another way), for hub datasets, and for local
     sources over `limit_bytes`."""
+    if cfg.mixture:
+        problems = (training_prepare_problem(part, task=task, world_size=world_size, under_slurm=under_slurm,
+                                             limit_bytes=limit_bytes) for part in source_configs(cfg, task=task))
+        return next((problem for problem in problems if problem), None)
     path = data_cache_path(cfg, task=task)
     if world_size == 1 or read_index(path) is not None:
         return None
@@ -237,14 +270,20 @@ def training_prepare_problem(cfg, *, task: str, world_size: int, under_slurm: bo
 
 def cache_visible(cfg, *, task: str) -> bool:
     """Whether this process sees the prepared cache (a rank on another node may not: a node-local cache_dir)."""
-    return read_index(data_cache_path(cfg, task=task)) is not None
+    return all(read_index(data_cache_path(source, task=task)) is not None for source in source_configs(cfg, task=task))
 
 
 VERIFIED = "verified.json"
 
 
-def load_prepared(cfg, *, task: str = "causal_lm", verify: bool = True) -> PreparedData:
-    """Open the cache `prepare_data(cfg, task=task)` wrote. File sizes are always checked; verify=True adds sha256."""
+def load_prepared(cfg, *, task: str = "causal_lm", verify: bool = True, seed: int = 0) -> PreparedData:
+    """Open the cache `prepare_data(cfg, task=task)` wrote. File sizes are always checked; verify=True adds sha256.
+    A mixture: its sources' caches, the training samples in the mixture's order (keyed by `seed`, run.seed)."""
+    if cfg.mixture:
+        from bigtrain.data.mixture import open_mixture
+
+        return open_mixture(cfg, [load_prepared(source, task=task, verify=verify) for source in source_configs(cfg, task=task)],
+                            seed=seed)
     return _open_prepared(cfg, data_cache_path(cfg, task=task), task=task, verify=verify)
 
 

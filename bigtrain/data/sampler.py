@@ -66,7 +66,8 @@ class GlobalSampler:
     """Order is a function of (seed, epoch, global sample position) only; resume state = samples consumed."""
 
     def __init__(
-        self, num_samples: int, *, seed: int, global_batch_size: int, micro_batch_size: int, rank: int, world_size: int
+        self, num_samples: int, *, seed: int, global_batch_size: int, micro_batch_size: int, rank: int, world_size: int,
+        ordered: bool = False,
     ):
         if num_samples <= 0:
             raise ValueError(f"num_samples must be > 0, got {num_samples}")
@@ -83,6 +84,7 @@ class GlobalSampler:
         self.micro_batch_size = micro_batch_size
         self.rank = rank
         self.world_size = world_size
+        self.ordered = ordered  # the dataset orders its samples by global position itself (a mixture): no permutation
         self._perm_cache: IndexPermutation | None = None  # the last epoch's (batches rarely span two)
 
     def epoch(self, consumed: int) -> int:
@@ -91,6 +93,8 @@ class GlobalSampler:
     def global_indices(self, consumed: int) -> np.ndarray:
         """Sample indices of the global batch that starts at global position `consumed`. (global_batch_size,)"""
         positions = np.arange(consumed, consumed + self.global_batch_size)
+        if self.ordered:
+            return positions
         epochs, offsets = np.divmod(positions, self.num_samples)
         out = np.empty(self.global_batch_size, dtype=np.int64)
         for epoch in np.unique(epochs):  # a batch may span several epochs (tiny datasets)

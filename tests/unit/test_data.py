@@ -935,3 +935,86 @@ def test_prepare_without_init_from_imports_no_torch(tmp_path, cache_dir):
         assert result.stdout.splitlines()[-1] == "0 False", result.stderr[-2000:]
         assert result.stdout.splitlines()[-2].startswith("prepared ")
     assert runs[1].stdout.startswith("data: already prepared at ")  # nothing tokenized the second time
+
+
+# --------------------------------------------------------------------------- mixtures
+
+
+def mixture(sizes: dict[str, int], weights: list[float], *, seed: int = 0, exhaust: str = "repeat"):
+    from bigtrain.data.mixture import MixtureDataset
+
+    datasets = [[(name, i) for i in range(n)] for name, n in sizes.items()]
+    return MixtureDataset(list(sizes), datasets, weights, seed=seed, exhaust=exhaust)
+
+
+def test_mixture_gives_each_source_its_share_of_any_1000_consecutive_samples():
+    mix = mixture({"a": 5000, "b": 3000, "c": 77}, [0.6, 0.3, 0.1])
+    rng = np.random.default_rng(0)
+    for start in [0, 1, 499, 999, 1000, 123_456, *rng.integers(0, 10**7, 20)]:
+        names = [mix[p][0] for p in range(int(start), int(start) + 1000)]
+        shares = {name: names.count(name) / 1000 for name in "abc"}
+        assert shares == pytest.approx({"a": 0.6, "b": 0.3, "c": 0.1}, abs=0.02), start
+        assert mix.samples_per_source(int(start) + 1000) == {
+            n: c + names.count(n) for n, c in mix.samples_per_source(int(start)).items()}
+    # Awkward weights still fill every block of 1,000 exactly.
+    odd = mixture({"x": 10, "y": 10, "z": 10}, [1, 1, 1])
+    assert sum(odd.samples_per_source(1000).values()) == 1000
+
+
+def test_mixture_order_is_a_pure_function_of_seed_and_position():
+    a, b = mixture({"a": 500, "b": 300}, [0.7, 0.3]), mixture({"a": 500, "b": 300}, [0.7, 0.3])
+    positions = [0, 5, 999, 4321, 10**9]
+    assert [a[p] for p in positions] == [b[p] for p in reversed(positions)][::-1]  # any order of access
+    other = mixture({"a": 500, "b": 300}, [0.7, 0.3], seed=1)
+    assert [a[p] for p in range(200)] != [other[p] for p in range(200)]
+
+
+def test_mixture_repeat_reads_a_small_source_whole_before_it_repeats_it_in_another_order():
+    mix = mixture({"big": 10_000, "small": 40}, [0.5, 0.5])
+    draws = [mix[p][1] for p in range(400) if mix[p][0] == "small"]  # 200 draws of a 40-sample source
+    passes = [draws[i:i + 40] for i in range(0, 200, 40)]
+    assert all(sorted(p) == list(range(40)) for p in passes) and passes[0] != passes[1]
+    assert mix.passes(400) == {"big": pytest.approx(0.02), "small": pytest.approx(5.0)}
+
+
+def test_mixture_stop_ends_the_epoch_with_the_first_source_to_run_out():
+    mix = mixture({"a": 1500, "b": 2500}, [0.5, 0.5], exhaust="stop")
+    assert len(mix) == 3000  # b would last 5 blocks, a runs out after 3
+    epoch0 = [mix[p] for p in range(3000)]
+    assert len(set(epoch0)) == 3000  # no sample twice in an epoch
+    assert sorted(i for name, i in epoch0 if name == "a") == list(range(1500))  # a: all of it, once
+    epoch1 = [mix[p] for p in range(3000, 6000)]
+    assert epoch1 != epoch0 and sorted(i for name, i in epoch1 if name == "a") == list(range(1500))
+    with pytest.raises(UserError, match="source b has 3 training samples, fewer than its 500 per 1000"):
+        mixture({"a": 1500, "b": 3}, [0.5, 0.5], exhaust="stop")
+
+
+@pytest.mark.parametrize("mixture_cfg, message", [
+    ([{"source": "a.jsonl", "weight": 0}], r"^data.mixture\[0\].weight=0 must be > 0"),
+    ([{"source": "a.jsonl", "weight": -1}], r"^data.mixture\[0\].weight=-1 must be > 0"),
+    ([{"weight": 1}], r"^data.mixture\[0\] has no source"),
+    ([{"source": "a.jsonl", "weight": 1, "tokenizer": "t1.json"}, {"source": "b.jsonl", "weight": 1}],
+     r"^data.mixture: the sources use different tokenizers \(None, t1.json\)"),
+    ([{"source": "a.jsonl", "weight": 1, "name": "x"}, {"source": "b.jsonl", "weight": 1, "name": "x"}],
+     r"^data.mixture: two sources are named alike"),
+])
+def test_bad_mixture_is_one_line_naming_the_entry(mixture_cfg, message):
+    from bigtrain.config import ConfigError, build_config, validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(build_config({"data": {"mixture": mixture_cfg}}))
+
+
+def test_mixture_entry_with_an_unknown_key_is_named():
+    from bigtrain.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"unknown key 'wieght' in data.mixture — one of: source, weight"):
+        build_config({"data": {"mixture": [{"source": "a.jsonl", "wieght": 1}]}})
+
+
+def test_mixture_for_a_fine_tuning_task_is_one_line():
+    from bigtrain.config import ConfigError, build_config, validate
+
+    raw = {"data": {"mixture": [{"source": "a.jsonl", "weight": 1}]}, "task": {"name": "sft"}}
+    with pytest.raises(ConfigError, match=r"^data.mixture is for pretraining \(task.name causal_lm or masked_lm\), not sft"):
+        validate(build_config(raw))
