@@ -38,7 +38,8 @@ MASK_CANDIDATES = (MASK, "[MASK]", "<mask>")
 CLS_CANDIDATES = (CLS, "[CLS]", "<s>")
 SEP_CANDIDATES = (SEP, "[SEP]", "</s>")
 
-# BPE training reads at most this much text: merges settle long before a huge corpus ends.
+# BPE training reads at most this much text (data.tokenizer_sample_bytes' default), a uniform sample of the
+# documents when the corpus is larger: merges settle long before a huge corpus ends.
 MAX_TRAIN_CHARS = 2**30
 _BYTE_ALPHABET = 256
 
@@ -86,7 +87,7 @@ def build_tokenizer(
         raise UserError(f"data.vocab_size={cfg.vocab_size} is too small for a byte-level BPE (need >= {need})")
     log(f"data: training a byte-level BPE (vocab_size={cfg.vocab_size}) on {len(train_docs)} documents")
     t0 = time.perf_counter()
-    tok = train_bpe(_capped(bpe_text_batches(train_docs, cfg, task)), cfg.vocab_size)
+    tok = train_bpe(sampled_text(train_docs, cfg, task), cfg.vocab_size)
     log(f"data: trained tokenizer with {tok.get_vocab_size()} tokens in {time.perf_counter() - t0:.1f}s → {path}")
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +171,7 @@ def _bpe_key(cfg, source: Source, task: str) -> str:
         cfg.max_documents,
         cfg.validation_split,
         cfg.vocab_size,
-        MAX_TRAIN_CHARS,
+        cfg.tokenizer_sample_bytes or MAX_TRAIN_CHARS,  # unset: the key of every BPE trained before it existed
     )
 
 
@@ -181,11 +182,25 @@ def _read_tokenizer_bytes(path: str | Path, *, where: str = "data.tokenizer") ->
         raise UserError(f"{where}: no such file '{path}'") from None
 
 
-def _capped(text_batches: Iterator[list[str]]) -> Iterator[list[str]]:
-    """The batches up to about MAX_TRAIN_CHARS characters."""
-    chars = 0
-    for texts in text_batches:
-        yield texts
-        chars += sum(map(len, texts))
-        if chars >= MAX_TRAIN_CHARS:
+def sampled_text(docs: "datasets.Dataset", cfg, task: str, chunk: int = 1000) -> Iterator[list[str]]:
+    """The text a BPE trains on: every document's when the split is within data.tokenizer_sample_bytes (default
+    MAX_TRAIN_CHARS), else a uniform random sample of documents (a fixed pseudo-random order, read a chunk at a
+    time, until the budget is reached), so the merges see the whole corpus, not its beginning."""
+    import numpy as np
+
+    from bigtrain.data.sampler import IndexPermutation
+
+    budget, n = cfg.tokenizer_sample_bytes or MAX_TRAIN_CHARS, len(docs)
+    if n == 0:
+        return
+    if docs.data.nbytes <= budget:  # the whole table (a selection of it too) fits: every document, in order
+        yield from bpe_text_batches(docs, cfg, task)
+        return
+    order, taken = IndexPermutation(n, seed=0, epoch=0), 0
+    for start in range(0, n, chunk):
+        rows = np.sort(order(np.arange(start, min(start + chunk, n))))
+        for texts in bpe_text_batches(docs.select(rows), cfg, task):
+            yield texts
+            taken += sum(len(text.encode()) for text in texts)
+        if taken >= budget:
             return

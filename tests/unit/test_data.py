@@ -1018,3 +1018,28 @@ def test_mixture_for_a_fine_tuning_task_is_one_line():
     raw = {"data": {"mixture": [{"source": "a.jsonl", "weight": 1}]}, "task": {"name": "sft"}}
     with pytest.raises(ConfigError, match=r"^data.mixture is for pretraining \(task.name causal_lm or masked_lm\), not sft"):
         validate(build_config(raw))
+
+
+def test_bpe_trains_on_a_uniform_sample_of_a_corpus_over_its_budget(tmp_path):
+    """The first half of the documents speaks of one word, the second of another: a BPE trained on a sample a
+    third the corpus's size learns both (a prefix of that size would see only the first); a budget the corpus
+    fits in trains on every document, as before sampling existed."""
+    from tokenizers import Tokenizer
+
+    halves = ["quokkaquokka marsupial " * 30, "zeppelinzeppelin airship " * 30]
+    rows = [{"text": f"{halves[i >= 600]} {i}"} for i in range(1200)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    size = sum(len(r["text"]) for r in rows)
+
+    def bpe(cache: str, sample_bytes: int | None) -> Tokenizer:
+        cfg = DataConfig(source=str(corpus), vocab_size=300, validation_split=0.0, cache_dir=str(tmp_path / cache),
+                         tokenizer_sample_bytes=sample_bytes)
+        return prepare_data(cfg, log=quiet).tokenizer
+
+    sampled = bpe("sampled", size // 3)
+    for word in ("quokkaquokka", "zeppelinzeppelin"):
+        assert len(sampled.encode(word).ids) <= 3, (word, sampled.encode(word).tokens)
+    assert bpe("sampled-again", size // 3).to_str() == sampled.to_str()  # the sample is the same every time
+    whole, default = bpe("whole", 10 * size), bpe("default", None)
+    assert whole.get_vocab() == default.get_vocab()
