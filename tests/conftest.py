@@ -14,7 +14,23 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
+# The test files that take longest (seconds on 2 cores), run first: xdist hands out whole files in collection
+# order as workers come free, so a long file collected last would leave the other worker idle at the end.
+LONGEST_FIRST = ("test_tasks.py", "test_deepspeed.py", "test_train.py", "test_slurm.py", "test_fsdp.py",
+                 "test_launch.py", "test_ddp.py", "test_lm_eval_adapter.py")
+
+
+def pytest_configure(config):
+    """Under several xdist workers each test's processes get one CPU thread (torch's default is one per core:
+    two workers' runs would fight over every core, and a run slowed 3× where its threads contend)."""
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"  # the processes tests start inherit it
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
