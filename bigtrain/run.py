@@ -161,7 +161,7 @@ def build(cfg: Config, dist: Dist) -> Built:
         log_main(dist, "data.mixture over the run: " + " · ".join(
             f"{name} {n:.2f} passes" + (" (repeated)" if n > 1 and cfg.data.mixture_exhaust == "repeat" else "")
             for name, n in passes.items()))
-    task = build_task(cfg.task, data, seed=cfg.run.seed)
+    task = build_task(cfg.task, data, seed=cfg.run.seed, document_mask=cfg.data.document_mask)
     extra_files = {TOKENIZER_FILE: run_dir / TOKENIZER_FILE}
     if data.labels:
         extra_files[LABELS_FILE] = run_dir / LABELS_FILE

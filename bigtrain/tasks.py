@@ -69,29 +69,57 @@ def _to(device: torch.device, **arrays: np.ndarray) -> dict:
     return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in arrays.items()}
 
 
+def documents_mask(inputs: np.ndarray, eos_id: int, device: torch.device) -> dict:
+    """{"attn_mask": (B, 1, T, T) bool, "positions": (B, T)} keeping each document of packed `inputs` (B, T) to
+    itself: a token belongs to the document that the next EOS at or after it ends; positions restart at 0 after
+    each EOS."""
+    b, t = inputs.shape
+    eos = inputs == eos_id
+    segments = np.cumsum(eos, axis=1) - eos  # EOS before each token (the EOS itself stays in its document)
+    starts = np.zeros_like(eos)
+    starts[:, 0], starts[:, 1:] = True, eos[:, :-1]
+    index = np.broadcast_to(np.arange(t), (b, t))
+    positions = index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    same = (segments[:, :, None] == segments[:, None, :]) & np.tri(t, dtype=bool)  # (B, T, T)
+    return {"attn_mask": torch.from_numpy(same[:, None]).to(device), **_to(device, positions=positions.astype(np.int64))}
+
+
 # --------------------------------------------------------------------------- causal LM
 
 
 class CausalLM:
     """Next-token prediction. Samples are token arrays of length <= seq_len + 1; shorter ones are
-    right-padded (the padding never reaches a real token's attention because attention is causal)."""
+    right-padded (the padding never reaches a real token's attention because attention is causal).
+
+    `document_mask` (data.document_mask, packed samples): a token attends only to the tokens of its own
+    document (a block-diagonal causal mask; a document ends with its EOS), its position counts from its
+    document's first token in the window, and an EOS predicts nothing (the next document's first token
+    is not its continuation), so each document's logits and loss are those of running it alone."""
 
     name = "causal_lm"
     eval_keys = ("loss_sum", "targets")
 
-    def __init__(self, *, pad_id: int, **_):
-        self.pad_id = pad_id
+    def __init__(self, *, pad_id: int, eos_id: int | None = None, document_mask: bool = False, **_):
+        self.pad_id, self.eos_id, self.document_mask = pad_id, eos_id, document_mask
 
     def collate(self, samples: list[np.ndarray], keys: Sequence[int], device: torch.device) -> dict:
         inputs = _pad([s[:-1] for s in samples], self.pad_id)  # (B, T)
         labels = _pad([s[1:] for s in samples], IGNORE_INDEX)  # (B, T)
-        targets = int((labels != IGNORE_INDEX).sum())  # counted on the host: no device sync
-        return {**_to(device, input_ids=inputs, labels=labels), "num_targets": targets, "num_tokens": targets}
+        tokens = int((labels != IGNORE_INDEX).sum())  # non-padding inputs, counted on the host: no device sync
+        extra = {}
+        if self.document_mask:
+            labels[inputs == self.eos_id] = IGNORE_INDEX
+            extra = documents_mask(inputs, self.eos_id, device)
+        targets = int((labels != IGNORE_INDEX).sum())
+        return {**_to(device, input_ids=inputs, labels=labels), **extra, "num_targets": targets, "num_tokens": tokens}
 
     def count_targets(self, batch: dict) -> int:
         return batch["num_targets"]
 
     def loss_sum(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        if "attn_mask" in batch:  # document_mask
+            return _token_loss_sum(model(batch["input_ids"], attn_mask=batch["attn_mask"], positions=batch["positions"]),
+                                   batch["labels"])
         return _token_loss_sum(model(batch["input_ids"]), batch["labels"])  # logits (B, T, V)
 
     def eval_sums(self, model: nn.Module, batch: dict) -> dict[str, float]:
@@ -291,9 +319,10 @@ class SFT:
 TASKS = {"causal_lm": CausalLM, "masked_lm": MaskedLM, "classification": Classification, "sft": SFT}
 
 
-def build_task(cfg_task, data, *, seed: int) -> Task:
-    """The task of `cfg_task.name`, given the prepared data's special ids (and label set)."""
+def build_task(cfg_task, data, *, seed: int, document_mask: bool = False) -> Task:
+    """The task of `cfg_task.name`, given the prepared data's special ids (and label set); `document_mask`:
+    data.document_mask (causal_lm)."""
     return TASKS[cfg_task.name](
-        pad_id=data.pad_id, mask_id=data.mask_id, vocab_size=data.vocab_size,
+        pad_id=data.pad_id, eos_id=data.eos_id, mask_id=data.mask_id, vocab_size=data.vocab_size,
         special_ids=data.special_ids, labels=data.labels or (),
-        mask_prob=cfg_task.mask_prob, seed=seed)
+        mask_prob=cfg_task.mask_prob, seed=seed, document_mask=document_mask)

@@ -140,3 +140,34 @@ def test_classification_report_equals_scikit_learn(case):
         assert m["per_class"][3] == {"label": "eel", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
         assert "eval/positive/f1" not in m
         assert m["per_class"][4]["support"] > 0 and sum(row[4] for row in m["confusion_matrix"]) == 0  # fox: unpredicted
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_document_mask_gives_each_packed_document_its_own_logits_and_loss(position):
+    """A packed window of three documents (the last cut by the window): with data.document_mask each document's
+    logits are those of running it alone, and the loss is the sum of the per-document losses (an EOS predicts
+    nothing)."""
+    from bigtrain.config import ModelConfig
+    from bigtrain.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="debug", max_seq_len=32, position=position), 50).eval()
+    eos, pad = 0, 1
+    a, b, c = [5, 6, 7], [8, 9], [10, 11, 12, 13]
+    window = np.array(a + [eos] + b + [eos] + c)  # (T + 1,)
+    task = CausalLM(pad_id=pad, eos_id=eos, document_mask=True)
+    batch = task.collate([window], [0], torch.device("cpu"))
+    assert batch["positions"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]]
+    assert batch["num_targets"] == 8 and batch["num_tokens"] == 10  # the two EOS inputs predict nothing
+    with torch.no_grad():
+        packed = model(batch["input_ids"], attn_mask=batch["attn_mask"], positions=batch["positions"])[0]
+        loss = task.loss_sum(model, batch)
+        alone_loss = torch.zeros(())
+        for start, doc in ((0, a + [eos]), (4, b + [eos]), (7, c)):
+            ids = torch.tensor([doc[:-1]])
+            alone = model(ids)[0]
+            torch.testing.assert_close(packed[start:start + len(doc) - 1], alone, rtol=1e-5, atol=1e-5)
+            alone_loss += torch.nn.functional.cross_entropy(alone, torch.tensor(doc[1:]), reduction="sum")
+    torch.testing.assert_close(loss, alone_loss, rtol=1e-5, atol=1e-5)
+    plain = CausalLM(pad_id=pad).collate([window], [0], torch.device("cpu"))
+    assert plain["num_targets"] == 10 and "attn_mask" not in plain
