@@ -118,6 +118,7 @@ class DataConfig:
     seq_len: int = _opt(256, "tokens per training sequence")
     cache_dir: str = _opt("~/.cache/bigtrain", "where tokenizers and packed token shards are cached")
     packing: bool = _opt(True, "pack documents (sft: prompt/response pairs, attention kept inside each) into full sequences; false: one padded example per sample")
+    streaming: bool = _opt(False, "read a local data file/folder or hub dataset as a stream (causal_lm, masked_lm): never loaded whole or converted to Arrow; a trained BPE reads the stream's beginning")
     document_mask: bool = _opt(False, "causal_lm with packing: a token attends only to its own document (block-diagonal causal mask), positions restart at each document, and an EOS predicts nothing: each document trains as if alone")
     mixture: tuple[MixtureSource, ...] = _opt((), "train on several sources at once, each a mapping with source, weight and any source key of this section (name, subset, split, revision, text_column, max_documents, validation_split): e.g. [{source: a.jsonl, weight: 0.7}, {source: b.jsonl, weight: 0.3}]; causal_lm and masked_lm; every 1,000 consecutive samples hold each source's share; each source is prepared into its own cache")
     mixture_exhaust: Literal["repeat", "stop"] = _opt("repeat", "data.mixture: a source that runs out of samples starts over in a new order (repeat), or the mixture's epoch ends with the first source to run out (stop)")
@@ -454,6 +455,9 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError(f"optim.decay_steps is a wsd setting but optim.schedule={o.schedule} — set "
                           f"optim.schedule=wsd or remove it")
     _check_mixture(cfg)
+    if cfg.data.streaming and cfg.task.name not in ("causal_lm", "masked_lm"):
+        raise ConfigError(f"data.streaming is for pretraining (task.name causal_lm or masked_lm), not {cfg.task.name} "
+                          f"— remove it")
     if cfg.data.document_mask and (cfg.task.name != "causal_lm" or not cfg.data.packing):
         raise ConfigError(f"data.document_mask keeps packed documents apart for task.name=causal_lm with data.packing=true "
                           f"(here {cfg.task.name}, packing={str(cfg.data.packing).lower()}) — remove it")

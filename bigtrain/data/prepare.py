@@ -50,7 +50,7 @@ from bigtrain.data.examples import (
 from bigtrain.data.shards import (DOC_OFFSETS, FORMAT_VERSION, INDEX, SplitWriter, read_index, token_dtype, verify_split,
                                   write_json_atomic)
 from bigtrain.filehash import sha256
-from bigtrain.data.sources import Source, load_documents, resolve_source, stable_hash
+from bigtrain.data.sources import Source, load_documents, resolve_source, stable_hash, stream_documents
 from bigtrain.data.tokenizer import (
     SpecialIds,
     build_tokenizer,
@@ -147,14 +147,20 @@ def _prepare_locked(cfg, task: str, source: Source, root: Path, path: Path, num_
     if cfg.tokenizer is not None:  # a missing mask token is known before any document is read
         require_mask(find_special_ids(load_tokenizer_file(cfg.tokenizer, where="data.tokenizer")), cfg, task)
 
-    docs = load_documents(cfg, source, cache_dir=root, num_proc=num_proc, task=task)
-    log(f"data: {len(docs.train)} train and {len(docs.validation)} validation documents from '{cfg.source}'")
-    labels = None
-    if task == "classification":  # fixed by the training split; checked before anything is tokenized
-        labels = label_set(list(docs.train[cfg.label_column]), cfg.label_column)
-        check_labels(list(docs.validation[cfg.label_column]), labels, cfg.label_column, "validation")
-        log(f"data: {len(labels)} labels from the training split")
-    tok = build_tokenizer(cfg, source, docs.train, cache_dir=root, task=task, log=log)
+    labels = docs = streams = None
+    if cfg.streaming:
+        streams = stream_documents(cfg, source, cache_dir=root)
+        log(f"data: streaming '{cfg.source}'")
+        tok = build_tokenizer(cfg, source, None, cache_dir=root, task=task, log=log,
+                              text_batches=_stream_text(streams, cfg, task))
+    else:
+        docs = load_documents(cfg, source, cache_dir=root, num_proc=num_proc, task=task)
+        log(f"data: {len(docs.train)} train and {len(docs.validation)} validation documents from '{cfg.source}'")
+        if task == "classification":  # fixed by the training split; checked before anything is tokenized
+            labels = label_set(list(docs.train[cfg.label_column]), cfg.label_column)
+            check_labels(list(docs.validation[cfg.label_column]), labels, cfg.label_column, "validation")
+            log(f"data: {len(labels)} labels from the training split")
+        tok = build_tokenizer(cfg, source, docs.train, cache_dir=root, task=task, log=log)
     tokenizer_file = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else trained_tokenizer_path(cfg, source, root, task)
     ids = find_special_ids(tok)
     require_mask(ids, cfg, task)
@@ -162,21 +168,29 @@ def _prepare_locked(cfg, task: str, source: Source, root: Path, path: Path, num_
     dtype = token_dtype(vocab_size)
 
     tmp = root / f".tmp-{path.name}"  # the same folder for the same key: a killed prepare's pieces are kept
-    plan = {name: _piece_plan(len(split_docs), workers) for name, split_docs in zip(SPLITS, (docs.train, docs.validation))}
-    kept = _read_plan(tmp) if tmp.exists() else None
-    if kept is not None and all(kept.get(name, {}).get("num_docs") == plan[name]["num_docs"] for name in SPLITS):
-        plan = kept  # a killed prepare's pieces, whatever number of workers cut them
-    elif tmp.exists():
+    if streams is not None:  # documents are counted as they come: pieces of a fixed size
+        plan = {"streaming": True, "piece_docs": _PIECE_DOCS[1]}
+        keep = _read_plan(tmp) == plan if tmp.exists() else False
+    else:
+        plan = {name: _piece_plan(len(split_docs), workers) for name, split_docs in zip(SPLITS, (docs.train, docs.validation))}
+        kept = _read_plan(tmp) if tmp.exists() else None
+        keep = kept is not None and all(kept.get(name, {}).get("num_docs") == plan[name]["num_docs"] for name in SPLITS)
+        plan = kept if keep else plan  # a killed prepare's pieces, whatever number of workers cut them
+    if tmp.exists() and not keep:
         shutil.rmtree(tmp)  # not pieces of these documents
     tmp.mkdir(parents=True, exist_ok=True)
     write_json_atomic(tmp / PLAN, plan)
     try:
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         label_ids = {label: i for i, label in enumerate(labels or [])}
-        splits = {}
-        for name, split_docs in zip(SPLITS, (docs.train, docs.validation)):
-            job = _PieceJob(split_docs, cfg, task, tok, ids, tmp / name, dtype, label_ids)
-            splits[name] = _tokenize_split(job, plan[name], workers, name, log)
+        if streams is not None:
+            splits = _tokenize_streams(_PieceJob(None, cfg, task, tok, ids, tmp, dtype, label_ids), streams,
+                                       plan["piece_docs"], workers, log)
+        else:
+            splits = {}
+            for name, split_docs in zip(SPLITS, (docs.train, docs.validation)):
+                job = _PieceJob(split_docs, cfg, task, tok, ids, tmp / name, dtype, label_ids)
+                splits[name] = _tokenize_split(job, plan[name], workers, name, log)
         index = {
             "version": FORMAT_VERSION,
             "dtype": dtype.name,
@@ -374,15 +388,22 @@ def _piece_done(folder: Path, k: int) -> Path:
 _job: _PieceJob | None = None  # set before workers fork
 
 
-def _tokenize_piece(k: int, piece_docs: int) -> dict:
-    """Tokenize documents [k·piece_docs, …) of the job's split into the piece's own files; its json last."""
+def _tokenize_piece(k: int, piece_docs: int, folder: Path | None = None, rows: dict | None = None) -> dict:
+    """Tokenize documents [k·piece_docs, …) of the job's split into the piece's own files in `folder` (default the
+    job's), its json last; `rows`: the piece's documents themselves (column -> list; a stream's)."""
     job = _job
-    for stale in job.folder.glob(f"{_piece_prefix(k)}*"):  # a killed prepare's half-written piece
+    folder = folder or job.folder
+    for stale in folder.glob(f"{_piece_prefix(k)}*"):  # a killed prepare's half-written piece
         stale.unlink()
-    writer = SplitWriter(job.folder, job.dtype, arrays=TASK_ARRAYS.get(job.task), prefix=_piece_prefix(k))
+    writer = SplitWriter(folder, job.dtype, arrays=TASK_ARRAYS.get(job.task), prefix=_piece_prefix(k))
     columns = list(task_columns(job.cfg, job.task).values())
-    rows = job.docs.select(range(k * piece_docs, min((k + 1) * piece_docs, len(job.docs)))).select_columns(columns)
-    for batch in rows.iter(batch_size=_ENCODE_BATCH_DOCS):
+    if rows is None:
+        docs = job.docs.select(range(k * piece_docs, min((k + 1) * piece_docs, len(job.docs)))).select_columns(columns)
+        batches = docs.iter(batch_size=_ENCODE_BATCH_DOCS)
+    else:
+        n = len(rows[columns[0]])
+        batches = ({c: rows[c][i:i + _ENCODE_BATCH_DOCS] for c in columns} for i in range(0, n, _ENCODE_BATCH_DOCS))
+    for batch in batches:
         encoded = encode_batch(batch, job.cfg, job.task, job.tok, job.ids, label_ids=job.label_ids)
         examples = encoded.examples  # each without its EOS
         lengths = np.fromiter((len(x) + 1 for x in examples), dtype=np.int64, count=len(examples))  # + EOS
@@ -395,7 +416,7 @@ def _tokenize_piece(k: int, piece_docs: int) -> dict:
         arrays = {key: v + writer.num_tokens if key in POSITION_ARRAYS else v for key, v in encoded.arrays.items()}
         writer.add_documents(tokens, lengths, arrays)
     info = writer.finish()
-    write_json_atomic(_piece_done(job.folder, k), info)
+    write_json_atomic(_piece_done(folder, k), info)
     return info
 
 
@@ -428,6 +449,95 @@ def _tokenize_split(job: _PieceJob, plan: dict, workers: int, name: str, log: Ca
     log(f"data: {name}: {info['num_tokens']:,} tokens from {info['num_docs']:,} documents in "
         f"{progress.seconds():.1f}s ({workers} worker{'s' if workers > 1 else ''})")
     return info
+
+
+def _stream_text(streams, cfg, task: str) -> "Iterator[list[str]]":
+    """The training text a BPE trains on from a stream (held-out rows left out), in batches: a streamed BPE reads
+    the stream's beginning, up to data.tokenizer_sample_bytes (a stream has no uniform sample short of reading
+    it whole)."""
+    from bigtrain.data.examples import bpe_text_columns
+
+    columns, row = bpe_text_columns(cfg, task), 0
+    for batch in _checked_batches(streams.train, columns, cfg):
+        n = len(batch[columns[0]])
+        keep = [not streams.held_out(row + i) for i in range(n)]
+        row += n
+        yield [text for column in columns for text, k in zip(batch[column], keep) if k and text]
+
+
+def _tokenize_streams(job: _PieceJob, streams, piece_docs: int, workers: int, log: Callable) -> dict:
+    """data.streaming: read the train stream (and the validation one) once, routing held-out rows to validation,
+    and tokenize each full piece of piece_docs documents as it fills (`workers` at a time, at most two pieces
+    each waiting); pieces a killed prepare finished are read past, not tokenized again. Then join each split."""
+    global _job
+    columns = list(task_columns(job.cfg, job.task).values())
+    folders = {name: job.folder / name for name in SPLITS}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    count = dict.fromkeys(SPLITS, 0)  # pieces started per split
+    buffers = {name: {c: [] for c in columns} for name in SPLITS}
+    progress = _Progress("train + validation", None, done_docs=0, log=log)
+    pending: list = []
+    _job = job
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_start)
+            if workers > 1 else None)
+
+    def flush(name: str) -> None:
+        rows, k = buffers[name], count[name]
+        buffers[name], count[name] = {c: [] for c in columns}, k + 1
+        if _piece_done(folders[name], k).is_file():
+            return  # done before the kill
+        if pool is None:
+            progress.add(_tokenize_piece(k, piece_docs, folders[name], rows))
+            return
+        pending.append(pool.submit(_tokenize_piece, k, piece_docs, folders[name], rows))
+        while len(pending) > 2 * workers:  # read no further ahead than that
+            progress.add(pending.pop(0).result())
+
+    def add(name: str, batch: dict) -> None:
+        for i in range(len(batch[columns[0]])):
+            for c in columns:
+                buffers[name][c].append(batch[c][i])
+            if len(buffers[name][columns[0]]) == piece_docs:
+                flush(name)
+
+    try:
+        row = 0
+        for batch in _checked_batches(streams.train, columns, job.cfg):
+            n = len(batch[columns[0]])
+            held = [streams.held_out(row + i) for i in range(n)]
+            for name, keep in (("train", [not h for h in held]), ("validation", held)):
+                if any(keep):
+                    add(name, {c: [v for v, k in zip(batch[c], keep) if k] for c in columns})
+            row += n
+        if streams.validation is not None:
+            for batch in _checked_batches(streams.validation, columns, job.cfg):
+                add("validation", batch)
+        for name in SPLITS:
+            if buffers[name][columns[0]]:
+                flush(name)
+        for future in pending:
+            progress.add(future.result())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        _job = None
+    splits = {}
+    for name in SPLITS:
+        splits[name] = _join_pieces(dataclasses.replace(job, folder=folders[name]), count[name])
+    log(f"data: {splits['train']['num_tokens']:,} train and {splits['validation']['num_tokens']:,} validation tokens "
+        f"streamed in {progress.seconds():.1f}s ({workers} worker{'s' if workers > 1 else ''})")
+    return splits
+
+
+def _checked_batches(stream, columns: list[str], cfg) -> "Iterator[dict]":
+    """A stream's documents in batches of their columns `columns`, the first batch checked to have them."""
+    for batch in stream.iter(batch_size=_ENCODE_BATCH_DOCS):
+        missing = [c for c in columns if c not in batch]
+        if missing:
+            have = ", ".join(batch) or "none"
+            raise UserError(f"data: no column '{missing[0]}' in '{cfg.source}' (columns: {have})")
+        yield {c: batch[c] for c in columns}
 
 
 def _join_pieces(job: _PieceJob, pieces: int) -> dict:
@@ -491,8 +601,10 @@ class _Progress:
     """Documents and tokens done, tokens/s and ETA: a line redrawn every second on a terminal, else a line
     every _LOG_EVERY_S through `log`."""
 
-    def __init__(self, name: str, total_docs: int, *, done_docs: int, log: Callable):
-        self.name, self.total, self.done, self.log = name, total_docs, min(done_docs, total_docs), log
+    def __init__(self, name: str, total_docs: int | None, *, done_docs: int, log: Callable):
+        """total_docs None: not known (a stream): no percentage or ETA."""
+        self.name, self.total, self.log = name, total_docs, log
+        self.done = done_docs if total_docs is None else min(done_docs, total_docs)
         self.tokens = 0
         self.t0 = self.last = time.perf_counter()
         self.tty = log is print and sys.stdout.isatty()
@@ -501,15 +613,19 @@ class _Progress:
         self.done += piece["num_docs"]
         self.tokens += piece["num_tokens"]
         now = time.perf_counter()
-        if now - self.last < (1.0 if self.tty else _LOG_EVERY_S) and self.done < self.total:
+        finished = self.total is not None and self.done >= self.total
+        if now - self.last < (1.0 if self.tty else _LOG_EVERY_S) and not finished:
             return
         self.last = now
         rate = self.tokens / max(now - self.t0, 1e-9)
-        per_doc = (now - self.t0) / max(self.done, 1)
-        line = (f"data: {self.name}: {self.done:,}/{self.total:,} documents ({100 * self.done / max(self.total, 1):.0f}%) · "
-                f"{rate:,.0f} tokens/s · ETA {_duration((self.total - self.done) * per_doc)}")
+        if self.total is None:
+            line = f"data: {self.name}: {self.done:,} documents · {self.tokens:,} tokens · {rate:,.0f} tokens/s"
+        else:
+            per_doc = (now - self.t0) / max(self.done, 1)
+            line = (f"data: {self.name}: {self.done:,}/{self.total:,} documents ({100 * self.done / max(self.total, 1):.0f}%)"
+                    f" · {rate:,.0f} tokens/s · ETA {_duration((self.total - self.done) * per_doc)}")
         if self.tty:
-            print(f"\r{line}", end="\n" if self.done >= self.total else "", flush=True)
+            print(f"\r{line}", end="\n" if finished else "", flush=True)
         else:
             self.log(line)
 
@@ -545,6 +661,7 @@ def _data_key(cfg, source: Source, task: str) -> str:
         tokenizer_identity(cfg, source, task),
         cfg.seq_len,
         *([f"chat-template:{template.identity()}"] if template else []),
+        *(["streaming"] if cfg.streaming else []),  # (a held-out split without the tiny-corpus fallbacks)
     )
 
 

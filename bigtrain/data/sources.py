@@ -141,6 +141,47 @@ def load_documents(
     return DocumentSplits(train.select(train_rows), train.select(val_rows))
 
 
+@dataclass
+class DocumentStreams:
+    """data.streaming: the source read as it comes (`datasets` IterableDatasets), never whole in memory or
+    converted to Arrow on disk. validation: the source's own validation split, or None: held out of train by the
+    same stable hash of each row's index as `held_out_rows` (without its tiny-corpus fallbacks, which need
+    every key at once)."""
+
+    train: object
+    validation: object | None
+    fraction: float
+
+    def held_out(self, row: int) -> bool:
+        return self.validation is None and self.fraction > 0 and _unit_hash(str(row)) < self.fraction
+
+
+def stream_documents(cfg, source: Source, *, cache_dir: Path) -> DocumentStreams:
+    """The train (and validation) documents of a local-files or hub source as streams (`max_documents`: the
+    first N of each split)."""
+    import datasets
+
+    if source.kind not in ("files", "hub"):
+        raise UserError(f"data.streaming reads local data files or hub datasets; '{cfg.source}' is neither — "
+                        f"remove data.streaming")
+    try:
+        with _no_progress_bars():
+            if source.kind == "files":
+                loaded = datasets.load_dataset(source.builder, data_files=[str(p) for p in source.files],
+                                               cache_dir=str(cache_dir / "hf-datasets"), streaming=True)
+            else:
+                loaded = datasets.load_dataset(cfg.source, name=cfg.subset, revision=cfg.revision,
+                                               cache_dir=str(cache_dir / "hf-datasets"), streaming=True)
+    except Exception as e:
+        raise UserError(f"data.source: cannot stream '{cfg.source}': {_first_line(e)}") from None
+    splits = _as_dict(loaded)
+    train_name = _train_split(cfg, splits)
+    val_name = next((n for n in ("validation", "test") if n in splits and n != train_name), None)
+    take = (lambda ds: ds.take(cfg.max_documents)) if cfg.max_documents is not None else (lambda ds: ds)
+    return DocumentStreams(take(splits[train_name]), take(splits[val_name]) if val_name else None,
+                           cfg.validation_split)
+
+
 def _train_split(cfg, splits: dict) -> str:
     """data.split, else "train", else the only split; several splits and none named train: a UserError."""
     names = ", ".join(splits)

@@ -68,11 +68,13 @@ def trained_tokenizer_path(cfg, source: Source, cache_dir: Path, task: str = "ca
 
 
 def build_tokenizer(
-    cfg, source: Source, train_docs: "datasets.Dataset", *, cache_dir: Path, task: str = "causal_lm", log: Callable = print
+    cfg, source: Source, train_docs: "datasets.Dataset | None", *, cache_dir: Path, task: str = "causal_lm",
+    log: Callable = print, text_batches: Iterator[list[str]] | None = None,
 ):
     """The tokenizer for `cfg`: the file `cfg.tokenizer`, else a BPE trained on `train_docs` (cached).
 
-    The BPE reads the text `task` reads (`examples.bpe_text_batches`).
+    The BPE reads the text `task` reads (`examples.bpe_text_batches`), or `text_batches` (a stream's), up to
+    data.tokenizer_sample_bytes.
     """
     if cfg.tokenizer is not None:
         return load_tokenizer_file(cfg.tokenizer, where="data.tokenizer")
@@ -85,9 +87,11 @@ def build_tokenizer(
     need = _BYTE_ALPHABET + len(SPECIAL_TOKENS)
     if cfg.vocab_size < need:
         raise UserError(f"data.vocab_size={cfg.vocab_size} is too small for a byte-level BPE (need >= {need})")
-    log(f"data: training a byte-level BPE (vocab_size={cfg.vocab_size}) on {len(train_docs)} documents")
+    what = f"{len(train_docs)} documents" if text_batches is None else "the stream's first documents"
+    log(f"data: training a byte-level BPE (vocab_size={cfg.vocab_size}) on {what}")
     t0 = time.perf_counter()
-    tok = train_bpe(sampled_text(train_docs, cfg, task), cfg.vocab_size)
+    text = sampled_text(train_docs, cfg, task) if text_batches is None else _capped(text_batches, cfg)
+    tok = train_bpe(text, cfg.vocab_size)
     log(f"data: trained tokenizer with {tok.get_vocab_size()} tokens in {time.perf_counter() - t0:.1f}s → {path}")
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +176,7 @@ def _bpe_key(cfg, source: Source, task: str) -> str:
         cfg.validation_split,
         cfg.vocab_size,
         cfg.tokenizer_sample_bytes or MAX_TRAIN_CHARS,  # unset: the key of every BPE trained before it existed
+        *(["streaming"] if cfg.streaming else []),  # a stream's beginning, not a sample
     )
 
 
@@ -180,6 +185,16 @@ def _read_tokenizer_bytes(path: str | Path, *, where: str = "data.tokenizer") ->
         return Path(path).expanduser().read_bytes()
     except OSError:
         raise UserError(f"{where}: no such file '{path}'") from None
+
+
+def _capped(text_batches: Iterator[list[str]], cfg) -> Iterator[list[str]]:
+    """The batches until data.tokenizer_sample_bytes (default MAX_TRAIN_CHARS) of text."""
+    budget, taken = cfg.tokenizer_sample_bytes or MAX_TRAIN_CHARS, 0
+    for texts in text_batches:
+        yield texts
+        taken += sum(len(text.encode()) for text in texts)
+        if taken >= budget:
+            return
 
 
 def sampled_text(docs: "datasets.Dataset", cfg, task: str, chunk: int = 1000) -> Iterator[list[str]]:

@@ -1043,3 +1043,32 @@ def test_bpe_trains_on_a_uniform_sample_of_a_corpus_over_its_budget(tmp_path):
     assert bpe("sampled-again", size // 3).to_str() == sampled.to_str()  # the sample is the same every time
     whole, default = bpe("whole", 10 * size), bpe("default", None)
     assert whole.get_vocab() == default.get_vocab()
+
+
+def test_streaming_prepare_of_a_local_folder_equals_the_loaded_prepare(tmp_path, monkeypatch):
+    """data.streaming reads a folder of jsonl files as a stream, in pieces (two workers; pieces of 200 documents
+    here, 20,000 normally), and writes the same train and validation streams as loading it (same documents,
+    same held-out rows)."""
+    monkeypatch.setattr(prepare_module, "_PIECE_DOCS", (200, 200))
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    lines = [l for l in Path(json.__file__).with_name("decoder.py").read_text().splitlines() if l.strip()]
+    for part in range(3):
+        rows = [{"text": "\n".join(lines[(i * 5) % len(lines):(i * 5) % len(lines) + 4]), "id": i}
+                for i in range(part * 300, part * 300 + 300)]
+        (folder / f"part-{part}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(source=str(folder), vocab_size=400, seq_len=SEQ_LEN, cache_dir=str(tmp_path / "loaded"),
+                     validation_split=0.1)
+    loaded = prepare_data(cfg, log=quiet)
+    streamed = prepare_data(dataclasses.replace(cfg, streaming=True, cache_dir=str(tmp_path / "streamed")), workers=2,
+                            log=quiet)
+    shards = json.loads((streamed.path / "index.json").read_text())["splits"]["train"]["shards"]
+    assert len(shards) == -(-loaded.train.num_docs // 200) >= 4  # one per piece
+    assert streamed.path.name != loaded.path.name  # streaming is part of the key
+    assert loaded.tokenizer.to_str() == streamed.tokenizer.to_str()  # the whole corpus is within the BPE's budget
+    a, b = split_files(loaded), split_files(streamed)
+    assert 0 < len(b["validation"]["stream"]) < len(b["train"]["stream"])
+    for split in a:
+        for name in a[split]:
+            np.testing.assert_array_equal(a[split][name], b[split][name], err_msg=f"{split} {name}")
+    assert not list((tmp_path / "streamed").glob("hf-datasets/**/*.arrow"))  # nothing converted to Arrow
