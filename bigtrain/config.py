@@ -156,7 +156,7 @@ class OptimConfig:
     betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas")
     eps: float = _opt(1e-8, "AdamW epsilon")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping; the norm is still reported)")
-    ema_decay: Optional[float] = _opt(None, "keep an fp32 exponential moving average of the weights with this decay (e.g. 0.999), sharded like the parameters and saved in checkpoints (single, ddp, fsdp); eval.use_ema evaluates it, export --ema exports it")
+    ema_decay: Optional[float] = _opt(None, "keep an fp32 exponential moving average of the weights with this decay (e.g. 0.999), sharded like the parameters (fsdp, ZeRO-3) and saved in checkpoints; eval.use_ema evaluates it, export --ema exports it")
     ema_start_step: int = _opt(0, "optim.ema_decay: until this step the average is a copy of the weights; from it on, ema = decay × ema + (1 − decay) × weights after each step")
 
 
@@ -467,9 +467,9 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError(f"optim.ema_start_step={o.ema_start_step} must be >= 0")
     if cfg.eval.use_ema and o.ema_decay is None:
         raise ConfigError("eval.use_ema needs optim.ema_decay (the EMA's decay, e.g. 0.999) — set it or drop eval.use_ema")
-    if o.ema_decay is not None and cfg.parallel.strategy == "deepspeed":
-        raise ConfigError("optim.ema_decay is not supported with parallel.strategy=deepspeed yet — use single, ddp "
-                          "or fsdp")
+    if cfg.eval.use_ema and cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3:
+        raise ConfigError("eval.use_ema is not available with DeepSpeed ZeRO-3 yet (its small parameters stay gathered "
+                          "outside the partitions the EMA swaps) — evaluate `bigtrain export --ema`, or use fsdp")
     if not 0.0 < cfg.task.mask_prob <= 1.0:
         raise ConfigError(f"task.mask_prob={cfg.task.mask_prob} must be in (0, 1]")
     if not 0.0 <= cfg.data.validation_split < 1.0:

@@ -30,14 +30,21 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-class EMA:
-    """fp32 moving average of `module`'s trainable parameters, under their state-dict names."""
+def trainable_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s trainable parameters under their state-dict names (tied weights under each name, one tensor)."""
+    named = module.state_dict(keep_vars=True)
+    return {name: t for name, t in named.items() if isinstance(t, nn.Parameter) and t.requires_grad}
 
-    def __init__(self, module: nn.Module, decay: float, start_step: int):
+
+class EMA:
+    """fp32 moving average of the tensors `params` names (a module's trainable parameters, or what a strategy
+    holds of them: DeepSpeed ZeRO-3's partitions), under their state-dict names."""
+
+    def __init__(self, params: dict[str, torch.Tensor] | nn.Module, decay: float, start_step: int):
         self.decay, self.start_step = decay, start_step
         self.step = 0  # optimizer steps taken (the loop's step count; run.py sets it on resume)
-        named = module.state_dict(keep_vars=True)  # tied weights under each name, one tensor
-        params = {name: t for name, t in named.items() if isinstance(t, nn.Parameter) and t.requires_grad}
+        if isinstance(params, nn.Module):
+            params = trainable_tensors(params)
         shadows: dict[int, torch.Tensor] = {}
         with torch.no_grad():
             for t in params.values():

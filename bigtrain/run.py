@@ -202,7 +202,8 @@ def build(cfg: Config, dist: Dist) -> Built:
     if init_weights is not None:
         engine.load_model_weights(init_weights)
     if cfg.optim.ema_decay:  # averaged from the weights training starts from (a resume loads the saved average)
-        engine.ema = EMA(engine.module, cfg.optim.ema_decay, cfg.optim.ema_start_step)
+        sources = engine.ema_sources() if hasattr(engine, "ema_sources") else engine.module  # DeepSpeed: its partitions
+        engine.ema = EMA(sources, cfg.optim.ema_decay, cfg.optim.ema_start_step)
     return Built(cfg, dist, data, task, engine.module, engine, extra_files)
 
 

@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -51,6 +52,8 @@ from bigtrain.strategy.transforms import apply_transforms, named_tensors
 
 TAG = "deepspeed"  # the one DeepSpeed tag folder inside a bigtrain checkpoint folder
 LAYOUT = "deepspeed.json"  # ZeRO stage and world size that wrote it: another layout loads via universal
+EMA_RANK_FILE = "ema-rank-{rank:05d}.pt"  # optim.ema_decay: a rank's EMA partitions (ZeRO-1/2: rank 0's, whole)
+EMA_LAYOUT = "ema-layout.json"  # how many EMA files, and each tensor's full shape
 _WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's name prefix (state_dict keys drop it)
 
 
@@ -244,7 +247,7 @@ class DeepSpeedEngine:
     builds_on_meta = False  # DeepSpeed partitions a model built on the real device
     needs_recipe = True  # its config repeats batch sizes, accumulation and clipping
     checkpoint_format = "deepspeed"
-    ema = None  # optim.ema_decay is refused with deepspeed (config.py)
+    ema = None  # bigtrain.ema.EMA over ema_sources() when optim.ema_decay is set (run.py attaches it)
 
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg,
                  recipe):
@@ -332,6 +335,21 @@ class DeepSpeedEngine:
 
             raise RuntimeError(f"DeepSpeed {deepspeed.__version__} applied a non-finite optimizer step (it does not "
                                f"skip them for this precision / ZeRO stage) — use deepspeed>=0.19.8")
+        if self.ema:
+            self.ema.update(finite)
+
+    def ema_sources(self) -> dict[str, torch.Tensor]:
+        """What the EMA averages, by state-dict name: the parameters (ZeRO-1/2 hold them whole, in the compute
+        dtype) or, under ZeRO-3, this rank's partition of each (`ds_tensor`: flat, padded to an equal share)."""
+        if self.parallel_cfg.offload_params != "none":
+            raise UserError("optim.ema_decay is not available with parallel.offload_params under deepspeed (the "
+                            "partitions it averages live on disk or move) — drop one of them")
+        stage3 = self.ds.zero_optimization_partition_weights()
+        named = {}
+        for name, param in self.module.named_parameters(remove_duplicate=False):
+            if param.requires_grad:
+                named[name.replace(_WRAPPED, "")] = param.ds_tensor if stage3 else param
+        return named
 
     def _current_loss_scale(self) -> float | None:
         if not self.precision.loss_scaling:
@@ -380,6 +398,21 @@ class DeepSpeedEngine:
         if self.dist.is_main:
             layout = {"zero_stage": self.parallel_cfg.zero_stage, "world_size": self.dist.world_size}
             (folder / LAYOUT).write_text(json.dumps(layout))
+        if self.ema:
+            self._save_ema(folder)
+
+    def _save_ema(self, folder: Path) -> None:
+        """ZeRO-3: each rank writes its EMA partitions (ema-rank-NNNNN.pt); ZeRO-1/2: rank 0 the whole tensors, as
+        one "rank". ema-layout.json names every tensor's shape and how many files share it."""
+        stage3 = self.ds.zero_optimization_partition_weights()
+        if stage3 or self.dist.is_main:
+            filehash.save(self.ema.state_dict(), folder / EMA_RANK_FILE.format(rank=self.dist.rank if stage3 else 0))
+        if self.dist.is_main:
+            params = dict(self.module.named_parameters(remove_duplicate=False))
+            shapes = {name: list(getattr(params[raw], "ds_shape", params[raw].shape))
+                      for raw in params for name in [raw.replace(_WRAPPED, "")] if name in self.ema.averages}
+            (folder / EMA_LAYOUT).write_text(json.dumps({"files": self.dist.world_size if stage3 else 1,
+                                                         "shapes": shapes}))
 
     def load_state(self, folder: Path) -> None:
         """Load a DeepSpeed checkpoint; one of another world size or ZeRO stage is converted to a universal one first."""
@@ -398,6 +431,8 @@ class DeepSpeedEngine:
                             f"does not resume under parallel.zero_stage={self.parallel_cfg.zero_stage} — resume with "
                             f"zero_stage={layout['zero_stage']} (on any number of processes), or start from its "
                             f"weights with model.init_from")
+        if self.ema:  # loaded here, whatever the layout; DeepSpeed's own state below
+            self._load_ema(folder)
         if layout.get("world_size", saved.get("world_size")) == self.dist.world_size and \
                 layout.get("zero_stage", self.parallel_cfg.zero_stage) == self.parallel_cfg.zero_stage:
             self._load(folder, universal=False)
@@ -423,6 +458,25 @@ class DeepSpeedEngine:
             if self.dist.is_main:
                 shutil.rmtree(universal, ignore_errors=True)
 
+    def _load_ema(self, folder: Path) -> None:
+        """This rank's EMA from the checkpoint's EMA files (any number of them: each tensor reassembled whole, then
+        this rank's partition taken), or from the loaded weights when the checkpoint has none."""
+        if not (folder / EMA_LAYOUT).is_file():
+            self._ema_from_weights_after_load = True
+            return
+        reader = DeepSpeedEMAWeights(folder)
+        stage3 = self.ds.zero_optimization_partition_weights()
+        state = {}
+        for name, average in self.ema.averages.items():
+            full = reader.get(name).reshape(-1)
+            if stage3:
+                share = average.numel()
+                padded = torch.zeros(share * self.dist.world_size, dtype=full.dtype)
+                padded[:full.numel()] = full
+                full = padded[self.dist.rank * share:(self.dist.rank + 1) * share]
+            state[name] = full.reshape(average.shape)
+        self.ema.load_state_dict(state)
+
     def _load(self, folder: Path, universal: bool) -> None:
         self.ds._config.load_universal_checkpoint = universal
         try:
@@ -440,6 +494,9 @@ class DeepSpeedEngine:
         for state in self.optimizer.state.values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].clone()
+        if self.ema and getattr(self, "_ema_from_weights_after_load", False):
+            self.ema.restart_from_weights()  # a checkpoint saved without EMA: the average starts here
+            self._ema_from_weights_after_load = False
 
 
 def _cpu_adam(optimizer: torch.optim.Optimizer):
@@ -518,8 +575,25 @@ class DeepSpeedWeights:
         return tensor if isinstance(tensor, torch.Tensor) else tensor.contiguous()
 
 
-def open_weights(folder: Path, ema: bool = False) -> DeepSpeedWeights:
-    if ema:
-        raise UserError(f"checkpoint {folder} has no EMA weights — optim.ema_decay is not supported with "
-                        f"parallel.strategy=deepspeed yet")
-    return DeepSpeedWeights(Path(folder))
+class DeepSpeedEMAWeights:
+    """The EMA weights of a DeepSpeed checkpoint (`_save_ema`'s files): each tensor its files' parts joined, cut
+    to its numel, in its shape; the files memory-mapped."""
+
+    def __init__(self, folder: Path):
+        if not (folder / EMA_LAYOUT).is_file():
+            raise UserError(f"checkpoint {folder} has no EMA weights — train with optim.ema_decay to keep them")
+        layout = json.loads((folder / EMA_LAYOUT).read_text())
+        self.shapes = {name: tuple(shape) for name, shape in layout["shapes"].items()}
+        self._files = [torch.load(folder / EMA_RANK_FILE.format(rank=r), map_location="cpu", weights_only=True,
+                                  mmap=True) for r in range(layout["files"])]
+
+    def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {name: (torch.float32, shape) for name, shape in self.shapes.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        shape = self.shapes[name]
+        return torch.cat([f[name].reshape(-1) for f in self._files])[:math.prod(shape)].reshape(shape).clone()
+
+
+def open_weights(folder: Path, ema: bool = False):
+    return DeepSpeedEMAWeights(Path(folder)) if ema else DeepSpeedWeights(Path(folder))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bigtrain.filehash import file_entry
-from tests.conftest import REPO, run_cli, run_torchrun, tiny_recipe, write_recipe
+from tests.conftest import REPO, assert_ema_follows_weights, run_cli, run_torchrun, tiny_recipe, write_recipe
 from tests.integration.test_train import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -116,19 +116,26 @@ def test_zero3_activation_checkpointing_on_two_processes_gives_the_same_gradient
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
 def test_deepspeed_run_resumes_on_another_number_of_processes(tmp_path, single_runs, stage, first, then):
     """Saved on `first` ranks, resumed on `then` (DeepSpeed's universal checkpoint): the same next losses and
-    final weights as an uninterrupted run."""
+    final weights as an uninterrupted run. The EMA of the weights (ZeRO-3: each rank's partitions, in a file per
+    rank) carries over too, and equals the average computed from every step's checkpoint; at ZeRO-2 eval scores
+    it (eval.use_ema) and the final weights are still the reference's."""
     recipe, reference = single_runs["causal", "fp32"]
 
     def launch(nproc, *args):
         return ok(run_torchrun(nproc, *args) if nproc > 1 else run_cli(*args))
 
-    args = ["train", str(recipe), "run.name=elastic", f"run.output_dir={tmp_path}", *deepspeed_args(stage)]
+    args = ["train", str(recipe), "run.name=elastic", f"run.output_dir={tmp_path}", *deepspeed_args(stage),
+            "optim.ema_decay=0.6", "optim.ema_start_step=1", "checkpoint.every=1",
+            *(["eval.use_ema=true"] if stage < 3 else [])]  # evaluated, then the weights put back exactly
     launch(first, *args, "train.stop_at_step=2")
     rest = launch(then, *args)
     assert "resuming at step 2" in rest.stderr
     run_dir = tmp_path / "elastic"
     assert not list((run_dir / "checkpoints").glob(".universal-*"))  # the converted copy is removed
     assert_same_run(run_dir, reference, rel=1e-5)
+    files = len(list((run_dir / "checkpoints/step-0000002").glob("ema-rank-*.pt")))
+    assert files == (first if stage == 3 else 1)
+    assert_ema_follows_weights(run_dir, [1, 2, 3, 4], decay=0.6, start_step=1)
 
 
 def test_deepspeed_zero2_checkpoint_resumes_as_zero1_and_zero3_refuses_it(tmp_path, single_runs):
