@@ -54,7 +54,7 @@ class TokenDataset:
         if task in LM_TASKS and packing:
             self._num_samples = max(0, (self.num_tokens - 1) // seq_len)
             return
-        offsets = np.load(folder / DOC_OFFSETS)
+        offsets = np.load(folder / DOC_OFFSETS, mmap_mode="r")  # read as needed, not held whole
         starts, ends = offsets[:-1], offsets[1:]
         if task == "classification":  # examples were cut to seq_len when prepared
             self._doc_starts, self._doc_ends = starts, ends
