@@ -1049,7 +1049,7 @@ def test_streaming_prepare_of_a_local_folder_equals_the_loaded_prepare(tmp_path,
     """data.streaming reads a folder of jsonl files as a stream, in pieces (two workers; pieces of 200 documents
     here, 20,000 normally), and writes the same train and validation streams as loading it (same documents,
     same held-out rows)."""
-    monkeypatch.setattr(prepare_module, "_PIECE_DOCS", (200, 200))
+    monkeypatch.setattr(prepare_module, "STREAM_PIECE_DOCS", 200)
     folder = tmp_path / "corpus"
     folder.mkdir()
     lines = [l for l in Path(json.__file__).with_name("decoder.py").read_text().splitlines() if l.strip()]
