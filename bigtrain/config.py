@@ -128,6 +128,7 @@ class DataConfig:
 class TaskConfig:
     name: Literal["causal_lm", "masked_lm", "classification", "sft"] = _opt("causal_lm", "training objective: causal_lm | masked_lm | classification | sft")
     mask_prob: float = _opt(0.15, "masked_lm: fraction of non-special tokens selected (then 80% [MASK], 10% random, 10% kept)")
+    loss_chunk_tokens: int = _opt(0, "causal_lm, sft: compute the LM head and loss this many positions at a time, recomputing each chunk's logits in backward, so the (batch, seq_len, vocab) fp32 logits never exist whole (large vocabularies); 0: all at once")
     pooling: Literal["auto", "first", "last"] = _opt("auto", "classification: pool the first token (auto for encoders) or the last non-pad token (auto for decoders)")
 
 
@@ -470,6 +471,11 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
     if cfg.eval.use_ema and cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3:
         raise ConfigError("eval.use_ema is not available with DeepSpeed ZeRO-3 yet (its small parameters stay gathered "
                           "outside the partitions the EMA swaps) — evaluate `bigtrain export --ema`, or use fsdp")
+    if cfg.task.loss_chunk_tokens < 0:
+        raise ConfigError(f"task.loss_chunk_tokens={cfg.task.loss_chunk_tokens} must be >= 0 (0: no chunks)")
+    if cfg.task.loss_chunk_tokens and cfg.task.name not in ("causal_lm", "sft"):
+        raise ConfigError(f"task.loss_chunk_tokens chunks a next-token loss (causal_lm, sft), not {cfg.task.name} — "
+                          f"remove it")
     if not 0.0 < cfg.task.mask_prob <= 1.0:
         raise ConfigError(f"task.mask_prob={cfg.task.mask_prob} must be in (0, 1]")
     if not 0.0 <= cfg.data.validation_split < 1.0:

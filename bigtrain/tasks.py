@@ -60,6 +60,14 @@ def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def _lm_loss_sum(model: nn.Module, batch: dict, loss_chunk: int, **inputs) -> torch.Tensor:
+    """Σ token cross-entropy of the next-token logits: from the (B, T, V) logits, or (loss_chunk > 0,
+    task.loss_chunk_tokens) computed by the model that many positions at a time, the logits never whole."""
+    if loss_chunk:
+        return model(batch["input_ids"], labels=batch["labels"], loss_chunk=loss_chunk, **inputs)
+    return _token_loss_sum(model(batch["input_ids"], **inputs), batch["labels"])
+
+
 def _lm_metrics(sums: dict[str, float]) -> dict[str, float]:
     loss = sums["loss_sum"] / max(sums["targets"], 1.0)
     return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
@@ -99,8 +107,9 @@ class CausalLM:
     name = "causal_lm"
     eval_keys = ("loss_sum", "targets")
 
-    def __init__(self, *, pad_id: int, eos_id: int | None = None, document_mask: bool = False, **_):
-        self.pad_id, self.eos_id, self.document_mask = pad_id, eos_id, document_mask
+    def __init__(self, *, pad_id: int, eos_id: int | None = None, document_mask: bool = False, loss_chunk: int = 0,
+                 **_):
+        self.pad_id, self.eos_id, self.document_mask, self.loss_chunk = pad_id, eos_id, document_mask, loss_chunk
 
     def collate(self, samples: list[np.ndarray], keys: Sequence[int], device: torch.device) -> dict:
         inputs = _pad([s[:-1] for s in samples], self.pad_id)  # (B, T)
@@ -117,10 +126,8 @@ class CausalLM:
         return batch["num_targets"]
 
     def loss_sum(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        if "attn_mask" in batch:  # document_mask
-            return _token_loss_sum(model(batch["input_ids"], attn_mask=batch["attn_mask"], positions=batch["positions"]),
-                                   batch["labels"])
-        return _token_loss_sum(model(batch["input_ids"]), batch["labels"])  # logits (B, T, V)
+        inputs = {"attn_mask": batch["attn_mask"], "positions": batch["positions"]} if "attn_mask" in batch else {}
+        return _lm_loss_sum(model, batch, self.loss_chunk, **inputs)  # document_mask: the mask and positions
 
     def eval_sums(self, model: nn.Module, batch: dict) -> dict[str, float]:
         return {"loss_sum": float(self.loss_sum(model, batch)), "targets": float(batch["num_targets"])}
@@ -285,8 +292,8 @@ class SFT:
     name = "sft"
     eval_keys = ("loss_sum", "targets")
 
-    def __init__(self, *, pad_id: int, **_):
-        self.pad_id = pad_id
+    def __init__(self, *, pad_id: int, loss_chunk: int = 0, **_):
+        self.pad_id, self.loss_chunk = pad_id, loss_chunk
 
     def collate(self, samples: list[dict], keys: Sequence[int], device: torch.device) -> dict:
         inputs = _pad([s["tokens"][:-1] for s in samples], self.pad_id)  # (B, T)
@@ -307,7 +314,7 @@ class SFT:
         return batch["num_targets"]
 
     def loss_sum(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return _token_loss_sum(model(batch["input_ids"], attn_mask=batch["attn_mask"]), batch["labels"])
+        return _lm_loss_sum(model, batch, self.loss_chunk, attn_mask=batch["attn_mask"])
 
     def eval_sums(self, model: nn.Module, batch: dict) -> dict[str, float]:
         return {"loss_sum": float(self.loss_sum(model, batch)), "targets": float(batch["num_targets"])}
@@ -325,4 +332,4 @@ def build_task(cfg_task, data, *, seed: int, document_mask: bool = False) -> Tas
     return TASKS[cfg_task.name](
         pad_id=data.pad_id, eos_id=data.eos_id, mask_id=data.mask_id, vocab_size=data.vocab_size,
         special_ids=data.special_ids, labels=data.labels or (),
-        mask_prob=cfg_task.mask_prob, seed=seed, document_mask=document_mask)
+        mask_prob=cfg_task.mask_prob, seed=seed, document_mask=document_mask, loss_chunk=cfg_task.loss_chunk_tokens)

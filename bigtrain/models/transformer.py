@@ -34,6 +34,27 @@ def pool(h: torch.Tensor, pooling: str, lengths: torch.Tensor | None) -> torch.T
     return h[torch.arange(h.size(0), device=h.device), lengths.to(h.device) - 1]
 
 
+def chunked_loss_sum(head: nn.Module, h: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Σ cross-entropy (fp32) of head(h) (B, T, V) against `labels` (B, T) (-100 ignored), `chunk` positions at a
+    time: each chunk's logits are recomputed in backward instead of kept, so at most one chunk's (B, chunk, V)
+    logits, their fp32 copy and gradient exist at once (a 128k vocabulary at seq 8192 would need 4 GB per
+    sequence for the fp32 logits alone). chunk <= 0: the whole sequence as one chunk."""
+    from torch.utils.checkpoint import checkpoint
+
+    step = chunk if chunk > 0 else h.size(1)
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.size(1), step):
+        total = total + checkpoint(_chunk_loss_sum, head, h[:, start:start + step], labels[:, start:start + step],
+                                   use_reentrant=False)
+    return total
+
+
+def _chunk_loss_sum(head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = head(h)  # (B, c, V)
+    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                       reduction="sum")
+
+
 class Transformer(nn.Module):
     """Token ids (B, T) -> logits: (B, T, V) for head="lm", (B, num_labels) for head="classify".
 
@@ -81,7 +102,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
                 lengths: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, labels: torch.Tensor | None = None, loss_chunk: int = 0) -> torch.Tensor:
         """input_ids (B, T); attn_mask None or bool, True = may attend (see layers.prepare_attn_mask):
         (B, 1, T, T) / (B, T, T), or (B, 1, 1, T) key padding. None: causal for the decoder,
         everywhere for the encoder. lengths (B,) real lengths: needed by pooling="last",
@@ -89,7 +110,11 @@ class Transformer(nn.Module):
 
         Generation (bigtrain/generate.py) may also give `positions` (T,) or (B, T) of the tokens (default
         0..T-1, or after the cached ones) and a `cache`: the tokens follow the cache.length cached ones,
-        whose keys and values the cache holds, and a key padding attn_mask is (B, 1, 1, cache.length + T)."""
+        whose keys and values the cache holds, and a key padding attn_mask is (B, 1, 1, cache.length + T).
+
+        With `labels` (B, T) (-100: no target), head="lm" returns the summed token cross-entropy instead of the
+        logits, computed `loss_chunk` positions at a time (`chunked_loss_sum`): inside forward, so sharding
+        strategies' hooks see the head's weights used as usual."""
         T = input_ids.size(1)
         past = 0 if cache is None else cache.length
         if past + T > self.spec.max_seq_len:
@@ -123,7 +148,10 @@ class Transformer(nn.Module):
             if self.classifier_dropout is not None:
                 h = self.classifier_dropout(h)
             return self.classifier(h)  # (B, K)
-        return getattr(self, self.lm_head_name)(x if self.norm is None else self.norm(x))  # (B, T, V)
+        head, h = getattr(self, self.lm_head_name), x if self.norm is None else self.norm(x)
+        if labels is not None:  # the loss, never the whole (B, T, V) logits
+            return chunked_loss_sum(head, h, labels, loss_chunk)
+        return head(h)  # (B, T, V)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

@@ -26,6 +26,8 @@ RUNS = {
     "fsdp-ac": (2, [FSDP, "parallel.activation_checkpointing=true", "checkpoint.every=1", "checkpoint.async_save=false"]),
     # HSDP is where reduce-scattering only at the last micro-batch pays: the opt-in is tested here.
     "hsdp-offload": (2, [FSDP, "parallel.shard_group_size=1", "parallel.offload_params=cpu", "parallel.fsdp_no_sync=true"]),
+    # The LM loss 8 positions at a time (the head's sharded weight used inside the root's forward): as "fsdp".
+    "fsdp-chunked-loss": (2, [FSDP, "checkpoint.every=1", "task.loss_chunk_tokens=8"]),
     "ddp": (2, ["parallel.strategy=ddp"]),
     "single-bf16": (1, ["train.micro_batch_size=4", "parallel.precision=bf16"]),
     "fsdp-bf16": (2, [FSDP, "parallel.precision=bf16"]),
@@ -120,6 +122,13 @@ def test_fsdp_activation_checkpointing_on_two_processes_gives_the_same_gradients
     assert [(r["train/loss"], r["train/grad_norm"]) for r in b] == [(r["train/loss"], r["train/grad_norm"]) for r in a]
     wa, wb = final_weights(runs("fsdp")), final_weights(runs("fsdp-ac"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_fsdp_chunked_loss_trains_as_the_whole_logits_loss(runs):
+    (a, _), (b, _) = read_metrics(runs("fsdp")), read_metrics(runs("fsdp-chunked-loss"))
+    assert_same_losses(a, b, rel=1e-6)
+    assert_close_weights(final_weights(runs("fsdp")), final_weights(runs("fsdp-chunked-loss")))
 
 
 @pytest.mark.slow
