@@ -238,7 +238,7 @@ def cmd_check(args) -> int:
           f"{t.accum_steps(world_size)} × data-parallel {world_size} · "
           f"{t.global_batch_size * cfg.data.seq_len:,} tokens/step · {t.max_steps:,} steps")
     print(f"strategy     {resolve_strategy(cfg.parallel.strategy, world_size)}"
-          f"{' · activation checkpointing' if cfg.parallel.activation_checkpointing else ''}"
+          f"{'' if cfg.parallel.activation_checkpointing == 'none' else f' · activation checkpointing ({cfg.parallel.activation_checkpointing})'}"
           f"{' · compile' if cfg.parallel.compile else ''}")
     for name, gb in (_memory_estimate_gb(spec, params, cfg, table) if spec is not None else {}).items():
         print(f"memory       {name}: {gb:.2f} GB per rank (estimate)")
@@ -268,7 +268,7 @@ def _memory_estimate_gb(spec, params: int, cfg, table) -> dict[str, float]:
     b, s, d, layers = cfg.train.micro_batch_size, cfg.data.seq_len, spec.d_model, spec.n_layers
     bytes_per_act = table.compute.itemsize
     per_layer = 17 * s * b * d * bytes_per_act
-    activations = (layers * b * s * d * bytes_per_act + per_layer) if cfg.parallel.activation_checkpointing \
+    activations = (layers * b * s * d * bytes_per_act + per_layer) if cfg.parallel.activation_checkpointing != "none" \
         else layers * per_layer
     logits = b * s * spec.vocab_size * (4 + bytes_per_act)
     return {

@@ -166,7 +166,7 @@ class ParallelConfig:
     strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = _opt("auto", "auto (ddp when started with several processes, else single) | single | ddp | fsdp (FSDP2) | deepspeed (ZeRO)")
     precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-pure"] = _opt("auto", "auto (from the hardware: bf16 on GPUs that have it, else fp16; on CPUs bf16 only where bf16 matmul is native, else fp32) | fp32 | bf16 (bf16 compute, fp32 master weights) | fp16 (+ dynamic loss scaling) | bf16-pure (everything bf16)")
     device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto (cuda when available) | cpu | cuda")
-    activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward to save memory")
+    activation_checkpointing: Literal["none", "full", "selective"] = _opt("none", "recompute activations in backward to save memory: none | full (each block's, all of them; true means full) | selective (each block keeps its matmul and attention outputs and recomputes the cheap ops between them)")
     compile: bool = _opt(False, "torch.compile each block")
     tf32: bool = _opt(True, "on CUDA, fp32 matmuls and convolutions use TF32 tensor cores; false for exact fp32")
     zero_stage: Literal[1, 2, 3] = _opt(2, "deepspeed: ZeRO stage 1 (optimizer state) | 2 (+ gradients) | 3 (+ parameters) sharded over ranks")
@@ -313,9 +313,14 @@ def build_config(raw: dict, *, where: str = "recipe") -> Config:
             path = f"{section}.{key}"
             if key not in hints:
                 raise ConfigError(f"{where}: unknown key '{path}'{_did_you_mean(path, _all_keys())}")
+            value = _BOOL_ALIASES.get(path, {}).get(value, value) if isinstance(value, bool) else value
             kwargs[key] = _check_type(value, hints[key], path, where)
         sections[section] = cls(**kwargs)
     return Config(**sections)
+
+
+# Keys that were booleans once: true / false still mean these choices.
+_BOOL_ALIASES = {"parallel.activation_checkpointing": {True: "full", False: "none"}}
 
 
 def _all_keys() -> list[str]:
@@ -468,6 +473,11 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError(f"optim.ema_start_step={o.ema_start_step} must be >= 0")
     if cfg.eval.use_ema and o.ema_decay is None:
         raise ConfigError("eval.use_ema needs optim.ema_decay (the EMA's decay, e.g. 0.999) — set it or drop eval.use_ema")
+    if cfg.parallel.activation_checkpointing == "selective" and cfg.parallel.strategy == "deepspeed" and \
+            cfg.parallel.zero_stage == 3:
+        raise ConfigError("parallel.activation_checkpointing=selective is not available with DeepSpeed ZeRO-3 (from the "
+                          "second step its gradients differ from a run without: the recomputation meets ZeRO-3's "
+                          "parameter fetching) — use full, or fsdp")
     if cfg.eval.use_ema and cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3:
         raise ConfigError("eval.use_ema is not available with DeepSpeed ZeRO-3 yet (its small parameters stay gathered "
                           "outside the partitions the EMA swaps) — evaluate `bigtrain export --ema`, or use fsdp")

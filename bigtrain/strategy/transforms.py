@@ -25,12 +25,32 @@ def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return named
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in backward. State-dict keys stay unchanged."""
+# Selective checkpointing keeps what is costly to recompute (torchtitan's op-level policy): matmuls and attention.
+_SAVED_OPS = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    saved = getattr(op, "__name__", "").split(".")[0] in _SAVED_OPS
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> None:
+    """Recompute each block's activations in backward: all of them (full), or all but its matmul and attention
+    outputs (selective). State-dict keys stay unchanged."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    extra = {"context_fn": _selective_context} if mode == "selective" else {}
     for i, block in enumerate(model.blocks):
-        model.blocks[i] = checkpoint_wrapper(block)
+        model.blocks[i] = checkpoint_wrapper(block, **extra)
 
 
 def key_inductor_cache_by_cpu() -> Path:
@@ -61,7 +81,7 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def apply_transforms(model: nn.Module, parallel_cfg) -> None:
-    if parallel_cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    if parallel_cfg.activation_checkpointing != "none":
+        apply_activation_checkpointing(model, parallel_cfg.activation_checkpointing)
     if parallel_cfg.compile:
         apply_compile(model)

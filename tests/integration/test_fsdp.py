@@ -24,6 +24,7 @@ RUNS = {
     # Both save every step, "fsdp" in the background (async_save, the default), "fsdp-ac" synchronously.
     "fsdp": (2, [FSDP, "checkpoint.every=1"]),
     "fsdp-ac": (2, [FSDP, "parallel.activation_checkpointing=true", "checkpoint.every=1", "checkpoint.async_save=false"]),
+    "fsdp-sac": (2, [FSDP, "parallel.activation_checkpointing=selective"]),
     # HSDP is where reduce-scattering only at the last micro-batch pays: the opt-in is tested here.
     "hsdp-offload": (2, [FSDP, "parallel.shard_group_size=1", "parallel.offload_params=cpu", "parallel.fsdp_no_sync=true"]),
     # The LM loss 8 positions at a time (the head's sharded weight used inside the root's forward): as "fsdp".
@@ -116,11 +117,13 @@ def test_fsdp_bf16_on_two_processes_matches_single_process_bf16(runs):
 
 
 @pytest.mark.slow
-def test_fsdp_activation_checkpointing_on_two_processes_gives_the_same_gradients(runs):
-    """Recomputation changes memory, not math: the same losses, gradient norms and weights, to the bit."""
-    (a, _), (b, _) = read_metrics(runs("fsdp")), read_metrics(runs("fsdp-ac"))
+@pytest.mark.parametrize("name", ["fsdp-ac", "fsdp-sac"])
+def test_fsdp_activation_checkpointing_on_two_processes_gives_the_same_gradients(runs, name):
+    """Recomputation, full or selective, changes memory, not math: the same losses, gradient norms and weights,
+    to the bit."""
+    (a, _), (b, _) = read_metrics(runs("fsdp")), read_metrics(runs(name))
     assert [(r["train/loss"], r["train/grad_norm"]) for r in b] == [(r["train/loss"], r["train/grad_norm"]) for r in a]
-    wa, wb = final_weights(runs("fsdp")), final_weights(runs("fsdp-ac"))
+    wa, wb = final_weights(runs("fsdp")), final_weights(runs(name))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -280,7 +283,7 @@ def test_fsdp_init_on_the_meta_device_equals_the_eager_init(one_rank_group):
     eager = build_model(ModelConfig(preset="debug"), 128)
     torch.manual_seed(7)
     model = build_model(ModelConfig(preset="debug"), 128, device="meta")
-    engine = build_engine(ParallelConfig(strategy="fsdp", precision="fp32", activation_checkpointing=True), model,
+    engine = build_engine(ParallelConfig(strategy="fsdp", precision="fp32", activation_checkpointing="full"), model,
                           lambda m: build_optimizer(OptimConfig(), m, dist.device), dist)
     sharded = {k: v.full_tensor() for k, v in engine.module.state_dict().items()}
     assert sharded.keys() == eager.state_dict().keys()

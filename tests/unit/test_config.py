@@ -87,7 +87,7 @@ def test_overrides_apply_with_types(tmp_path):
     assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
     assert cfg.train.max_steps == 20
     assert cfg.optim.betas == (0.8, 0.9)
-    assert cfg.parallel.activation_checkpointing is True
+    assert cfg.parallel.activation_checkpointing == "full"  # true: full, as when it was a boolean
     assert cfg.run_dir() == Path("runs") / "abc"
 
 
@@ -203,6 +203,8 @@ def test_wsd_settings_are_checked(optim, train, message):
     ({"eval": {"use_ema": True}}, r"^eval.use_ema needs optim.ema_decay"),
     ({"optim": {"ema_decay": 0.9}, "eval": {"use_ema": True}, "parallel": {"strategy": "deepspeed", "zero_stage": 3}},
      r"^eval.use_ema is not available with DeepSpeed ZeRO-3 yet"),
+    ({"parallel": {"strategy": "deepspeed", "zero_stage": 3, "activation_checkpointing": "selective"}},
+     r"^parallel.activation_checkpointing=selective is not available with DeepSpeed ZeRO-3"),
 ])
 def test_ema_settings_are_checked(sections, message):
     with pytest.raises(ConfigError, match=message):

@@ -62,10 +62,12 @@ def test_accumulation_with_ragged_task_batches(cache_dir, tmp_path, task, arch):
     assert_accumulation_invariant(cfg)
 
 
-def test_activation_checkpointing_gives_the_same_gradients(cache_dir, tmp_path):
+@pytest.mark.parametrize("mode", [True, "full", "selective"])
+def test_activation_checkpointing_gives_the_same_gradients(cache_dir, tmp_path, mode):
+    """Full (true: full) and selective checkpointing (matmul and attention outputs kept, the rest recomputed)."""
     cfg = build_config(tiny_recipe(cache_dir, tmp_path))
     reference, ref_loss = step_gradients(cfg, 4)
-    ac = build_config(tiny_recipe(cache_dir, tmp_path, parallel={"activation_checkpointing": True}))
+    ac = build_config(tiny_recipe(cache_dir, tmp_path, parallel={"activation_checkpointing": mode}))
     grads, loss = step_gradients(ac, 4)
     assert float((grads - reference).norm() / reference.norm()) <= 1e-6
     assert loss == pytest.approx(ref_loss, rel=1e-6)
