@@ -257,7 +257,9 @@ def _vocab_size(cfg) -> int:
     if cfg.data.tokenizer:
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(os.path.expanduser(cfg.data.tokenizer)).get_vocab_size()
+        from bigtrain.data.tokenizer import tokenizer_file
+
+        return Tokenizer.from_file(str(tokenizer_file(cfg.data.tokenizer))).get_vocab_size()
     return cfg.data.vocab_size
 
 

@@ -112,7 +112,7 @@ class DataConfig:
     messages_column: Optional[str] = _opt(None, "sft: column holding a chat-style list of {role, content} messages (instead of prompt/response)")
     validation_split: float = _opt(0.01, "fraction of documents held out for validation when the source has no validation split")
     max_documents: Optional[int] = _opt(None, "use only the first N documents (quick runs and tests)")
-    tokenizer: Optional[str] = _opt(None, "path to a tokenizer.json; default: train a byte-level BPE of vocab_size on the corpus")
+    tokenizer: Optional[str] = _opt(None, "a tokenizer.json, or a Hugging Face tokenizer folder holding one; default: train a byte-level BPE of vocab_size on the corpus")
     vocab_size: int = _opt(8192, "vocabulary size of the BPE trained when no tokenizer is given")
     tokenizer_sample_bytes: Optional[int] = _opt(None, "the trained BPE reads at most this much text: a uniform random sample of the training documents when the corpus is larger (default 2^30)")
     seq_len: int = _opt(256, "tokens per training sequence")
@@ -592,8 +592,10 @@ def _check_paths(cfg: Config) -> None:
     looks_local = source.startswith(("/", "./", "../", "~")) or source.lower().endswith(_DATA_SUFFIXES)
     if looks_local and not Path(source).expanduser().exists():
         raise ConfigError(f"data.source: no such file or folder '{source}'")
-    if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).expanduser().is_file():
-        raise ConfigError(f"data.tokenizer: no such file '{cfg.data.tokenizer}'")
+    tokenizer = Path(cfg.data.tokenizer).expanduser() if cfg.data.tokenizer is not None else None
+    if tokenizer is not None and not (tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer).is_file():
+        what = "no tokenizer.json in folder" if tokenizer.is_dir() else "no such file"
+        raise ConfigError(f"data.tokenizer: {what} '{cfg.data.tokenizer}'")
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none") and not Path(resume).expanduser().exists():
         raise ConfigError(f"checkpoint.resume: no such checkpoint '{resume}' (use auto, none or a path)")

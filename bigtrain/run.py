@@ -19,6 +19,7 @@ from bigtrain.config import Config, dump_yaml
 from bigtrain.config import recipe_warnings
 from bigtrain.data import load_prepared
 from bigtrain.data.prepare import cache_visible, prepare_sources, training_prepare_problem, verify_sources_once
+from bigtrain.data.tokenizer import tokenizer_file
 from bigtrain.ema import EMA
 from bigtrain.errors import UserError
 from bigtrain.loop import LoopContext, evaluate, train
@@ -166,7 +167,7 @@ def build(cfg: Config, dist: Dist) -> Built:
     if data.labels:
         extra_files[LABELS_FILE] = run_dir / LABELS_FILE
     # A Hugging Face tokenizer's settings and chat template travel with every checkpoint (export, generate).
-    beside = Path(cfg.data.tokenizer).expanduser().parent if cfg.data.tokenizer else None
+    beside = tokenizer_file(cfg.data.tokenizer).parent if cfg.data.tokenizer else None  # its folder's side files
     side_files = {name: beside / name for name in TOKENIZER_SIDE_FILES if beside and (beside / name).is_file()}
     extra_files.update({name: run_dir / name for name in side_files})
     if dist.is_main:

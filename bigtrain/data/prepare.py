@@ -37,6 +37,7 @@ from bigtrain.data.tokenizer import (
     find_special_ids,
     load_tokenizer_file,
     require_mask,
+    tokenizer_file,
     tokenizer_identity,
     trained_tokenizer_path,
 )
@@ -135,7 +136,7 @@ def _prepare_locked(cfg, task: str, source: Source, root: Path, path: Path, num_
             check_labels(list(docs.validation[cfg.label_column]), labels, cfg.label_column, "validation")
             log(f"data: {len(labels)} labels from the training split")
         tok = build_tokenizer(cfg, source, docs.train, cache_dir=root, task=task, log=log)
-    tokenizer_file = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else trained_tokenizer_path(cfg, source, root, task)
+    tokenizer_path = tokenizer_file(cfg.tokenizer) if cfg.tokenizer else trained_tokenizer_path(cfg, source, root, task)
     ids = find_special_ids(tok)
     require_mask(ids, cfg, task)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -155,7 +156,7 @@ def _prepare_locked(cfg, task: str, source: Source, root: Path, path: Path, num_
     tmp.mkdir(parents=True, exist_ok=True)
     write_json_atomic(tmp / PLAN, plan)
     try:
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
         label_ids = {label: i for i, label in enumerate(labels or [])}
         if streams is not None:
             splits = tokenize_streams(PieceJob(None, cfg, task, tok, ids, tmp, dtype, label_ids), streams,

@@ -180,11 +180,18 @@ def _bpe_key(cfg, source: Source, task: str) -> str:
     )
 
 
+def tokenizer_file(path: str | Path) -> Path:
+    """data.tokenizer as a file: a `tokenizer.json`, or a Hugging Face tokenizer folder's `tokenizer.json`."""
+    path = Path(path).expanduser()
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
 def _read_tokenizer_bytes(path: str | Path, *, where: str = "data.tokenizer") -> bytes:
     try:
-        return Path(path).expanduser().read_bytes()
+        return tokenizer_file(path).read_bytes()
     except OSError:
-        raise UserError(f"{where}: no such file '{path}'") from None
+        what = "no tokenizer.json in folder" if Path(path).expanduser().is_dir() else "no such file"
+        raise UserError(f"{where}: {what} '{path}'") from None
 
 
 def _capped(text_batches: Iterator[list[str]], cfg) -> Iterator[list[str]]:

@@ -1072,3 +1072,19 @@ def test_streaming_prepare_of_a_local_folder_equals_the_loaded_prepare(tmp_path,
         for name in a[split]:
             np.testing.assert_array_equal(a[split][name], b[split][name], err_msg=f"{split} {name}")
     assert not list((tmp_path / "streamed").glob("hf-datasets/**/*.arrow"))  # nothing converted to Arrow
+
+
+def test_data_tokenizer_may_be_a_hugging_face_tokenizer_folder(stdlib, tokenizer_file, tmp_path):
+    """data.tokenizer naming a folder (as `save_pretrained` writes one) means its tokenizer.json: the same cache."""
+    cfg, data = stdlib
+    folder = tmp_path / "hf-tokenizer"
+    folder.mkdir()
+    shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
+    by_file = dataclasses.replace(cfg, tokenizer=tokenizer_file, cache_dir=str(tmp_path / "c"))
+    by_folder = dataclasses.replace(by_file, tokenizer=str(folder))
+    assert data_cache_path(by_folder) == data_cache_path(by_file)
+    prepared = prepare_data(by_folder, log=quiet)
+    assert prepared.tokenizer.to_str() == data.tokenizer.to_str() and prepared.train.num_tokens == data.train.num_tokens
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match=f"^data.tokenizer: no tokenizer.json in folder '{re.escape(str(folder))}'"):
+        prepare_data(dataclasses.replace(by_folder, cache_dir=str(tmp_path / "d")), log=quiet)
