@@ -68,76 +68,111 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
     if not len(ctx.val_data) and not ctx.bench:  # an empty split would log eval/loss 0, ppl 1: no eval at all
         ctx.logger.message("warning: the validation split is empty (data.validation_split=0?) — training without eval")
 
-    while state.step < end_step:
-        step = state.step + 1
-        lr = lr_at(cfg.optim, step, cfg.train.max_steps)
-        set_lr(engine.optimizer, lr)
-        timer.start_step()
-        progress.start_step(step)
+    with Prefetch(lambda consumed: fetch_micro_batches(ctx, sampler, consumed)) as batches_at:
+        while state.step < end_step:
+            step = state.step + 1
+            lr = lr_at(cfg.optim, step, cfg.train.max_steps)
+            set_lr(engine.optimizer, lr)
+            timer.start_step()
+            progress.start_step(step)
 
-        with timer.data_wait():
-            batches = fetch_micro_batches(ctx, sampler, state.samples_consumed)
-        # Normalise by the whole step's target count (all ranks, all micro-batches): the loss contract (tasks.py).
-        # DDP averages gradients over ranks, hence the world_size factor. The same all-reduce carries the
-        # preemption flag, so every rank stops at the same step when any rank got a signal.
-        local = [sum(task.count_targets(b) for b in batches), sum(b["num_tokens"] for b in batches),
-                 float(ctx.preempt is not None and ctx.preempt.requested)]
-        progress.enter("all-reduce target counts")
-        targets, tokens, stop = (int(x) for x in all_reduce_sum(dist, torch.tensor(local, dtype=torch.float64, device=device)))
-        if stop:
-            if state.step != saved_step:
+            with timer.data_wait():  # only as long as the batches made during the last step are late
+                batches = batches_at.get(state.samples_consumed)
+            if step < end_step:
+                batches_at.ahead(state.samples_consumed + cfg.train.global_batch_size)
+            # Normalise by the whole step's target count (all ranks, all micro-batches): the loss contract (tasks.py).
+            # DDP averages gradients over ranks, hence the world_size factor. The same all-reduce carries the
+            # preemption flag, so every rank stops at the same step when any rank got a signal.
+            local = [sum(task.count_targets(b) for b in batches), sum(b["num_tokens"] for b in batches),
+                     float(ctx.preempt is not None and ctx.preempt.requested)]
+            progress.enter("all-reduce target counts")
+            targets, tokens, stop = (int(x) for x in all_reduce_sum(dist, torch.tensor(local, dtype=torch.float64, device=device)))
+            if stop:
+                if state.step != saved_step:
+                    state.wandb_run_id = ctx.logger.wandb_run_id
+                    ctx.save_checkpoint(state, sync=True)  # durable before the exit (75), whatever async_save says
+                raise Preempted(ctx.preempt.signal_name or "a signal to another rank", state.step)
+            scale = dist.world_size / max(targets, 1)
+
+            t0 = time.perf_counter()
+            loss_sum = accumulate_gradients(engine, task, batches, scale, progress)
+            progress.enter("clip gradients")
+            grad_norm = float(engine.clip_grad_norm(cfg.optim.grad_clip))
+            progress.enter("all-reduce loss")
+            step_loss = float(all_reduce_sum(dist, loss_sum)) / max(targets, 1)
+            t1 = time.perf_counter()
+
+            # A non-finite loss or gradient is the same on every rank (loss all-reduced, grads synced): skip together.
+            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            scale_before = engine.loss_scale
+            progress.enter("optimizer step")
+            engine.step(finite)
+            if ctx.bench and device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t2 = time.perf_counter()
+            state.step = step
+            state.samples_consumed += cfg.train.global_batch_size
+            _count_skip(cfg, state, finite, step_loss, grad_norm, scale_before)
+            step_time_s = timer.end_step()
+            progress.end_step()
+
+            window["loss"] += step_loss if finite else 0.0
+            window["steps"] += 1 if finite else 0
+            window["tokens"] += tokens  # non-padding input tokens of the whole job
+            window["fwd_bwd_s"] += t1 - t0
+            window["optim_s"] += t2 - t1
+            ctx.logger.progress(step, loss=step_loss, lr=lr, tokens_per_sec=tokens / max(step_time_s, 1e-9))
+
+            if step % cfg.logging.every == 0 or step == end_step:
+                _log_train(ctx, state, window, timer.window(), lr, grad_norm)
+                window = dict.fromkeys(window, 0)
+            if ctx.bench:
+                continue
+            if ((cfg.eval.every and step % cfg.eval.every == 0) or step == end_step) and len(ctx.val_data):
+                # A preemption signal during eval ends it early (not at the last step: the run is finishing anyway);
+                # the start of the next step then checkpoints and stops as usual.
+                metrics = evaluate(ctx, stoppable=ctx.preempt is not None and step != end_step)
+                if metrics is not None:  # scalars to metrics.jsonl; a classification report to eval/step-N.json (rank 0)
+                    report_eval(ctx.logger, step, metrics, run_dir=cfg.run_dir() if dist.is_main else None)
+                    ctx.logger.write_curves()  # RUN/curves.png redrawn from metrics.jsonl (rank 0; never stops training)
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == end_step:
                 state.wandb_run_id = ctx.logger.wandb_run_id
-                ctx.save_checkpoint(state, sync=True)  # durable before the exit (75), whatever async_save says
-            raise Preempted(ctx.preempt.signal_name or "a signal to another rank", state.step)
-        scale = dist.world_size / max(targets, 1)
-
-        t0 = time.perf_counter()
-        loss_sum = accumulate_gradients(engine, task, batches, scale, progress)
-        progress.enter("clip gradients")
-        grad_norm = float(engine.clip_grad_norm(cfg.optim.grad_clip))
-        progress.enter("all-reduce loss")
-        step_loss = float(all_reduce_sum(dist, loss_sum)) / max(targets, 1)
-        t1 = time.perf_counter()
-
-        # A non-finite loss or gradient is the same on every rank (loss all-reduced, grads synced): skip together.
-        finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-        scale_before = engine.loss_scale
-        progress.enter("optimizer step")
-        engine.step(finite)
-        if ctx.bench and device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t2 = time.perf_counter()
-        state.step = step
-        state.samples_consumed += cfg.train.global_batch_size
-        _count_skip(cfg, state, finite, step_loss, grad_norm, scale_before)
-        step_time_s = timer.end_step()
-        progress.end_step()
-
-        window["loss"] += step_loss if finite else 0.0
-        window["steps"] += 1 if finite else 0
-        window["tokens"] += tokens  # non-padding input tokens of the whole job
-        window["fwd_bwd_s"] += t1 - t0
-        window["optim_s"] += t2 - t1
-        ctx.logger.progress(step, loss=step_loss, lr=lr, tokens_per_sec=tokens / max(step_time_s, 1e-9))
-
-        if step % cfg.logging.every == 0 or step == end_step:
-            _log_train(ctx, state, window, timer.window(), lr, grad_norm)
-            window = dict.fromkeys(window, 0)
-        if ctx.bench:
-            continue
-        if ((cfg.eval.every and step % cfg.eval.every == 0) or step == end_step) and len(ctx.val_data):
-            # A preemption signal during eval ends it early (not at the last step: the run is finishing anyway);
-            # the start of the next step then checkpoints and stops as usual.
-            metrics = evaluate(ctx, stoppable=ctx.preempt is not None and step != end_step)
-            if metrics is not None:  # scalars to metrics.jsonl; a classification report to eval/step-N.json (rank 0)
-                report_eval(ctx.logger, step, metrics, run_dir=cfg.run_dir() if dist.is_main else None)
-                ctx.logger.write_curves()  # RUN/curves.png redrawn from metrics.jsonl (rank 0; never stops training)
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == end_step:
-            state.wandb_run_id = ctx.logger.wandb_run_id
-            progress.enter("checkpoint save")
-            ctx.save_checkpoint(state)
-            saved_step = step
+                progress.enter("checkpoint save")
+                ctx.save_checkpoint(state)
+                saved_step = step
     return state
+
+
+class Prefetch:
+    """The next step's micro-batches made on a thread of their own while this step runs: `ahead(position)`
+    starts them, `get(position)` returns them (or makes them now, if another position was asked for). They
+    are what `fetch(position)` gives, a function of the position only: the same batches in the same order,
+    so resume and preemption stop and start at a step boundary as before (a batch made ahead for a step
+    that never runs is dropped)."""
+
+    def __init__(self, fetch: Callable[[int], list[dict]]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fetch = fetch
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigtrain-batches")
+        self.pending: tuple[int, object] | None = None  # (position, Future)
+
+    def ahead(self, position: int) -> None:
+        self.pending = (position, self.pool.submit(self.fetch, position))
+
+    def get(self, position: int) -> list[dict]:
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[0] == position:
+            return pending[1].result()
+        if pending is not None:
+            pending[1].cancel()  # made for a step that will not run (if it has not started yet)
+        return self.fetch(position)
+
+    def __enter__(self) -> "Prefetch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def fetch_micro_batches(ctx: LoopContext, sampler: GlobalSampler, consumed: int) -> list[dict]:

@@ -8,7 +8,7 @@ Kinds (at training step S on rank R only; other ranks and steps run untouched):
     slow_save:seconds=N   the save of step S sleeps N seconds before writing its trainer files (with async
                       saves: in the background thread, so the save is still in flight while training goes on)
 
-The fault goes in by wrapping the task's `loss_sum` and the loop's batch fetch (which tells the step), so
+The fault goes in by wrapping the task's `loss_sum` and the loop's batch fetch (which tags each batch with its step), so
 production code carries no test hooks. Without BIGTRAIN_FAULT this is exactly `python -m bigtrain`.
 """
 
@@ -73,19 +73,20 @@ def install(fault: dict) -> None:
     if fault["kind"] == "slow_save":
         install_slow_save(fault)
         return
-    current = {"step": 0}
     fetch, build_task = bigtrain.loop.fetch_micro_batches, bigtrain.run.build_task
 
-    def fetch_with_step(ctx, sampler, consumed):
-        current["step"] = consumed // ctx.cfg.train.global_batch_size + 1
-        return fetch(ctx, sampler, consumed)
+    def fetch_with_step(ctx, sampler, consumed):  # (made a step ahead, on the loop's batch thread)
+        batches = fetch(ctx, sampler, consumed)
+        for batch in batches:
+            batch["faulty_step"] = consumed // ctx.cfg.train.global_batch_size + 1
+        return batches
 
     def build_faulty_task(*args, **kwargs):
         task = build_task(*args, **kwargs)
         loss_sum = task.loss_sum
 
         def faulty_loss_sum(model, batch):
-            if model.training and current["step"] == fault["step"]:
+            if model.training and batch.get("faulty_step") == fault["step"]:
                 return LOSS_FAULTS[fault["kind"]](fault, loss_sum, model, batch)
             return loss_sum(model, batch)
 

@@ -71,3 +71,26 @@ def test_activation_checkpointing_gives_the_same_gradients(cache_dir, tmp_path, 
     grads, loss = step_gradients(ac, 4)
     assert float((grads - reference).norm() / reference.norm()) <= 1e-6
     assert loss == pytest.approx(ref_loss, rel=1e-6)
+
+
+def test_prefetch_makes_the_next_batches_on_its_thread_and_gives_what_fetch_gives():
+    import threading
+
+    from bigtrain.loop import Prefetch
+
+    calls = []
+
+    def fetch(position):
+        calls.append((position, threading.current_thread().name))
+        return [{"position": position}]
+
+    with Prefetch(fetch) as batches_at:
+        assert batches_at.get(0) == [{"position": 0}]  # nothing made ahead: made now, on the loop's thread
+        batches_at.ahead(8)
+        assert batches_at.get(8) == [{"position": 8}]  # made ahead, on the batch thread
+        batches_at.ahead(16)
+        assert batches_at.get(24) == [{"position": 24}]  # another position (a resume, a jump): made now
+    threads = dict(calls)
+    assert {0, 8, 24} <= set(threads) <= {0, 8, 16, 24}  # 16: cancelled, unless its thread had started it
+    assert threads[8].startswith("bigtrain-batches") and threads.get(16, "bigtrain-batches").startswith("bigtrain-batches")
+    assert not threads[0].startswith("bigtrain-batches") and not threads[24].startswith("bigtrain-batches")
