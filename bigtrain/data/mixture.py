@@ -21,6 +21,7 @@ Validation is every source's validation split, one after the other.
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 
 from bigtrain.data.sampler import IndexPermutation
