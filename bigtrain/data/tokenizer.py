@@ -218,11 +218,6 @@ def sampled_text(docs: "datasets.Dataset", cfg, task: str, chunk: int = 1000) ->
     if docs.data.nbytes <= budget:  # the whole table (a selection of it too) fits: every document, in order
         yield from bpe_text_batches(docs, cfg, task)
         return
-    order, taken = IndexPermutation(n, seed=0, epoch=0), 0
-    for start in range(0, n, chunk):
-        rows = np.sort(order(np.arange(start, min(start + chunk, n))))
-        for texts in bpe_text_batches(docs.select(rows), cfg, task):
-            yield texts
-            taken += sum(len(text.encode()) for text in texts)
-        if taken >= budget:
-            return
+    order = IndexPermutation(n, seed=0, epoch=0)
+    chunks = (docs.select(np.sort(order(np.arange(start, min(start + chunk, n))))) for start in range(0, n, chunk))
+    yield from _capped((texts for rows in chunks for texts in bpe_text_batches(rows, cfg, task, batch_rows=chunk)), cfg)

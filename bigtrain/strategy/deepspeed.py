@@ -431,11 +431,13 @@ class DeepSpeedEngine:
                             f"does not resume under parallel.zero_stage={self.parallel_cfg.zero_stage} — resume with "
                             f"zero_stage={layout['zero_stage']} (on any number of processes), or start from its "
                             f"weights with model.init_from")
-        if self.ema:  # loaded here, whatever the layout; DeepSpeed's own state below
+        saved_ema = self.ema is not None and (folder / EMA_LAYOUT).is_file()
+        if saved_ema:  # loaded here, whatever the layout; DeepSpeed's own state below
             self._load_ema(folder)
+        restart_ema = self.ema is not None and not saved_ema  # saved without EMA: it starts from the loaded weights
         if layout.get("world_size", saved.get("world_size")) == self.dist.world_size and \
                 layout.get("zero_stage", self.parallel_cfg.zero_stage) == self.parallel_cfg.zero_stage:
-            self._load(folder, universal=False)
+            self._load(folder, universal=False, restart_ema=restart_ema)
             return
         converted: tuple[str | None, str | None] = (None, None)
         if self.dist.is_main:  # one conversion, next to the checkpoint (visible to every node), removed after
@@ -452,7 +454,7 @@ class DeepSpeedEngine:
             raise UserError(error)
         universal = Path(path)
         try:
-            self._load(universal, universal=True)
+            self._load(universal, universal=True, restart_ema=restart_ema)
         finally:
             barrier(self.dist)
             if self.dist.is_main:
@@ -460,10 +462,7 @@ class DeepSpeedEngine:
 
     def _load_ema(self, folder: Path) -> None:
         """This rank's EMA from the checkpoint's EMA files (any number of them: each tensor reassembled whole, then
-        this rank's partition taken), or from the loaded weights when the checkpoint has none."""
-        if not (folder / EMA_LAYOUT).is_file():
-            self._ema_from_weights_after_load = True
-            return
+        this rank's partition taken)."""
         reader = DeepSpeedEMAWeights(folder)
         stage3 = self.ds.zero_optimization_partition_weights()
         state = {}
@@ -477,7 +476,7 @@ class DeepSpeedEngine:
             state[name] = full.reshape(average.shape)
         self.ema.load_state_dict(state)
 
-    def _load(self, folder: Path, universal: bool) -> None:
+    def _load(self, folder: Path, universal: bool, restart_ema: bool = False) -> None:
         self.ds._config.load_universal_checkpoint = universal
         try:
             with contextlib.redirect_stdout(sys.stderr):
@@ -494,9 +493,8 @@ class DeepSpeedEngine:
         for state in self.optimizer.state.values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].clone()
-        if self.ema and getattr(self, "_ema_from_weights_after_load", False):
-            self.ema.restart_from_weights()  # a checkpoint saved without EMA: the average starts here
-            self._ema_from_weights_after_load = False
+        if restart_ema:
+            self.ema.restart_from_weights()
 
 
 def _cpu_adam(optimizer: torch.optim.Optimizer):
