@@ -77,19 +77,18 @@ def _to(device: torch.device, **arrays: np.ndarray) -> dict:
     return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in arrays.items()}
 
 
-def documents_mask(inputs: np.ndarray, eos_id: int, device: torch.device) -> dict:
-    """{"attn_mask": (B, 1, T, T) bool, "positions": (B, T)} keeping each document of packed `inputs` (B, T) to
-    itself: a token belongs to the document that the next EOS at or after it ends; positions restart at 0 after
-    each EOS."""
+def packed_documents(inputs: np.ndarray, eos_id: int, device: torch.device) -> dict:
+    """{"documents": (B, T) int32, "positions": (B, T)} for packed `inputs` (B, T): a token belongs to the document
+    that the next EOS at or after it ends (the model keeps each document's attention to itself); positions restart
+    at 0 after each EOS. (B, T) arrays only: the model builds the mask on the device."""
     b, t = inputs.shape
     eos = inputs == eos_id
-    segments = np.cumsum(eos, axis=1) - eos  # EOS before each token (the EOS itself stays in its document)
+    documents = np.cumsum(eos, axis=1) - eos  # EOS before each token (the EOS itself stays in its document)
     starts = np.zeros_like(eos)
     starts[:, 0], starts[:, 1:] = True, eos[:, :-1]
     index = np.broadcast_to(np.arange(t), (b, t))
     positions = index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
-    same = (segments[:, :, None] == segments[:, None, :]) & np.tri(t, dtype=bool)  # (B, T, T)
-    return {"attn_mask": torch.from_numpy(same[:, None]).to(device), **_to(device, positions=positions.astype(np.int64))}
+    return _to(device, documents=documents.astype(np.int32), positions=positions.astype(np.int64))
 
 
 # --------------------------------------------------------------------------- causal LM
@@ -118,7 +117,7 @@ class CausalLM:
         extra = {}
         if self.document_mask:
             labels[inputs == self.eos_id] = IGNORE_INDEX
-            extra = documents_mask(inputs, self.eos_id, device)
+            extra = packed_documents(inputs, self.eos_id, device)
         targets = int((labels != IGNORE_INDEX).sum())
         return {**_to(device, input_ids=inputs, labels=labels), **extra, "num_targets": targets, "num_tokens": tokens}
 
@@ -126,8 +125,8 @@ class CausalLM:
         return batch["num_targets"]
 
     def loss_sum(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        inputs = {"attn_mask": batch["attn_mask"], "positions": batch["positions"]} if "attn_mask" in batch else {}
-        return _lm_loss_sum(model, batch, self.loss_chunk, **inputs)  # document_mask: the mask and positions
+        inputs = {"documents": batch["documents"], "positions": batch["positions"]} if "documents" in batch else {}
+        return _lm_loss_sum(model, batch, self.loss_chunk, **inputs)  # document_mask: the documents and positions
 
     def eval_sums(self, model: nn.Module, batch: dict) -> dict[str, float]:
         return {"loss_sum": float(self.loss_sum(model, batch)), "targets": float(batch["num_targets"])}

@@ -153,7 +153,7 @@ def stream_text(streams, cfg, task: str) -> "Iterator[list[str]]":
     columns, row = bpe_text_columns(cfg, task), 0
     for batch in _checked_batches(streams.train, columns, cfg):
         n = len(batch[columns[0]])
-        keep = [not streams.held_out(row + i) for i in range(n)]
+        keep = ~streams.held_out(row, n)
         row += n
         yield [text for column in columns for text, k in zip(batch[column], keep) if k and text]
 
@@ -198,9 +198,9 @@ def tokenize_streams(job: PieceJob, streams, piece_docs: int, workers: int, log:
         row = 0
         for batch in _checked_batches(streams.train, columns, job.cfg):
             n = len(batch[columns[0]])
-            held = [streams.held_out(row + i) for i in range(n)]
-            for name, keep in (("train", [not h for h in held]), ("validation", held)):
-                if any(keep):
+            held = streams.held_out(row, n)
+            for name, keep in (("train", ~held), ("validation", held)):
+                if keep.any():
                     add(name, {c: [v for v, k in zip(batch[c], keep) if k] for c in columns})
             row += n
         if streams.validation is not None:

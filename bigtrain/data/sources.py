@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from bigtrain.data.docstrings import COLUMNS as DOCSTRING_COLUMNS
 from bigtrain.data.docstrings import docstring_files, docstring_rows
 from bigtrain.data.examples import check_columns
@@ -130,10 +132,11 @@ def load_documents(
         files = sorted(set(paths))
         held = {files[i] for i in held_out_rows(files, cfg.validation_split)}
         val_rows = [i for i, path in enumerate(paths) if path in held]
+        val_set = set(val_rows)
+        train_rows = [i for i in range(len(train)) if i not in val_set]
     else:
-        val_rows = held_out_rows([str(i) for i in range(len(train))], cfg.validation_split)
-    val_set = set(val_rows)
-    train_rows = [i for i in range(len(train)) if i not in val_set]
+        held = held_out_by_index(len(train), cfg.validation_split)
+        val_rows, train_rows = np.flatnonzero(held), np.flatnonzero(~held)
     if source.kind == "docstrings":  # a family the split left without training rows is dropped
         labels = list(train["label"])
         trained = {labels[i] for i in train_rows}
@@ -152,8 +155,11 @@ class DocumentStreams:
     validation: object | None
     fraction: float
 
-    def held_out(self, row: int) -> bool:
-        return self.validation is None and self.fraction > 0 and _unit_hash(str(row)) < self.fraction
+    def held_out(self, first_row: int, count: int) -> "np.ndarray":
+        """Which of rows first_row .. first_row + count - 1 go to validation (a bool array)."""
+        if self.validation is not None or self.fraction <= 0:
+            return np.zeros(count, dtype=bool)
+        return row_hash(np.arange(first_row, first_row + count, dtype=np.uint64)) < self.fraction
 
 
 def stream_documents(cfg, source: Source, *, cache_dir: Path) -> DocumentStreams:
@@ -209,6 +215,36 @@ def held_out_rows(keys: list[str], fraction: float) -> list[int]:
     if len(rows) == len(keys):  # keep at least one training document
         rows.remove(max(rows, key=points.__getitem__))
     return rows
+
+
+def held_out_by_index(n: int, fraction: float, chunk: int = 1 << 22) -> "np.ndarray":
+    """`held_out_rows` for the row indices 0 .. n-1 without a key per row: a bool array, computed a chunk at a time
+    by `row_hash` (8 bytes per row at most in flight beyond the result), with the same tiny-corpus fallbacks."""
+    held = np.zeros(n, dtype=bool)
+    if fraction <= 0 or n < 2:
+        return held
+    low = (2.0, 0)  # (hash, row) of the smallest and the largest hash, for the fallbacks
+    high = (-1.0, 0)
+    for start in range(0, n, chunk):
+        points = row_hash(np.arange(start, min(n, start + chunk), dtype=np.uint64))
+        held[start:start + len(points)] = points < fraction
+        i, j = int(points.argmin()), int(points.argmax())
+        low = min(low, (float(points[i]), start + i))
+        high = max(high, (float(points[j]), start + j))
+    if not held.any():
+        held[low[1]] = True
+    elif held.all():  # keep at least one training document
+        held[high[1]] = False
+    return held
+
+
+def row_hash(rows: "np.ndarray") -> "np.ndarray":
+    """A stable point in [0, 1) for each row index (uint64 array): splitmix64's finaliser, the top 53 bits."""
+    z = rows + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def stable_hash(*parts) -> str:

@@ -1,11 +1,12 @@
 """Transformer building blocks shared by the decoder and the encoder.
 
 Owns: norm construction, rotary position embedding (optionally with Llama 3.1's frequency
-scaling), attention masks (`prepare_attn_mask`), attention (fused QKV, grouped-query, causal or
-bidirectional, optional per-head q/k norm, SDPA), the key/value cache of generation (`KVCache`),
+scaling), attention masks (`prepare_attn_mask`; packed documents' `document_attention`), attention (fused QKV,
+grouped-query, causal or bidirectional, optional per-head q/k norm, SDPA; FlexAttention for packed documents on CUDA), the key/value cache of generation (`KVCache`),
 GELU and SwiGLU MLPs, and the `Block` (pre-norm, or post-norm as BERT). Every block holds all of its own state, so
 strategies can wrap each one (activation checkpointing, FSDP) and call it as `block(x, attn_mask=None)`.
-Generation alone passes `positions` and a layer's cache; without them the path is training's.
+Generation passes `positions` and a layer's cache (packed documents pass positions, not a cache); without them
+the path is training's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from bigtrain.models.presets import ModelSpec
 
@@ -86,8 +88,38 @@ def llama3_inv_freq(head_dim: int, theta: float, scaling: tuple[float, float, fl
     return torch.where(medium, smoothed, scaled)
 
 
-def prepare_attn_mask(attn_mask: torch.Tensor | None, causal: bool, n_queries: int | None = None
-                      ) -> torch.Tensor | None:
+def document_attention(documents: torch.Tensor, *, flex: bool) -> torch.Tensor | BlockMask:
+    """The attention of packed documents, `documents` (B, T) each token's document id: a query attends to the keys
+    of its own document at or before it (block-diagonal causal).
+
+    flex=True (what a CUDA run uses): a FlexAttention BlockMask, which Attention hands to the compiled flex kernel;
+    it skips every block of keys outside the query's documents and never holds a (T, T) mask per row. Else the
+    dense (B, 1, T, T) bool mask for SDPA (CPU, and attention dropout, which flex does not have)."""
+    B, T = documents.shape
+    if flex:
+        def same_document_causal(b, h, q, k):
+            return (documents[b, q] == documents[b, k]) & (q >= k)
+        return create_block_mask(same_document_causal, B, None, T, T, device=documents.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+
+
+_compiled_flex = None
+
+
+def _flex_attention(on_cuda: bool):
+    """flex_attention compiled once on CUDA (its fused kernel; eager flex is a slow reference); eager elsewhere (a
+    CPU forward, as the tests check it: CPU flex has no backward)."""
+    global _compiled_flex
+    if not on_cuda:
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def prepare_attn_mask(attn_mask: torch.Tensor | BlockMask | None, causal: bool, n_queries: int | None = None
+                      ) -> torch.Tensor | BlockMask | None:
     """A caller's boolean mask (True = may attend) made ready for SDPA, once per forward.
 
     Shapes: (B, 1, T, T) or (B, T, T) full masks, used as given (a causal model's caller
@@ -106,8 +138,8 @@ def prepare_attn_mask(attn_mask: torch.Tensor | None, causal: bool, n_queries: i
     n_queries (generation with a KV cache): the last n_queries of the T keys are the queries, so a
     causal model's key padding becomes (B, 1, n_queries, T), query i seeing keys up to T - n_queries + i.
     """
-    if attn_mask is None:
-        return None
+    if attn_mask is None or isinstance(attn_mask, BlockMask):  # a BlockMask: document_attention's, as it is
+        return attn_mask
     if attn_mask.dtype != torch.bool:
         raise ValueError(f"attn_mask must be bool (True = may attend), got {attn_mask.dtype}")
     if attn_mask.dim() == 3:
@@ -199,6 +231,9 @@ class Attention(nn.Module):
                 attn_mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
                 is_causal = False
 
+        if isinstance(attn_mask, BlockMask):  # packed documents on CUDA (document_attention)
+            y = _flex_attention(q.is_cuda)(q, k, v, block_mask=attn_mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            return self.out_proj(y.transpose(1, 2).reshape(B, T, q_size))  # (B, T, C)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)  # (B, T, T) -> (B, 1, T, T), broadcast over heads
         native_gqa = False

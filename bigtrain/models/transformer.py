@@ -21,7 +21,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from bigtrain.models.layers import Block, KVCache, build_norm, init_module, prepare_attn_mask
+from bigtrain.models.layers import Block, KVCache, build_norm, document_attention, init_module, prepare_attn_mask
 from bigtrain.models.presets import ModelSpec, spec_flops_per_token
 
 
@@ -102,7 +102,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
                 lengths: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, labels: torch.Tensor | None = None, loss_chunk: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, labels: torch.Tensor | None = None, loss_chunk: int = 0,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T); attn_mask None or bool, True = may attend (see layers.prepare_attn_mask):
         (B, 1, T, T) / (B, T, T), or (B, 1, 1, T) key padding. None: causal for the decoder,
         everywhere for the encoder. lengths (B,) real lengths: needed by pooling="last",
@@ -114,13 +115,19 @@ class Transformer(nn.Module):
 
         With `labels` (B, T) (-100: no target), head="lm" returns the summed token cross-entropy instead of the
         logits, computed `loss_chunk` positions at a time (`chunked_loss_sum`): inside forward, so sharding
-        strategies' hooks see the head's weights used as usual."""
+        strategies' hooks see the head's weights used as usual.
+
+        `documents` (B, T) (data.document_mask, instead of attn_mask): each token's document id in a packed window;
+        a token attends only within its document (`document_attention`: FlexAttention on CUDA, a dense mask
+        elsewhere or with attention dropout)."""
         T = input_ids.size(1)
         past = 0 if cache is None else cache.length
         if past + T > self.spec.max_seq_len:
             raise ValueError(f"sequence length {past + T} exceeds max_seq_len {self.spec.max_seq_len}")
         if cache is not None and positions is None:
             positions = torch.arange(past, past + T, device=input_ids.device)  # (T,)
+        if documents is not None:
+            attn_mask = document_attention(documents, flex=documents.is_cuda and self.spec.dropout == 0)
         attn_mask = prepare_attn_mask(attn_mask, causal=self.causal, n_queries=T if cache is not None else None)
         x = self.tok_emb(input_ids)  # (B, T, C)
         if self.type_emb is not None:

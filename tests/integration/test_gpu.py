@@ -21,3 +21,35 @@ def test_bf16_training_on_cuda_uses_the_datasheet_peak(tmp_path, cache_dir):
     peak = peak_flops_per_sec(torch.device("cuda"), torch.bfloat16)
     assert peak > 1e14  # a datasheet tensor-core figure, not a measured CPU one
     assert all(r["perf/max_memory_gb"] > 0 for r in records)
+
+
+def test_document_mask_on_cuda_runs_flex_attention_equal_to_the_dense_mask():
+    """data.document_mask on CUDA: the model builds a FlexAttention BlockMask (compiled flex kernel, no (T, T)
+    mask) whose loss and every gradient equal the dense-mask SDPA path's (fp32), with grouped-query attention."""
+    from bigtrain.config import ModelConfig
+    from bigtrain.models import build_model
+    from bigtrain.models.layers import document_attention
+    from bigtrain.tasks import CausalLM
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="debug", max_seq_len=256, n_kv_heads=2), 500).cuda()
+    eos = 0
+    windows = [torch.randint(1, 500, (257,)).numpy() for _ in range(4)]
+    for w in windows:
+        w[torch.randint(0, 257, (6,)).numpy()] = eos
+    task = CausalLM(pad_id=1, eos_id=eos, document_mask=True)
+    batch = task.collate(windows, list(range(4)), torch.device("cuda"))
+    grads = {}
+    for flex in (True, False):
+        model.zero_grad()
+        mask = document_attention(batch["documents"], flex=flex)
+        assert (type(mask).__name__ == "BlockMask") == flex
+        logits = model(batch["input_ids"], attn_mask=mask, positions=batch["positions"])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
+        loss.backward()
+        grads[flex] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-4, atol=1e-3)
+    for name, grad in grads[True][1].items():
+        torch.testing.assert_close(grad, grads[False][1][name], rtol=1e-3, atol=1e-4, msg=name)
+    # The task's own path on CUDA takes flex (the model decides from the device).
+    torch.testing.assert_close(task.loss_sum(model, batch).detach(), grads[True][0], rtol=1e-4, atol=1e-3)

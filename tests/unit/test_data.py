@@ -19,7 +19,7 @@ from bigtrain.data import prepare as prepare_module
 from bigtrain.data import shards as shards_module
 from bigtrain.data.sampler import IndexPermutation
 from bigtrain.data.shards import token_dtype
-from bigtrain.data.sources import held_out_rows, load_documents, resolve_source
+from bigtrain.data.sources import DocumentStreams, held_out_by_index, held_out_rows, load_documents, resolve_source
 from bigtrain.errors import UserError
 
 SEQ_LEN = 64
@@ -281,6 +281,24 @@ def test_tiny_validation_fraction_still_holds_out_one_document():
     assert held_out_rows(keys, 0.01) == held_out_rows(keys, 0.01)
     assert held_out_rows(keys, 0.0) == []
     assert len(held_out_rows(keys[:2], 0.99)) == 1  # never the whole corpus
+
+
+def test_held_out_rows_by_index_are_vectorised_chunked_and_match_the_stream():
+    """Row-indexed sources (no per-row keys) hold out by a hash of the index computed in numpy chunks: the same
+    rows whatever the chunk, the stream's held_out agrees row for row, the share is the fraction, and the
+    tiny-corpus fallbacks hold."""
+    n = 100_003
+    held = held_out_by_index(n, 0.05)
+    assert held.dtype == bool and held.shape == (n,)
+    assert np.array_equal(held, held_out_by_index(n, 0.05, chunk=4096))
+    assert abs(held.mean() - 0.05) < 0.003
+    streams = DocumentStreams(train=None, validation=None, fraction=0.05)
+    assert np.array_equal(np.concatenate([streams.held_out(a, min(777, n - a)) for a in range(0, n, 777)]), held)
+    assert held_out_by_index(n, 0.05)[:5000].tolist() == held_out_by_index(5000, 0.05).tolist()  # prefix-stable
+    assert held_out_by_index(40, 0.001).sum() == 1  # at least one held out
+    assert held_out_by_index(2, 0.999).sum() == 1  # never the whole corpus
+    assert not held_out_by_index(n, 0.0).any() and not held_out_by_index(1, 0.5).any()
+    assert not DocumentStreams(train=None, validation=object(), fraction=0.05).held_out(0, 100).any()
 
 
 # --------------------------------------------------------------------------- local sources

@@ -149,6 +149,7 @@ def test_document_mask_gives_each_packed_document_its_own_logits_and_loss(positi
     nothing)."""
     from bigtrain.config import ModelConfig
     from bigtrain.models import build_model
+    from bigtrain.models.layers import document_attention
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset="debug", max_seq_len=32, position=position), 50).eval()
@@ -160,7 +161,11 @@ def test_document_mask_gives_each_packed_document_its_own_logits_and_loss(positi
     assert batch["positions"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]]
     assert batch["num_targets"] == 8 and batch["num_tokens"] == 10  # the two EOS inputs predict nothing
     with torch.no_grad():
-        packed = model(batch["input_ids"], attn_mask=batch["attn_mask"], positions=batch["positions"])[0]
+        packed = model(batch["input_ids"], documents=batch["documents"], positions=batch["positions"])[0]
+        # The FlexAttention path (what CUDA runs; CPU flex is forward-only, eager) gives the same logits.
+        flex = model(batch["input_ids"], attn_mask=document_attention(batch["documents"], flex=True),
+                     positions=batch["positions"])[0]
+        torch.testing.assert_close(flex, packed, rtol=1e-5, atol=1e-5)
         loss = task.loss_sum(model, batch)
         alone_loss = torch.zeros(())
         for start, doc in ((0, a + [eos]), (4, b + [eos]), (7, c)):
@@ -170,7 +175,7 @@ def test_document_mask_gives_each_packed_document_its_own_logits_and_loss(positi
             alone_loss += torch.nn.functional.cross_entropy(alone, torch.tensor(doc[1:]), reduction="sum")
     torch.testing.assert_close(loss, alone_loss, rtol=1e-5, atol=1e-5)
     plain = CausalLM(pad_id=pad).collate([window], [0], torch.device("cpu"))
-    assert plain["num_targets"] == 10 and "attn_mask" not in plain
+    assert plain["num_targets"] == 10 and "documents" not in plain
 
 
 @pytest.mark.parametrize("task_name", ["causal_lm", "sft"])
