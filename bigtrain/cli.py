@@ -307,6 +307,10 @@ def cmd_bench(args) -> int:
           f" + optimizer {mean('perf/optim_s') * 1e3:.1f} ms + data {mean('perf/data_wait_frac') * step_s * 1e3:.2f} ms"
           f" ({mean('perf/data_wait_frac') * 100:.2f}% waiting for data)")
     print(f"memory       {max(r['perf/max_memory_gb'] for r in measured):.2f} GB peak")
+    if "perf/compiled_graphs" in measured[-1]:  # parallel.compile: graphs made while measuring are recompiles
+        before = next((r["perf/compiled_graphs"] for r in ctx.history if r["step"] == args.warmup), 0)
+        print(f"compile      {measured[-1]['perf/compiled_graphs']} graphs, "
+              f"{measured[-1]['perf/compiled_graphs'] - before} of them recompiled in the measured steps")
     return 0
 
 

@@ -56,16 +56,23 @@ class EMA:
         self._shadows = [_local(shadows[key]) for key in unique]
 
     @torch.no_grad()
-    def update(self, applied: bool) -> None:
-        """After optimizer step number self.step + 1: average the new weights in (`applied`: not skipped)."""
+    def update(self, applied: bool | torch.Tensor) -> None:
+        """After optimizer step number self.step + 1: average the new weights in (`applied`: not skipped; a device
+        bool tensor is not read on the host: a skipped step then averages in with weight 0)."""
         self.step += 1
+        if isinstance(applied, torch.Tensor):
+            weight = applied.float() * (1.0 if self.step < self.start_step else 1.0 - self.decay)
+            torch._foreach_lerp_(self._shadows, self._float_params(), weight)  # weight 1 is a copy, 0 no change
+            return
         if not applied:
             return
         if self.step < self.start_step:
             torch._foreach_copy_(self._shadows, self._params)
             return
-        params = [p if p.dtype == torch.float32 else p.float() for p in self._params]  # bf16-pure weights
-        torch._foreach_lerp_(self._shadows, params, 1.0 - self.decay)
+        torch._foreach_lerp_(self._shadows, self._float_params(), 1.0 - self.decay)
+
+    def _float_params(self) -> list[torch.Tensor]:
+        return [p if p.dtype == torch.float32 else p.float() for p in self._params]  # bf16-pure weights
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.averages)

@@ -22,7 +22,7 @@ from bigtrain.eval_report import report_eval
 from bigtrain.metrics import StepTimer, max_memory_gb, mfu
 from bigtrain.optim import lr_at, set_lr
 from bigtrain.preempt import Preempted, PreemptionGuard
-from bigtrain.strategy import all_reduce_sum
+from bigtrain.strategy import all_reduce_host, all_reduce_sum
 from bigtrain.tasks import EVAL_KEY_OFFSET
 from bigtrain.watchdog import Progress
 
@@ -65,6 +65,7 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "fwd_bwd_s": 0.0, "optim_s": 0.0}
     engine.model.train()
     saved_step = state.step  # resumed from (or nothing to save at step 0)
+    records = StepRecords()
     if not len(ctx.val_data) and not ctx.bench:  # an empty split would log eval/loss 0, ppl 1: no eval at all
         ctx.logger.message("warning: the validation split is empty (data.validation_split=0?) — training without eval")
 
@@ -81,14 +82,16 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
             if step < end_step:
                 batches_at.ahead(state.samples_consumed + cfg.train.global_batch_size)
             # Normalise by the whole step's target count (all ranks, all micro-batches): the loss contract (tasks.py).
-            # DDP averages gradients over ranks, hence the world_size factor. The same all-reduce carries the
-            # preemption flag, so every rank stops at the same step when any rank got a signal.
+            # DDP averages gradients over ranks, hence the world_size factor. The counts were made on the host with
+            # the batches; their all-reduce (host numbers, over gloo on a GPU too: it never waits for the device)
+            # carries the preemption flag, so every rank stops at the same step when any rank got a signal.
             local = [sum(task.count_targets(b) for b in batches), sum(b["num_tokens"] for b in batches),
                      float(ctx.preempt is not None and ctx.preempt.requested)]
             progress.enter("all-reduce target counts")
-            targets, tokens, stop = (int(x) for x in all_reduce_sum(dist, torch.tensor(local, dtype=torch.float64, device=device)))
+            targets, tokens, stop = (int(x) for x in all_reduce_host(dist, local))
             if stop:
                 if state.step != saved_step:
+                    records.settle(cfg, state, window)
                     state.wandb_run_id = ctx.logger.wandb_run_id
                     ctx.save_checkpoint(state, sync=True)  # durable before the exit (75), whatever async_save says
                 raise Preempted(ctx.preempt.signal_name or "a signal to another rank", state.step)
@@ -97,14 +100,16 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
             t0 = time.perf_counter()
             loss_sum = accumulate_gradients(engine, task, batches, scale, progress)
             progress.enter("clip gradients")
-            grad_norm = float(engine.clip_grad_norm(cfg.optim.grad_clip))
+            grad_norm = engine.clip_grad_norm(cfg.optim.grad_clip)
             progress.enter("all-reduce loss")
-            step_loss = float(all_reduce_sum(dist, loss_sum)) / max(targets, 1)
+            step_loss = all_reduce_sum(dist, loss_sum).double() / max(targets, 1)
             t1 = time.perf_counter()
 
             # A non-finite loss or gradient is the same on every rank (loss all-reduced, grads synced): skip together.
-            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-            scale_before = engine.loss_scale
+            # Loss, norm and flag stay on the device: the engine skips there where its optimizer can (fused AdamW),
+            # else reads the flag (the step's one host sync); `records` reads the rest at log and checkpoint steps.
+            finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+            records.add(step, step_loss, grad_norm, finite, engine.step_loss_scale())
             progress.enter("optimizer step")
             engine.step(finite)
             if ctx.bench and device.type == "cuda":
@@ -112,19 +117,21 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
             t2 = time.perf_counter()
             state.step = step
             state.samples_consumed += cfg.train.global_batch_size
-            _count_skip(cfg, state, finite, step_loss, grad_norm, scale_before)
             step_time_s = timer.end_step()
             progress.end_step()
 
-            window["loss"] += step_loss if finite else 0.0
-            window["steps"] += 1 if finite else 0
             window["tokens"] += tokens  # non-padding input tokens of the whole job
             window["fwd_bwd_s"] += t1 - t0
             window["optim_s"] += t2 - t1
-            ctx.logger.progress(step, loss=step_loss, lr=lr, tokens_per_sec=tokens / max(step_time_s, 1e-9))
+            log_now = step % cfg.logging.every == 0 or step == end_step
+            save_now = not ctx.bench and ((cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == end_step)
+            if log_now or save_now:  # the host reads the steps since the last: skips counted, losses summed
+                records.settle(cfg, state, window)
+            ctx.logger.progress(step, loss=records.last_loss if log_now or save_now else None, lr=lr,
+                                tokens_per_sec=tokens / max(step_time_s, 1e-9))
 
-            if step % cfg.logging.every == 0 or step == end_step:
-                _log_train(ctx, state, window, timer.window(), lr, grad_norm)
+            if log_now:
+                _log_train(ctx, state, window, timer.window(), lr, records.last_grad_norm)
                 window = dict.fromkeys(window, 0)
             if ctx.bench:
                 continue
@@ -135,7 +142,7 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
                 if metrics is not None:  # scalars to metrics.jsonl; a classification report to eval/step-N.json (rank 0)
                     report_eval(ctx.logger, step, metrics, run_dir=cfg.run_dir() if dist.is_main else None)
                     ctx.logger.write_curves()  # RUN/curves.png redrawn from metrics.jsonl (rank 0; never stops training)
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == end_step:
+            if save_now:
                 state.wandb_run_id = ctx.logger.wandb_run_id
                 progress.enter("checkpoint save")
                 ctx.save_checkpoint(state)
@@ -202,9 +209,34 @@ def accumulate_gradients(engine, task, batches: list[dict], scale: float, progre
     return loss_sum
 
 
-def _count_skip(cfg, state: TrainState, finite: bool, loss: float, grad_norm: float, loss_scale: float | None) -> None:
-    """Count skipped steps; fail after max_skipped_steps in a row. An fp16 overflow with a finite loss
-    is the loss scaler doing its job (it backs off) and only counts against the limit once the scale is < 1."""
+class StepRecords:
+    """Each step's loss, gradient norm, finite flag and loss scale, kept as the (device) tensors they are until
+    `settle` reads them on the host, at log and checkpoint steps: a step that logs nothing reads none of them."""
+
+    def __init__(self):
+        self.pending: list[tuple] = []
+        self.last_loss = self.last_grad_norm = float("nan")
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, finite: torch.Tensor, loss_scale) -> None:
+        self.pending.append((step, loss, grad_norm, finite, loss_scale))
+
+    def settle(self, cfg, state: TrainState, window: dict) -> None:
+        """Read the pending steps in order: count the skipped ones (a TrainingError after too many in a row, naming
+        the step) and add the finite ones' losses to the log window."""
+        pending, self.pending = self.pending, []
+        for step, loss, grad_norm, finite, loss_scale in pending:
+            loss, grad_norm, finite = float(loss), float(grad_norm), bool(finite)
+            _count_skip(cfg, state, finite, loss, grad_norm, None if loss_scale is None else float(loss_scale), step=step)
+            window["loss"] += loss if finite else 0.0
+            window["steps"] += 1 if finite else 0
+            self.last_loss, self.last_grad_norm = loss, grad_norm
+
+
+def _count_skip(cfg, state: TrainState, finite: bool, loss: float, grad_norm: float, loss_scale: float | None,
+                step: int | None = None) -> None:
+    """Count skipped steps; fail after max_skipped_steps in a row (at `step`, default state.step). An fp16 overflow
+    with a finite loss is the loss scaler doing its job (it backs off) and only counts against the limit once the
+    scale is < 1."""
     if finite:
         state.consecutive_skips = 0
         return
@@ -214,7 +246,7 @@ def _count_skip(cfg, state: TrainState, finite: bool, loss: float, grad_norm: fl
         state.consecutive_skips += 1
     if state.consecutive_skips >= cfg.train.max_skipped_steps:
         raise TrainingError(
-            f"{state.consecutive_skips} non-finite steps in a row (step {state.step}: loss={loss}, grad_norm={grad_norm}) "
+            f"{state.consecutive_skips} non-finite steps in a row (step {step or state.step}: loss={loss}, grad_norm={grad_norm}) "
             f"— lower optim.lr, use parallel.precision=bf16, or check the data; train.max_skipped_steps="
             f"{cfg.train.max_skipped_steps}")
 
@@ -242,10 +274,19 @@ def _log_train(ctx: LoopContext, state: TrainState, window: dict, times: dict, l
         metrics["perf/optim_s"] = window["optim_s"] / max(times["steps"], 1)
     if ctx.engine.loss_scale is not None:
         metrics["train/loss_scale"] = ctx.engine.loss_scale
+    if ctx.cfg.parallel.compile:  # graphs compiled so far: flat after the first steps, or shapes recompile
+        metrics["perf/compiled_graphs"] = compiled_graphs()
     if hasattr(ctx.train_data, "metrics"):  # a mixture: what each source has given so far
         metrics.update(ctx.train_data.metrics(state.samples_consumed))
     ctx.logger.log(state.step, metrics)
     ctx.history.append({"step": state.step, **metrics})
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process (each recompile for a new shape is one more)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def evaluate(ctx: LoopContext, stoppable: bool = False) -> dict[str, float] | None:

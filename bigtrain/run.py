@@ -120,8 +120,7 @@ def on_main(dist: Dist, fn, *, what: str = "rank 0's work", poll_s: float = 1.0)
 def init_job(cfg: Config) -> Dist:
     """The process group for the recipe's parallel settings (see strategy/dist.py)."""
     p = cfg.parallel
-    return init_distributed(p.device, timeout_s=p.init_timeout_s, collective_timeout_s=p.collective_timeout_s,
-                            cpu_collectives=p.offload_params != "none")
+    return init_distributed(p.device, timeout_s=p.init_timeout_s, collective_timeout_s=p.collective_timeout_s)
 
 
 def log_main(dist: Dist, text: str) -> None:

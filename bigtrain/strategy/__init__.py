@@ -21,11 +21,12 @@ from typing import Callable, ContextManager, Iterator, Protocol
 import torch
 from torch import nn
 
-from bigtrain.strategy.dist import Dist, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
+from bigtrain.strategy.dist import (Dist, all_reduce_host, all_reduce_sum, barrier, broadcast_object, init_distributed,
+                                   shutdown)
 from bigtrain.strategy.precision import PrecisionTable, precision_table, resolve_job_precision
 
 __all__ = [
-    "Dist", "Engine", "PrecisionTable", "STRATEGIES", "WeightsReader", "all_reduce_sum", "barrier",
+    "Dist", "Engine", "PrecisionTable", "STRATEGIES", "WeightsReader", "all_reduce_host", "all_reduce_sum", "barrier",
     "broadcast_object", "build_engine", "engine_class", "init_distributed", "launcher_precision", "open_weights", "precision_table",
     "resolve_strategy", "shutdown",
 ]
@@ -46,15 +47,16 @@ class Engine(Protocol):
     def no_sync(self, sync: bool) -> ContextManager: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor: ...
-    def step(self, finite: bool) -> None: ...
+    def step(self, finite: bool | torch.Tensor) -> None: ...  # a device flag: skipped without a host read where it can be
     def load_model_weights(self, weights: Mapping[str, torch.Tensor]) -> None: ...  # full tensors by name, read lazily (init_from)
     def save_state(self, folder: Path) -> None: ...  # collective: every rank calls it
     # Optional, `save_state_async(folder, group) -> Future` (single, ddp, fsdp; DeepSpeed saves synchronously):
     # copies the state to host memory on the calling thread; the Future is done once this rank's files are written.
     def load_state(self, folder: Path) -> None: ...  # collective; works for a checkpoint of another world size
     def close(self) -> None: ...  # release the engine's own threads and hooks (before the process group goes)
+    def step_loss_scale(self) -> torch.Tensor | float | None: ...  # the scale this step's backward used, unread (fp16)
     @property
-    def loss_scale(self) -> float | None: ...
+    def loss_scale(self) -> float | None: ...  # read on the host (log steps)
 
 
 class WeightsReader(Protocol):

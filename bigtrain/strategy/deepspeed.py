@@ -326,11 +326,12 @@ class DeepSpeedEngine:
         norm = self.ds.get_global_grad_norm() if self.ds.was_step_applied() else float("inf")
         return torch.tensor(float("nan") if norm is None else float(norm))
 
-    def step(self, finite: bool) -> None:
+    def step(self, finite: bool | torch.Tensor) -> None:
         """DeepSpeed already applied (finite) or skipped (non-finite) the update in clip_grad_norm; the loop
-        decided the same from the all-reduced loss and that norm, or the weights now hold NaN."""
+        decided the same from the all-reduced loss and that norm, or the weights now hold NaN. (DeepSpeed's step
+        reads its overflow flag and the norm on the host itself; this check reads `finite` after it.)"""
         self._scale_before_step = None
-        if not finite and self.ds.was_step_applied():
+        if self.ds.was_step_applied() and not bool(finite):
             import deepspeed
 
             raise RuntimeError(f"DeepSpeed {deepspeed.__version__} applied a non-finite optimizer step (it does not "
@@ -355,6 +356,10 @@ class DeepSpeedEngine:
         if not self.precision.loss_scaling:
             return None
         return float(self.ds.optimizer.loss_scale)
+
+    def step_loss_scale(self) -> float | None:
+        """The scale the step in clip_grad_norm started with (DeepSpeed keeps it on the host)."""
+        return self.loss_scale
 
     @property
     def loss_scale(self) -> float | None:

@@ -34,13 +34,12 @@ class Dist:
         return self.backend is not None
 
 
-def init_distributed(device: str = "auto", *, timeout_s: float = 600, collective_timeout_s: float = 1800,
-                     cpu_collectives: bool = False) -> Dist:
+def init_distributed(device: str = "auto", *, timeout_s: float = 600, collective_timeout_s: float = 1800) -> Dist:
     """Read the launcher's environment, pick the device, and init the process group when world > 1.
 
-    nccl on GPU, gloo on CPU; on GPU with `cpu_collectives` (something lives on the CPU: offloaded
-    parameters) both, "cuda:nccl,cpu:gloo", so CPU tensors reduce over gloo. A single process (no
-    WORLD_SIZE) runs without a process group.
+    gloo on CPU; on GPU both, "cuda:nccl,cpu:gloo": device tensors reduce over nccl, CPU tensors over gloo
+    (offloaded parameters, and the loop's host values, `all_reduce_host`, which so never wait for the device).
+    A single process (no WORLD_SIZE) runs without a process group.
     Joining waits at most timeout_s (`parallel.init_timeout_s`) and is followed by a preflight that checks
     the job's shape on every rank; either failing is a UserError with a one-line diagnosis on every rank
     that got this far. Afterwards collectives may take collective_timeout_s (rank 0 may prepare data for minutes).
@@ -56,7 +55,7 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 600, collective
         dev = torch.device("cpu")
     backend = store = None
     if world_size > 1:
-        backend = ("cuda:nccl,cpu:gloo" if cpu_collectives else "nccl") if use_cuda else "gloo"
+        backend = "cuda:nccl,cpu:gloo" if use_cuda else "gloo"
         if not torch_dist.is_initialized():
             kwargs = {"device_id": dev} if use_cuda else {}
             try:  # joining and the preflight are bounded by timeout_s; collectives after by collective_timeout_s
@@ -187,15 +186,19 @@ def broadcast_object(dist: Dist, obj):
     return box[0]
 
 
-def all_reduce_max(dist: Dist, tensor: torch.Tensor) -> torch.Tensor:
-    """Max of a CPU tensor over ranks in place (a process group with a CPU backend; no-op on one process)."""
+def all_reduce_host(dist: Dist, values: list[float]) -> list[float]:
+    """The sums over ranks of host numbers, as host numbers: a CPU float64 tensor reduced over gloo (on a GPU
+    too), read back through numpy (a CPU tensor's memory: no device work to wait for)."""
+    tensor = torch.tensor(values, dtype=torch.float64)
     if dist.distributed:
-        if dist.device.type == "cuda" and dist.backend == "nccl":  # nccl reduces device tensors only
-            moved = tensor.to(dist.device)
-            torch_dist.all_reduce(moved, op=torch_dist.ReduceOp.MAX)
-            tensor.copy_(moved.cpu())
-        else:
-            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor.numpy().tolist()
+
+
+def all_reduce_max(dist: Dist, tensor: torch.Tensor) -> torch.Tensor:
+    """Max of a CPU tensor over ranks in place (over gloo; no-op on one process)."""
+    if dist.distributed:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
     return tensor
 
 

@@ -78,11 +78,16 @@ class LocalEngine:
         limit = max_norm if max_norm > 0 else float("inf")
         return torch.nn.utils.clip_grad_norm_(self.module.parameters(), limit, foreach=True)
 
-    def step(self, finite: bool) -> None:
+    def step(self, finite: bool | torch.Tensor) -> None:
         """Apply the update when gradients are finite; always advance the loss scaler."""
         scaled_optimizer_step(self.optimizer, self.scaler, finite)
         if self.ema:
             self.ema.update(finite)
+
+    def step_loss_scale(self) -> torch.Tensor | None:
+        """The scale this step's backward used, as the scaler's device tensor (a copy; not read)."""
+        scale = self.scaler._get_scale_async() if self.scaler else None
+        return None if scale is None else scale.detach().clone()
 
     @property
     def loss_scale(self) -> float | None:

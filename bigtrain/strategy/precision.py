@@ -142,9 +142,23 @@ def make_grad_scaler(table: PrecisionTable, device: torch.device) -> torch.amp.G
     return torch.amp.GradScaler(device.type)
 
 
-def scaled_optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, finite: bool) -> None:
+def scaled_optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                          finite: bool | torch.Tensor) -> None:
     """Apply the update when gradients are finite (a decision every rank shares); always advance the loss
-    scaler (backing off after a skipped step); clear the gradients."""
+    scaler (backing off after a skipped step); clear the gradients.
+
+    `finite` may be a device bool tensor (the loop's: not read on the host). A fused optimizer without a loss
+    scaler (AdamW on CUDA) then skips on the device: its `found_inf` input leaves the weights, moments and step
+    count as they were, with no host sync. Anything else reads the flag here, the step's one host sync."""
+    if isinstance(finite, torch.Tensor) and scaler is None and _skips_on_device(optimizer):
+        optimizer.found_inf = (~finite).float()  # read by fused Adam/AdamW's step
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        optimizer.zero_grad(set_to_none=True)
+        return
+    finite = bool(finite)
     if scaler:
         if finite:
             scaler.step(optimizer)
@@ -155,3 +169,9 @@ def scaled_optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.Gr
     elif finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Fused Adam/AdamW take a found_inf tensor and skip on the device (other torch optimizers refuse one)."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+        group.get("fused") for group in optimizer.param_groups)

@@ -75,6 +75,39 @@ def test_fp16_scale_halves_after_an_overflow_and_grows_only_after_growth_interva
     assert scales == [1024.0, 1024.0, 512.0, 512.0, 512.0, 1024.0, 1024.0]
 
 
+def test_a_device_finite_flag_skips_a_fused_adamw_step_on_the_device(monkeypatch):
+    """The loop's finite flag is a device tensor: fused AdamW (CUDA's; CPU has it too) skips through found_inf —
+    weights, moments and step count as if the step never ran — and a finite one updates exactly like a plain
+    step; an optimizer that cannot skip on the device reads the flag."""
+    from bigtrain.strategy.precision import scaled_optimizer_step
+
+    def trained(finite_flags) -> tuple[torch.nn.Linear, torch.optim.AdamW]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1, fused=True)
+        for finite in finite_flags:
+            model(torch.ones(2, 4)).square().sum().backward()
+            scaled_optimizer_step(optimizer, None, finite)
+            assert not hasattr(optimizer, "found_inf") and model.weight.grad is None
+        return model, optimizer
+
+    plain, plain_opt = trained([True, True])
+    with monkeypatch.context() as m:  # the flag is never read on the host
+        m.setattr(torch.Tensor, "__bool__", lambda self: pytest.fail("the finite flag was read on the host"))
+        skipped, skipped_opt = trained([torch.tensor(True), torch.tensor(False), torch.tensor(True)])
+    assert torch.equal(skipped.weight, plain.weight) and torch.equal(skipped.bias, plain.bias)
+    for a, b in zip(skipped_opt.state.values(), plain_opt.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq")), (a, b)
+    moved, _ = trained([torch.tensor(True)] * 3)
+    assert not torch.equal(moved.weight, plain.weight)  # a third applied step moves them
+    model = torch.nn.Linear(4, 3)
+    before = model.weight.detach().clone()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).sum().backward()
+    scaled_optimizer_step(sgd, None, torch.tensor(False))  # read on the host: skipped all the same
+    assert torch.equal(model.weight, before)
+
+
 def test_non_finite_steps_are_counted_and_stop_after_the_limit():
     cfg = type("Cfg", (), {"train": TrainConfig(max_skipped_steps=3)})()
     state = TrainState(step=5)
