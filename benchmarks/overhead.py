@@ -12,6 +12,13 @@ step time after warmup.
 `--in-process` instead alternates SINGLE steps of the two loops inside one process (bigtrain's
 real `loop.train`, one step per call, with its metrics logging on) — far less exposed to the
 noise of a shared machine than whole runs, at the price of leaving out process start-up.
+
+`--slow-read F` simulates a slow filesystem: reading a batch sleeps F × the bare loop's step (measured
+first), in both loops. The bare loop reads synchronously, so its step grows by that; bigtrain's loop
+(`loop.train` over the whole run, in this process, bench mode) reads the next step's samples on its
+batch thread while a step runs. Rounds alternate the two; tokens/s from the median step after warmup.
+
+    python benchmarks/overhead.py --slow-read 0.25 --rounds 3 --steps 12 --warmup 2 --precisions fp32
 """
 
 from __future__ import annotations
@@ -164,6 +171,90 @@ def in_process(precision: str, steps: int, warmup: int, tmp: Path) -> None:
           f"step pairs (quartiles {np.percentile(ratios, 25):.3f}–{np.percentile(ratios, 75):.3f})", flush=True)
 
 
+class SlowReads:
+    """A dataset whose every sample takes `delay` seconds to read (a slow filesystem)."""
+
+    def __init__(self, data, delay: float):
+        self.data, self.delay = data, delay
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        time.sleep(self.delay)
+        return self.data[i]
+
+
+def slow_read(precision: str, steps: int, warmup: int, rounds: int, fraction: float, tmp: Path) -> None:
+    import dataclasses
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from bigtrain.checkpoint import TrainState
+    from bigtrain.config import build_config
+    from bigtrain.hardware import peak_flops_per_sec
+    from bigtrain.loop import LoopContext, train
+    from bigtrain.metrics import MetricsLogger
+    from bigtrain.models import build_model
+    from bigtrain.run import build, padded_vocab_size
+    from bigtrain.strategy import init_distributed
+
+    cfg = build_config(recipe(tmp, precision, warmup + steps))
+    dist = init_distributed("cpu")
+    b = build(cfg, dist)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, padded_vocab_size(b.data.vocab_size))
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+    tokens = b.data.train.read(0, b.data.train.num_tokens)
+    rng = np.random.default_rng(0)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def bare_step(delay: float) -> float:
+        t0 = time.perf_counter()
+        time.sleep(delay)  # the synchronous read of a slow filesystem
+        starts = rng.integers(0, len(tokens) - SEQ - 1, BATCH)
+        batch = torch.from_numpy(np.stack([tokens[s:s + SEQ + 1] for s in starts]))
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        return time.perf_counter() - t0
+
+    base = statistics.median([bare_step(0.0) for _ in range(warmup + 3)][warmup:])
+    delay = fraction * base
+    print(f"{precision} slow read: a bare step takes {base:.3f} s; reading a batch now sleeps {delay:.3f} s", flush=True)
+    ratios, waits = [], []
+    for r in range(rounds):
+        bare = statistics.median([bare_step(delay) for _ in range(warmup + steps)][warmup:])
+        logger = MetricsLogger(cfg.logging, tmp / f"slow-{r}", enabled=True, run_name="x", config={},
+                               total_steps=cfg.train.max_steps)
+        ctx = LoopContext(cfg=cfg, dist=dist, engine=b.engine, task=b.task,
+                          train_data=SlowReads(b.data.train, delay / BATCH), val_data=b.data.validation,
+                          logger=logger, flops_per_token=b.model.flops_per_token(SEQ),
+                          peak_flops_per_sec=peak_flops_per_sec(dist.device, b.engine.precision.compute),
+                          save_checkpoint=lambda s: None, bench=True)
+        ctx.cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=warmup + steps))
+        train(ctx, TrainState())
+        logger.close()
+        measured = ctx.history[warmup:]
+        ours = statistics.median(x["perf/step_time_s"] for x in measured)
+        waits.append(statistics.median(x["perf/data_wait_frac"] for x in measured))
+        ratios.append(bare / ours)
+        print(f"{precision} slow read round {r}: bare step {bare:.3f} s · bigtrain step {ours:.3f} s · "
+              f"ratio {ratios[-1]:.3f} · bigtrain data wait {100 * waits[-1]:.1f}%", flush=True)
+    print(f"{precision} slow read ({fraction:g} × a step per batch): bigtrain/bare tokens/s ratio median "
+          f"{statistics.median(ratios):.3f} (rounds {', '.join(f'{x:.3f}' for x in ratios)}) · bigtrain data wait "
+          f"{100 * statistics.median(waits):.1f}% of step time", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -171,10 +262,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--in-process", action="store_true", help="alternate single steps in one process")
+    parser.add_argument("--slow-read", type=float, metavar="F",
+                        help="reading a batch sleeps F × a bare step: bare (synchronous) vs bigtrain (overlapped)")
     args = parser.parse_args()
     total = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.slow_read is not None:
+            for precision in args.precisions:
+                slow_read(precision, args.steps, args.warmup, args.rounds, args.slow_read, tmp)
+            return
         if args.in_process:
             for precision in args.precisions:
                 in_process(precision, args.steps, args.warmup, tmp)
