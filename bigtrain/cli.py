@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
                          "(GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM)")
     ex.add_argument("--ema", action="store_true",
                     help="export the EMA weights the run kept (optim.ema_decay) instead of the trained ones")
+    ex.add_argument("--adapter", action="store_true",
+                    help="--format hf of a LoRA run: a PEFT adapter folder (adapter_config.json + "
+                         "adapter_model.safetensors) instead of the merged model")
     ex.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                     help="--format hf: dtype of the written tensors (default fp32)")
     ex.add_argument("--max-shard-size", default="5GB",
@@ -497,7 +500,9 @@ def cmd_export(args) -> int:
 
     if args.format == "hf":
         out = export_hf(args.source, args.out, dtype=args.dtype, max_shard_bytes=_size_bytes(args.max_shard_size),
-                        ema=args.ema)
+                        ema=args.ema, adapter=args.adapter)
+    elif args.adapter:
+        raise UserError("export --adapter writes a PEFT adapter folder: add --format hf")
     else:
         out = export(args.source, args.out, ema=args.ema)
     print(f"bigtrain: exported {out}" + (" (Hugging Face format)" if args.format == "hf" else ""), file=sys.stderr)

@@ -45,6 +45,16 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """model.lora: low-rank adapters on the blocks' Linears, everything else frozen."""
+
+    rank: int = _opt(16, "rank of each adapter")
+    alpha: float = _opt(32.0, "scale: the update is alpha / rank · B A")
+    dropout: float = _opt(0.0, "dropout on the adapters' input")
+    targets: tuple[Literal["qkv", "out", "mlp"], ...] = _opt(("qkv", "out", "mlp"), "Linears that get adapters: qkv (attention's fused query/key/value), out (attention's output), mlp (the MLP's in and out)")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     arch: str = _opt("decoder", "model family: decoder (GPT-2 / Llama style) | encoder (BERT style)")
     preset: str = _opt("debug", "named size: debug, gpt2-124m, gpt2-355m, llama-1b, llama-8b (decoder); debug, bert-tiny, bert-base, bert-large (encoder)")
@@ -76,6 +86,7 @@ class ModelConfig:
     position_offset: Optional[int] = _opt(None, "learned positions start at this row, as RoBERTa's padding_idx + 1 (default: 0)")
     pooler: Optional[bool] = _opt(None, "classification: Linear + tanh on the pooled token before the classifier, as BERT (default: false)")
     vocab_size: Optional[int] = _opt(None, "rows of the token embedding (default: the tokenizer's size rounded up to a multiple of 64; a Hugging Face init_from sets it)")
+    lora: Optional[LoraConfig] = _opt(None, "LoRA fine-tuning: a mapping {rank, alpha, dropout, targets}, e.g. {rank: 16, alpha: 32, targets: [qkv, out, mlp]}; the base weights are frozen, only the adapters (and a classifier head) train")
 
     def describe(self) -> str:
         """The model as logs name it: arch/preset, or arch from where init_from takes it."""
@@ -492,9 +503,26 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError(f"data.validation_split={cfg.data.validation_split} must be in [0, 1)")
     if not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas={list(o.betas)} must each be in [0, 1)")
+    _check_lora(cfg)
     _check_eval_tasks(cfg)
     _check_parallel(cfg.parallel, world_size)
     _check_paths(cfg)
+
+
+def _check_lora(cfg: Config) -> None:
+    lora = cfg.model.lora
+    if lora is None:
+        return
+    if lora.rank < 1:
+        raise ConfigError(f"model.lora.rank={lora.rank} must be >= 1")
+    if lora.alpha <= 0:
+        raise ConfigError(f"model.lora.alpha={lora.alpha} must be > 0")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"model.lora.dropout={lora.dropout} must be in [0, 1)")
+    if not lora.targets:
+        raise ConfigError("model.lora.targets is empty — name at least one of qkv, out, mlp")
+    if cfg.parallel.strategy == "deepspeed":
+        raise ConfigError("model.lora trains under single, ddp and fsdp, not deepspeed yet — set parallel.strategy")
 
 
 def recipe_warnings(cfg: Config) -> list[str]:

@@ -82,9 +82,10 @@ ENCODER_TOKENS = {"cls": ("[CLS]", "<s>", "<|cls|>"), "sep": ("[SEP]", "</s>", "
 
 
 def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, ema: bool = False) -> Path:
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, ema: bool = False, adapter: bool = False) -> Path:
     """Write checkpoint `source` as a Hugging Face folder OUT (see the module docstring); dtype fp32|bf16|fp16;
-    `ema`: its EMA weights (optim.ema_decay)."""
+    `ema`: its EMA weights (optim.ema_decay). A LoRA run (model.lora) is written with its adapters merged into
+    the base weights, or (`adapter`) as a PEFT adapter folder only (`export_peft_adapter`)."""
     import yaml
 
     from bigtrain.config import build_config
@@ -109,6 +110,15 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
                               pooling=cfg.task.pooling)
     family = export_family(spec)
     encoder = spec.arch == "encoder"
+    if adapter:
+        if cfg.model.lora is None:
+            raise UserError(f"export --adapter: {folder} is not a LoRA run (no model.lora in its config.yaml) — "
+                            f"export it without --adapter")
+        return export_peft_adapter(reader, cfg, spec, family, Path(out).expanduser(), DTYPES[dtype])
+    if cfg.model.lora is not None:  # the plain model: adapters merged into the weights they adapt
+        from bigtrain.models.lora import MergedLoRAWeights
+
+        reader = MergedLoRAWeights(reader, cfg.model.lora.alpha / cfg.model.lora.rank)
     labels = json.loads((folder / "labels.json").read_text()) if classify and (folder / "labels.json").is_file() else None
 
     out = Path(out).expanduser()
@@ -137,6 +147,62 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
         stale.unlink(missing_ok=True)
     write_hf_weights(out, HFExportWeights(reader, family, spec, DTYPES[dtype]), max_shard_bytes)
     return out
+
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def export_peft_adapter(reader, cfg, spec, family: str, out: Path, dtype: torch.dtype) -> Path:
+    """OUT/adapter_config.json + adapter_model.safetensors: the run's LoRA adapters under the Hugging Face module
+    names, for `peft.PeftModel.from_pretrained(base, OUT)` on the exported (or the original) base model. A fused
+    bigtrain Linear (q/k/v, gate/up) is several HF modules: each gets the same A and its rows of B, which is
+    the same update (B A restricted to its rows). GPT-2's Conv1D modules are marked fan_in_fan_out."""
+    import re
+
+    from bigtrain.interop.hf_weights import HFExportWeights, tensor_map
+    from bigtrain.models.lora import TARGETS
+
+    if spec.arch != "decoder":
+        raise UserError("export --adapter: PEFT adapter folders are written for decoders (GPT-2, Llama, Qwen) so far "
+                        "— export an encoder without --adapter (merged)")
+    lora, entries = cfg.model.lora, tensor_map(family, spec)
+    tensors: dict[str, torch.Tensor] = {}
+    modules, transposed = set(), False
+    for i in range(spec.n_layers):
+        for path in (p for target in lora.targets for p in TARGETS[target]):
+            ours = f"blocks.{i}.{path}"
+            op, theirs = entries[f"{ours}.weight"]
+            a, b = reader.get(f"{ours}.lora_A").detach().cpu(), reader.get(f"{ours}.lora_B").detach().cpu()
+            start = 0
+            for name, size in zip(theirs, HFExportWeights._split_sizes(f"{ours}.weight", spec, len(theirs))):
+                module = name.removesuffix(".weight")
+                stop = b.shape[0] if size < 0 else start + size
+                tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype).contiguous()
+                tensors[f"base_model.model.{module}.lora_B.weight"] = b[start:stop].to(dtype).contiguous()
+                start = stop
+                modules.add(re.sub(r"^.*?\.\d+\.", "", module))  # e.g. self_attn.q_proj, attn.c_proj
+            transposed |= op == "t"
+    base = cfg.model.init_from if cfg.model.init_from else None
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+              "lora_dropout": lora.dropout, "target_modules": sorted(modules), "fan_in_fan_out": transposed,
+              "bias": "none", "inference_mode": True, "base_model_name_or_path": base}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+    write_safetensors(out / PEFT_WEIGHTS, _Tensors(tensors), metadata={"format": "pt"})
+    return out
+
+
+class _Tensors:
+    """A WeightsReader over a dict of tensors."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors = tensors
+
+    def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {name: (t.dtype, tuple(t.shape)) for name, t in self._tensors.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
 
 
 def find_special_tokens(path: Path, encoder: bool = False, named: dict | None = None) -> dict[str, tuple[str, int]]:

@@ -187,6 +187,10 @@ def build(cfg: Config, dist: Dist) -> Built:
         model = build_model(cfg.model, model_vocab_size(cfg, data.vocab_size), device="meta" if on_meta else dist.device,
                             head=head, num_labels=len(data.labels) if head == "classify" else None,
                             pooling=cfg.task.pooling)
+    if cfg.model.lora is not None:
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log_main(dist, f"lora: trainable {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)")
     init_weights = None
     if cfg.model.init_from:
         folder = checkpoint.resolve_init_checkpoint(cfg.model.init_from, cfg.model.init_revision)

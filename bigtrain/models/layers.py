@@ -443,3 +443,5 @@ def init_module(module: nn.Module, std: float, *, base_seed: int, prefix: str = 
         constant_init_(module.bias, 0.0)
     if isinstance(module, RotaryEmbedding):
         module.reset_buffers()
+    if hasattr(module, "reset_adapters"):  # a LoRALinear's adapters (models/lora.py)
+        module.reset_adapters(base_seed, prefix)

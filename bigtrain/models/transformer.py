@@ -55,6 +55,15 @@ def _chunk_loss_sum(head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> t
                                        reduction="sum")
 
 
+def _lengths_vary(T: int, *tensors: torch.Tensor) -> None:
+    """Padded batches (a mask given) differ in length batch to batch: compiled blocks (parallel.compile) take the
+    length as a variable from their first compile, instead of one graph per length (dims of size T marked)."""
+    for tensor in tensors:
+        for dim, size in enumerate(tensor.shape):
+            if size == T and dim > 0:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
 class Transformer(nn.Module):
     """Token ids (B, T) -> logits: (B, T, V) for head="lm", (B, num_labels) for head="classify".
 
@@ -141,6 +150,8 @@ class Transformer(nn.Module):
             x = self.emb_norm(x)
         if self.dropout is not None:
             x = self.dropout(x)
+        if isinstance(attn_mask, torch.Tensor) and cache is None:
+            _lengths_vary(T, x, attn_mask)
         for i, block in enumerate(self.blocks):
             if positions is None:  # training's call, which strategies' wrappers see
                 x = block(x, attn_mask=attn_mask)  # (B, T, C)

@@ -1,0 +1,135 @@
+"""LoRA (model.lora, bigtrain/models/lora.py): a frozen base with trained low-rank adapters — the model starts
+as its base, only the adapters learn, and what it trains exports as a merged Hugging Face model and as a PEFT
+adapter folder, each giving bigtrain's logits in transformers / peft."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from bigtrain.config import Config, DataConfig, LoraConfig, ModelConfig  # noqa: E402
+from bigtrain.interop.hf_config import with_hf_model  # noqa: E402
+from bigtrain.models import build_model  # noqa: E402
+from tests.conftest import run_cli, tiny_recipe, write_recipe  # noqa: E402
+from tests.unit.test_interop import TOL, bpe, hf_folder, ids  # noqa: E402, F401
+
+LORA = {"rank": 4, "alpha": 8.0}
+
+
+def test_a_lora_model_starts_as_its_base_and_trains_only_its_adapters():
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(preset="debug", max_seq_len=64), 320).eval()
+    torch.manual_seed(0)
+    lora = build_model(ModelConfig(preset="debug", max_seq_len=64, lora=LoraConfig(rank=4, alpha=8.0)), 320).eval()
+    tokens = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(lora(tokens), plain(tokens), rtol=0, atol=0)  # B = 0: exactly the base
+    trained = {name for name, p in lora.named_parameters() if p.requires_grad}
+    layers = len(lora.blocks)
+    assert trained == {f"blocks.{i}.{path}.lora_{m}" for i in range(layers)
+                       for path in ("attn.qkv", "attn.out_proj", "mlp.in_proj", "mlp.out_proj") for m in "AB"}
+    assert set(plain.state_dict()) == {k for k in lora.state_dict() if ".lora_" not in k}  # base names unchanged
+    base = {k: v.clone() for k, v in lora.state_dict().items() if ".lora_" not in k}
+    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    lora.train()
+    for _ in range(2):
+        lora(tokens).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(v, lora.state_dict()[k]) for k, v in base.items())  # the base never moves
+    assert lora.blocks[0].attn.qkv.lora_B.abs().sum() > 0
+    with torch.no_grad():
+        assert not torch.equal(lora.eval()(tokens), plain(tokens))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa-untied-llama3-rope"])
+def test_lora_fine_tune_of_an_hf_model_exports_merged_and_as_a_peft_adapter(tmp_path, cache_dir, bpe, family):
+    """`bigtrain train` with model.lora on an imported model, then `bigtrain export --format hf` (merged) and
+    `--format hf --adapter` (PEFT): both give bigtrain's logits, through transformers and peft respectively.
+    GPT-2 has fused Conv1D modules (fan_in_fan_out); Llama's q/k/v and gate/up are separate HF modules that
+    share bigtrain's fused adapter A."""
+    from bigtrain.checkpoint import list_checkpoints
+    from bigtrain.strategy import open_weights
+
+    folder = hf_folder(tmp_path, family, tokenizer=bpe)
+    recipe = write_recipe(tmp_path / "lora.yaml", tiny_recipe(cache_dir, tmp_path / "runs", model={"lora": LORA},
+                                                              train={"max_steps": 4}, optim={"lr": 1e-2,
+                                                                                             "warmup_steps": 0}))
+    result = run_cli("train", str(recipe), f"model.init_from={folder}", "run.name=lora")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lora: trainable " in result.stderr and "parameters (" in result.stderr
+    run_dir = tmp_path / "runs/lora"
+    reader = open_weights(list_checkpoints(run_dir)[-1])
+    trained = {name: reader.get(name) for name in reader.tensors()}
+
+    cfg = with_hf_model(Config(model=ModelConfig(init_from=str(folder), lora=LoraConfig(**LORA)),
+                               data=DataConfig(seq_len=32)))
+    ours = build_model(cfg.model, cfg.model.vocab_size)
+    ours.load_state_dict(trained, strict=True)
+    ours.eval()
+    tokens = ids()
+    with torch.no_grad():
+        want = ours(tokens)
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (want - base(tokens).logits).abs().max() > 1e-3  # the adapters changed the model
+    for name, tensor in base.state_dict().items():  # ... and the base stayed the HF folder's (frozen)
+        if name == "transformer.h.0.attn.c_attn.weight":
+            assert torch.equal(trained["blocks.0.attn.qkv.weight"], tensor.t())
+        elif name == "model.layers.0.self_attn.o_proj.weight":
+            assert torch.equal(trained["blocks.0.attn.out_proj.weight"], tensor)
+
+    merged = tmp_path / "merged"
+    result = run_cli("export", str(run_dir), str(merged), "--format", "hf")
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    with torch.no_grad():
+        merged_diff = (theirs(tokens).logits - want).abs().max().item()
+
+    adapter = tmp_path / "adapter"
+    result = run_cli("export", str(run_dir), str(adapter), "--format", "hf", "--adapter")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        peft_diff = (with_adapter(tokens).logits - want).abs().max().item()
+    print(f"{family} LoRA: max |logits| difference, merged export {merged_diff:.2e}, PEFT adapter {peft_diff:.2e}")
+    assert merged_diff <= TOL and peft_diff <= TOL
+
+
+@pytest.mark.slow
+def test_lora_trains_alike_under_single_ddp_and_fsdp_with_checkpointing(tmp_path, cache_dir):
+    """The adapters replicated (ddp) or sharded with the frozen base (fsdp), with activation checkpointing: the
+    losses of one process, and the base weights unchanged in every checkpoint."""
+    from bigtrain.checkpoint import list_checkpoints
+    from bigtrain.strategy import open_weights
+    from tests.conftest import run_torchrun
+    from tests.integration.test_train import read_metrics
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs", model={"lora": LORA},
+                                                           train={"max_steps": 4}, optim={"lr": 1e-2},
+                                                           parallel={"activation_checkpointing": "full"}))
+    single = run_cli("train", str(recipe), "run.name=single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    losses = {}
+    for strategy in ("single", "ddp", "fsdp"):
+        if strategy != "single":
+            result = run_torchrun(2, "train", str(recipe), f"run.name={strategy}", f"parallel.strategy={strategy}")
+            assert result.returncode == 0, result.stderr[-3000:]
+        run_dir = tmp_path / "runs" / strategy
+        losses[strategy] = [r["train/loss"] for r in read_metrics(run_dir)[0]]
+        reader = open_weights(list_checkpoints(run_dir)[-1])
+        for name in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.out_proj.weight", "tok_emb.weight"):
+            if strategy == "single":
+                torch.manual_seed(0)
+                first = build_model(ModelConfig(preset="debug", max_seq_len=64, lora=LoraConfig(**LORA)),
+                                    reader.tensors()["tok_emb.weight"][1][0])
+            assert torch.equal(reader.get(name), first.state_dict()[name]), (strategy, name)  # frozen
+        assert reader.get("blocks.0.attn.qkv.lora_B").abs().sum() > 0
+    assert losses["single"][-1] < losses["single"][0]
+    for strategy in ("ddp", "fsdp"):
+        assert losses[strategy] == pytest.approx(losses["single"], rel=1e-5), strategy
