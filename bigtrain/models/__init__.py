@@ -101,10 +101,11 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, device: torch.device | str
     spec = resolve_model_spec(cfg, vocab_size, head=head, num_labels=num_labels, pooling=pooling)
     with torch.device(device), skip_default_init():
         model = _arch_class(spec.arch)(spec)
-    if cfg.lora is not None:  # adapters on the targeted Linears, the rest frozen (models/lora.py)
+    lora = getattr(cfg, "lora", None)  # a ModelConfig's model.lora (other model settings objects have none)
+    if lora is not None:  # adapters on the targeted Linears, the rest frozen (models/lora.py)
         from bigtrain.models.lora import apply_lora
 
-        apply_lora(model, cfg.lora)
+        apply_lora(model, lora)
     model.init_weights()
     return model
 
