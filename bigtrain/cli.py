@@ -26,9 +26,13 @@ def _parser() -> argparse.ArgumentParser:
 
     command("train", "train per the recipe: one process, or every rank of a job started by torchrun, deepspeed, "
                      "accelerate launch or `bigtrain launch` (parallel.strategy: single, ddp, fsdp, deepspeed)")
-    check = command("check", "validate a recipe; print parameters, FLOPs/token, memory estimate, and the precision "
-                             "it resolves to on this machine")
+    check = command("check", "validate a recipe; print parameters, FLOPs/token, the memory plan per rank, and the "
+                             "precision it resolves to on this machine")
     check.add_argument("--keys", action="store_true", help="also list every recipe key with its help")
+    check.add_argument("--world-size", type=int, help="ranks the job will run on (default: WORLD_SIZE, else 1)")
+    check.add_argument("--nodes", type=int, default=1, help="nodes those ranks are spread over (default 1)")
+    check.add_argument("--device-memory-gb", type=float, metavar="GB",
+                       help="say whether the plan's peak fits a device of this many GB (exit 1 if not)")
     prep = command("prepare", "tokenize and pack the recipe's data once into the cache")
     prep.add_argument("--workers", type=int, default=None,
                       help="processes tokenizing at once (default: every CPU this process may use)")
@@ -203,13 +207,17 @@ def cmd_check(args) -> int:
     import torch
 
     from bigtrain.config import describe, recipe_warnings
+    from bigtrain.memory_plan import plan_memory
     from bigtrain.models import check_model, count_params, spec_flops_per_token
     from bigtrain.run import padded_vocab_size
     from bigtrain.strategy import launcher_precision, precision_table, resolve_strategy
     from bigtrain.strategy.precision import Resolved, resolve_precision, slow_precision_warning
 
     cfg = _config(args)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 1 or args.nodes < 1 or world_size % args.nodes:
+        raise UserError(f"check --world-size={world_size} --nodes={args.nodes}: the ranks must split evenly over "
+                        f"at least one node")
     spec = check_model(cfg)  # an HF init_from brings its own vocab_size; None: a hub id not downloaded yet
     if spec is not None and spec.vocab_size is None:
         spec = dataclasses.replace(spec, vocab_size=padded_vocab_size(_vocab_size(cfg)))
@@ -221,7 +229,8 @@ def cmd_check(args) -> int:
                             "no GPU on this machine: a GPU with bf16 assumed (it resolves on the GPU at start)")
     else:
         resolved = resolve_precision(cfg.parallel.precision, device, launcher_choice=launcher_precision(cfg.parallel))
-    table = precision_table(resolved.name, resolve_strategy(cfg.parallel.strategy, world_size))
+    strategy = resolve_strategy(cfg.parallel.strategy, world_size)
+    table = precision_table(resolved.name, strategy)
     t = cfg.train
     print(f"recipe {args.recipe}: valid")
     print(f"run dir      {cfg.run_dir()}")
@@ -240,11 +249,17 @@ def cmd_check(args) -> int:
     print(f"batch        global {t.global_batch_size} = micro {t.micro_batch_size} × accumulation "
           f"{t.accum_steps(world_size)} × data-parallel {world_size} · "
           f"{t.global_batch_size * cfg.data.seq_len:,} tokens/step · {t.max_steps:,} steps")
-    print(f"strategy     {resolve_strategy(cfg.parallel.strategy, world_size)}"
+    print(f"strategy     {strategy}{f' (ZeRO-{cfg.parallel.zero_stage})' if strategy == 'deepspeed' else ''}"
           f"{'' if cfg.parallel.activation_checkpointing == 'none' else f' · activation checkpointing ({cfg.parallel.activation_checkpointing})'}"
           f"{' · compile' if cfg.parallel.compile else ''}")
-    for name, gb in (_memory_estimate_gb(spec, params, cfg, table) if spec is not None else {}).items():
-        print(f"memory       {name}: {gb:.2f} GB per rank (estimate)")
+    fits = True
+    if spec is not None:
+        plan = plan_memory(cfg, spec, world_size=world_size, table=table, strategy=strategy, device_type=device.type)
+        print(f"memory       per rank, {world_size} rank{'s' if world_size > 1 else ''} on {args.nodes} "
+              f"node{'s' if args.nodes > 1 else ''} ({world_size // args.nodes} per node):")
+        for line in plan.lines(args.device_memory_gb):
+            print(f"             {line}")
+        fits = args.device_memory_gb is None or plan.fits(args.device_memory_gb)
     print(f"precision    {resolved.describe()}")
     print("             " + "  ".join(f"{k}={v}" for k, v in table.as_strings().items() if k != "name"))
     for line in [*recipe_warnings(cfg), slow_precision_warning(resolved, device)]:
@@ -252,7 +267,7 @@ def cmd_check(args) -> int:
             print(line)
     if args.keys:
         print(describe())
-    return 0
+    return 0 if fits else 1
 
 
 def _vocab_size(cfg) -> int:
@@ -264,22 +279,6 @@ def _vocab_size(cfg) -> int:
 
         return Tokenizer.from_file(str(tokenizer_file(cfg.data.tokenizer))).get_vocab_size()
     return cfg.data.vocab_size
-
-
-def _memory_estimate_gb(spec, params: int, cfg, table) -> dict[str, float]:
-    """Weights + grads + AdamW state (16 bytes/param in mixed precision with fp32 master weights) and
-    activations (~34·s·b·d bytes per layer at 16-bit per Korthikanti et al.; SDPA keeps no s² scores;
-    one block's worth plus the block inputs with activation checkpointing), plus fp32 logits."""
-    b, s, d, layers = cfg.train.micro_batch_size, cfg.data.seq_len, spec.d_model, spec.n_layers
-    bytes_per_act = table.compute.itemsize
-    per_layer = 17 * s * b * d * bytes_per_act
-    activations = (layers * b * s * d * bytes_per_act + per_layer) if cfg.parallel.activation_checkpointing != "none" \
-        else layers * per_layer
-    logits = b * s * spec.vocab_size * (4 + bytes_per_act)
-    return {
-        "weights+grads+optimizer": params * 16 / 1e9,
-        "activations": (activations + logits) / 1e9,
-    }
 
 
 def cmd_bench(args) -> int:
@@ -309,7 +308,7 @@ def cmd_bench(args) -> int:
     print(f"step time    {step_s * 1e3:.1f} ms = forward+backward {mean('perf/fwd_bwd_s') * 1e3:.1f} ms"
           f" + optimizer {mean('perf/optim_s') * 1e3:.1f} ms + data {mean('perf/data_wait_frac') * step_s * 1e3:.2f} ms"
           f" ({mean('perf/data_wait_frac') * 100:.2f}% waiting for data)")
-    print(f"memory       {max(r['perf/max_memory_gb'] for r in measured):.2f} GB peak")
+    print(f"memory       {max(r['perf/max_memory_gb'] for r in measured):.3f} GB peak (since the model was built)")
     if "perf/compiled_graphs" in measured[-1]:  # parallel.compile: graphs made while measuring are recompiles
         before = next((r["perf/compiled_graphs"] for r in ctx.history if r["step"] == args.warmup), 0)
         print(f"compile      {measured[-1]['perf/compiled_graphs']} graphs, "

@@ -19,7 +19,7 @@ from bigtrain.checkpoint import TrainState
 from bigtrain.data import GlobalSampler, eval_busiest_count, eval_indices
 from bigtrain.ema import ema_weights
 from bigtrain.eval_report import report_eval
-from bigtrain.metrics import StepTimer, max_memory_gb, mfu
+from bigtrain.metrics import PeakMemory, StepTimer, mfu
 from bigtrain.optim import lr_at, set_lr
 from bigtrain.preempt import Preempted, PreemptionGuard
 from bigtrain.strategy import all_reduce_host, all_reduce_sum
@@ -52,6 +52,7 @@ class LoopContext:
     history: list = field(default_factory=list)  # logged training records (bench reads them)
     lm_eval: Callable | None = None  # eval.tasks: lm_eval_adapter.InLoopTasks, run by evaluate (collective)
     state: TrainState | None = None  # the final state, once train() returns
+    memory: PeakMemory | None = None  # peak memory since the model was built (perf/max_memory_gb)
 
 
 def train(ctx: LoopContext, state: TrainState) -> TrainState:
@@ -267,7 +268,7 @@ def _log_train(ctx: LoopContext, state: TrainState, window: dict, times: dict, l
         "perf/mfu": mfu(ctx.flops_per_token, tokens_per_sec, ctx.peak_flops_per_sec * ctx.dist.world_size),
         "perf/step_time_s": times["step_time_s"],
         "perf/data_wait_frac": times["data_wait_s"] / time_s,
-        "perf/max_memory_gb": max_memory_gb(ctx.dist.device),
+        "perf/max_memory_gb": ctx.memory.gb() if ctx.memory else 0.0,
     }
     if ctx.bench:
         metrics["perf/fwd_bwd_s"] = window["fwd_bwd_s"] / max(times["steps"], 1)

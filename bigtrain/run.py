@@ -25,7 +25,7 @@ from bigtrain.errors import UserError
 from bigtrain.loop import LoopContext, evaluate, train
 from bigtrain.hardware import matmul_peak, raised_peak
 from bigtrain.interop.chat_template import TEMPLATE_FILE, TOKENIZER_CONFIG
-from bigtrain.metrics import MetricsLogger
+from bigtrain.metrics import MetricsLogger, PeakMemory
 from bigtrain.models import build_model, check_model, count_params
 from bigtrain.optim import build_optimizer
 from bigtrain.preempt import PREEMPTED_MARKER, Preempted, PreemptionGuard
@@ -137,6 +137,7 @@ class Built:
     model: torch.nn.Module
     engine: object
     extra_files: dict  # run-dir files every checkpoint carries (tokenizer, labels)
+    memory: PeakMemory  # peak memory from just before the model is built (what `bigtrain check` plans)
 
 
 def build(cfg: Config, dist: Dist) -> Built:
@@ -181,6 +182,7 @@ def build(cfg: Config, dist: Dist) -> Built:
     # Sharding strategies build on the meta device and initialise after sharding (fsdp), or partition each
     # module as it is built (ZeRO-3): no full copy per rank.
     torch.manual_seed(cfg.run.seed)
+    memory = PeakMemory(dist.device)
     head = {"classification": "classify"}.get(cfg.task.name, "lm")
     on_meta = engine_class(cfg.parallel, dist.world_size).builds_on_meta
     with building(cfg, dist):
@@ -208,7 +210,7 @@ def build(cfg: Config, dist: Dist) -> Built:
     if cfg.optim.ema_decay:  # averaged from the weights training starts from (a resume loads the saved average)
         sources = engine.ema_sources() if hasattr(engine, "ema_sources") else engine.module  # DeepSpeed: its partitions
         engine.ema = EMA(sources, cfg.optim.ema_decay, cfg.optim.ema_start_step)
-    return Built(cfg, dist, data, task, engine.module, engine, extra_files)
+    return Built(cfg, dist, data, task, engine.module, engine, extra_files, memory)
 
 
 def check_cache_shared(cfg: Config, dist: Dist) -> None:
@@ -293,6 +295,7 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
             raise_peak=raise_peak if dist.is_main else None,
             save_checkpoint=saver.save,
             bench=bench, preempt=preempt, lm_eval=in_loop_tasks(job_cfg, dist, run_dir) if not bench else None,
+            memory=b.memory,
         )
         try:
             with Watchdog(job_cfg.parallel, dist, ctx.progress, run_dir):  # a hang: every rank's stacks, exit 3

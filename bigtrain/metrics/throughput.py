@@ -15,16 +15,58 @@ def mfu(flops_per_token: float, tokens_per_sec: float, peak_flops_per_sec: float
     return flops_per_token * tokens_per_sec / peak_flops_per_sec
 
 
-def max_memory_gb(device: torch.device) -> float:
-    """Peak memory in GB: CUDA max allocated on ``device``, else this process's peak RSS."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
+class PeakMemory:
+    """The peak memory of what a run allocates after this object is made (run.py makes it just before the
+    model is built), in GB: what `bigtrain check`'s memory plan predicts.
+
+    On CUDA the caching allocator's peak above what was allocated at the start. Elsewhere the peak resident
+    set above the one at the start: Linux's high-water mark (VmHWM) is reset here through
+    /proc/self/clear_refs; where that is not possible, the process's lifetime peak RSS. On a CPU, glibc keeps
+    freed blocks under its (adaptive) mmap threshold in the heap, so RSS can stay above what is live; run with
+    MALLOC_MMAP_THRESHOLD_=65536 to make it follow the live tensors (the memory-plan test does)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            return
+        self.start = _proc_status_bytes("VmRSS") or _lifetime_peak_rss()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.high_water = True
+        except OSError:
+            self.high_water = False
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = (self.high_water and _proc_status_bytes("VmHWM")) or _lifetime_peak_rss()
+        return max(peak - self.start, 0)
+
+    def gb(self) -> float:
+        return self.peak_bytes() / 1e9
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory line of /proc/self/status (Linux, kB) in bytes; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _lifetime_peak_rss() -> int:
     import resource  # Unix only
 
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    bytes_per_unit = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
-    return max_rss * bytes_per_unit / 1e9
+    return max_rss * (1 if sys.platform == "darwin" else 1024)  # macOS reports bytes, Linux KiB
 
 
 class StepTimer:

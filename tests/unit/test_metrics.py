@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigtrain.metrics import MetricsLogger, StepTimer, max_memory_gb, mfu, sinks
+from bigtrain.metrics import MetricsLogger, PeakMemory, StepTimer, mfu, sinks
 
 
 @dataclass
@@ -285,6 +285,9 @@ def test_step_timer_splits_data_wait_from_step_time():
     assert timer.data_wait_frac == 0.0 and timer.window()["steps"] == 0  # reset
 
 
-def test_max_memory_gb_reports_peak_rss_on_cpu():
-    touched = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB resident
-    assert max_memory_gb(torch.device("cpu")) >= touched.numel() / 1e9
+def test_peak_memory_counts_what_is_allocated_after_it_starts_on_cpu():
+    before = torch.ones(96 * 2**20, dtype=torch.uint8)  # resident before the start: not counted
+    peak = PeakMemory(torch.device("cpu"))
+    touched = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB resident after it
+    del before, touched
+    assert 60 * 2**20 <= peak.peak_bytes() < 90 * 2**20  # not the 160 MiB of both
