@@ -489,9 +489,6 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError("parallel.activation_checkpointing=selective is not available with DeepSpeed ZeRO-3 (from the "
                           "second step its gradients differ from a run without: the recomputation meets ZeRO-3's "
                           "parameter fetching) — use full, or fsdp")
-    if cfg.eval.use_ema and cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3:
-        raise ConfigError("eval.use_ema is not available with DeepSpeed ZeRO-3 yet (its small parameters stay gathered "
-                          "outside the partitions the EMA swaps) — evaluate `bigtrain export --ema`, or use fsdp")
     if cfg.task.loss_chunk_tokens < 0:
         raise ConfigError(f"task.loss_chunk_tokens={cfg.task.loss_chunk_tokens} must be >= 0 (0: no chunks)")
     if cfg.task.loss_chunk_tokens and cfg.task.name not in ("causal_lm", "sft"):

@@ -38,10 +38,12 @@ def trainable_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 class EMA:
     """fp32 moving average of the tensors `params` names (a module's trainable parameters, or what a strategy
-    holds of them: DeepSpeed ZeRO-3's partitions), under their state-dict names."""
+    holds of them: DeepSpeed ZeRO-3's partitions), under their state-dict names. `after_swap`, when given, runs
+    after `swapped_in` puts weights into those tensors (ZeRO-3 releases the parameters it holds gathered)."""
 
-    def __init__(self, params: dict[str, torch.Tensor] | nn.Module, decay: float, start_step: int):
-        self.decay, self.start_step = decay, start_step
+    def __init__(self, params: dict[str, torch.Tensor] | nn.Module, decay: float, start_step: int, *,
+                 after_swap=None):
+        self.decay, self.start_step, self.after_swap = decay, start_step, after_swap
         self.step = 0  # optimizer steps taken (the loop's step count; run.py sets it on resume)
         if isinstance(params, nn.Module):
             params = trainable_tensors(params)
@@ -97,11 +99,15 @@ class EMA:
         with torch.no_grad():
             saved = [p.clone() for p in self._params]
             torch._foreach_copy_(self._params, self._shadows)
+            if self.after_swap:
+                self.after_swap()
         try:
             yield
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(self._params, saved)
+                if self.after_swap:
+                    self.after_swap()
 
 
 def ema_weights(engine, use: bool):

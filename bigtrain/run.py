@@ -209,7 +209,8 @@ def build(cfg: Config, dist: Dist) -> Built:
         engine.load_model_weights(init_weights)
     if cfg.optim.ema_decay:  # averaged from the weights training starts from (a resume loads the saved average)
         sources = engine.ema_sources() if hasattr(engine, "ema_sources") else engine.module  # DeepSpeed: its partitions
-        engine.ema = EMA(sources, cfg.optim.ema_decay, cfg.optim.ema_start_step)
+        engine.ema = EMA(sources, cfg.optim.ema_decay, cfg.optim.ema_start_step,
+                         after_swap=getattr(engine, "release_gathered", None))
     return Built(cfg, dist, data, task, engine.module, engine, extra_files, memory)
 
 

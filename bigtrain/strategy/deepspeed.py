@@ -352,6 +352,17 @@ class DeepSpeedEngine:
                 named[name.replace(_WRAPPED, "")] = param.ds_tensor if stage3 else param
         return named
 
+    def release_gathered(self) -> None:
+        """ZeRO-3 keeps parameters gathered whole between uses (the small ones under
+        stage3_param_persistence_threshold always, others while they will be reused soon), so partitions changed
+        outside DeepSpeed's step (the EMA swapped in for eval, and back) reach the forward only once those are
+        released and the small ones gathered again, as DeepSpeed's own step does around its update."""
+        if self.ds.zero_optimization_partition_weights():
+            self.ds.empty_partition_cache()  # every parameter released (the small ones too)
+            persistent = self.ds.optimizer.persistent_parameters
+            if persistent:
+                persistent[0].all_gather(persistent)
+
     def _current_loss_scale(self) -> float | None:
         if not self.precision.loss_scaling:
             return None

@@ -120,16 +120,16 @@ def test_zero3_activation_checkpointing_on_two_processes_gives_the_same_gradient
 def test_deepspeed_run_resumes_on_another_number_of_processes(tmp_path, single_runs, stage, first, then):
     """Saved on `first` ranks, resumed on `then` (DeepSpeed's universal checkpoint): the same next losses and
     final weights as an uninterrupted run. The EMA of the weights (ZeRO-3: each rank's partitions, in a file per
-    rank) carries over too, and equals the average computed from every step's checkpoint; at ZeRO-2 eval scores
-    it (eval.use_ema) and the final weights are still the reference's."""
+    rank) carries over too, and equals the average computed from every step's checkpoint; eval scores it
+    (eval.use_ema) and the final weights are still the reference's: the EMA is swapped out again exactly. At the
+    last step ZeRO-3's eval of the EMA equals ZeRO-2's (its small parameters, kept gathered, are swapped too)."""
     recipe, reference = single_runs["causal", "fp32"]
 
     def launch(nproc, *args):
         return ok(run_torchrun(nproc, *args) if nproc > 1 else run_cli(*args))
 
     args = ["train", str(recipe), "run.name=elastic", f"run.output_dir={tmp_path}", *deepspeed_args(stage),
-            "optim.ema_decay=0.6", "optim.ema_start_step=1", "checkpoint.every=1",
-            *(["eval.use_ema=true"] if stage < 3 else [])]  # evaluated, then the weights put back exactly
+            "optim.ema_decay=0.6", "optim.ema_start_step=1", "checkpoint.every=1", "eval.use_ema=true"]
     launch(first, *args, "train.stop_at_step=2")
     rest = launch(then, *args)
     assert "resuming at step 2" in rest.stderr
@@ -139,6 +139,14 @@ def test_deepspeed_run_resumes_on_another_number_of_processes(tmp_path, single_r
     files = len(list((run_dir / "checkpoints/step-0000002").glob("ema-rank-*.pt")))
     assert files == (first if stage == 3 else 1)
     assert_ema_follows_weights(run_dir, [1, 2, 3, 4], decay=0.6, start_step=1)
+    last_eval = read_metrics(run_dir)[1][-1]
+    assert last_eval["step"] == 4
+    EMA_EVAL_LOSS.setdefault((first, then), {})[stage] = last_eval["eval/loss"]
+    if len(EMA_EVAL_LOSS[first, then]) == 2:  # both stages ran (stage 3 after 2: parametrize order)
+        assert EMA_EVAL_LOSS[first, then][3] == pytest.approx(EMA_EVAL_LOSS[first, then][2], rel=1e-5)
+
+
+EMA_EVAL_LOSS: dict = {}  # (first, then) -> {stage: eval/loss of the EMA at the last step}
 
 
 def test_deepspeed_zero2_checkpoint_resumes_as_zero1_and_zero3_refuses_it(tmp_path, single_runs):
