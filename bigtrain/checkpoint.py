@@ -395,7 +395,8 @@ def resolve_init_checkpoint(path: str, revision: str | None = None) -> Path:
 def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arch: str
                       ) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
     """Weights of checkpoint `folder` (any strategy's format, or a Hugging Face folder) that match the
-    model's tensors `expected` (name -> shape); weights only: no optimizer, no step.
+    model's tensors `expected` (name -> shape); weights only: no optimizer, no step. A LoRA run's weights come
+    with its adapters merged in (a model with model.lora starts new adapters on them).
 
     Returns ({"loaded", "new", "unused"} tensor names, {name: tensor} to load, read from the folder only
     when looked up: engines copy one tensor at a time, so no rank holds a second full model). A tensor whose shape
@@ -414,7 +415,14 @@ def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arc
         saved_arch = reader.arch
     else:
         reader = open_weights(folder)
-        saved_arch = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("model", {}).get("arch", "decoder")
+        saved_model = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("model", {})
+        saved_arch = saved_model.get("arch", "decoder")
+        if saved_model.get("lora"):  # a LoRA run: its adapters merged into the weights they adapt
+            from bigtrain.config import LoraConfig
+            from bigtrain.models.lora import MergedLoRAWeights
+
+            lora = {**vars(LoraConfig()), **saved_model["lora"]}
+            reader = MergedLoRAWeights(reader, lora["alpha"] / lora["rank"])
     saved = reader.tensors()  # name -> (dtype, shape): nothing read yet
     if saved_arch != arch:
         foreign = next((k for k in saved if k not in expected), next(iter(saved)))

@@ -4,6 +4,8 @@ adapter folder, each giving bigtrain's logits in transformers / peft."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -48,10 +50,11 @@ def test_a_lora_model_starts_as_its_base_and_trains_only_its_adapters():
 @pytest.mark.parametrize("family", ["gpt2", "llama-gqa-untied-llama3-rope"])
 def test_lora_fine_tune_of_an_hf_model_exports_merged_and_as_a_peft_adapter(tmp_path, cache_dir, bpe, family):
     """`bigtrain train` with model.lora on an imported model, then `bigtrain export --format hf` (merged) and
-    `--format hf --adapter` (PEFT): both give bigtrain's logits, through transformers and peft respectively.
+    `--format hf --adapter` (PEFT): both give bigtrain's logits, through transformers and peft respectively; and
+    model.init_from of the run gives a plain model those logits (the adapters merged).
     GPT-2 has fused Conv1D modules (fan_in_fan_out); Llama's q/k/v and gate/up are separate HF modules that
     share bigtrain's fused adapter A."""
-    from bigtrain.checkpoint import list_checkpoints
+    from bigtrain.checkpoint import list_checkpoints, load_init_weights
     from bigtrain.strategy import open_weights
 
     folder = hf_folder(tmp_path, family, tokenizer=bpe)
@@ -81,6 +84,15 @@ def test_lora_fine_tune_of_an_hf_model_exports_merged_and_as_a_peft_adapter(tmp_
             assert torch.equal(trained["blocks.0.attn.qkv.weight"], tensor.t())
         elif name == "model.layers.0.self_attn.o_proj.weight":
             assert torch.equal(trained["blocks.0.attn.out_proj.weight"], tensor)
+
+    # model.init_from of the LoRA run: the adapters merged into the weights (a plain model gives its logits).
+    plain = build_model(dataclasses.replace(cfg.model, lora=None), cfg.model.vocab_size).eval()
+    expected = {name: tuple(t.shape) for name, t in plain.state_dict().items()}
+    report, weights = load_init_weights(list_checkpoints(run_dir)[-1], expected, arch="decoder")
+    assert report["new"] == [] and not any("lora_" in name for name in report["unused"])
+    plain.load_state_dict({name: weights[name] for name in expected}, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(tokens), want, rtol=0, atol=TOL)
 
     merged = tmp_path / "merged"
     result = run_cli("export", str(run_dir), str(merged), "--format", "hf")
