@@ -2,8 +2,9 @@
 
 The pieces, per rank, for AdamW:
 
-- weights: the parameters a rank keeps between steps, in the strategy's parameter dtype: whole (single, ddp,
-  ZeRO-1/2), or its shard (fsdp over the shard group, ZeRO-3 over every rank);
+- weights: the parameters a rank keeps between steps, in the strategy's parameter dtype (a LoRA base's frozen
+  block Linears in the compute dtype under mixed precision): whole (single, ddp, ZeRO-1/2), or its shard (fsdp
+  over the shard group, ZeRO-3 over every rank);
 - master weights: DeepSpeed's fp32 copy of its partition of the trained parameters (ZeRO keeps one in any
   precision);
 - gradients: of the trained parameters only. single: made in backward and freed by the step; ddp: its
@@ -187,9 +188,10 @@ def trace_activations(spec, *, tokens: int, seq_len: int, checkpointing: str, pa
                        masks=masks)
 
 
-def _trained_counts(cfg, spec) -> tuple[int, int, int, int, int]:
+def _trained_counts(cfg, spec) -> tuple[int, int, int, int, int, int]:
     """(all parameters, trained ones, the largest block's, the root's own (outside the blocks), the largest trained
-    tensor), counted on the model built on the meta device (LoRA included)."""
+    tensor, the blocks' frozen Linear weights and biases), counted on the model built on the meta device (LoRA
+    included)."""
     from bigtrain.models import _arch_class
     from bigtrain.models.lora import apply_lora
 
@@ -203,7 +205,9 @@ def _trained_counts(cfg, spec) -> tuple[int, int, int, int, int]:
     block = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
     in_blocks = {id(p) for b in model.blocks for p in b.parameters()}
     root = sum(p.numel() for p in unique if id(p) not in in_blocks)
-    return total, trained, block, root, max(p.numel() for p in unique if p.requires_grad)
+    frozen_linears = sum(p.numel() for b in model.blocks for m in b.modules() if isinstance(m, torch.nn.Linear)
+                         for p in (m.weight, m.bias) if p is not None and not p.requires_grad)
+    return total, trained, block, root, max(p.numel() for p in unique if p.requires_grad), frozen_linears
 
 
 def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type: str) -> MemoryPlan:
@@ -212,7 +216,7 @@ def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type
     from bigtrain.strategy.deepspeed import _sized_to_model
 
     p = cfg.parallel
-    total, trained, block, root, largest = _trained_counts(cfg, spec)
+    total, trained, block, root, largest, frozen = _trained_counts(cfg, spec)
     size = lambda dtype: torch.tensor([], dtype=dtype).element_size()  # noqa: E731
     param_b, compute_b, grad_b = size(table.param), size(table.compute), size(table.grad_accum)
     zero = p.zero_stage if strategy == "deepspeed" else 0
@@ -220,14 +224,17 @@ def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type
     sharded = lambda n: -(-n // shards)  # noqa: E731  (one rank's share)
     notes = []
 
-    weights = (sharded(total) if strategy == "fsdp" or zero == 3 else total) * param_b
+    # Mixed precision holds a LoRA base's frozen block Linears in the compute dtype (single, ddp, fsdp).
+    frozen = frozen if strategy != "deepspeed" and table.compute != table.param else 0
+    weights = sum((sharded(n) if strategy == "fsdp" or zero == 3 else n) * nbytes
+                  for n, nbytes in ((total - frozen, param_b), (frozen, compute_b)))
     master = sharded(trained) * 4 if strategy == "deepspeed" else 0
     optimizer = 2 * sharded(trained) * size(table.optimizer_state)
     grads_kept, grads_made = 0, 0  # always there | made in backward, freed by the step
     buckets = gathered = 0
     # single/ddp under mixed precision: autocast keeps a compute-dtype copy of every weight from its first use in
     # forward to the end of backward (fsdp gathers in the compute dtype, DeepSpeed casts the module itself).
-    casts = total * compute_b if strategy in ("single", "ddp") and table.compute != table.param else 0
+    casts = (total - frozen) * compute_b if strategy in ("single", "ddp") and table.compute != table.param else 0
     if strategy == "single":
         grads_made = trained * grad_b
     elif strategy == "ddp":

@@ -74,8 +74,10 @@ def is_trained(name: str) -> bool:
 
 
 def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W + scaling · B A, computed in fp32, in W's dtype."""
-    return (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+    """W + scaling · B A, computed in fp32, in the wider of W's and the adapters' dtypes (a base held in bf16
+    under mixed precision merges with fp32 adapters into fp32)."""
+    return (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(torch.promote_types(weight.dtype,
+                                                                                                  lora_a.dtype))
 
 
 class MergedLoRAWeights:
@@ -86,7 +88,13 @@ class MergedLoRAWeights:
         self.reader, self.scaling = reader, scaling
 
     def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        return {name: meta for name, meta in self.reader.tensors().items() if not _is_adapter(name)}
+        saved = self.reader.tensors()
+        merged = {}
+        for name, (dtype, shape) in saved.items():
+            adapter = saved.get(f"{name.removesuffix('weight')}lora_A") if name.endswith(".weight") else None
+            if not _is_adapter(name):  # an adapted weight comes out in merged_weight's dtype
+                merged[name] = (torch.promote_types(dtype, adapter[0]) if adapter else dtype, shape)
+        return merged
 
     def get(self, name: str) -> torch.Tensor:
         tensor = self.reader.get(name)

@@ -38,7 +38,7 @@ from bigtrain import filehash
 from bigtrain.ema import EMA_KEY
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, use_tf32
-from bigtrain.strategy.precision import PrecisionTable, make_grad_scaler, scaled_optimizer_step
+from bigtrain.strategy.precision import PrecisionTable, hold_frozen_linears_in, make_grad_scaler, scaled_optimizer_step
 from bigtrain.strategy.transforms import apply_transforms, named_tensors
 
 DCP_METADATA = ".metadata"  # written last by dcp.save; marks a DCP folder
@@ -171,6 +171,8 @@ class FSDPEngine:
         self.parallel_cfg = parallel_cfg
         use_tf32(dist.device, parallel_cfg.tf32)
         model.to(precision.param)  # on meta: free; bf16-pure keeps the sharded weights themselves in bf16
+        if precision.compute != precision.param:
+            hold_frozen_linears_in(model, precision.compute)  # a LoRA base: sharded in the compute dtype
         apply_transforms(model, parallel_cfg)  # activation checkpointing, then compile, before sharding
 
         offload = parallel_cfg.offload_params == "cpu"

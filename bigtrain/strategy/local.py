@@ -22,7 +22,8 @@ from bigtrain import filehash
 from bigtrain.ema import EMA_FILE
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, use_tf32
-from bigtrain.strategy.precision import PrecisionTable, autocast, make_grad_scaler, scaled_optimizer_step
+from bigtrain.strategy.precision import (PrecisionTable, autocast, hold_frozen_linears_in, make_grad_scaler,
+                                         scaled_optimizer_step)
 from bigtrain.strategy.transforms import apply_transforms
 
 
@@ -45,6 +46,8 @@ class LocalEngine:
         use_tf32(dist.device, parallel_cfg.tf32)
         self.module = model  # the bare model: state dicts, FLOPs, eval
         model.to(precision.param)  # bf16-pure keeps the weights themselves in bf16
+        if precision.compute != precision.param:
+            hold_frozen_linears_in(model, precision.compute)  # a LoRA base: no fp32 copy
         self.optimizer = make_optimizer(model)
         self.scaler = make_grad_scaler(precision, dist.device)
         apply_transforms(model, parallel_cfg)

@@ -47,6 +47,64 @@ def test_a_lora_model_starts_as_its_base_and_trains_only_its_adapters():
         assert not torch.equal(lora.eval()(tokens), plain(tokens))
 
 
+def test_a_frozen_base_held_in_bf16_computes_what_autocast_computes_from_fp32():
+    """Mixed precision keeps the LoRA base's block Linears in the compute dtype (hold_frozen_linears_in): autocast
+    casts them there at each use anyway, so logits and the adapters' gradients are bitwise the fp32-held base's."""
+    import copy
+
+    from bigtrain.strategy.precision import hold_frozen_linears_in
+
+    torch.manual_seed(0)
+    fp32 = build_model(ModelConfig(preset="debug", max_seq_len=64, lora=LoraConfig(rank=4, alpha=8.0)), 320)
+    with torch.no_grad():
+        for block in fp32.blocks:  # adapters that do something
+            for module in block.modules():
+                if hasattr(module, "lora_B"):
+                    module.lora_B.normal_(0.0, 0.02)
+    held = copy.deepcopy(fp32)
+    hold_frozen_linears_in(held, torch.bfloat16)
+    qkv = held.blocks[0].attn.qkv
+    assert qkv.weight.dtype == qkv.bias.dtype == torch.bfloat16 and qkv.lora_A.dtype == torch.float32
+    assert held.tok_emb.weight.dtype == held.blocks[0].attn_norm.weight.dtype == torch.float32
+    tokens = ids()
+    outputs = []
+    for model in (fp32, held):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(tokens)
+        logits.float().square().mean().backward()
+        outputs.append((logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert outputs[0][1].keys() == outputs[1][1].keys()
+    assert all(torch.equal(outputs[0][1][n], outputs[1][1][n]) for n in outputs[0][1])
+
+
+def test_a_bf16_lora_run_checkpoints_its_base_in_bf16_and_exports_it_merged_in_fp32(tmp_path, cache_dir):
+    """`bigtrain train` with model.lora under bf16 mixed precision: the checkpoint holds the blocks' frozen Linears in
+    bf16 (the adapters, embeddings and norms in fp32), and `bigtrain export --format hf` merges the adapters into
+    fp32 weights."""
+    from safetensors.torch import load_file
+
+    from bigtrain.checkpoint import list_checkpoints
+    from bigtrain.models.lora import merged_weight
+    from bigtrain.strategy import open_weights
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs", model={"lora": LORA},
+                                                           train={"max_steps": 2}, parallel={"precision": "bf16"}))
+    result = run_cli("train", str(recipe), "run.name=bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reader = open_weights(list_checkpoints(tmp_path / "runs/bf16")[-1])
+    dtypes = {name: meta[0] for name, meta in reader.tensors().items()}
+    assert dtypes["blocks.0.attn.qkv.weight"] == dtypes["blocks.1.mlp.out_proj.bias"] == torch.bfloat16
+    assert dtypes["blocks.0.attn.qkv.lora_A"] == dtypes["tok_emb.weight"] == dtypes["norm.weight"] == torch.float32
+    result = run_cli("export", str(tmp_path / "runs/bf16"), str(tmp_path / "out"), "--format", "hf")
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = load_file(tmp_path / "out/model.safetensors")["transformer.h.0.attn.c_attn.weight"]  # GPT-2's Conv1D
+    want = merged_weight(reader.get("blocks.0.attn.qkv.weight"), reader.get("blocks.0.attn.qkv.lora_A"),
+                         reader.get("blocks.0.attn.qkv.lora_B"), LORA["alpha"] / LORA["rank"])
+    assert want.dtype == exported.dtype == torch.float32
+    assert torch.equal(exported, want.t())
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama-gqa-untied-llama3-rope"])
 def test_lora_fine_tune_of_an_hf_model_exports_merged_and_as_a_peft_adapter(tmp_path, cache_dir, bpe, family):
     """`bigtrain train` with model.lora on an imported model, then `bigtrain export --format hf` (merged) and

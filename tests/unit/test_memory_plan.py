@@ -4,6 +4,7 @@ tests/integration/test_memory_plan.py holds the plans against measured peaks."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -89,3 +90,22 @@ def test_check_says_whether_the_plan_fits_and_exits_1_when_it_does_not(tmp_path)
     bad = run_cli("check", str(recipe), "--world-size", "3", "--nodes", "2")
     assert bad.returncode == 2 and "--world-size=3 --nodes=2" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_lora_plan_holds_the_frozen_base_in_the_compute_dtype_and_state_for_the_adapters_only():
+    from bigtrain.config import LoraConfig
+
+    def plan(lora):
+        cfg = Config(model=dataclasses.replace(GPT2_STYLE, lora=lora), data=DataConfig(seq_len=128),
+                     train=TrainConfig(global_batch_size=8, micro_batch_size=8),
+                     parallel=ParallelConfig(precision="bf16", strategy="single"))
+        return plan_memory(cfg, resolve_model_spec(cfg.model, 512), world_size=1, table=precision_table("bf16", "single"),
+                           strategy="single", device_type="cuda")
+
+    full, lora = plan(None), plan(LoraConfig(rank=4, alpha=8.0, targets=("qkv", "out", "mlp")))
+    spec = resolve_model_spec(GPT2_STYLE, 512)
+    d, f, layers = spec.d_model, spec.d_ff, spec.n_layers
+    linears = layers * (4 * d * d + 2 * d * f + 3 * d + d + f + d)  # the blocks' Linear weights and biases
+    adapters = layers * 4 * ((d + 3 * d) + (d + d) + (d + f) + (f + d))  # rank 4 × (in + out) per Linear
+    assert full.pieces["weights"] - lora.pieces["weights"] == pytest.approx(2 * linears - 4 * adapters, abs=16)
+    assert lora.pieces["optimizer state"] == 8 * adapters
