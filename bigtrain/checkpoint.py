@@ -421,8 +421,7 @@ def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arc
             from bigtrain.config import LoraConfig
             from bigtrain.models.lora import MergedLoRAWeights
 
-            lora = {**vars(LoraConfig()), **saved_model["lora"]}
-            reader = MergedLoRAWeights(reader, lora["alpha"] / lora["rank"])
+            reader = MergedLoRAWeights(reader, LoraConfig(**saved_model["lora"]).scaling)
     saved = reader.tensors()  # name -> (dtype, shape): nothing read yet
     if saved_arch != arch:
         foreign = next((k for k in saved if k not in expected), next(iter(saved)))

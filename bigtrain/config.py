@@ -53,6 +53,11 @@ class LoraConfig:
     dropout: float = _opt(0.0, "dropout on the adapters' input")
     targets: tuple[Literal["qkv", "out", "mlp"], ...] = _opt(("qkv", "out", "mlp"), "Linears that get adapters: qkv (attention's fused query/key/value), out (attention's output), mlp (the MLP's in and out)")
 
+    @property
+    def scaling(self) -> float:
+        """The factor of the adapters' update B A."""
+        return self.alpha / self.rank
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -118,7 +118,7 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
     if cfg.model.lora is not None:  # the plain model: adapters merged into the weights they adapt
         from bigtrain.models.lora import MergedLoRAWeights
 
-        reader = MergedLoRAWeights(reader, cfg.model.lora.alpha / cfg.model.lora.rank)
+        reader = MergedLoRAWeights(reader, cfg.model.lora.scaling)
     labels = json.loads((folder / "labels.json").read_text()) if classify and (folder / "labels.json").is_file() else None
 
     out = Path(out).expanduser()

@@ -217,8 +217,7 @@ def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type
 
     p = cfg.parallel
     total, trained, block, root, largest, frozen = _trained_counts(cfg, spec)
-    size = lambda dtype: torch.tensor([], dtype=dtype).element_size()  # noqa: E731
-    param_b, compute_b, grad_b = size(table.param), size(table.compute), size(table.grad_accum)
+    param_b, compute_b, grad_b = table.param.itemsize, table.compute.itemsize, table.grad_accum.itemsize
     zero = p.zero_stage if strategy == "deepspeed" else 0
     shards = {"fsdp": p.shard_group_size or world_size, "deepspeed": world_size}.get(strategy, 1)
     sharded = lambda n: -(-n // shards)  # noqa: E731  (one rank's share)
@@ -229,7 +228,7 @@ def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type
     weights = sum((sharded(n) if strategy == "fsdp" or zero == 3 else n) * nbytes
                   for n, nbytes in ((total - frozen, param_b), (frozen, compute_b)))
     master = sharded(trained) * 4 if strategy == "deepspeed" else 0
-    optimizer = 2 * sharded(trained) * size(table.optimizer_state)
+    optimizer = 2 * sharded(trained) * table.optimizer_state.itemsize
     grads_kept, grads_made = 0, 0  # always there | made in backward, freed by the step
     buckets = gathered = 0
     # single/ddp under mixed precision: autocast keeps a compute-dtype copy of every weight from its first use in
@@ -241,13 +240,13 @@ def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type
         grads_kept = trained * grad_b
     elif strategy == "fsdp":
         grads_made = sharded(trained) * grad_b
-        gathered = root * compute_b + 2 * block * compute_b + block * size(table.grad_reduce)
+        gathered = root * compute_b + 2 * block * compute_b + block * table.grad_reduce.itemsize
     else:
-        bucket = _sized_to_model(total)["zero_optimization.reduce_bucket_size"]
+        limits = _sized_to_model(total)
+        bucket = limits["zero_optimization.reduce_bucket_size"]
         if zero == 3:
             grads_kept = sharded(trained) * grad_b
             buckets = bucket * param_b
-            limits = _sized_to_model(total)
             gathered = (min(total, limits["zero_optimization.stage3_prefetch_bucket_size"])
                         + min(total, limits["zero_optimization.stage3_max_live_parameters"])) * compute_b
         else:
@@ -267,7 +266,7 @@ def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type
         step_temporaries = 0
     else:
         updated = sharded(trained) if strategy == "deepspeed" else sharded(largest) if strategy == "fsdp" else largest
-        step_temporaries = 2 * updated * size(table.optimizer_state)
+        step_temporaries = 2 * updated * table.optimizer_state.itemsize
 
     t = cfg.train
     tokens = t.micro_batch_size * cfg.data.seq_len

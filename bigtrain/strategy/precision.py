@@ -63,10 +63,11 @@ _STRATEGY_TABLES: dict[tuple[str, str], PrecisionTable] = {
 
 
 def hold_frozen_linears_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Store the blocks' frozen Linear weights and biases (a LoRA base) in the compute dtype. Autocast (and FSDP's
-    mixed precision) casts them there at every use anyway, so forward and gradients are unchanged, while the
-    frozen base takes half the memory and keeps no fp32 copy. Embeddings and norms keep the parameter dtype
-    (the residual stream and the norms' statistics stay fp32)."""
+    """Store the blocks' frozen Linear weights and biases (a LoRA base) in `dtype`, the compute dtype of mixed
+    precision (engines call it when the table's compute and parameter dtypes differ). Autocast (and FSDP's mixed
+    precision) casts them there at every use anyway, so forward and gradients are unchanged, while the frozen base
+    takes half the memory and keeps no fp32 copy. Embeddings and norms keep the parameter dtype (the residual
+    stream and the norms' statistics stay fp32)."""
     for block in model.blocks:
         for module in block.modules():
             if isinstance(module, torch.nn.Linear):
