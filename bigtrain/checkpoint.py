@@ -367,19 +367,20 @@ def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print) -
 # --------------------------------------------------------------------------- init_from
 
 
-def resolve_init_checkpoint(path: str, revision: str | None = None) -> Path:
+def resolve_init_checkpoint(path: str, revision: str | None = None, *, key: str = "model.init_from") -> Path:
     """model.init_from → a verified checkpoint folder (a run dir means its newest complete checkpoint),
-    or a Hugging Face model folder (config.json + weights; a hub id's snapshot; see bigtrain/interop)."""
+    or a Hugging Face model folder (config.json + weights; a hub id's snapshot; see bigtrain/interop). `key`: the
+    recipe key errors name (task.teacher reads a folder the same way)."""
     from bigtrain.interop.hf_config import is_hf_folder, looks_like_hf_folder, read_config
     from bigtrain.interop.hub import local_folder
 
-    where = local_folder(path, revision)
+    where = local_folder(path, revision, where=key)
     if not where.exists():
-        raise CheckpointError(f"model.init_from: no such run dir, checkpoint or Hugging Face folder '{path}'")
+        raise CheckpointError(f"{key}: no such run dir, checkpoint or Hugging Face folder '{path}'")
     if is_hf_folder(where):
         return where
     if looks_like_hf_folder(where):
-        read_config(where)  # raises: HF weights without a config.json
+        read_config(where, where=key)  # raises: HF weights without a config.json
     if (where / MANIFEST).exists():
         verify(where)
         return where
@@ -389,10 +390,10 @@ def resolve_init_checkpoint(path: str, revision: str | None = None) -> Path:
             return folder
         except CheckpointError:
             continue
-    raise CheckpointError(f"model.init_from: no complete checkpoint in '{path}'")
+    raise CheckpointError(f"{key}: no complete checkpoint in '{path}'")
 
 
-def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arch: str
+def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arch: str, key: str = "model.init_from"
                       ) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
     """Weights of checkpoint `folder` (any strategy's format, or a Hugging Face folder) that match the
     model's tensors `expected` (name -> shape); weights only: no optimizer, no step. A LoRA run's weights come
@@ -411,7 +412,7 @@ def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arc
     if is_hf_folder(folder):
         from bigtrain.interop.hf_weights import open_hf_weights
 
-        reader = open_hf_weights(folder)
+        reader = open_hf_weights(folder, where=key)
         saved_arch = reader.arch
     else:
         reader = open_weights(folder)
@@ -425,13 +426,13 @@ def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arc
     saved = reader.tensors()  # name -> (dtype, shape): nothing read yet
     if saved_arch != arch:
         foreign = next((k for k in saved if k not in expected), next(iter(saved)))
-        raise CheckpointError(f"model.init_from: {folder} holds a '{saved_arch}' model (e.g. tensor '{foreign}'), "
+        raise CheckpointError(f"{key}: {folder} holds a '{saved_arch}' model (e.g. tensor '{foreign}'), "
                               f"but model.arch is '{arch}' — set model.arch: {saved_arch} or pick another checkpoint")
     other_head = {name for name, shape in expected.items() if is_hf_folder(folder) and name.startswith("classifier.")
                   and name in saved and tuple(saved[name][1]) != tuple(shape)}  # another num_labels: a new head
     for name, shape in expected.items():
         if name in saved and name not in other_head and tuple(saved[name][1]) != tuple(shape):
-            raise CheckpointError(f"model.init_from: tensor '{name}' is {tuple(saved[name][1])} in {folder} but "
+            raise CheckpointError(f"{key}: tensor '{name}' is {tuple(saved[name][1])} in {folder} but "
                                   f"{tuple(shape)} in this model — the model settings must match the checkpoint's")
     # An HF classifier folder has no MLM head; a tied one is the token embedding it holds (encoders are tied).
     tied = [k for k in ("lm_head.weight", "mlm_head.proj.weight") if is_hf_folder(folder) and k in expected

@@ -178,24 +178,24 @@ def cmd_train(args) -> int:
 def cmd_prepare(args) -> int:
     """Tokenize and pack the data unless the cache has it; its checksums are verified once (`--verify`: again),
     so running it at every job start (slurm/launch.sh does) costs a look at sizes and the index. Without
-    model.init_from it imports no torch (a second or two of every job start)."""
+    model.init_from or task.teacher it imports no torch (a second or two of every job start)."""
     from bigtrain.data import load_prepared
     from bigtrain.data.prepare import prepare_sources, source_configs, verify_sources_once
 
     cfg = _config(args)
-    if cfg.model.init_from and not cfg.data.tokenizer:  # the checkpoint's tokenizer; only this needs torch
+    if (cfg.model.init_from or cfg.task.teacher) and not cfg.data.tokenizer:  # its tokenizer; only this needs torch
         from bigtrain.run import with_init_tokenizer
 
         cfg = with_init_tokenizer(cfg)
     workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
     if workers < 1:
         raise UserError(f"prepare --workers={workers}: give at least 1")
-    prepare_sources(cfg.data, task=cfg.task.name, workers=workers)
+    prepare_sources(cfg.data, task=cfg.task.data_task, workers=workers)
     if args.verify:
-        prepared = [load_prepared(source, task=cfg.task.name, verify=True)
-                    for source in source_configs(cfg.data, task=cfg.task.name)]
+        prepared = [load_prepared(source, task=cfg.task.data_task, verify=True)
+                    for source in source_configs(cfg.data, task=cfg.task.data_task)]
     else:
-        prepared = verify_sources_once(cfg.data, task=cfg.task.name)
+        prepared = verify_sources_once(cfg.data, task=cfg.task.data_task)
     for data in prepared:  # a mixture: one line per source
         print(f"prepared {data.path}: vocab {data.vocab_size} · train {data.train.num_tokens:,} tokens "
               f"({len(data.train):,} samples) · validation {data.validation.num_tokens:,} tokens "
@@ -243,7 +243,7 @@ def cmd_check(args) -> int:
         print(f"model        {cfg.model.describe()}: {spec.n_layers} layers × d_model {spec.d_model}, "
               f"{spec.n_heads} heads ({spec.n_kv_heads} kv), d_ff {spec.d_ff}, {spec.norm}/{spec.position}/{spec.mlp}, "
               f"vocab {spec.vocab_size}{', tied' if spec.tie_embeddings else ''}")
-        head = " with a 2-label classifier (the label count comes from the data)" if cfg.task.name == "classification" else ""
+        head = " with a 2-label classifier (the label count comes from the data)" if cfg.task.data_task == "classification" else ""
         print(f"parameters   {params:,} ({params / 1e6:.1f}M){head}")
         print(f"FLOPs/token  {spec_flops_per_token(spec, cfg.data.seq_len):.4g} (training, seq_len {cfg.data.seq_len})")
     print(f"batch        global {t.global_batch_size} = micro {t.micro_batch_size} × accumulation "
@@ -252,9 +252,22 @@ def cmd_check(args) -> int:
     print(f"strategy     {strategy}{f' (ZeRO-{cfg.parallel.zero_stage})' if strategy == 'deepspeed' else ''}"
           f"{'' if cfg.parallel.activation_checkpointing == 'none' else f' · activation checkpointing ({cfg.parallel.activation_checkpointing})'}"
           f"{' · compile' if cfg.parallel.compile else ''}")
+    teacher = None
+    if cfg.task.teacher:
+        from bigtrain.teacher import planned_teacher
+
+        teacher = planned_teacher(cfg, spec.vocab_size if spec is not None else padded_vocab_size(_vocab_size(cfg)))
+        if teacher is None:
+            print(f"teacher      {cfg.task.teacher}: not there yet — its shape and tokenizer are checked when the run "
+                  f"starts")
+        else:
+            print(f"teacher      {cfg.task.teacher}: {teacher.n_layers} layers × d_model {teacher.d_model}, "
+                  f"{count_params(teacher):,} parameters ({count_params(teacher) / 1e9:.2f}B), frozen in "
+                  f"{str(table.compute).removeprefix('torch.')}")
     fits = True
     if spec is not None:
-        plan = plan_memory(cfg, spec, world_size=world_size, table=table, strategy=strategy, device_type=device.type)
+        plan = plan_memory(cfg, spec, world_size=world_size, table=table, strategy=strategy, device_type=device.type,
+                           teacher=teacher)
         print(f"memory       per rank, {world_size} rank{'s' if world_size > 1 else ''} on {args.nodes} "
               f"node{'s' if args.nodes > 1 else ''} ({world_size // args.nodes} per node):")
         for line in plan.lines(args.device_memory_gb):
@@ -443,10 +456,10 @@ def cmd_verify(args) -> int:
         from bigtrain.data.prepare import source_configs
 
         cfg = load_config(source / "config.yaml")
-        for data_cfg in source_configs(cfg.data, task=cfg.task.name):  # a mixture: each source's cache
-            path = data_cache_path(data_cfg, task=cfg.task.name)
+        for data_cfg in source_configs(cfg.data, task=cfg.task.data_task):  # a mixture: each source's cache
+            path = data_cache_path(data_cfg, task=cfg.task.data_task)
             try:
-                load_prepared(data_cfg, task=cfg.task.name, verify=True)
+                load_prepared(data_cfg, task=cfg.task.data_task, verify=True)
                 print(f"ok       data {path}")
             except UserError as e:
                 damaged += 1

@@ -142,10 +142,18 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: Literal["causal_lm", "masked_lm", "classification", "sft"] = _opt("causal_lm", "training objective: causal_lm | masked_lm | classification | sft")
+    name: Literal["causal_lm", "masked_lm", "classification", "sft", "distill", "distill_classification"] = _opt("causal_lm", "training objective: causal_lm | masked_lm | classification | sft | distill (a decoder learns from task.teacher on causal-LM data) | distill_classification (a classifier learns from a classifier teacher)")
     mask_prob: float = _opt(0.15, "masked_lm: fraction of non-special tokens selected (then 80% [MASK], 10% random, 10% kept)")
     loss_chunk_tokens: int = _opt(0, "causal_lm, sft: compute the LM head and loss this many positions at a time, recomputing each chunk's logits in backward, so the (batch, seq_len, vocab) fp32 logits never exist whole (large vocabularies); 0: all at once")
     pooling: Literal["auto", "first", "last"] = _opt("auto", "classification: pool the first token (auto for encoders) or the last non-pad token (auto for decoders)")
+    teacher: Optional[str] = _opt(None, "distill, distill_classification: the frozen teacher — a run dir, a checkpoint or a Hugging Face model folder with the student's tokenizer (and labels)")
+    alpha: float = _opt(0.5, "distill: weight of the teacher term, alpha · τ² · KL(teacher ‖ student at temperature τ), against (1 − alpha) · the cross-entropy with the data's targets")
+    temperature: float = _opt(2.0, "distill: τ, the softmax temperature of teacher and student in the KL term")
+
+    @property
+    def data_task(self) -> str:
+        """The task whose prepared data this one reads (distillation reads its student task's)."""
+        return {"distill": "causal_lm", "distill_classification": "classification"}.get(self.name, self.name)
 
 
 @dataclass(frozen=True)
@@ -477,7 +485,7 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError(f"optim.decay_steps is a wsd setting but optim.schedule={o.schedule} — set "
                           f"optim.schedule=wsd or remove it")
     _check_mixture(cfg)
-    if cfg.data.streaming and cfg.task.name not in ("causal_lm", "masked_lm"):
+    if cfg.data.streaming and cfg.task.data_task not in ("causal_lm", "masked_lm"):
         raise ConfigError(f"data.streaming is for pretraining (task.name causal_lm or masked_lm), not {cfg.task.name} "
                           f"— remove it")
     if cfg.data.document_mask and (cfg.task.name != "causal_lm" or not cfg.data.packing):
@@ -506,6 +514,7 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
     if not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas={list(o.betas)} must each be in [0, 1)")
     _check_lora(cfg)
+    _check_distill(cfg.task)
     _check_eval_tasks(cfg)
     _check_parallel(cfg.parallel, world_size)
     _check_paths(cfg)
@@ -525,6 +534,20 @@ def _check_lora(cfg: Config) -> None:
         raise ConfigError("model.lora.targets is empty — name at least one of qkv, out, mlp")
     if cfg.parallel.strategy == "deepspeed":
         raise ConfigError("model.lora trains under single, ddp and fsdp, not deepspeed yet — set parallel.strategy")
+
+
+def _check_distill(task: TaskConfig) -> None:
+    distill = task.name.startswith("distill")
+    if distill and not task.teacher:
+        raise ConfigError(f"task.name={task.name} needs task.teacher: the run dir, checkpoint or Hugging Face folder to "
+                          f"learn from")
+    if task.teacher and not distill:
+        raise ConfigError(f"task.teacher is for task.name distill or distill_classification, not {task.name} — remove "
+                          f"it (model.init_from starts from a model's weights)")
+    if not 0.0 <= task.alpha <= 1.0:
+        raise ConfigError(f"task.alpha={task.alpha} must be in [0, 1]")
+    if not task.temperature > 0:
+        raise ConfigError(f"task.temperature={task.temperature} must be > 0")
 
 
 def recipe_warnings(cfg: Config) -> list[str]:
@@ -577,7 +600,7 @@ def _check_mixture(cfg: Config) -> None:
     d = cfg.data
     if not d.mixture:
         return
-    if cfg.task.name not in ("causal_lm", "masked_lm"):
+    if cfg.task.data_task not in ("causal_lm", "masked_lm"):
         raise ConfigError(f"data.mixture is for pretraining (task.name causal_lm or masked_lm), not {cfg.task.name} — "
                           f"give that task one data.source")
     names = []
@@ -606,7 +629,7 @@ def _check_eval_tasks(cfg: Config) -> None:
             if getattr(e, key) is not None:
                 raise ConfigError(f"eval.{key} applies to eval.tasks, which is empty — name lm-eval tasks in eval.tasks or remove it")
         return
-    if cfg.model.arch != "decoder" or cfg.task.name not in ("causal_lm", "sft"):
+    if cfg.model.arch != "decoder" or cfg.task.data_task not in ("causal_lm", "sft"):
         raise ConfigError(f"eval.tasks scores a decoder language model (task causal_lm or sft), not "
                           f"model.arch={cfg.model.arch} with task.name={cfg.task.name}")
     if e.tasks_limit is not None and e.tasks_limit < 1:

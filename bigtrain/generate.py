@@ -122,7 +122,7 @@ def _checkpoint_model_config(folder: Path):
     from bigtrain.config import build_config
 
     cfg = build_config(yaml.safe_load((folder / "config.yaml").read_text()) or {}, where=str(folder / "config.yaml"))
-    if cfg.model.arch != "decoder" or cfg.task.name == "classification":
+    if cfg.model.arch != "decoder" or cfg.task.data_task == "classification":
         what = "an encoder" if cfg.model.arch != "decoder" else "a classifier"
         raise UserError(f"generate: {folder} holds {what} (task {cfg.task.name}) — only a decoder language model "
                         f"generates text")

@@ -23,6 +23,11 @@ The pieces, per rank, for AdamW:
   forward and backward (the strategy's activation checkpointing applied, the compute dtype's autocast) while
   every tensor storage made is tracked; the block's share and the rest (embeddings, head, loss) are scaled
   back to the recipe's widths and tokens. Dense attention masks (SFT's, document masks off CUDA) are added;
+- teacher (distillation, task.teacher): the frozen teacher's weights in the compute dtype, sharded as the
+  student's are (fsdp, ZeRO-3) or whole. Its forward runs after the student's, under no_grad, so at the start of
+  backward the activations also hold the larger of what it gathers while it runs (fsdp: its root and two blocks;
+  ZeRO-3: the prefetch and live limits) plus its logits, and what the KL keeps for backward (the teacher's
+  probabilities and the student's log-probabilities, fp32, per position and vocabulary entry);
 - runtime: on a CPU, the resident memory libraries take on first use (≈0.1 GB: thread pools, kernel scratch,
   allocator caches), which the peak RSS counts; on CUDA the allocator's peak counts tensors only (the CUDA
   context, ~0.5 GB, comes on top of what either reports).
@@ -188,17 +193,17 @@ def trace_activations(spec, *, tokens: int, seq_len: int, checkpointing: str, pa
                        masks=masks)
 
 
-def _trained_counts(cfg, spec) -> tuple[int, int, int, int, int, int]:
+def _trained_counts(spec, lora=None) -> tuple[int, int, int, int, int, int]:
     """(all parameters, trained ones, the largest block's, the root's own (outside the blocks), the largest trained
     tensor, the blocks' frozen Linear weights and biases), counted on the model built on the meta device (LoRA
-    included)."""
+    included: model.lora's `lora`)."""
     from bigtrain.models import _arch_class
     from bigtrain.models.lora import apply_lora
 
     with torch.device("meta"):
         model = _arch_class(spec.arch)(spec)
-    if getattr(cfg.model, "lora", None) is not None:
-        apply_lora(model, cfg.model.lora)
+    if lora is not None:
+        apply_lora(model, lora)
     unique = {id(p): p for p in model.parameters()}.values()
     total = sum(p.numel() for p in unique)
     trained = sum(p.numel() for p in unique if p.requires_grad)
@@ -210,13 +215,14 @@ def _trained_counts(cfg, spec) -> tuple[int, int, int, int, int, int]:
     return total, trained, block, root, max(p.numel() for p in unique if p.requires_grad), frozen_linears
 
 
-def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type: str) -> MemoryPlan:
+def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type: str, teacher=None) -> MemoryPlan:
     """The memory plan of training `spec` as the recipe `cfg` says, on `world_size` ranks under `strategy`
-    (resolved: single | ddp | fsdp | deepspeed) with the precision `table`."""
+    (resolved: single | ddp | fsdp | deepspeed) with the precision `table`; `teacher`: a distillation teacher's
+    ModelSpec."""
     from bigtrain.strategy.deepspeed import _sized_to_model
 
     p = cfg.parallel
-    total, trained, block, root, largest, frozen = _trained_counts(cfg, spec)
+    total, trained, block, root, largest, frozen = _trained_counts(spec, getattr(cfg.model, "lora", None))
     param_b, compute_b, grad_b = table.param.itemsize, table.compute.itemsize, table.grad_accum.itemsize
     zero = p.zero_stage if strategy == "deepspeed" else 0
     shards = {"fsdp": p.shard_group_size or world_size, "deepspeed": world_size}.get(strategy, 1)
@@ -275,6 +281,18 @@ def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type
                              param_dtype=table.param, compute_dtype=table.compute,
                              loss_chunk=getattr(cfg.task, "loss_chunk_tokens", 0) or 0, dense_mask=dense_mask)
     saved = spec.n_layers * acts.saved_per_block + acts.outside + acts.masks
+    teacher_weights = teacher_forward = 0
+    if teacher is not None:
+        n, _, t_block, t_root, _, _ = _trained_counts(teacher)
+        teacher_weights = (sharded(n) if strategy == "fsdp" or zero == 3 else n) * compute_b
+        classify = cfg.task.data_task == "classification"  # one position per example, over its labels
+        positions, classes = (t.micro_batch_size, teacher.num_labels or 2) if classify else (tokens, teacher.vocab_size)
+        if strategy == "fsdp":  # its root and two blocks gathered while it runs
+            teacher_forward = (t_root + 2 * t_block) * compute_b
+        elif zero == 3:
+            teacher_forward = gathered
+        teacher_forward += positions * classes * compute_b  # its logits, then the KL's saved fp32 tensors
+        saved += max(teacher_forward, 2 * positions * classes * 4)
     accumulating = t.accum_steps(world_size) > 1
     # (activations, gradients made in backward) at the moments the peak can be: backward's start holds every
     # saved activation and the loss's gradients (and, accumulating, the gradients so far); its end every
@@ -288,7 +306,7 @@ def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type
     activations, grads_then, casts_then = moments[when]
     pieces = {
         "weights": weights, "master weights": master, "gradients": grads_kept + grads_then, "optimizer state": optimizer,
-        "buckets": buckets, "gathered": gathered, "autocast copies": casts_then,
+        "buckets": buckets, "gathered": gathered, "autocast copies": casts_then, "teacher": teacher_weights,
         "activations": activations,
         "runtime": CPU_RUNTIME_BYTES if device_type == "cpu" else 0,
     }

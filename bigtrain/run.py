@@ -47,13 +47,16 @@ def padded_vocab_size(vocab_size: int) -> int:
 
 
 def with_init_tokenizer(cfg: Config) -> Config:
-    """With model.init_from, the tokenizer comes from that checkpoint (or Hugging Face folder) unless
-    data.tokenizer is set."""
-    if not cfg.model.init_from or cfg.data.tokenizer:
+    """With model.init_from (else task.teacher: distillation needs the teacher's tokenizer), the tokenizer comes
+    from that checkpoint (or Hugging Face folder) unless data.tokenizer is set."""
+    key = "model.init_from" if cfg.model.init_from else "task.teacher"
+    source = cfg.model.init_from or cfg.task.teacher
+    if not source or cfg.data.tokenizer:
         return cfg
-    folder = checkpoint.resolve_init_checkpoint(cfg.model.init_from, cfg.model.init_revision)
+    folder = checkpoint.resolve_init_checkpoint(source, cfg.model.init_revision if cfg.model.init_from else None,
+                                                key=key)
     if not (folder / TOKENIZER_FILE).is_file():
-        raise UserError(f"model.init_from: {folder} has no {TOKENIZER_FILE} — set data.tokenizer")
+        raise UserError(f"{key}: {folder} has no {TOKENIZER_FILE} — set data.tokenizer")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(folder / TOKENIZER_FILE)))
 
 
@@ -147,16 +150,16 @@ def build(cfg: Config, dist: Dist) -> Built:
     # Data: rank 0 tokenizes and packs once (cached) and checksums the shards the first time (sizes after
     # that); the others then open them.
     def prepare_and_verify():
-        problem = training_prepare_problem(cfg.data, task=cfg.task.name, world_size=dist.world_size,
+        problem = training_prepare_problem(cfg.data, task=cfg.task.data_task, world_size=dist.world_size,
                                            under_slurm="SLURM_JOB_ID" in os.environ)
         if problem:
             raise UserError(problem)
-        prepare_sources(cfg.data, task=cfg.task.name, log=lambda m: log_main(dist, m))
-        verify_sources_once(cfg.data, task=cfg.task.name)
+        prepare_sources(cfg.data, task=cfg.task.data_task, log=lambda m: log_main(dist, m))
+        verify_sources_once(cfg.data, task=cfg.task.data_task)
 
     on_main(dist, prepare_and_verify, what="data preparation")
     check_cache_shared(cfg, dist)
-    data = load_prepared(cfg.data, task=cfg.task.name, verify=False, seed=cfg.run.seed)
+    data = load_prepared(cfg.data, task=cfg.task.data_task, verify=False, seed=cfg.run.seed)
     if hasattr(data.train, "passes"):  # a mixture: how often the run reads each source
         passes = data.train.passes(cfg.train.max_steps * cfg.train.global_batch_size)
         log_main(dist, "data.mixture over the run: " + " · ".join(
@@ -183,7 +186,7 @@ def build(cfg: Config, dist: Dist) -> Built:
     # module as it is built (ZeRO-3): no full copy per rank.
     torch.manual_seed(cfg.run.seed)
     memory = PeakMemory(dist.device)
-    head = {"classification": "classify"}.get(cfg.task.name, "lm")
+    head = {"classification": "classify"}.get(cfg.task.data_task, "lm")
     on_meta = engine_class(cfg.parallel, dist.world_size).builds_on_meta
     with building(cfg, dist):
         model = build_model(cfg.model, model_vocab_size(cfg, data.vocab_size), device="meta" if on_meta else dist.device,
@@ -196,10 +199,7 @@ def build(cfg: Config, dist: Dist) -> Built:
     init_weights = None
     if cfg.model.init_from:
         folder = checkpoint.resolve_init_checkpoint(cfg.model.init_from, cfg.model.init_revision)
-        params = dict(model.named_parameters(remove_duplicate=False))  # ZeRO-3 keeps the full shape in ds_shape
-        expected = {name: tuple(getattr(params.get(name), "ds_shape", None) or t.shape)
-                    for name, t in model.state_dict().items()}
-        report, init_weights = checkpoint.load_init_weights(folder, expected, arch=cfg.model.arch)
+        report, init_weights = checkpoint.load_init_weights(folder, full_shapes(model), arch=cfg.model.arch)
         if dist.is_main:
             (run_dir / "init_from.json").write_text(json.dumps({"checkpoint": str(folder), **report}, indent=1))
         log_main(dist, f"init_from {folder}: loaded {len(report['loaded'])} tensors · "
@@ -207,6 +207,8 @@ def build(cfg: Config, dist: Dist) -> Built:
     engine = build_engine(cfg.parallel, model, lambda m: build_optimizer(cfg.optim, m, dist.device), dist, recipe=cfg)
     if init_weights is not None:
         engine.load_model_weights(init_weights)
+    if cfg.task.teacher:
+        task.teacher = build_teacher(cfg, dist, engine, data, head)
     if cfg.optim.ema_decay:  # averaged from the weights training starts from (a resume loads the saved average)
         sources = engine.ema_sources() if hasattr(engine, "ema_sources") else engine.module  # DeepSpeed: its partitions
         engine.ema = EMA(sources, cfg.optim.ema_decay, cfg.optim.ema_start_step,
@@ -214,12 +216,41 @@ def build(cfg: Config, dist: Dist) -> Built:
     return Built(cfg, dist, data, task, engine.module, engine, extra_files, memory)
 
 
+def full_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Each state-dict tensor's full shape (ZeRO-3 keeps a partitioned parameter's in ds_shape)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {name: tuple(getattr(params.get(name), "ds_shape", None) or t.shape) for name, t in model.state_dict().items()}
+
+
+def build_teacher(cfg: Config, dist: Dist, engine, data, head: str) -> torch.nn.Module:
+    """task.teacher (bigtrain/teacher.py), built as the student was (meta device, ZeRO-3 partitioning) from its own
+    config, its weights loaded and the whole model frozen in the compute dtype by the engine (`Engine.frozen`)."""
+    from bigtrain.teacher import KEY, check_same_labels, check_same_tokenizer, teacher_model_config
+
+    folder = checkpoint.resolve_init_checkpoint(cfg.task.teacher, key=KEY)
+    check_same_tokenizer(folder, data.path / TOKENIZER_FILE)
+    if head == "classify":
+        check_same_labels(folder, data.labels)
+    model_cfg, pooling = teacher_model_config(cfg, folder)
+    with building(cfg, dist):
+        model = build_model(model_cfg, model_cfg.vocab_size or padded_vocab_size(data.vocab_size),
+                            device="meta" if engine.builds_on_meta else dist.device, head=head,
+                            num_labels=len(data.labels) if head == "classify" else None, pooling=pooling)
+    report, weights = checkpoint.load_init_weights(folder, full_shapes(model), arch=model_cfg.arch, key=KEY)
+    if report["new"]:
+        raise UserError(f"{KEY}: {folder} has no weights for {', '.join(report['new'][:4])}"
+                        f"{' …' if len(report['new']) > 4 else ''} — a teacher must be a complete trained model")
+    log_main(dist, f"{KEY} {folder}: {model_cfg.arch} of {count_params(model.spec) / 1e6:.2f}M params, frozen in "
+                   f"{str(engine.precision.compute).removeprefix('torch.')}")
+    return engine.frozen(model, weights)
+
+
 def check_cache_shared(cfg: Config, dist: Dist) -> None:
     """Every rank sees the cache rank 0 prepared, or every rank stops with one line naming data.cache_dir (on a
     multi-node job, a folder local to each node: the other nodes' ranks would find nothing there)."""
     if not dist.distributed:
         return
-    views = all_gather_object(dist, (cache_visible(cfg.data, task=cfg.task.name), socket.gethostname(), dist.rank))
+    views = all_gather_object(dist, (cache_visible(cfg.data, task=cfg.task.data_task), socket.gethostname(), dist.rank))
     blind = [(host, rank) for seen, host, rank in views if not seen]
     if blind:
         hosts = sorted({host for host, _ in blind})

@@ -124,13 +124,13 @@ def check_model(cfg: Config, num_labels: int = 2) -> ModelSpec | None:
         if is_hub_id(m.init_from) and local_folder(m.init_from, m.init_revision, download=False) is None:
             return None
         cfg = with_hf_model(cfg, download=False)
-    classify = cfg.task.name == "classification"
+    classify = cfg.task.data_task == "classification"
     spec = resolve_model_spec(cfg.model, cfg.model.vocab_size, head="classify" if classify else "lm",
                               num_labels=num_labels if classify else None, pooling=cfg.task.pooling)
     if cfg.data.seq_len > spec.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={spec.max_seq_len} "
                         f"(set model.max_seq_len or lower data.seq_len)")
-    needs = {"causal_lm": "decoder", "sft": "decoder", "masked_lm": "encoder"}.get(cfg.task.name)
+    needs = {"causal_lm": "decoder", "sft": "decoder", "masked_lm": "encoder"}.get(cfg.task.data_task)
     if needs and spec.arch != needs:
         raise UserError(f"task.name={cfg.task.name} needs model.arch: {needs}, got '{spec.arch}'")
     return spec

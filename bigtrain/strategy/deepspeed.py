@@ -47,7 +47,7 @@ from torch import nn
 from bigtrain import filehash
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, barrier, broadcast_object, use_tf32
-from bigtrain.strategy.precision import PrecisionTable
+from bigtrain.strategy.precision import PrecisionTable, freeze_in
 from bigtrain.strategy.transforms import apply_transforms, named_tensors
 
 TAG = "deepspeed"  # the one DeepSpeed tag folder inside a bigtrain checkpoint folder
@@ -280,6 +280,8 @@ class DeepSpeedEngine:
             optimizer = _cpu_adam(optimizer)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                 dist_init_required=False)
+        self._config = config
+        self._frozen = []  # DeepSpeed engines of frozen models (frozen(), ZeRO-3): destroyed with this one
         self.module = model  # the bare model (ZeRO-3: its parameters are partitioned)
         self.model = self.ds  # forward through the DeepSpeed engine (ZeRO-3 gathers parameters)
         self.optimizer = self.ds.basic_optimizer  # the optimizer DeepSpeed steps: its groups carry the lr
@@ -382,6 +384,8 @@ class DeepSpeedEngine:
         exception")."""
         import gc
 
+        for frozen in self._frozen:
+            frozen.destroy()
         self.ds.destroy()
         gc.collect()
 
@@ -390,10 +394,14 @@ class DeepSpeedEngine:
     def load_model_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Full tensors by state_dict name (init_from), one at a time (with ZeRO-3 only rank 0 reads them);
         refreshes DeepSpeed's fp32 master copies."""
+        self._write_full(self.module, weights)
+        self.ds.optimizer.refresh_fp32_params()
+
+    def _write_full(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
         import deepspeed
 
         stage3 = self.ds.zero_optimization_partition_weights()
-        for name, tensor in named_tensors(self.module).items():
+        for name, tensor in named_tensors(model).items():
             if name not in weights:
                 continue
             # ZeRO-3: gather the full parameter, let rank 0 write it, re-partition from rank 0's copy.
@@ -402,7 +410,27 @@ class DeepSpeedEngine:
             with context, torch.no_grad():
                 if not gathered or self.dist.is_main:
                     tensor.data.copy_(weights[name].to(tensor.dtype))
-        self.ds.optimizer.refresh_fp32_params()
+
+    def frozen(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+        """Another model (a distillation teacher) frozen in the compute dtype with `weights`, laid out as this
+        engine lays out its own: whole on every rank under ZeRO-1/2 (they partition optimizer state and gradients,
+        which a frozen model has none of); under ZeRO-3 partitioned (run.py builds it in `building`, as the
+        student) and run by a DeepSpeed engine without an optimizer, which gathers each module's parameters for
+        its forward and releases them after."""
+        if not self.ds.zero_optimization_partition_weights():
+            freeze_in(model, self.precision.compute)
+            self._write_full(model, weights)
+            return model
+        import deepspeed
+
+        model.requires_grad_(False).eval()
+        self._write_full(model, weights)
+        config = {**self._config, "zero_optimization": {
+            k: v for k, v in self._config["zero_optimization"].items() if k != "offload_optimizer"}}
+        engine, _, _, _ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+        engine.eval()
+        self._frozen.append(engine)
+        return engine
 
     def save_state(self, folder: Path) -> None:
         from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,

@@ -38,7 +38,8 @@ from bigtrain import filehash
 from bigtrain.ema import EMA_KEY
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, use_tf32
-from bigtrain.strategy.precision import PrecisionTable, hold_frozen_linears_in, make_grad_scaler, scaled_optimizer_step
+from bigtrain.strategy.precision import (PrecisionTable, freeze_in, hold_frozen_linears_in, make_grad_scaler,
+                                         scaled_optimizer_step)
 from bigtrain.strategy.transforms import apply_transforms, named_tensors
 
 DCP_METADATA = ".metadata"  # written last by dcp.save; marks a DCP folder
@@ -175,24 +176,39 @@ class FSDPEngine:
             hold_frozen_linears_in(model, precision.compute)  # a LoRA base: sharded in the compute dtype
         apply_transforms(model, parallel_cfg)  # activation checkpointing, then compile, before sharding
 
-        offload = parallel_cfg.offload_params == "cpu"
+        self.mesh = build_mesh(dist, parallel_cfg.shard_group_size)
         mp = (MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=precision.grad_reduce)
               if precision.compute != precision.param else MixedPrecisionPolicy())
-        offload_policy = CPUOffloadPolicy(pin_memory=dist.device.type == "cuda") if offload else OffloadPolicy()
-        shard = dict(mesh=build_mesh(dist, parallel_cfg.shard_group_size), mp_policy=mp, offload_policy=offload_policy)
+        self._shard(model, mp)
+        self.module = self.model = model
+        self.optimizer = make_optimizer(model)
+        self.scaler = make_grad_scaler(precision, dist.device)
+
+    def _shard(self, model: nn.Module, mp: MixedPrecisionPolicy) -> None:
+        """fully_shard each block, then the root (embeddings, final norm and head), over this engine's mesh; then
+        allocate this rank's shards (on the CPU with parallel.offload_params=cpu) and initialise them."""
+        offload = self.parallel_cfg.offload_params == "cpu"
+        offload_policy = CPUOffloadPolicy(pin_memory=self.dist.device.type == "cuda") if offload else OffloadPolicy()
+        shard = dict(mesh=self.mesh, mp_policy=mp, offload_policy=offload_policy)
         for block in model.blocks:
             fully_shard(block, **shard)
-        fully_shard(model, **shard)  # the root: embeddings, final norm and head
-
-        model.to_empty(device="cpu" if offload else dist.device)  # allocates this rank's shards only
+        fully_shard(model, **shard)
+        model.to_empty(device="cpu" if offload else self.dist.device)  # allocates this rank's shards only
         model.init_weights()
         if offload:  # buffers (rotary tables) are not offloaded: they live where the compute is
             for module in model.modules():
                 for name, buffer in module.named_buffers(recurse=False):
-                    setattr(module, name, buffer.to(dist.device))
-        self.module = self.model = model
-        self.optimizer = make_optimizer(model)
-        self.scaler = make_grad_scaler(precision, dist.device)
+                    setattr(module, name, buffer.to(self.dist.device))
+
+    def frozen(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+        """Another model (a distillation teacher, built on the meta device) frozen in the compute dtype with
+        `weights`, sharded as this engine shards its own: each forward gathers a block at a time, and after it
+        every parameter goes back to its shard (FSDP keeps the root gathered for a backward that never comes)."""
+        freeze_in(model, self.precision.compute)
+        self._shard(model, MixedPrecisionPolicy())  # already in the compute dtype
+        self._load_full_tensors(model, weights)
+        model.register_forward_hook(lambda module, args, output: module.reshard())
+        return model
 
     # ---------------------------------------------------------------- step pieces
 
@@ -246,7 +262,10 @@ class FSDPEngine:
         rank receiving just its rows; anything else (HSDP's 2-D layout, buffers) is broadcast whole. So the
         checkpoint is read once per job, and beside its shards a rank holds at most one tensor's rows (rank 0:
         the tensor it read, memory-mapped when the checkpoint is)."""
-        targets = named_tensors(self.module)
+        self._load_full_tensors(self.module, weights)
+
+    def _load_full_tensors(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+        targets = named_tensors(model)
         with torch.no_grad():
             for name in weights:  # the same names in the same order on every rank
                 _load_full_tensor(targets[name], weights[name] if self.dist.is_main else None, self.dist)

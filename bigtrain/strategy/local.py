@@ -22,7 +22,7 @@ from bigtrain import filehash
 from bigtrain.ema import EMA_FILE
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, use_tf32
-from bigtrain.strategy.precision import (PrecisionTable, autocast, hold_frozen_linears_in, make_grad_scaler,
+from bigtrain.strategy.precision import (PrecisionTable, autocast, freeze_in, hold_frozen_linears_in, make_grad_scaler,
                                          scaled_optimizer_step)
 from bigtrain.strategy.transforms import apply_transforms
 
@@ -100,10 +100,14 @@ class LocalEngine:
 
     def load_model_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Full tensors by name, copied one at a time (a lazy mapping reads each only then)."""
-        targets = self.module.state_dict(keep_vars=True)
-        with torch.no_grad():
-            for name in weights:
-                targets[name].copy_(weights[name])
+        copy_weights(self.module, weights)
+
+    def frozen(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+        """Another model (a distillation teacher, built on this device) frozen in the compute dtype with
+        `weights`, whole on every rank like this engine's own."""
+        freeze_in(model, self.precision.compute)
+        copy_weights(model, weights)
+        return model
 
     def _state_files(self) -> dict[str, dict]:
         """file name -> the state dict it holds (rank 0 writes them all)."""
@@ -140,6 +144,14 @@ class LocalEngine:
 
     def close(self) -> None:
         """Nothing of its own to release (DeepSpeed's engine has)."""
+
+
+def copy_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Full tensors by state-dict name into `model`, one at a time (a lazy mapping reads each only then)."""
+    targets = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name in weights:
+            targets[name].copy_(weights[name])
 
 
 def copy_to_host(obj, _memo: dict | None = None):

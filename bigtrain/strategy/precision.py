@@ -76,6 +76,16 @@ def hold_frozen_linears_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
                         param.data = param.data.to(dtype)
 
 
+def freeze_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` made a frozen inference copy (a distillation teacher): no gradients, eval mode (no dropout), every
+    parameter stored in `dtype`, the compute dtype (no fp32 master copy: nothing updates it). Buffers keep their
+    dtype (RoPE's tables are computed in fp32). Works on the meta device."""
+    model.requires_grad_(False).eval()
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    return model
+
+
 @dataclass(frozen=True)
 class Resolved:
     """What `parallel.precision` means on this job: the precision name (never `auto`) and why."""

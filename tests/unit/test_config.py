@@ -38,6 +38,16 @@ HUB_CONFIGS = {
                          "original_max_position_embeddings": 8192, "rope_type": "llama3"},
         "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
         "vocab_size": 128256},
+    "meta-llama/Llama-3.1-8B": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+        "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False,
+        "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 128256},
     "google-bert/bert-base-uncased": {
         "architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
         "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072,
@@ -45,6 +55,9 @@ HUB_CONFIGS = {
         "num_hidden_layers": 12, "pad_token_id": 0, "position_embedding_type": "absolute", "type_vocab_size": 2,
         "use_cache": True, "vocab_size": 30522},
 }
+
+
+HUB_CONFIGS["meta-llama/Llama-3.2-1B"] = {**HUB_CONFIGS["meta-llama/Llama-3.2-1B-Instruct"], "eos_token_id": 128001}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +85,20 @@ def test_check_reports_the_size_of_a_hub_model_from_its_config_json(hub_env):
     assert result.returncode == 0, result.stderr
     params = int(next(l for l in result.stdout.splitlines() if l.startswith("parameters")).split()[1].replace(",", ""))
     assert params == 1_235_814_400  # Llama 3.2 1B, tied embeddings (transformers' num_parameters())
+
+
+def test_check_plans_the_8b_teacher_of_the_llama_1b_distillation_recipe(hub_env):
+    """The cluster example: Llama 3.2 1B distilled from Llama 3.1 8B on 8 GPUs under fsdp; the teacher's bf16
+    weights are sharded over the 8 ranks like the student's, and the whole plan fits an 80 GB GPU."""
+    result = run_cli("check", "recipes/finetune/distill-llama-1b-from-8b.yaml", "--world-size", "8",
+                     "--device-memory-gb", "80", env=hub_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    teacher = next(l for l in lines if l.startswith("teacher"))
+    assert "32 layers × d_model 4096" in teacher and "8,030,261,248 parameters" in teacher and "bfloat16" in teacher
+    planned = next(l for l in lines if l.split()[:1] == ["teacher"] and l.strip().endswith("GB"))
+    assert float(planned.split()[1]) == pytest.approx(8_030_261_248 * 2 / 8 / 1e9, abs=1e-3)  # bf16, 1/8 per rank
+    assert any(l.strip().startswith("fits in 80 GB") for l in lines)
 
 
 def test_check_reports_gpt2_124m_size():
@@ -229,3 +256,21 @@ def test_eval_tasks_is_a_list_of_any_length():
     validate(cfg)
     assert cfg.eval.tasks == ("hellaswag", "arc_easy", "piqa") and build_config({}).eval.tasks == ()
     assert build_config(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("task, message", [
+    ({"name": "distill"}, r"^task.name=distill needs task.teacher"),
+    ({"name": "causal_lm", "teacher": "runs/big"}, r"^task.teacher is for task.name distill or distill_classification"),
+    ({"name": "distill", "teacher": "runs/big", "alpha": 1.5}, r"^task.alpha=1.5 must be in \[0, 1\]$"),
+    ({"name": "distill", "teacher": "runs/big", "temperature": 0}, r"^task.temperature=0.0 must be > 0$"),
+    ({"name": "distill", "teacher": "runs/big", "loss_chunk_tokens": 64}, r"^task.loss_chunk_tokens chunks"),
+])
+def test_distill_settings_are_checked(task, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(build_config({"task": task}))
+
+
+def test_distill_tasks_read_their_students_data():
+    assert build_config({"task": {"name": "distill"}}).task.data_task == "causal_lm"
+    assert build_config({"task": {"name": "distill_classification"}}).task.data_task == "classification"
+    assert build_config({"task": {"name": "sft"}}).task.data_task == "sft"

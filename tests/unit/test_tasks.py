@@ -208,3 +208,53 @@ def test_chunked_loss_equals_the_whole_logits_loss_and_gradients(task_name):
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
     for name, grad in whole_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def _kl_reference(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """KL(p_teacher ‖ p_student) at temperature tau per row, in float64 from the definition."""
+    p = torch.softmax(teacher.double() / tau, -1)
+    return (p * (p.log() - torch.log_softmax(student.double() / tau, -1))).sum(-1)
+
+
+@pytest.mark.parametrize("alpha, tau", [(0.5, 2.0), (1.0, 1.0), (0.0, 3.0), (0.3, 0.5)])
+def test_distillation_loss_is_the_weighted_sum_of_kl_and_cross_entropy_over_targets(alpha, tau):
+    from bigtrain.tasks import distillation_loss_sum
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 5, 12, generator=g, requires_grad=True)  # 12 logits: 10 tokens + 2 padded rows
+    teacher = torch.randn(2, 5, 12, generator=g) * 3
+    labels = torch.tensor([[1, 2, IGNORE_INDEX, 4, 5], [9, IGNORE_INDEX, IGNORE_INDEX, 0, 3]])
+    got = distillation_loss_sum(student, teacher, labels, alpha=alpha, temperature=tau, classes=10)
+    keep = labels != IGNORE_INDEX
+    kl = _kl_reference(student[..., :10], teacher[..., :10], tau)[keep].sum()
+    ce = torch.nn.functional.cross_entropy(student.double()[keep], labels[keep], reduction="sum")
+    assert got.item() == pytest.approx((alpha * tau * tau * kl + (1 - alpha) * ce).item(), rel=1e-6)
+    # A target's term depends only on its own logits: the padded vocabulary rows and ignored positions add nothing
+    # to the KL, and a sum over micro-batches is the sum over the whole batch (the loop divides by the global count).
+    halves = sum(distillation_loss_sum(student[i:i + 1], teacher[i:i + 1], labels[i:i + 1], alpha=alpha,
+                                       temperature=tau, classes=10) for i in range(2))
+    assert halves.item() == pytest.approx(got.item(), rel=1e-6)
+    got.backward()
+    assert student.grad[~keep].abs().max() == 0  # ignored positions get no gradient
+
+
+def test_distill_classification_loss_uses_the_classifier_logits():
+    from bigtrain.tasks import DistillClassification
+
+    task = DistillClassification(pad_id=0, labels=["a", "b", "c"], alpha=0.5, temperature=2.0)
+    g = torch.Generator().manual_seed(1)
+    student_logits, teacher_logits = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    batch = task.collate([{"tokens": np.array([5, 6, 7]), "label": i % 3} for i in range(4)], range(4), CPU)
+
+    def model_giving(logits):
+        return lambda input_ids, attn_mask=None, lengths=None: logits
+
+    task.teacher = model_giving(teacher_logits)
+    got = task.loss_sum(model_giving(student_logits), batch)
+    kl = _kl_reference(student_logits, teacher_logits, 2.0).sum()
+    ce = torch.nn.functional.cross_entropy(student_logits.double(), batch["labels"], reduction="sum")
+    assert got.item() == pytest.approx((0.5 * 4 * kl + 0.5 * ce).item(), rel=1e-6)
+    sums = task.eval_sums(model_giving(student_logits), batch)
+    metrics = task.eval_metrics(sums)
+    assert metrics["eval/loss"] == pytest.approx(ce.item() / 4, rel=1e-6)  # the student's own cross-entropy
+    assert metrics["eval/distill_loss"] == pytest.approx(got.item() / 4, rel=1e-6)
