@@ -6,6 +6,10 @@ rng/rank-NNNNN.pt, and manifest.json. Everything is written into a hidden temp f
 manifest (size + sha256 of every file) is written last and the folder is renamed into place, so a
 `step-*` folder is complete by construction and a damaged one is caught by its checksums.
 Tensors go through the engine (`save_state` / `load_state`) so each strategy owns its format.
+A LoRA run started from `model.init_from` saves only what it changes (adapters, a new head, optimizer, trainer
+state): the frozen base tensors stay in the base, which base.json names (its folder, a sha256 of its weights and
+which of its tensors the model holds). A resume checks the base is the same; readers (`open_weights`: export,
+eval, init_from) put the base's tensors back under the checkpoint's own (`with_base`).
 `checkpoint.async_save` (the `Checkpointer`): the training thread only copies the state to host memory;
 writing, fsync, checksums, the manifest, the rename and pruning happen on a background thread, and the
 next save or the process's exit waits for them. A preemption's save is synchronous.
@@ -33,6 +37,7 @@ from bigtrain.strategy.dist import all_gather_object, new_background_group
 
 MANIFEST = "manifest.json"
 TRAINER = "trainer.json"
+BASE_FILE = "base.json"  # a LoRA run's checkpoints: the base whose frozen tensors they leave out
 
 
 class CheckpointError(UserError):
@@ -352,11 +357,20 @@ def find_resume_checkpoint(resume: str, run_dir: Path, warn=print, dist: Dist | 
     return candidates[-1]
 
 
-def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print) -> TrainState:
-    """Load engine state + trainer state from the chosen checkpoint (collective; the ranks verify it together)."""
+def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print, base: dict | None = None) -> TrainState:
+    """Load engine state + trainer state from the chosen checkpoint (collective; the ranks verify it together).
+    `base`: the base_reference of the model this run built (a LoRA run's init_from), which a checkpoint holding
+    only adapters must have been trained on."""
     folder = find_resume_checkpoint(resume_setting, run_dir, warn, dist)
     if folder is None:
         return TrainState()
+    if (folder / BASE_FILE).is_file():
+        saved = json.loads((folder / BASE_FILE).read_text())
+        if base is None or base["sha256"] != saved["sha256"]:
+            now = f"model.init_from is now {base['init_from']} (sha256 {base['sha256'][:12]})" if base else \
+                "this run has no model.lora base"
+            raise CheckpointError(f"checkpoint {folder} holds LoRA adapters trained on {saved['init_from']} (sha256 "
+                                  f"{saved['sha256'][:12]}), but {now} — resume with the base it was trained on")
     engine.load_state(folder)
     saved = json.loads((folder / TRAINER).read_text())
     _restore_rng(folder, dist, saved.get("world_size", 1))
@@ -405,24 +419,9 @@ def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arc
     Hugging Face classifier of another num_labels than the data's: that head is new (and the folder's unused),
     as transformers' from_pretrained(num_labels=..., ignore_mismatched_sizes=True) does.
     """
-    import yaml
-
     from bigtrain.interop.hf_config import is_hf_folder
 
-    if is_hf_folder(folder):
-        from bigtrain.interop.hf_weights import open_hf_weights
-
-        reader = open_hf_weights(folder, where=key)
-        saved_arch = reader.arch
-    else:
-        reader = open_weights(folder)
-        saved_model = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("model", {})
-        saved_arch = saved_model.get("arch", "decoder")
-        if saved_model.get("lora"):  # a LoRA run: its adapters merged into the weights they adapt
-            from bigtrain.config import LoraConfig
-            from bigtrain.models.lora import MergedLoRAWeights
-
-            reader = MergedLoRAWeights(reader, LoraConfig(**saved_model["lora"]).scaling)
+    reader, saved_arch = open_init_reader(folder, key)
     saved = reader.tensors()  # name -> (dtype, shape): nothing read yet
     if saved_arch != arch:
         foreign = next((k for k in saved if k not in expected), next(iter(saved)))
@@ -441,6 +440,87 @@ def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arc
     report = {"loaded": loaded, "new": [k for k in expected if k not in loaded],
               "unused": [k for k in saved if k not in loaded]}
     return report, LazyWeights(reader, {k: "tok_emb.weight" if k in tied else k for k in loaded})
+
+
+def open_init_reader(folder: Path, key: str = "model.init_from"):
+    """(WeightsReader under bigtrain's tensor names, arch) of what init_from reads in `folder`: a Hugging Face
+    folder's weights, or a checkpoint's (a LoRA run's with its adapters merged into the weights they adapt)."""
+    import yaml
+
+    from bigtrain.interop.hf_config import is_hf_folder
+
+    if is_hf_folder(folder):
+        from bigtrain.interop.hf_weights import open_hf_weights
+
+        reader = open_hf_weights(folder, where=key)
+        return reader, reader.arch
+    reader = open_weights(folder)
+    saved_model = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("model", {})
+    if saved_model.get("lora"):
+        from bigtrain.config import LoraConfig
+        from bigtrain.models.lora import MergedLoRAWeights
+
+        reader = MergedLoRAWeights(reader, LoraConfig(**saved_model["lora"]).scaling)
+    return reader, saved_model.get("arch", "decoder")
+
+
+def base_reference(folder: Path, tensors: dict[str, str]) -> dict:
+    """base.json of a LoRA run started from `folder`: its path, a sha256 of its weights, and `tensors` (model name →
+    the name init_from read it under) that checkpoints leave out. A bigtrain checkpoint is identified by its
+    manifest (every file's sha256); a Hugging Face folder by its weights files' digests (a hub snapshot's files
+    are blobs named by their sha256; a local folder's are read once)."""
+    import hashlib
+
+    from bigtrain.interop.hf_config import is_hf_folder
+
+    digest = hashlib.sha256()
+    if is_hf_folder(folder):
+        for path in sorted(folder.iterdir()):
+            if path.suffix in (".safetensors", ".bin", ".pt") or path.name.endswith(".index.json"):
+                blob = path.resolve().name
+                file_digest = blob if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob) else \
+                    filehash.sha256(path)
+                digest.update(f"{path.name} {file_digest}\n".encode())
+    else:
+        digest.update((folder / MANIFEST).read_bytes())
+    return {"init_from": str(folder), "sha256": digest.hexdigest(), "tensors": tensors}
+
+
+def with_base(reader, folder: Path):
+    """`reader` (a checkpoint's own tensors) with the base tensors its base.json names put back, read from the
+    base on lookup: the whole model, as a checkpoint that held it would give."""
+    saved = json.loads((Path(folder) / BASE_FILE).read_text())
+    base_folder = Path(saved["init_from"])
+    if not base_folder.exists():
+        raise CheckpointError(f"checkpoint {folder} holds LoRA adapters of the base {base_folder}, which is gone — "
+                              f"put the base back there")
+    base, _ = open_init_reader(base_folder, key=f"{folder / BASE_FILE}")
+    return BaseOverlay(reader, base, saved["tensors"])
+
+
+class BaseOverlay:
+    """A WeightsReader: a checkpoint's own tensors, plus `names` (model name → base name) read from `base`."""
+
+    def __init__(self, own, base, names: dict[str, str]):
+        self.own, self.base, self.names = own, base, names
+
+    def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        in_base = self.base.tensors()
+        return {**{name: in_base[source] for name, source in self.names.items()}, **self.own.tensors()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.base.get(self.names[name]) if name in self.names and name not in self.own.tensors() else \
+            self.own.get(name)
+
+
+def load_base(folder: Path, engine) -> None:
+    """Before `engine.load_state(folder)` of a checkpoint holding only LoRA adapters (base.json) into a model built
+    without its base (`bigtrain eval`): the base tensors, loaded from the base."""
+    if not (folder / BASE_FILE).is_file():
+        return
+    names = json.loads((folder / BASE_FILE).read_text())["tensors"]
+    engine.skip_saving = frozenset(names)
+    engine.load_model_weights(LazyWeights(open_weights(folder), {name: name for name in names}))
 
 
 class LazyWeights(Mapping):

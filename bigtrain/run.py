@@ -141,6 +141,7 @@ class Built:
     engine: object
     extra_files: dict  # run-dir files every checkpoint carries (tokenizer, labels)
     memory: PeakMemory  # peak memory from just before the model is built (what `bigtrain check` plans)
+    base: dict | None = None  # a LoRA run's base.json (checkpoint.base_reference): what its checkpoints leave out
 
 
 def build(cfg: Config, dist: Dist) -> Built:
@@ -207,13 +208,23 @@ def build(cfg: Config, dist: Dist) -> Built:
     engine = build_engine(cfg.parallel, model, lambda m: build_optimizer(cfg.optim, m, dist.device), dist, recipe=cfg)
     if init_weights is not None:
         engine.load_model_weights(init_weights)
+    base = None
+    if cfg.model.lora is not None and init_weights is not None:  # checkpoints leave the frozen base in the base
+        from bigtrain.models.lora import is_trained
+
+        frozen = {name: source for name, source in init_weights.names.items() if not is_trained(name)}
+        base = broadcast_object(dist, checkpoint.base_reference(folder, frozen) if dist.is_main else None)
+        engine.skip_saving = frozenset(frozen)
+        extra_files[checkpoint.BASE_FILE] = run_dir / checkpoint.BASE_FILE
+        if dist.is_main:
+            (run_dir / checkpoint.BASE_FILE).write_text(json.dumps(base, indent=1))
     if cfg.task.teacher:
         task.teacher = build_teacher(cfg, dist, engine, data, head)
     if cfg.optim.ema_decay:  # averaged from the weights training starts from (a resume loads the saved average)
         sources = engine.ema_sources() if hasattr(engine, "ema_sources") else engine.module  # DeepSpeed: its partitions
         engine.ema = EMA(sources, cfg.optim.ema_decay, cfg.optim.ema_start_step,
                          after_swap=getattr(engine, "release_gathered", None))
-    return Built(cfg, dist, data, task, engine.module, engine, extra_files, memory)
+    return Built(cfg, dist, data, task, engine.module, engine, extra_files, memory, base)
 
 
 def full_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -284,7 +295,8 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
         if dist.is_main:
             (run_dir / "config.yaml").write_text(config_yaml)
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # an earlier start's; this one may write its own
-        state = checkpoint.resume(cfg.checkpoint.resume, run_dir, b.engine, dist, warn=lambda m: log_main(dist, m))
+        state = checkpoint.resume(cfg.checkpoint.resume, run_dir, b.engine, dist, warn=lambda m: log_main(dist, m),
+                                  base=b.base)
         if b.engine.ema:
             b.engine.ema.step = state.step
 
@@ -371,6 +383,7 @@ def run_eval(cfg: Config, folder: Path) -> dict[str, float]:
         if cfg.eval.use_ema:
             open_weights(folder, ema=True)  # a checkpoint without EMA weights: a one-line error, not its weights
         b = build(cfg, dist)
+        checkpoint.load_base(folder, b.engine)  # a LoRA checkpoint's frozen base tensors, from its base
         b.engine.load_state(folder)
         ctx = LoopContext(cfg=cfg, dist=dist, engine=b.engine, task=b.task, train_data=b.data.train,
                           val_data=b.data.validation, logger=None, flops_per_token=0.0, peak_flops_per_sec=1.0,

@@ -42,6 +42,7 @@ class Engine(Protocol):
     builds_on_meta: bool              # class attribute: run.py builds the model on the meta device
     ema: object                       # bigtrain.ema.EMA (optim.ema_decay; run.py attaches it; saved and loaded with the state) or None
     checkpoint_format: str            # class attribute: key of READERS for its checkpoints
+    skip_saving: frozenset            # state-dict names its checkpoints leave out (a LoRA run's base, base.json)
 
     def autocast(self) -> ContextManager: ...
     def no_sync(self, sync: bool) -> ContextManager: ...
@@ -129,7 +130,12 @@ def checkpoint_format(folder: Path) -> str:
 def open_weights(folder: Path, ema: bool = False) -> WeightsReader:
     """A reader of the model weights in checkpoint `folder`, whatever strategy wrote it (`ema`: its EMA weights)."""
     fmt = checkpoint_format(folder)
-    return importlib.import_module(f"bigtrain.strategy.{READERS[fmt]}").open_weights(Path(folder), ema=ema)
+    reader = importlib.import_module(f"bigtrain.strategy.{READERS[fmt]}").open_weights(Path(folder), ema=ema)
+    if (Path(folder) / "base.json").is_file():  # a LoRA run's adapters only: the base's tensors come from the base
+        from bigtrain.checkpoint import with_base
+
+        reader = with_base(reader, folder)
+    return reader
 
 
 def iter_weights(reader: WeightsReader) -> Iterator[tuple[str, torch.Tensor]]:

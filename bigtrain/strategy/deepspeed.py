@@ -248,6 +248,7 @@ class DeepSpeedEngine:
     needs_recipe = True  # its config repeats batch sizes, accumulation and clipping
     checkpoint_format = "deepspeed"
     ema = None  # bigtrain.ema.EMA over ema_sources() when optim.ema_decay is set (run.py attaches it)
+    skip_saving = frozenset()  # its checkpoints hold every tensor (model.lora, which leaves the base out, is not here)
 
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg,
                  recipe):

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -163,6 +163,7 @@ class FSDPEngine:
     builds_on_meta = True
     checkpoint_format = "dcp"
     ema = None  # bigtrain.ema.EMA over this rank's shards when optim.ema_decay is set (run.py attaches it)
+    skip_saving = frozenset()  # a LoRA run's base tensors (run.py sets them; base.json names where they are)
 
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg):
         if parallel_cfg.offload_params == "nvme":
@@ -273,6 +274,7 @@ class FSDPEngine:
     def _state(self) -> dict:
         """What a DCP checkpoint holds: model and optimizer state (and the EMA's shards), by state-dict name."""
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        model_state = {name: t for name, t in model_state.items() if name not in self.skip_saving}
         state = {MODEL_KEY: model_state, OPTIM_KEY: optim_state}
         if self.ema:
             state[EMA_KEY] = self.ema.state_dict()
@@ -304,7 +306,7 @@ class FSDPEngine:
             del state[EMA_KEY]
         dcp.load(state, storage_reader=SafeReader(str(folder)), planner=SafeLoadPlanner())
         set_state_dict(self.module, self.optimizer, model_state_dict=state[MODEL_KEY],
-                       optim_state_dict=state[OPTIM_KEY])
+                       optim_state_dict=state[OPTIM_KEY], options=StateDictOptions(strict=not self.skip_saving))
         if self.ema:  # loaded in place into the EMA's own shards, or (saved without EMA) started here
             self.ema.load_state_dict(state[EMA_KEY]) if saved_ema else self.ema.restart_from_weights()
         if self.scaler and (folder / "scaler.pt").exists():

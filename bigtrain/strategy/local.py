@@ -39,6 +39,7 @@ class LocalEngine:
     builds_on_meta = False
     checkpoint_format = "local"
     ema = None  # bigtrain.ema.EMA when optim.ema_decay is set (run.py attaches it)
+    skip_saving = frozenset()  # a LoRA run's base tensors (run.py sets them; base.json names where they are)
 
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg):
         self.dist = dist
@@ -111,7 +112,8 @@ class LocalEngine:
 
     def _state_files(self) -> dict[str, dict]:
         """file name -> the state dict it holds (rank 0 writes them all)."""
-        files = {"model.pt": self.module.state_dict(), "optimizer.pt": self.optimizer.state_dict()}
+        model = {name: t for name, t in self.module.state_dict().items() if name not in self.skip_saving}
+        files = {"model.pt": model, "optimizer.pt": self.optimizer.state_dict()}
         if self.scaler:
             files["scaler.pt"] = self.scaler.state_dict()
         if self.ema:
@@ -133,7 +135,8 @@ class LocalEngine:
 
     def load_state(self, folder: Path) -> None:
         device = self.dist.device
-        self.module.load_state_dict(torch.load(folder / "model.pt", map_location=device, weights_only=True))
+        load_leaving_out(self.module, torch.load(folder / "model.pt", map_location=device, weights_only=True),
+                         self.skip_saving)
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
         if self.scaler and (folder / "scaler.pt").exists():
             self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
@@ -144,6 +147,14 @@ class LocalEngine:
 
     def close(self) -> None:
         """Nothing of its own to release (DeepSpeed's engine has)."""
+
+
+def load_leaving_out(model: nn.Module, state: dict, left_out: frozenset) -> None:
+    """load_state_dict, strict but for the `left_out` names a checkpoint may lack (they are loaded already)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if name not in left_out]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint model state: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
 
 def copy_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:

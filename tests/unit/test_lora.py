@@ -5,6 +5,7 @@ adapter folder, each giving bigtrain's logits in transformers / peft."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -113,7 +114,7 @@ def test_lora_fine_tune_of_an_hf_model_exports_merged_and_as_a_peft_adapter(tmp_
     GPT-2 has fused Conv1D modules (fan_in_fan_out); Llama's q/k/v and gate/up are separate HF modules that
     share bigtrain's fused adapter A."""
     from bigtrain.checkpoint import list_checkpoints, load_init_weights
-    from bigtrain.strategy import open_weights
+    from bigtrain.strategy import local, open_weights
 
     folder = hf_folder(tmp_path, family, tokenizer=bpe)
     recipe = write_recipe(tmp_path / "lora.yaml", tiny_recipe(cache_dir, tmp_path / "runs", model={"lora": LORA},
@@ -123,8 +124,10 @@ def test_lora_fine_tune_of_an_hf_model_exports_merged_and_as_a_peft_adapter(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lora: trainable " in result.stderr and "parameters (" in result.stderr
     run_dir = tmp_path / "runs/lora"
-    reader = open_weights(list_checkpoints(run_dir)[-1])
+    reader = open_weights(list_checkpoints(run_dir)[-1])  # the adapters saved, the base read from the HF folder
     trained = {name: reader.get(name) for name in reader.tensors()}
+    own = local.open_weights(list_checkpoints(run_dir)[-1]).tensors()
+    assert own and all(name.endswith((".lora_A", ".lora_B")) for name in own)
 
     cfg = with_hf_model(Config(model=ModelConfig(init_from=str(folder), lora=LoraConfig(**LORA)),
                                data=DataConfig(seq_len=32)))
@@ -203,3 +206,64 @@ def test_lora_trains_alike_under_single_ddp_and_fsdp_with_checkpointing(tmp_path
     assert losses["single"][-1] < losses["single"][0]
     for strategy in ("ddp", "fsdp"):
         assert losses[strategy] == pytest.approx(losses["single"], rel=1e-5), strategy
+
+
+@pytest.mark.slow
+def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly_on_any_world_size(tmp_path, cache_dir):
+    """A LoRA run from a base checkpoint saves the adapters, optimizer and trainer state plus base.json (the
+    base's folder and sha256), not the frozen base: its checkpoint files are a fraction of the base's. Resumes
+    (single: bit for bit; fsdp from 2 processes to 1: DCP reshards) log the losses of an uninterrupted run, export
+    gives the whole model back, and a resume on another base is a one-line error, exit 2."""
+    from bigtrain.checkpoint import list_checkpoints
+    from bigtrain.strategy import fsdp as fsdp_strategy, local, open_weights
+    from tests.conftest import run_torchrun
+    from tests.integration.test_train import read_metrics
+
+    runs = tmp_path / "runs"
+    base_recipe = write_recipe(tmp_path / "base.yaml", tiny_recipe(cache_dir, runs, train={"max_steps": 2}))
+    for name in ("base", "other-base"):
+        result = run_cli("train", str(base_recipe), f"run.name={name}", f"run.seed={len(name)}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    base = list_checkpoints(runs / "base")[-1]
+    recipe = write_recipe(tmp_path / "lora.yaml", tiny_recipe(
+        cache_dir, runs, model={"lora": LORA, "init_from": str(runs / "base")}, train={"max_steps": 4},
+        optim={"lr": 1e-2}, checkpoint={"every": 2, "keep_last": 0}))
+
+    def train(name: str, *extra: str, nproc: int = 1):
+        args = ("train", str(recipe), f"run.name={name}", *extra)
+        result = run_cli(*args) if nproc == 1 else run_torchrun(nproc, *args, "parallel.strategy=fsdp")
+        assert result.returncode == 0, result.stderr[-3000:]
+        return read_metrics(runs / name)[0]
+
+    straight = train("straight")
+    train("resumed", "train.stop_at_step=2")
+    resumed = train("resumed")  # metrics.jsonl: steps 1-2 of the first start, 3-4 of the resumed one
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["train/loss"] for r in resumed] == [r["train/loss"] for r in straight]  # bit for bit
+
+    folder = list_checkpoints(runs / "straight")[-1]
+    own = local.open_weights(folder).tensors()  # the checkpoint's own tensors, without the base
+    assert own and all(name.endswith((".lora_A", ".lora_B")) for name in own)
+    saved = json.loads((folder / "base.json").read_text())
+    assert saved["init_from"] == str(base) and len(saved["sha256"]) == 64 and "tok_emb.weight" in saved["tensors"]
+    assert (folder / "model.pt").stat().st_size < (base / "model.pt").stat().st_size / 5
+    whole = open_weights(folder)  # the base's tensors put back: the model the run trained, whole
+    assert set(whole.tensors()) == set(own) | set(saved["tensors"])
+    assert torch.equal(whole.get("blocks.0.mlp.in_proj.weight"), open_weights(base).get("blocks.0.mlp.in_proj.weight"))
+    exported = run_cli("export", str(runs / "straight"), str(tmp_path / "merged"), "--format", "hf")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+
+    sharded = train("fsdp", nproc=2)
+    train("elastic", "train.stop_at_step=2", nproc=2)
+    resumed = train("elastic", "parallel.strategy=fsdp", "train.micro_batch_size=4")  # 1 process: accumulating
+    assert [r["train/loss"] for r in resumed] == pytest.approx([r["train/loss"] for r in sharded], rel=1e-5)
+    dcp_own = fsdp_strategy.open_weights(list_checkpoints(runs / "elastic")[-1]).tensors()
+    assert dcp_own.keys() == own.keys()
+    assert torch.equal(open_weights(list_checkpoints(runs / "elastic")[-1]).get("tok_emb.weight"),
+                       open_weights(base).get("tok_emb.weight"))
+
+    moved = run_cli("train", str(recipe), "run.name=straight", f"model.init_from={runs / 'other-base'}",
+                    "train.max_steps=6")
+    assert moved.returncode == 2
+    line = moved.stderr.strip().splitlines()[-1]
+    assert "holds LoRA adapters trained on" in line and "resume with the base it was trained on" in line, line
