@@ -33,6 +33,10 @@ class _NotFinite(ConfigError):
     """A float key got nan or ±inf (said as such, not as a type mismatch)."""
 
 
+class _UnknownKey(ConfigError):
+    """A mapping-valued key with a key it does not have (raised through Optional[...], unlike a type mismatch)."""
+
+
 def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
@@ -304,11 +308,13 @@ def load_raw(recipe: str | os.PathLike, overrides: list[str] = ()) -> dict:
 
 
 def _apply_override(raw: dict, item: str) -> None:
+    """section.key=value, or section.key.field=value for a key that holds a mapping (model.lora.rank=8: the
+    mapping made if the recipe has none; its fields are checked with the rest)."""
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
-    if not sep or len(parts) != 2 or not all(parts):
+    if not sep or len(parts) not in (2, 3) or not all(parts):
         raise ConfigError(f"override '{item}': expected section.key=value, e.g. optim.lr=1e-3")
-    section, name = parts
+    section, name = parts[:2]
     if section not in SECTIONS:
         raise ConfigError(f"override '{item}': unknown section '{section}'{_did_you_mean(section, SECTIONS)}")
     try:
@@ -318,6 +324,13 @@ def _apply_override(raw: dict, item: str) -> None:
     target = raw.setdefault(section, {})
     if not isinstance(target, dict):
         raise ConfigError(f"section '{section}' must be a mapping")
+    if len(parts) == 3:
+        if target.get(name) is None:
+            target[name] = {}
+        if not isinstance(target[name], dict):
+            raise ConfigError(f"override '{item}': {section}.{name} is not a mapping — set it whole: "
+                              f"{section}.{name}=VALUE")
+        target, name = target[name], parts[2]
     target[name] = value
 
 
@@ -386,7 +399,7 @@ def _check_type(value: Any, tp: Any, path: str, where: str) -> Any:
                 continue
             try:
                 return _check_type(value, arg, path, where)
-            except _NotFinite:
+            except (_NotFinite, _UnknownKey):  # the mapping was meant: name its bad key, not the type
                 raise
             except ConfigError:
                 pass
@@ -406,7 +419,7 @@ def _check_type(value: Any, tp: Any, path: str, where: str) -> Any:
             hints = typing.get_type_hints(tp)
             for key in value:
                 if key not in hints:
-                    raise ConfigError(f"{where}: unknown key '{key}' in {path} — one of: {', '.join(hints)}")
+                    raise _UnknownKey(f"{where}: unknown key '{key}' in {path} — one of: {', '.join(hints)}")
             return tp(**{key: _check_type(v, hints[key], f"{path}.{key}", where) for key, v in value.items()})
     elif tp is bool:
         if isinstance(value, bool):

@@ -274,3 +274,17 @@ def test_distill_tasks_read_their_students_data():
     assert build_config({"task": {"name": "distill"}}).task.data_task == "causal_lm"
     assert build_config({"task": {"name": "distill_classification"}}).task.data_task == "classification"
     assert build_config({"task": {"name": "sft"}}).task.data_task == "sft"
+
+
+def test_a_mapping_key_takes_field_overrides(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", {"model": {"preset": "debug"}})
+    cfg = load_config(recipe, ["model.lora.rank=8", "model.lora.alpha=16", "model.lora.targets=[qkv]"])
+    assert (cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.targets) == (8, 16.0, ("qkv",))
+    with_lora = write_recipe(tmp_path / "l.yaml", {"model": {"lora": {"rank": 4, "dropout": 0.1}}})
+    assert load_config(with_lora, ["model.lora.rank=2"]).model.lora.dropout == 0.1  # the other fields kept
+    with pytest.raises(ConfigError, match=r"unknown key 'rnk' in model.lora — one of: rank, alpha"):
+        load_config(recipe, ["model.lora.rnk=8"])
+    with pytest.raises(ConfigError, match=r"^override 'train.max_steps.x=1': train.max_steps is not a mapping"):
+        load_config(write_recipe(tmp_path / "t.yaml", {"train": {"max_steps": 5}}), ["train.max_steps.x=1"])
+    with pytest.raises(ConfigError, match=r"expected section.key=value"):
+        load_config(recipe, ["model.lora.rank.x=1"])
