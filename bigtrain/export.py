@@ -156,15 +156,14 @@ def export_peft_adapter(reader, cfg, spec, family: str, out: Path, dtype: torch.
     """OUT/adapter_config.json + adapter_model.safetensors: the run's LoRA adapters under the Hugging Face module
     names, for `peft.PeftModel.from_pretrained(base, OUT)` on the exported (or the original) base model. A fused
     bigtrain Linear (q/k/v, gate/up) is several HF modules: each gets the same A and its rows of B, which is
-    the same update (B A restricted to its rows). GPT-2's Conv1D modules are marked fan_in_fan_out."""
+    the same update (B A restricted to its rows). GPT-2's Conv1D modules are marked fan_in_fan_out. An encoder
+    classifier's trained head (classifier, BERT's pooler) goes whole into PEFT's modules_to_save."""
     import re
 
     from bigtrain.interop.hf_weights import HFExportWeights, tensor_map
-    from bigtrain.models.lora import TARGETS
+    from bigtrain.models.lora import TARGETS, TRAINED_HEADS
 
-    if spec.arch != "decoder":
-        raise UserError("export --adapter: PEFT adapter folders are written for decoders (GPT-2, Llama, Qwen) so far "
-                        "— export an encoder without --adapter (merged)")
+    encoder = spec.arch == "encoder"
     lora, entries = cfg.model.lora, tensor_map(family, spec)
     tensors: dict[str, torch.Tensor] = {}
     modules, transposed = set(), False
@@ -180,12 +179,24 @@ def export_peft_adapter(reader, cfg, spec, family: str, out: Path, dtype: torch.
                 tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype).contiguous()
                 tensors[f"base_model.model.{module}.lora_B.weight"] = b[start:stop].to(dtype).contiguous()
                 start = stop
-                modules.add(re.sub(r"^.*?\.\d+\.", "", module))  # e.g. self_attn.q_proj, attn.c_proj
+                # PEFT matches a target by its name's end: a decoder's are distinct per layer (self_attn.q_proj,
+                # attn.c_proj); BERT's output.dense would also match attention.output.dense, so encoders name
+                # each module in full.
+                modules.add(module if encoder else re.sub(r"^.*?\.\d+\.", "", module))
             transposed |= op == "t"
+    heads = set()
+    for name in reader.tensors():
+        if encoder and name.startswith(TRAINED_HEADS) and name in entries:
+            op, (theirs,) = entries[name]
+            tensor = reader.get(name).detach().cpu()
+            tensors[f"base_model.model.{theirs}"] = (tensor.t() if op == "t" else tensor).to(dtype).contiguous()
+            heads.add(theirs.rsplit(".", 1)[0])  # the module: classifier, bert.pooler.dense
+    task_type = "SEQ_CLS" if spec.head == "classify" else None if encoder else "CAUSAL_LM"
     base = cfg.model.init_from if cfg.model.init_from else None
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+    config = {"peft_type": "LORA", "task_type": task_type, "r": lora.rank, "lora_alpha": lora.alpha,
               "lora_dropout": lora.dropout, "target_modules": sorted(modules), "fan_in_fan_out": transposed,
-              "bias": "none", "inference_mode": True, "base_model_name_or_path": base}
+              "bias": "none", "inference_mode": True, "base_model_name_or_path": base,
+              **({"modules_to_save": sorted(heads)} if heads else {})}
     out.mkdir(parents=True, exist_ok=True)
     (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
     write_safetensors(out / PEFT_WEIGHTS, _Tensors(tensors), metadata={"format": "pt"})

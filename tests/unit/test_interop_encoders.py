@@ -212,6 +212,47 @@ def test_cli_fine_tunes_an_imported_bert_classifier_then_exports_it(tmp_path, ca
     assert diff.abs().max().item() <= TOL
 
 
+def test_lora_bert_classifier_exports_a_peft_adapter_that_gives_its_logits(tmp_path, cache_dir, wordpiece):
+    """Starts processes: a LoRA fine-tune (model.lora, new classifier head) of an imported BERT classifier, then
+    `bigtrain export --format hf --adapter`: peft applies the folder (adapters on query/key/value/dense modules,
+    the trained classifier and pooler as modules_to_save) to the original HF folder with bigtrain's logits."""
+    peft = pytest.importorskip("peft")
+    from bigtrain.checkpoint import list_checkpoints
+    from bigtrain.config import LoraConfig
+    from bigtrain.strategy import open_weights
+
+    folder = hf_encoder(tmp_path, "bert-classify", tokenizer=wordpiece, num_labels=2)
+    lora = {"rank": 4, "alpha": 8.0}
+    recipe = write_recipe(tmp_path / "ft.yaml", tiny_recipe(
+        cache_dir, tmp_path / "runs", model={"arch": "encoder", "lora": lora}, task={"name": "classification"},
+        data=DOCSTRINGS, train={"max_steps": 3}, optim={"lr": 1e-2}, checkpoint={"every": 0, "keep_last": 1}))
+    result = run_cli("train", str(recipe), f"model.init_from={folder}", "run.name=lora")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "lora"
+    assert main(["export", str(run_dir), str(tmp_path / "adapter"), "--format", "hf", "--adapter"]) == 0
+    config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["bert.pooler.dense", "classifier"]
+    labels = json.loads((run_dir / "labels.json").read_text())
+
+    reader = open_weights(list_checkpoints(run_dir)[-1])
+    cfg = with_hf_model(Config(model=ModelConfig(arch="encoder", init_from=str(folder), lora=LoraConfig(**lora)),
+                               data=DataConfig(seq_len=32), task=TaskConfig(name="classification")))
+    ours = build_model(cfg.model, cfg.model.vocab_size, head="classify", num_labels=len(labels))
+    ours.load_state_dict({name: reader.get(name) for name in reader.tensors()}, strict=True)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=len(labels), ignore_mismatched_sizes=True)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids, mask = padded_batch(base.config.pad_token_id)
+    with torch.no_grad():
+        want = ours.eval()(ids, attn_mask=mask[:, None, None, :])
+        diff = (want - theirs(input_ids=ids, attention_mask=mask.long()).logits).abs().max().item()
+        plain = transformers.AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=len(labels), ignore_mismatched_sizes=True).eval()
+        assert (plain(input_ids=ids, attention_mask=mask.long()).logits - want).abs().max() > 1e-2  # not the base
+    print(f"LoRA BERT classifier → PEFT adapter: max |logits bigtrain - peft| = {diff:.2e}")
+    assert diff <= TOL
+
+
 # --------------------------------------------------------------------------- bad input
 
 
