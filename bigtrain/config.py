@@ -545,8 +545,6 @@ def _check_lora(cfg: Config) -> None:
         raise ConfigError(f"model.lora.dropout={lora.dropout} must be in [0, 1)")
     if not lora.targets:
         raise ConfigError("model.lora.targets is empty — name at least one of qkv, out, mlp")
-    if cfg.parallel.strategy == "deepspeed":
-        raise ConfigError("model.lora trains under single, ddp and fsdp, not deepspeed yet — set parallel.strategy")
 
 
 def _check_distill(task: TaskConfig) -> None:

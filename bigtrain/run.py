@@ -194,8 +194,8 @@ def build(cfg: Config, dist: Dist) -> Built:
                             head=head, num_labels=len(data.labels) if head == "classify" else None,
                             pooling=cfg.task.pooling)
     if cfg.model.lora is not None:
-        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: partitioned
+        trained, total = sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)
         log_main(dist, f"lora: trainable {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)")
     init_weights = None
     if cfg.model.init_from:

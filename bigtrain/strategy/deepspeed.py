@@ -21,6 +21,7 @@ before it reads any, every file is opened with torch's weights-only unpickler (m
 pickle is read) admitting DeepSpeed's four plain-data classes and nothing else (`refuse_unsafe_files`).
 Resuming on another world size goes through DeepSpeed's universal checkpoint (`ds_to_universal`,
 written next to the checkpoint and removed afterwards). `open_weights` consolidates the fp32 master weights without a process group.
+A LoRA run's checkpoints leave its frozen base parameters out (`exclude_frozen_parameters`; base.json names the base).
 `import deepspeed` happens only in this module, inside functions.
 """
 
@@ -248,7 +249,7 @@ class DeepSpeedEngine:
     needs_recipe = True  # its config repeats batch sizes, accumulation and clipping
     checkpoint_format = "deepspeed"
     ema = None  # bigtrain.ema.EMA over ema_sources() when optim.ema_decay is set (run.py attaches it)
-    skip_saving = frozenset()  # its checkpoints hold every tensor (model.lora, which leaves the base out, is not here)
+    skip_saving = frozenset()  # a LoRA run's base tensors (run.py sets them; base.json names where they are)
 
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg,
                  recipe):
@@ -439,7 +440,8 @@ class DeepSpeedEngine:
 
         info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         with contextlib.redirect_stdout(sys.stderr), _hashing_saves(self.ds.checkpoint_engine):
-            self.ds.save_checkpoint(str(folder), tag=TAG, client_state=info, save_latest=False)
+            self.ds.save_checkpoint(str(folder), tag=TAG, client_state=info, save_latest=False,
+                                    exclude_frozen_parameters=self._leaves_out_frozen())
         if self.dist.is_main:
             layout = {"zero_stage": self.parallel_cfg.zero_stage, "world_size": self.dist.world_size}
             (folder / LAYOUT).write_text(json.dumps(layout))
@@ -521,12 +523,19 @@ class DeepSpeedEngine:
             state[name] = full.reshape(average.shape)
         self.ema.load_state_dict(state)
 
+    def _leaves_out_frozen(self) -> bool:
+        """Whether checkpoints leave out the frozen parameters (DeepSpeed's exclude_frozen_parameters, all or
+        none): when every one of them is a base tensor base.json names (skip_saving)."""
+        frozen = {name.replace(_WRAPPED, "") for name, p in self.module.named_parameters() if not p.requires_grad}
+        return bool(self.skip_saving) and frozen <= self.skip_saving
+
     def _load(self, folder: Path, universal: bool, restart_ema: bool = False) -> None:
         self.ds._config.load_universal_checkpoint = universal
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 path, _ = self.ds.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
+                                                  load_lr_scheduler_states=False,
+                                                  load_module_strict=not self._leaves_out_frozen())
         finally:
             self.ds._config.load_universal_checkpoint = False
         if path is None:

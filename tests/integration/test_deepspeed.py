@@ -357,3 +357,24 @@ def test_deepspeed_fp16_keeps_fp16_params_and_scales_the_loss_on_gpu(tmp_path, c
     assert all(r["train/loss_scale"] > 0 for r in records)
     table = json.loads((tmp_path / "runs/fp16/precision.json").read_text())
     assert (table["param"], table["master_weights"], table["loss_scaling"]) == ("float16", "float32", "True")
+
+
+def test_lora_under_zero3_trains_as_one_process_and_checkpoints_only_the_adapters(tmp_path, cache_dir):
+    """model.lora from a base checkpoint under ZeRO-3: the frozen base partitioned, only the adapters in DeepSpeed's
+    optimizer. 2 processes stopped at step 2, then resumed on 1 (universal checkpoint), log the losses and end
+    with the weights of a one-process run; the checkpoints hold the adapters (exclude_frozen_parameters) and
+    base.json, the base's tensors read back from the base."""
+    ok(run_cli("train", str(recipe_for(tmp_path, cache_dir, "base", train={**TRAIN, "max_steps": 2})), "run.name=base"))
+    recipe = recipe_for(tmp_path, cache_dir, "lora", model={"lora": {"rank": 4, "alpha": 8.0},
+                                                            "init_from": str(tmp_path / "runs/base")},
+                        optim={"lr": 1e-2}, checkpoint={"every": 2, "keep_last": 0})
+    ok(run_cli("train", str(recipe), "run.name=single"))
+    ok(run_torchrun(2, "train", str(recipe), "run.name=zero3", *deepspeed_args(3), "train.stop_at_step=2"))
+    resumed = ok(run_cli("train", str(recipe), "run.name=zero3", *deepspeed_args(3)))
+    assert "resuming at step 2" in resumed.stderr and "deepspeed × 1" in resumed.stderr
+    assert_same_run(tmp_path / "runs/zero3", tmp_path / "runs/single", rel=1e-5)
+    folder = tmp_path / "runs/zero3/checkpoints/step-0000002"
+    assert json.loads((folder / "base.json").read_text())["init_from"].endswith("step-0000002")
+    states = sorted((folder / "deepspeed").glob("*model_states.pt"))
+    base_size = (tmp_path / "runs/base/checkpoints/step-0000002/model.pt").stat().st_size
+    assert len(states) == 2 and all(p.stat().st_size < base_size / 10 for p in states)
