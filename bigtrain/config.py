@@ -152,7 +152,7 @@ class TaskConfig:
     pooling: Literal["auto", "first", "last"] = _opt("auto", "classification: pool the first token (auto for encoders) or the last non-pad token (auto for decoders)")
     teacher: Optional[str] = _opt(None, "distill, distill_classification: the frozen teacher — a run dir, a checkpoint or a Hugging Face model folder with the student's tokenizer (and labels)")
     alpha: float = _opt(0.5, "distill: weight of the teacher term, alpha · τ² · KL(teacher ‖ student at temperature τ), against (1 − alpha) · the cross-entropy with the data's targets")
-    temperature: float = _opt(2.0, "distill: τ, the softmax temperature of teacher and student in the KL term")
+    temperature: float = _opt(1.0, "distill: τ, the softmax temperature of teacher and student in the KL term (above 1 flattens both: more weight on the teacher's unlikely tokens)")
 
     @property
     def data_task(self) -> str:
