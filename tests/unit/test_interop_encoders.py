@@ -212,6 +212,7 @@ def test_cli_fine_tunes_an_imported_bert_classifier_then_exports_it(tmp_path, ca
     assert diff.abs().max().item() <= TOL
 
 
+@pytest.mark.slow
 def test_lora_bert_classifier_exports_a_peft_adapter_that_gives_its_logits(tmp_path, cache_dir, wordpiece):
     """Starts processes: a LoRA fine-tune (model.lora, new classifier head) of an imported BERT classifier, then
     `bigtrain export --format hf --adapter`: peft applies the folder (adapters on query/key/value/dense modules,

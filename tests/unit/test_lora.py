@@ -106,6 +106,7 @@ def test_a_bf16_lora_run_checkpoints_its_base_in_bf16_and_exports_it_merged_in_f
     assert torch.equal(exported, want.t())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama-gqa-untied-llama3-rope"])
 def test_lora_fine_tune_of_an_hf_model_exports_merged_and_as_a_peft_adapter(tmp_path, cache_dir, bpe, family):
     """`bigtrain train` with model.lora on an imported model, then `bigtrain export --format hf` (merged) and
