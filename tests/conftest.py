@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 # The test files that take longest (seconds on 2 cores), run first: xdist hands out whole files in collection
 # order as workers come free, so a long file collected last would leave the other worker idle at the end.
 LONGEST_FIRST = ("test_tasks_mlm_to_classifier.py", "test_deepspeed.py", "test_tasks.py", "test_train.py",
-                 "test_slurm.py", "test_fsdp.py", "test_memory_plan.py", "test_distill.py", "test_lora.py", "test_launch.py", "test_ddp.py", "test_lm_eval_adapter.py")
+                 "test_slurm.py", "test_fsdp.py", "test_memory_plan.py", "test_distill.py", "test_lora.py",
+                 "test_launch.py", "test_ddp.py", "test_lm_eval_adapter.py")
 
 
 def pytest_configure(config):
