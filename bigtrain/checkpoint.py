@@ -483,7 +483,7 @@ def base_reference(folder: Path, tensors: dict[str, str]) -> dict:
                 digest.update(f"{path.name} {file_digest}\n".encode())
     else:
         digest.update((folder / MANIFEST).read_bytes())
-    return {"init_from": str(folder), "sha256": digest.hexdigest(), "tensors": tensors}
+    return {"init_from": str(Path(folder).absolute()), "sha256": digest.hexdigest(), "tensors": tensors}
 
 
 def with_base(reader, folder: Path):
@@ -503,14 +503,14 @@ class BaseOverlay:
 
     def __init__(self, own, base, names: dict[str, str]):
         self.own, self.base, self.names = own, base, names
+        self._own = own.tensors()
 
     def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         in_base = self.base.tensors()
-        return {**{name: in_base[source] for name, source in self.names.items()}, **self.own.tensors()}
+        return {**{name: in_base[source] for name, source in self.names.items()}, **self._own}
 
     def get(self, name: str) -> torch.Tensor:
-        return self.base.get(self.names[name]) if name in self.names and name not in self.own.tensors() else \
-            self.own.get(name)
+        return self.own.get(name) if name in self._own else self.base.get(self.names[name])
 
 
 def load_base(folder: Path, engine) -> None:
