@@ -107,3 +107,20 @@ def test_classifier_distills_from_a_classifier_teacher(tmp_path, cache_dir):
     records, evals = read_metrics(run_dir)
     assert len(records) == 6 and evals[-1]["step"] == 6
     assert 0 < evals[-1]["eval/distill_loss"] and 0 <= evals[-1]["eval/accuracy"] <= 1
+
+
+def test_a_hugging_face_teacher_folder_teaches_with_its_own_config_and_tokenizer(tmp_path, cache_dir):
+    """task.teacher: an HF GPT-2 folder (its config.json sets the teacher's shape, its tokenizer.json the student's
+    data): a distill run with only the teacher term (alpha 1) lowers the KL to it."""
+    transformers = pytest.importorskip("transformers")
+    from tests.unit.test_interop import hf_folder, train_bpe_file
+
+    folder = hf_folder(tmp_path, "gpt2", tokenizer=train_bpe_file(tmp_path / "tok"))
+    recipe = student(cache_dir, tmp_path, {"name": "distill", "teacher": str(folder), "alpha": 1.0},
+                     train={"max_steps": 8}, optim={"lr": 1e-2, "warmup_steps": 0})
+    result, run_dir = run(tmp_path, recipe, "from-hf")
+    assert result.returncode == 0, result.stderr
+    n_params = transformers.AutoModelForCausalLM.from_pretrained(folder).num_parameters()
+    assert f"task.teacher {folder}: decoder of {n_params / 1e6:.2f}M params, frozen in float32" in result.stderr
+    records, _ = read_metrics(run_dir)
+    assert records[-1]["train/loss"] < records[0]["train/loss"] - 0.1  # alpha 1: the loss is τ² · KL(teacher ‖ student)

@@ -101,18 +101,23 @@ def checkpoint_of(tmp_path: Path, model: torch.nn.Module, cfg: Config, tokenizer
                 extra_files=extra)
 
 
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory) -> Path:
-    """A byte-level BPE tokenizer.json (< VOCAB tokens) with bigtrain's EOS and pad tokens."""
+def train_bpe_file(folder: Path) -> Path:
+    """FOLDER/tokenizer.json: a byte-level BPE (< VOCAB tokens) with bigtrain's EOS and pad tokens."""
     import textwrap
 
     from bigtrain.data.tokenizer import train_bpe
 
     text = Path(textwrap.__file__).read_text().splitlines()
     tok = train_bpe(iter([text]), 300)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer.json (< VOCAB tokens) with bigtrain's EOS and pad tokens."""
+    return train_bpe_file(tmp_path_factory.mktemp("tok"))
 
 
 # --------------------------------------------------------------------------- import parity
