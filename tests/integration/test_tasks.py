@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.conftest import run_cli, run_torchrun, tiny_recipe, write_recipe
+from tests.conftest import run_cli, tiny_recipe, write_recipe
 from tests.integration.test_train import read_metrics
 
 ENCODER = {"arch": "encoder", "preset": "debug", "max_seq_len": 64}
