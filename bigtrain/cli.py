@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 
-from bigtrain.errors import UserError
+from bigtrain.errors import UserError, say
 
 
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                     "plot": cmd_plot}
         return commands[args.command](args)
     except UserError as e:
-        print(f"bigtrain: error: {e}", file=sys.stderr, flush=True)
+        say(f"bigtrain: error: {e}")
         return 2
     except KeyboardInterrupt:
         return 130
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         from bigtrain.loop import TrainingError
 
         if isinstance(e, TrainingError):
-            print(f"bigtrain: training stopped: {e}", file=sys.stderr, flush=True)
+            say(f"bigtrain: training stopped: {e}")
             return 1
         raise
 

@@ -21,7 +21,7 @@ from bigtrain.data import load_prepared
 from bigtrain.data.prepare import cache_visible, prepare_sources, training_prepare_problem, verify_sources_once
 from bigtrain.data.tokenizer import tokenizer_file
 from bigtrain.ema import EMA
-from bigtrain.errors import UserError
+from bigtrain.errors import UserError, say
 from bigtrain.loop import LoopContext, evaluate, train
 from bigtrain.hardware import matmul_peak, raised_peak
 from bigtrain.interop.chat_template import TEMPLATE_FILE, TOKENIZER_CONFIG
@@ -110,8 +110,7 @@ def on_main(dist: Dist, fn, *, what: str = "rank 0's work", poll_s: float = 1.0)
             break
         if not dist.is_main and dist.local_rank == 0 and time.monotonic() - said >= 60:
             said = time.monotonic()
-            print(f"bigtrain: rank {dist.rank} waiting for {what} on rank 0 ({(said - start) / 60:.0f} min)",
-                  file=sys.stderr, flush=True)
+            say(f"bigtrain: rank {dist.rank} waiting for {what} on rank 0 ({(said - start) / 60:.0f} min)")
     error = broadcast_object(dist, error)
     if failure is not None:
         raise failure

@@ -30,6 +30,8 @@ import traceback
 from collections import deque
 from pathlib import Path
 
+from bigtrain.errors import say
+
 EXIT_HANG = 3  # a rank stopped making progress; RUN/hang/ has every rank's stacks
 HANG_DIR = "hang"
 MIN_TIMED_STEPS = 2  # the median step time counts from this many steps (a process's first step is not timed)
@@ -261,7 +263,7 @@ class Watchdog:
         if dump is not None:
             dump.write(line + "\n")
             dump.close()
-        print(line, file=sys.stderr, flush=True)
+        say(line)
 
         # Exit together: a launcher that kills the rest on the first exit must not cut a rank's dump short.
         done = self._store_call(lambda s: s.add("done", 1))
