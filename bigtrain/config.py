@@ -510,11 +510,6 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError(f"optim.ema_start_step={o.ema_start_step} must be >= 0")
     if cfg.eval.use_ema and o.ema_decay is None:
         raise ConfigError("eval.use_ema needs optim.ema_decay (the EMA's decay, e.g. 0.999) — set it or drop eval.use_ema")
-    if cfg.parallel.activation_checkpointing == "selective" and cfg.parallel.strategy == "deepspeed" and \
-            cfg.parallel.zero_stage == 3:
-        raise ConfigError("parallel.activation_checkpointing=selective is not available with DeepSpeed ZeRO-3 (from the "
-                          "second step its gradients differ from a run without: the recomputation meets ZeRO-3's "
-                          "parameter fetching) — use full, or fsdp")
     if cfg.task.loss_chunk_tokens < 0:
         raise ConfigError(f"task.loss_chunk_tokens={cfg.task.loss_chunk_tokens} must be >= 0 (0: no chunks)")
     if cfg.task.loss_chunk_tokens and cfg.task.name not in ("causal_lm", "sft"):

@@ -14,7 +14,8 @@ The pieces, per rank, for AdamW:
 - buckets: DeepSpeed's gradient reduce buckets (two under ZeRO-1/2, which overlap them, one under ZeRO-3);
 - gathered: what a sharded strategy gathers to compute with: fsdp the root's own parameters (embeddings,
   head) for the whole forward and backward plus two blocks (the one running and the one prefetched) and, in
-  backward, one block's unsharded gradients; ZeRO-3 its prefetch bucket and live-parameter limit;
+  backward, one block's unsharded gradients; ZeRO-3 its prefetch bucket and live-parameter limit (with selective
+  checkpointing also the output projection's weight, which torch's linear keeps gathered from forward to backward);
 - autocast copies: single and ddp under bf16/fp16 autocast hold a compute-dtype copy of every weight through
   forward and backward;
 - activations: at the optimizer step, AdamW's temporaries off CUDA (two of the size of the tensor it updates:
@@ -255,6 +256,8 @@ def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type
             buckets = bucket * param_b
             gathered = (min(total, limits["zero_optimization.stage3_prefetch_bucket_size"])
                         + min(total, limits["zero_optimization.stage3_max_live_parameters"])) * compute_b
+            if p.activation_checkpointing == "selective":  # torch's linear: the head's gathered weight stays saved
+                gathered += spec.vocab_size * spec.d_model * compute_b
         else:
             grads_kept = (sharded(trained) * 4) if zero == 2 else trained * param_b
             buckets = 2 * bucket * param_b

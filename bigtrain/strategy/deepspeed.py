@@ -76,6 +76,11 @@ def recipe_deepspeed_config(recipe, world_size: int) -> dict[str, tuple[object, 
     if p.precision == "bf16":  # micro-batch gradients summed in fp32 (DeepSpeed's default: the model's bf16)
         keys["data_types.grad_accum_dtype"] = ("fp32", "parallel.precision")
         keys["bf16.check_grad_overflow"] = (True, "parallel.precision")  # skip non-finite steps (the loop's contract)
+    if p.zero_stage == 3 and p.activation_checkpointing == "selective":
+        # ZeRO-3's memory-efficient linear (DeepSpeed swaps it in for F.linear) adds the bias in place to the
+        # matmul's output, which selective checkpointing keeps for the recomputation: the recomputed block
+        # then adds the bias twice and every gradient after the first step is wrong. torch's linear instead.
+        keys["zero_optimization.memory_efficient_linear"] = (False, "parallel.activation_checkpointing")
     for what, setting, source in (("optimizer", p.offload_optimizer, "parallel.offload_optimizer"),
                                   ("param", p.offload_params, "parallel.offload_params")):
         keys[f"zero_optimization.offload_{what}.device"] = (setting, source)
@@ -242,6 +247,26 @@ def _hashing_saves(checkpoint_engine):
         del checkpoint_engine.save  # the class's own again
 
 
+def _fetch_outside_selective_checkpointing(offload) -> None:
+    """Run ZeRO-3's parameter gathering and releasing (its module hooks) outside selective checkpointing's dispatch
+    mode. That mode records every op of a block's forward and requires its recomputation in backward to issue the
+    same ops in the same order; the hooks' gathering is not the same twice (a parameter prefetched, or still
+    gathered, needs no ops), so the recomputation stopped ("aten.slice.Tensor invocation index 5 encountered
+    during backward but not found in storage"). Outside the mode, the hooks fetch what each pass needs, as they do
+    under full checkpointing, and the mode sees only the model's own ops."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def outside(hook):
+        def run(sub_module):
+            with _disable_current_modes():
+                return hook(sub_module)
+        return run
+
+    for name in ("pre_sub_module_forward_function", "post_sub_module_forward_function",
+                 "pre_sub_module_backward_function", "post_sub_module_backward_function"):
+        setattr(offload, name, outside(getattr(offload, name)))  # the hooks look them up on the instance
+
+
 class DeepSpeedEngine:
     """A model wrapped by deepspeed.initialize with ZeRO `parallel.zero_stage`."""
 
@@ -282,6 +307,8 @@ class DeepSpeedEngine:
             optimizer = _cpu_adam(optimizer)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                 dist_init_required=False)
+        if self.ds.zero_optimization_partition_weights() and parallel_cfg.activation_checkpointing == "selective":
+            _fetch_outside_selective_checkpointing(self.ds.optimizer.parameter_offload)
         self._config = config
         self._frozen = []  # DeepSpeed engines of frozen models (frozen(), ZeRO-3): destroyed with this one
         self.module = model  # the bare model (ZeRO-3: its parameters are partitioned)
@@ -328,6 +355,8 @@ class DeepSpeedEngine:
         self._scale_before_step = self._current_loss_scale()
         self.ds.step()
         norm = self.ds.get_global_grad_norm() if self.ds.was_step_applied() else float("inf")
+        if isinstance(norm, torch.Tensor):  # ZeRO-3 keeps it on the device: no read here (the loop's records do)
+            return norm.detach().float()
         return torch.tensor(float("nan") if norm is None else float(norm))
 
     def step(self, finite: bool | torch.Tensor) -> None:

@@ -53,3 +53,21 @@ def test_document_mask_on_cuda_runs_flex_attention_equal_to_the_dense_mask():
         torch.testing.assert_close(grad, grads[False][1][name], rtol=1e-3, atol=1e-4, msg=name)
     # The task's own path on CUDA takes flex (the model decides from the device).
     torch.testing.assert_close(task.loss_sum(model, batch).detach(), grads[True][0], rtol=1e-4, atol=1e-3)
+
+
+def test_prefetch_copies_pinned_batches_on_its_own_stream_and_the_compute_stream_waits_for_them():
+    """On CUDA the batch thread pins the host batches and copies them on a side stream; get() gives the same
+    values on the device, and the compute stream's work on them starts only after the copies (an event)."""
+    from bigtrain.loop import Prefetch
+
+    device = torch.device("cuda")
+    host = {p: [{"input_ids": torch.arange(p, p + 4096).view(2, -1), "num_targets": 8}] for p in (0, 8)}
+    with Prefetch(lambda p: host[p], device) as batches_at:
+        torch.cuda._sleep(50_000_000)  # the compute stream busy: a copy queued behind it would wait
+        batches_at.ahead(8)
+        first = batches_at.get(0)  # made now (nothing ahead for 0)
+        made = batches_at.get(8)
+        assert batches_at.copies is not None and batches_at.copies != torch.cuda.current_stream()
+    for got, p in ((first, 0), (made, 8)):
+        assert got[0]["num_targets"] == 8 and got[0]["input_ids"].device.type == "cuda"
+        assert torch.equal(got[0]["input_ids"].cpu(), host[p][0]["input_ids"])  # read after the copy, on the compute stream

@@ -228,8 +228,6 @@ def test_wsd_settings_are_checked(optim, train, message):
     ({"optim": {"ema_decay": 1.0}}, r"^optim.ema_decay=1.0 must be in \(0, 1\), e.g. 0.999$"),
     ({"optim": {"ema_decay": 0.9, "ema_start_step": -1}}, r"^optim.ema_start_step=-1 must be >= 0$"),
     ({"eval": {"use_ema": True}}, r"^eval.use_ema needs optim.ema_decay"),
-    ({"parallel": {"strategy": "deepspeed", "zero_stage": 3, "activation_checkpointing": "selective"}},
-     r"^parallel.activation_checkpointing=selective is not available with DeepSpeed ZeRO-3"),
 ])
 def test_ema_settings_are_checked(sections, message):
     with pytest.raises(ConfigError, match=message):
