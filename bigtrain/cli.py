@@ -26,8 +26,9 @@ def _parser() -> argparse.ArgumentParser:
 
     command("train", "train per the recipe: one process, or every rank of a job started by torchrun, deepspeed, "
                      "accelerate launch or `bigtrain launch` (parallel.strategy: single, ddp, fsdp, deepspeed)")
-    check = command("check", "validate a recipe; print parameters, FLOPs/token, the memory plan per rank, and the "
-                             "precision it resolves to on this machine")
+    check = command("check", "validate a recipe (or several: `bigtrain check recipes/*.yaml`, the overrides apply to "
+                             "each); print parameters, FLOPs/token, the memory plan per rank, and the precision it "
+                             "resolves to on this machine")
     check.add_argument("--keys", action="store_true", help="also list every recipe key with its help")
     check.add_argument("--world-size", type=int, help="ranks the job will run on (default: WORLD_SIZE, else 1)")
     check.add_argument("--nodes", type=int, default=1, help="nodes those ranks are spread over (default 1)")
@@ -204,6 +205,27 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_check(args) -> int:
+    """Each recipe named (arguments after the first that end in .yaml/.yml and hold no '=' are recipes too): exit 2
+    if any is invalid (each bad one a line naming it, the rest still checked), 1 if any plan does not fit, else 0."""
+    is_recipe = lambda a: "=" not in a and a.endswith((".yaml", ".yml"))  # noqa: E731
+    more = [a for a in args.overrides if is_recipe(a)]
+    if not more:
+        return _check_one(args)
+    worst = 0
+    for recipe in [args.recipe, *more]:
+        try:
+            code = _check_one(argparse.Namespace(**{**vars(args), "recipe": recipe,
+                                                    "overrides": [a for a in args.overrides if not is_recipe(a)]}))
+        except UserError as e:
+            print(flush=True)
+            say(f"bigtrain: error: {e}" if recipe in str(e) else f"bigtrain: error: {recipe}: {e}")
+            code = 2
+        worst = 2 if 2 in (worst, code) else max(worst, code)
+        print()
+    return worst
+
+
+def _check_one(args) -> int:
     import torch
 
     from bigtrain.config import describe, recipe_warnings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -73,17 +74,33 @@ def hub_env(tmp_path_factory) -> dict[str, str]:
     return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
 
 
+@pytest.fixture(scope="module")
+def every_recipe_checked(hub_env) -> dict[str, str]:
+    """`bigtrain check` of every shipped recipe in one command (a recipe per argument): each recipe's report."""
+    result = run_cli("check", *(str(r.relative_to(REPO)) for r in RECIPES), env=hub_env)
+    assert result.returncode == 0, result.stderr
+    reports = re.split(r"^(?=recipe \S+: valid$)", result.stdout, flags=re.M)
+    return {report.split()[1].rstrip(":"): report for report in reports if report.startswith("recipe ")}
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_bigtrain_check_every_recipe(recipe: Path, hub_env):
-    result = run_cli("check", str(recipe), env=hub_env)
-    assert result.returncode == 0, result.stderr
-    assert "parameters" in result.stdout and "FLOPs/token" in result.stdout and "precision" in result.stdout
+def test_bigtrain_check_every_recipe(recipe: Path, every_recipe_checked):
+    report = every_recipe_checked[str(recipe.relative_to(REPO))]
+    assert "parameters" in report and "FLOPs/token" in report and "precision" in report
 
 
-def test_check_reports_the_size_of_a_hub_model_from_its_config_json(hub_env):
-    result = run_cli("check", "recipes/finetune/llama-3.2-1b-sft.yaml", env=hub_env)
-    assert result.returncode == 0, result.stderr
-    params = int(next(l for l in result.stdout.splitlines() if l.startswith("parameters")).split()[1].replace(",", ""))
+def test_check_of_several_recipes_reports_each_bad_one_in_a_line_and_exits_2(tmp_path):
+    bad = write_recipe(tmp_path / "bad.yaml", {"train": {"max_steps": -3}})
+    result = run_cli("check", str(bad), "recipes/quickstart.yaml", "run.name=several", "recipes/pretrain/gpt2-124m.yaml")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"bigtrain: error: {bad}: train.max_steps=-3 must be > 0"]
+    run_dirs = [l.split()[-1] for l in result.stdout.splitlines() if l.startswith("run dir")]
+    assert len(run_dirs) == 2 and all(d.endswith("/several") for d in run_dirs)  # the override applies to each
+
+
+def test_check_reports_the_size_of_a_hub_model_from_its_config_json(every_recipe_checked):
+    report = every_recipe_checked["recipes/finetune/llama-3.2-1b-sft.yaml"]
+    params = int(next(l for l in report.splitlines() if l.startswith("parameters")).split()[1].replace(",", ""))
     assert params == 1_235_814_400  # Llama 3.2 1B, tied embeddings (transformers' num_parameters())
 
 
@@ -101,9 +118,9 @@ def test_check_plans_the_8b_teacher_of_the_llama_1b_distillation_recipe(hub_env)
     assert any(l.strip().startswith("fits in 80 GB") for l in lines)
 
 
-def test_check_reports_gpt2_124m_size():
-    result = run_cli("check", "recipes/pretrain/gpt2-124m.yaml")
-    params = int(next(l for l in result.stdout.splitlines() if l.startswith("parameters")).split()[1].replace(",", ""))
+def test_check_reports_gpt2_124m_size(every_recipe_checked):
+    report = every_recipe_checked["recipes/pretrain/gpt2-124m.yaml"]
+    params = int(next(l for l in report.splitlines() if l.startswith("parameters")).split()[1].replace(",", ""))
     assert 123e6 < params < 126e6  # GPT-2 small with 50257 → 50304 padded vocab
 
 
