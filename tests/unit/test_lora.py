@@ -268,3 +268,31 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly_on_any_world
     assert moved.returncode == 2
     line = moved.stderr.strip().splitlines()[-1]
     assert "holds LoRA adapters trained on" in line and "resume with the base it was trained on" in line, line
+
+
+def test_base_reference_reads_a_local_hf_base_again_only_when_a_file_changes_size_or_mtime(tmp_path):
+    """base.json keeps each local weights file's size, mtime and sha256: a resume of a LoRA run from a local
+    Hugging Face folder reads those files again only if they changed (an 8B base: ~16 GB per start otherwise)."""
+    import hashlib
+    import os
+
+    from bigtrain.checkpoint import base_reference
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"a" * 1000)
+    first = base_reference(folder, {"w": "w"})
+    line = f"model.safetensors {hashlib.sha256(b'a' * 1000).hexdigest()}\n"
+    assert first["sha256"] == hashlib.sha256(line.encode()).hexdigest()
+    stat = weights.stat()
+    weights.write_bytes(b"b" * 1000)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # other bytes, same size and mtime
+    assert base_reference(folder, {"w": "w"}, first)["sha256"] == first["sha256"]  # taken from base.json, not read
+    assert base_reference(folder, {"w": "w"})["sha256"] != first["sha256"]  # read: the new bytes
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert base_reference(folder, {"w": "w"}, first)["sha256"] != first["sha256"]  # another mtime: read again
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    assert base_reference(moved, {"w": "w"}, first)["sha256"] != first["sha256"]  # another base: nothing reused
