@@ -76,7 +76,8 @@ def recipe(out: Path, name: str, shape: tuple, compiled: bool, device: str, prec
 
 BARE_LOOP = r'''
 import json, sys, time
-import torch, torch.nn.functional as F
+import torch
+from benchmarks.bare import bare_optimizer, bare_step
 from bigtrain.config import build_config
 from bigtrain.data import load_prepared
 from bigtrain.models import build_model
@@ -86,31 +87,21 @@ cfg = build_config(json.loads(sys.argv[1]))
 warmup, steps = int(sys.argv[2]), int(sys.argv[3])
 device = torch.device(cfg.parallel.device)
 data = load_prepared(cfg.data, verify=False)
-stream = torch.from_numpy(data.train.read(0, data.train.num_tokens)).to(device)   # no input pipeline
+stream = torch.from_numpy(data.train.read(0, data.train.num_tokens).astype("int64")).to(device)  # no input pipeline
 torch.manual_seed(0)
 model = build_model(cfg.model, padded_vocab_size(data.vocab_size)).to(device)
 if cfg.parallel.compile:
     for block in model.blocks:
         block.compile()
-decay = [p for p in model.parameters() if p.dim() >= 2]
-opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                         {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-                        lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+opt = bare_optimizer(model, fused=device.type == "cuda")
 dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else None
 B, T = cfg.train.micro_batch_size, cfg.data.seq_len
 gen = torch.Generator(device=device).manual_seed(0)
+offsets = torch.arange(T + 1, device=device)
 
 def step():
     starts = torch.randint(0, len(stream) - T - 1, (B,), device=device, generator=gen)
-    batch = stream[starts[:, None] + torch.arange(T + 1, device=device)]
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        logits = model(batch[:, :-1])
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
+    return bare_step(model, opt, stream[starts[:, None] + offsets], dtype)
 
 for _ in range(warmup):
     step().item()

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import yaml
 
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # benchmarks.bare, here and in the bare loop's process (run from REPO)
 SEQ, BATCH = 256, 8
 MODEL = {"arch": "decoder", "preset": "debug", "n_layers": 6, "d_model": 384, "n_heads": 6, "d_ff": 1536,
          "max_seq_len": SEQ}
@@ -55,7 +57,8 @@ def recipe(out: Path, precision: str, steps: int) -> dict:
 
 BARE_LOOP = r'''
 import json, sys, time
-import numpy as np, torch, torch.nn.functional as F
+import numpy as np, torch
+from benchmarks.bare import bare_optimizer, bare_step
 from bigtrain.config import build_config
 from bigtrain.data import load_prepared
 from bigtrain.models import build_model
@@ -66,10 +69,7 @@ data = load_prepared(cfg.data, verify=False)
 tokens = data.train.read(0, data.train.num_tokens)        # the same packed stream bigtrain trains on
 torch.manual_seed(0)
 model = build_model(cfg.model, -(-data.vocab_size // 64) * 64)
-decay = [p for p in model.parameters() if p.dim() >= 2]
-no_decay = [p for p in model.parameters() if p.dim() < 2]
-opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                        lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+opt = bare_optimizer(model)
 dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else None
 rng = np.random.default_rng(0)
 B, T = cfg.train.micro_batch_size, cfg.data.seq_len
@@ -77,16 +77,7 @@ times = []
 for step in range(steps):
     t0 = time.perf_counter()
     starts = rng.integers(0, len(tokens) - T - 1, B)
-    batch = torch.from_numpy(np.stack([tokens[s:s + T + 1] for s in starts]))
-    x, y = batch[:, :-1], batch[:, 1:]
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-        logits = model(x)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    loss.item()
+    bare_step(model, opt, torch.from_numpy(np.stack([tokens[s:s + T + 1] for s in starts])), dtype).item()
     times.append(time.perf_counter() - t0)
 print(json.dumps(times))
 '''
@@ -94,7 +85,7 @@ print(json.dumps(times))
 
 def bare_step_times(cfg: dict, steps: int) -> list[float]:
     out = subprocess.run([sys.executable, "-c", BARE_LOOP, json.dumps(cfg), str(steps)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -111,8 +102,8 @@ def in_process(precision: str, steps: int, warmup: int, tmp: Path) -> None:
 
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
+    from benchmarks.bare import bare_optimizer, bare_step
     from bigtrain.checkpoint import TrainState
     from bigtrain.config import build_config
     from bigtrain.loop import LoopContext, train
@@ -134,24 +125,14 @@ def in_process(precision: str, steps: int, warmup: int, tmp: Path) -> None:
 
     torch.manual_seed(0)
     model = build_model(cfg.model, padded_vocab_size(b.data.vocab_size))
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+    opt = bare_optimizer(model)
     tokens = b.data.train.read(0, b.data.train.num_tokens)
     rng = np.random.default_rng(0)
     dtype = torch.bfloat16 if precision == "bf16" else None
 
-    def bare_step() -> None:
+    def bare() -> None:
         starts = rng.integers(0, len(tokens) - SEQ - 1, BATCH)
-        batch = torch.from_numpy(np.stack([tokens[s:s + SEQ + 1] for s in starts]))
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
+        bare_step(model, opt, torch.from_numpy(np.stack([tokens[s:s + SEQ + 1] for s in starts])), dtype).item()
 
     def ours_step() -> None:
         ctx.cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stop_at_step=state.step + 1))
@@ -160,7 +141,7 @@ def in_process(precision: str, steps: int, warmup: int, tmp: Path) -> None:
     ratios = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        bare_step()
+        bare()
         t1 = time.perf_counter()
         ours_step()
         t2 = time.perf_counter()
@@ -190,8 +171,8 @@ def slow_read(precision: str, steps: int, warmup: int, rounds: int, fraction: fl
 
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
+    from benchmarks.bare import bare_optimizer, bare_step
     from bigtrain.checkpoint import TrainState
     from bigtrain.config import build_config
     from bigtrain.hardware import peak_flops_per_sec
@@ -206,34 +187,24 @@ def slow_read(precision: str, steps: int, warmup: int, rounds: int, fraction: fl
     b = build(cfg, dist)
     torch.manual_seed(0)
     model = build_model(cfg.model, padded_vocab_size(b.data.vocab_size))
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+    opt = bare_optimizer(model)
     tokens = b.data.train.read(0, b.data.train.num_tokens)
     rng = np.random.default_rng(0)
     dtype = torch.bfloat16 if precision == "bf16" else None
 
-    def bare_step(delay: float) -> float:
+    def bare(delay: float) -> float:
         t0 = time.perf_counter()
         time.sleep(delay)  # the synchronous read of a slow filesystem
         starts = rng.integers(0, len(tokens) - SEQ - 1, BATCH)
-        batch = torch.from_numpy(np.stack([tokens[s:s + SEQ + 1] for s in starts]))
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
+        bare_step(model, opt, torch.from_numpy(np.stack([tokens[s:s + SEQ + 1] for s in starts])), dtype).item()
         return time.perf_counter() - t0
 
-    base = statistics.median([bare_step(0.0) for _ in range(warmup + 3)][warmup:])
+    base = statistics.median([bare(0.0) for _ in range(warmup + 3)][warmup:])
     delay = fraction * base
     print(f"{precision} slow read: a bare step takes {base:.3f} s; reading a batch now sleeps {delay:.3f} s", flush=True)
     ratios, waits = [], []
     for r in range(rounds):
-        bare = statistics.median([bare_step(delay) for _ in range(warmup + steps)][warmup:])
+        bare_s = statistics.median([bare(delay) for _ in range(warmup + steps)][warmup:])
         logger = MetricsLogger(cfg.logging, tmp / f"slow-{r}", enabled=True, run_name="x", config={},
                                total_steps=cfg.train.max_steps)
         ctx = LoopContext(cfg=cfg, dist=dist, engine=b.engine, task=b.task,
@@ -247,8 +218,8 @@ def slow_read(precision: str, steps: int, warmup: int, rounds: int, fraction: fl
         measured = ctx.history[warmup:]
         ours = statistics.median(x["perf/step_time_s"] for x in measured)
         waits.append(statistics.median(x["perf/data_wait_frac"] for x in measured))
-        ratios.append(bare / ours)
-        print(f"{precision} slow read round {r}: bare step {bare:.3f} s · bigtrain step {ours:.3f} s · "
+        ratios.append(bare_s / ours)
+        print(f"{precision} slow read round {r}: bare step {bare_s:.3f} s · bigtrain step {ours:.3f} s · "
               f"ratio {ratios[-1]:.3f} · bigtrain data wait {100 * waits[-1]:.1f}%", flush=True)
     print(f"{precision} slow read ({fraction:g} × a step per batch): bigtrain/bare tokens/s ratio median "
           f"{statistics.median(ratios):.3f} (rounds {', '.join(f'{x:.3f}' for x in ratios)}) · bigtrain data wait "
