@@ -192,7 +192,32 @@ def import_deepspeed():
     except ImportError:
         raise UserError("parallel.strategy=deepspeed needs DeepSpeed, which is not installed — "
                         "pip install 'bigtrain[deepspeed]'") from None
+    _import_muon_uncompiled()
     return deepspeed
+
+
+def _import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer module with its torch.compile decorators left off. deepspeed.initialize
+    and every ZeRO optimizer import it (to ask whether the optimizer is Muon, which bigtrain's never is), and its
+    decorators make torch.compile load Inductor: ~2.5 s of every DeepSpeed process's start, for kernels a bigtrain
+    run never calls. Only that module is imported this way; a DeepSpeed without it is left as it is."""
+    import sys
+
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name in sys.modules:
+        return
+    try:
+        from deepspeed.runtime import compiler
+    except ImportError:
+        return
+    compile_ = compiler.compile
+    compiler.compile = lambda *args, **kwargs: (lambda fn: fn)
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    finally:
+        compiler.compile = compile_
 
 
 def _partitioning_init(deepspeed):

@@ -128,6 +128,7 @@ def test_sft_run_from_a_decoder_checkpoint_lowers_loss(tmp_path, cache_dir):
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
 
 
+@pytest.mark.slow  # three runs in sequence per task
 @pytest.mark.parametrize("task", ["masked_lm", "classification", "sft"])
 def test_exact_resume_per_task(tmp_path, cache_dir, task):
     common = ("train.max_steps=6", "checkpoint.every=3", "eval.every=3")

@@ -65,6 +65,7 @@ def test_metrics_keys_tokens_per_sec_and_mfu_match_hand_calculation(tmp_path, ca
         assert 0 <= r["perf/data_wait_frac"] < 1 and r["perf/max_memory_gb"] > 0
 
 
+@pytest.mark.slow  # runs in sequence
 def test_exact_resume_is_bitwise_and_a_wsd_run_extends_from_its_stable_phase(tmp_path, cache_dir):
     """The first half is a 6-step WSD run stopped at step 4, still in its stable phase; resumed with
     max_steps=8, it decays later and equals a straight 8-step run bit for bit. The straight run saves
