@@ -144,6 +144,7 @@ def test_keep_last_prunes_old_checkpoints_and_leaves_no_temp_folders(tmp_path, c
     assert {"model.pt", "optimizer.pt", "trainer.json", "config.yaml", "rng/rank-00000.pt"} <= manifest["files"].keys()
 
 
+@pytest.mark.slow  # runs in sequence
 def test_corrupted_checkpoint_is_named_and_auto_falls_back(tmp_path, cache_dir):
     result, run_dir = train(tmp_path, cache_dir, "train.max_steps=6", "checkpoint.every=2")
     assert result.returncode == 0, result.stderr
