@@ -211,16 +211,15 @@ def cmd_check(args) -> int:
     more = [a for a in args.overrides if is_recipe(a)]
     if not more:
         return _check_one(args)
+    overrides = [a for a in args.overrides if not is_recipe(a)]
     worst = 0
     for recipe in [args.recipe, *more]:
         try:
-            code = _check_one(argparse.Namespace(**{**vars(args), "recipe": recipe,
-                                                    "overrides": [a for a in args.overrides if not is_recipe(a)]}))
+            code = _check_one(argparse.Namespace(**{**vars(args), "recipe": recipe, "overrides": overrides}))
         except UserError as e:
-            print(flush=True)
             say(f"bigtrain: error: {e}" if recipe in str(e) else f"bigtrain: error: {recipe}: {e}")
             code = 2
-        worst = 2 if 2 in (worst, code) else max(worst, code)
+        worst = max(worst, code)  # 2 (invalid) over 1 (does not fit) over 0
         print()
     return worst
 

@@ -212,8 +212,8 @@ def build(cfg: Config, dist: Dist) -> Built:
         from bigtrain.models.lora import is_trained
 
         frozen = {name: source for name, source in init_weights.names.items() if not is_trained(name)}
-        earlier = run_dir / checkpoint.BASE_FILE  # this run's last start: local weights files not read again
-        earlier = json.loads(earlier.read_text()) if dist.is_main and earlier.is_file() else None
+        last_start = run_dir / checkpoint.BASE_FILE  # its digests of local weights files are reused while current
+        earlier = json.loads(last_start.read_text()) if dist.is_main and last_start.is_file() else None
         base = broadcast_object(dist, checkpoint.base_reference(folder, frozen, earlier) if dist.is_main else None)
         engine.skip_saving = frozenset(frozen)
         extra_files[checkpoint.BASE_FILE] = run_dir / checkpoint.BASE_FILE
