@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bigtrain import filehash
+from bigtrain import filehash, safe_load
 from bigtrain.errors import UserError
 from bigtrain.strategy import Dist, barrier, open_weights
 from bigtrain.strategy.dist import all_gather_object, new_background_group
@@ -273,7 +273,7 @@ def _restore_rng(folder: Path, dist: Dist, saved_world_size: int) -> None:
     path = folder / "rng" / f"rank-{dist.rank:05d}.pt"
     if saved_world_size != dist.world_size or not path.exists():
         return  # a different world size: per-rank streams don't map over; keep the seeded ones
-    state = torch.load(path, weights_only=True)
+    state = safe_load.torch_file(path)
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and dist.device.type == "cuda":
@@ -318,7 +318,7 @@ def verify(folder: Path, dist: Dist | None = None) -> dict:
 
 
 def _file_problem(folder: Path, name: str, size: int, sha256: str) -> str | None:
-    path = folder / name
+    path = safe_load.inside(folder, name, where=folder / MANIFEST)
     if not path.is_file():
         return f"incomplete checkpoint {folder}: missing {name}"
     if path.stat().st_size != size:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bigtrain import safe_load
 from bigtrain.data.examples import LABELS_FILE, LOSS_SPANS_FILE
 from bigtrain.data.shards import DOC_OFFSETS
 
@@ -47,14 +48,15 @@ class TokenDataset:
         self.task = task
         self.num_tokens: int = info["num_tokens"]
         self.num_docs: int = info["num_docs"]
-        self._files = [folder / shard["file"] for shard in info["shards"]]
+        self._files = [safe_load.inside(folder, shard["file"], where=folder.parent / "index.json")
+                       for shard in info["shards"]]
         self._shard_starts = np.cumsum([0] + [shard["num_tokens"] for shard in info["shards"]])
         self._shards: list[np.memmap] | None = None  # opened on first read, never pickled
         self._arrays: dict[str, np.ndarray] = {}  # per-task .npy files, memmapped on first read, never pickled
         if task in LM_TASKS and packing:
             self._num_samples = max(0, (self.num_tokens - 1) // seq_len)
             return
-        offsets = np.load(folder / DOC_OFFSETS, mmap_mode="r")  # read as needed, not held whole
+        offsets = safe_load.load_npy(folder / DOC_OFFSETS)  # memory-mapped: read as needed, not held whole
         starts, ends = offsets[:-1], offsets[1:]
         if task == "classification":  # examples were cut to seq_len when prepared
             self._doc_starts, self._doc_ends = starts, ends
@@ -104,7 +106,7 @@ class TokenDataset:
 
     def _init_sft(self, starts: np.ndarray, ends: np.ndarray) -> None:
         """Each example's kept window [start, stop) and its loss spans; then the packing groups."""
-        span_starts = np.load(self.folder / LOSS_SPANS_FILE)[:, 0]  # (S,) sorted; only while building
+        span_starts = safe_load.load_npy(self.folder / LOSS_SPANS_FILE, mmap=False)[:, 0]  # (S,) sorted; only while building
         first_span = np.searchsorted(span_starts, starts)  # (N,) each example's first span
         last_span = np.searchsorted(span_starts, ends)  # (N,) one past its last
         prompt_lens = span_starts[np.minimum(first_span, len(span_starts) - 1)] - starts if len(starts) else starts
@@ -142,7 +144,7 @@ class TokenDataset:
 
     def _array(self, name: str) -> np.ndarray:
         if name not in self._arrays:
-            self._arrays[name] = np.load(self.folder / name, mmap_mode="r")
+            self._arrays[name] = safe_load.load_npy(self.folder / name)
         return self._arrays[name]
 
     def __getstate__(self) -> dict:

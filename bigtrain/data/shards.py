@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bigtrain import safe_load
 from bigtrain.errors import UserError
 from bigtrain.filehash import sha256
 
@@ -147,7 +148,7 @@ def verify_split(cache_path: Path, split: str, info: dict, dtype: np.dtype, *, c
     """Check every shard of a split is present and the right size; with checksums, its sha256 too."""
     folder = cache_path / split
     for shard in info["shards"]:
-        path = folder / shard["file"]
+        path = safe_load.inside(folder, shard["file"], where=cache_path / INDEX)
         expected = shard["num_tokens"] * np.dtype(dtype).itemsize
         try:
             size = path.stat().st_size
@@ -163,7 +164,7 @@ def verify_split(cache_path: Path, split: str, info: dict, dtype: np.dtype, *, c
     if checksums:
         _check_sha256(offsets, info["doc_offsets_sha256"], cache_path, what="document offsets")
     for array in info.get("arrays", []):
-        path = folder / array["file"]
+        path = safe_load.inside(folder, array["file"], where=cache_path / INDEX)
         what = path.stem.replace("_", " ")  # "labels", "loss spans"
         try:
             size = path.stat().st_size

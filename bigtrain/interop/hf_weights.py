@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bigtrain import safe_load
 from bigtrain.errors import UserError
 from bigtrain.export import SAFETENSORS_DTYPES, _numel, write_safetensors
 from bigtrain.interop.hf_encoders import (BASE_PREFIX, ENCODER_CLASSES, HEAD_PREFIXES, TIED_DUPLICATES,
@@ -116,7 +117,7 @@ class _HFFiles:
 
     def _open(self, file: str):
         if file not in self.handles:
-            path = self.folder / file
+            path = safe_load.inside(self.folder, file, where=f"{self.where}: {self.folder}'s weights index")
             if not path.is_file():
                 raise UserError(f"{self.where}: {path} is missing (listed in the folder's index)")
             try:
@@ -124,8 +125,8 @@ class _HFFiles:
                     from safetensors import safe_open
 
                     self.handles[file] = safe_open(str(path), framework="pt")
-                else:  # plain tensors only: torch's weights_only unpickler refuses anything that could run code
-                    self.handles[file] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                else:  # plain tensors only (bigtrain/safe_load.py): anything that could run code is refused
+                    self.handles[file] = safe_load.torch_file(path, where=f"{self.where}: {path}", mmap=True)
             except UserError:
                 raise
             except Exception as e:

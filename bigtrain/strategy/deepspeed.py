@@ -17,8 +17,8 @@ stops the run rather than train on NaN weights.
 
 Checkpoints are DeepSpeed's own files (`save_checkpoint` under tag `deepspeed`), every rank writing
 into the folder bigtrain/checkpoint.py prepared. DeepSpeed unpickles them with `weights_only=False`, so
-before it reads any, every file is opened with torch's weights-only unpickler (memory-mapped: only the
-pickle is read) admitting DeepSpeed's four plain-data classes and nothing else (`refuse_unsafe_files`).
+before it reads any, every file is checked against bigtrain/safe_load.py's policy (`refuse_unsafe_files`), and
+DeepSpeed's own reads are forced through the same weights-only unpickler (`_deepspeed_reads`).
 Resuming on another world size goes through DeepSpeed's universal checkpoint (`ds_to_universal`,
 written next to the checkpoint and removed afterwards). `open_weights` consolidates the fp32 master weights without a process group.
 A LoRA run's checkpoints leave its frozen base parameters out (`exclude_frozen_parameters`; base.json names the base).
@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import pickle
-import re
 import shutil
 import sys
 import tempfile
@@ -45,7 +44,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from bigtrain import filehash
+from bigtrain import filehash, safe_load
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, barrier, broadcast_object, use_tf32
 from bigtrain.strategy.precision import PrecisionTable, freeze_in
@@ -544,7 +543,8 @@ class DeepSpeedEngine:
         if self.dist.is_main:  # one conversion, next to the checkpoint (visible to every node), removed after
             universal = Path(tempfile.mkdtemp(prefix=f".universal-{folder.name}-", dir=folder.parent))
             try:
-                _to_universal(folder / TAG, universal / TAG)
+                with _deepspeed_reads(folder):
+                    _to_universal(folder / TAG, universal / TAG)
                 converted = (str(universal), None)
             except Exception as e:  # every rank must hear of it, or the others wait forever
                 shutil.rmtree(universal, ignore_errors=True)
@@ -586,7 +586,7 @@ class DeepSpeedEngine:
     def _load(self, folder: Path, universal: bool, restart_ema: bool = False) -> None:
         self.ds._config.load_universal_checkpoint = universal
         try:
-            with contextlib.redirect_stdout(sys.stderr):
+            with contextlib.redirect_stdout(sys.stderr), _deepspeed_reads(folder):
                 path, _ = self.ds.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False,
                                                   load_module_strict=not self._leaves_out_frozen())
@@ -628,29 +628,26 @@ def _to_universal(tag_folder: Path, output: Path) -> None:
 # --------------------------------------------------------------------------- trust boundary
 
 
-def _plain_data_classes() -> list[type]:
-    """The only non-torch classes DeepSpeed pickles into its checkpoints (loss scalers, the ZeRO stage,
-    fragment offsets): attribute bags, no behaviour on load."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
 def refuse_unsafe_files(folder: Path) -> None:
-    """UserError naming the file unless every .pt file under folder/deepspeed unpickles with weights_only=True
-    (tensors, plain data and _plain_data_classes): DeepSpeed itself then reads them with weights_only=False."""
-    allowed = _plain_data_classes()
+    """UserError naming the file unless every .pt file under folder/deepspeed passes bigtrain/safe_load.py's policy
+    for DeepSpeed files (tensors, plain data, DeepSpeed's plain-data classes). Memory-mapped: only the pickles are
+    read. DeepSpeed's own reads afterwards go through `_deepspeed_reads`: the same policy, so a file changed
+    between this check and DeepSpeed's read is refused too."""
+    allowed = safe_load.deepspeed_classes()
     for path in sorted((Path(folder) / TAG).rglob("*.pt")):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-            found = re.search(r"GLOBAL (\S+)", str(e))
-            why = (f"it would run '{found.group(1)}', which is not a tensor or plain data" if found
-                   else f"it is not a readable torch file ({str(e).splitlines()[0][:120]})")
-            raise UserError(f"refusing DeepSpeed checkpoint file {path}: {why}") from None
+        safe_load.torch_file(path, where=f"DeepSpeed checkpoint file {path}", allowed=allowed, mmap=True)
+
+
+@contextlib.contextmanager
+def _deepspeed_reads(folder: Path):
+    """Around DeepSpeed's own reads of a checkpoint (load_checkpoint, zero_to_fp32, ds_to_universal), which call
+    torch.load with weights_only=False: every load is weights-only with DeepSpeed's plain-data classes admitted."""
+    try:
+        with safe_load.weights_only_loads(safe_load.deepspeed_classes()):
+            yield
+    except pickle.UnpicklingError as e:
+        raise UserError(f"refusing DeepSpeed checkpoint {folder}: a file holds more than tensors and plain data "
+                        f"({str(e).splitlines()[0][:160]})") from None
 
 
 # --------------------------------------------------------------------------- weights reader
@@ -669,7 +666,7 @@ class DeepSpeedWeights:
             raise UserError(f"checkpoint {folder}: no DeepSpeed folder '{TAG}' (incomplete checkpoint?)")
         import_deepspeed()
         refuse_unsafe_files(folder)
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _deepspeed_reads(folder):
             state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG, lazy_mode=True)
         self._state = {name.replace(_WRAPPED, ""): t for name, t in state.items()}
 
@@ -690,8 +687,8 @@ class DeepSpeedEMAWeights:
             raise UserError(f"checkpoint {folder} has no EMA weights — train with optim.ema_decay to keep them")
         layout = json.loads((folder / EMA_LAYOUT).read_text())
         self.shapes = {name: tuple(shape) for name, shape in layout["shapes"].items()}
-        self._files = [torch.load(folder / EMA_RANK_FILE.format(rank=r), map_location="cpu", weights_only=True,
-                                  mmap=True) for r in range(layout["files"])]
+        self._files = [safe_load.torch_file(folder / EMA_RANK_FILE.format(rank=r), mmap=True)
+                       for r in range(layout["files"])]
 
     def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         return {name: (torch.float32, shape) for name, shape in self.shapes.items()}

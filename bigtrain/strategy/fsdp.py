@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 import contextlib
 import io
-import pickle
 import warnings
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from bigtrain import filehash
+from bigtrain import filehash, safe_load
 from bigtrain.ema import EMA_KEY
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, use_tf32
@@ -45,39 +44,15 @@ from bigtrain.strategy.transforms import apply_transforms, named_tensors
 DCP_METADATA = ".metadata"  # written last by dcp.save; marks a DCP folder
 MODEL_KEY, OPTIM_KEY = "model", "optim"  # top-level keys of the DCP state: "model.<state-dict name>"
 
-# What a DCP .metadata pickle may name: DCP's own metadata records, torch.Size, dtypes, layouts, paths.
-# Exact, undotted names only: the unpickler resolves "a.b" as an attribute path (metadata's `os.system`).
-_METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata",
-                                              "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-                                              "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},  # + dtypes, checked below
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
-    "collections": {"OrderedDict"},
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        dtype = module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
-        if name not in _METADATA_GLOBALS.get(module, ()) and not dtype:
-            raise pickle.UnpicklingError(f"{module + '.' + name!r} is not allowed in a DCP .metadata file")  # one line
-        return super().find_class(module, name)
-
-
 class SafeReader(dcp.FileSystemReader):
-    """FileSystemReader whose .metadata unpickling only admits DCP's metadata types (no arbitrary code)."""
+    """FileSystemReader whose .metadata goes through bigtrain/safe_load.py (DCP's metadata types only, every storage
+    path inside the checkpoint folder)."""
 
     def read_metadata(self, *args, **kwargs):
         rank = kwargs.get("rank")  # DCP's per-rank metadata when saved without collectives (newer torch)
         path = self.fs.concat_path(self.path, DCP_METADATA if rank is None else f"__{rank}{DCP_METADATA}")
         with self.fs.create_stream(path, "rb") as f:
-            try:
-                metadata = _MetadataUnpickler(f).load()
-            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
-                raise UserError(f"damaged or foreign DCP checkpoint {self.path}: {DCP_METADATA}: {e}") from None
+            metadata = safe_load.dcp_metadata(f.read(), folder=self.path, where=path)
         if getattr(metadata, "storage_meta", None) is None:
             from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -87,10 +62,15 @@ class SafeReader(dcp.FileSystemReader):
 
 
 class SafeLoadPlanner(dcp.DefaultLoadPlanner):
-    """Loads saved non-tensor objects (optimizer param groups) with weights_only=True."""
+    """Loads saved non-tensor objects (optimizer param groups) through bigtrain/safe_load.py (weights only);
+    `folder`: the checkpoint, which a refusal names."""
+
+    def __init__(self, folder=None, **kwargs):
+        super().__init__(**kwargs)
+        self.folder = folder
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        value = torch.load(value, weights_only=True)
+        value = safe_load.torch_file(value, where=f"'{read_item.storage_index.fqn}' of DCP checkpoint {self.folder}")
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner uses
 
@@ -304,13 +284,13 @@ class FSDPEngine:
         saved_ema = any(key.startswith(f"{EMA_KEY}.") for key in metadata.state_dict_metadata)
         if EMA_KEY in state and not saved_ema:
             del state[EMA_KEY]
-        dcp.load(state, storage_reader=SafeReader(str(folder)), planner=SafeLoadPlanner())
+        dcp.load(state, storage_reader=SafeReader(str(folder)), planner=SafeLoadPlanner(folder))
         set_state_dict(self.module, self.optimizer, model_state_dict=state[MODEL_KEY],
                        optim_state_dict=state[OPTIM_KEY], options=StateDictOptions(strict=not self.skip_saving))
         if self.ema:  # loaded in place into the EMA's own shards, or (saved without EMA) started here
             self.ema.load_state_dict(state[EMA_KEY]) if saved_ema else self.ema.restart_from_weights()
         if self.scaler and (folder / "scaler.pt").exists():
-            self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+            self.scaler.load_state_dict(safe_load.torch_file(folder / "scaler.pt"))
 
 
     def close(self) -> None:
@@ -341,7 +321,7 @@ class DCPWeights:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             dcp.load({f"{self.key}.{name}": out}, storage_reader=SafeReader(str(self.folder)),
-                     planner=SafeLoadPlanner(), no_dist=True)
+                     planner=SafeLoadPlanner(self.folder), no_dist=True)
         return out
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bigtrain import filehash
+from bigtrain import filehash, safe_load
 from bigtrain.ema import EMA_FILE
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, use_tf32
@@ -135,13 +135,12 @@ class LocalEngine:
 
     def load_state(self, folder: Path) -> None:
         device = self.dist.device
-        load_leaving_out(self.module, torch.load(folder / "model.pt", map_location=device, weights_only=True),
-                         self.skip_saving)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+        load_leaving_out(self.module, safe_load.torch_file(folder / "model.pt", map_location=device), self.skip_saving)
+        self.optimizer.load_state_dict(safe_load.torch_file(folder / "optimizer.pt", map_location=device))
         if self.scaler and (folder / "scaler.pt").exists():
-            self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+            self.scaler.load_state_dict(safe_load.torch_file(folder / "scaler.pt"))
         if self.ema and (folder / EMA_FILE).is_file():
-            self.ema.load_state_dict(torch.load(folder / EMA_FILE, map_location=device, weights_only=True))
+            self.ema.load_state_dict(safe_load.torch_file(folder / EMA_FILE, map_location=device))
         elif self.ema:
             self.ema.restart_from_weights()  # saved without EMA: the average starts here
 
@@ -211,7 +210,7 @@ class LocalWeights:
     def __init__(self, folder: Path, file: str = "model.pt"):
         if file == EMA_FILE and not (folder / file).is_file():
             raise UserError(f"checkpoint {folder} has no EMA weights — train with optim.ema_decay to keep them")
-        self._state = torch.load(folder / file, map_location="cpu", weights_only=True, mmap=True)
+        self._state = safe_load.torch_file(folder / file, mmap=True)
 
     def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         return {name: (t.dtype, tuple(t.shape)) for name, t in self._state.items()}
