@@ -228,7 +228,7 @@ class EvalConfig:
     tasks: tuple[str, ...] = _opt((), "lm-eval tasks scored at each eval, each rank a share of the documents (decoder runs; pip install 'bigtrain[eval]'), e.g. [hellaswag, arc_easy]")
     tasks_limit: Optional[int] = _opt(None, "eval.tasks: only the first N documents of each task (default: all)")
     tasks_num_fewshot: Optional[int] = _opt(None, "eval.tasks: few-shot examples per prompt (default: each task's own)")
-    tasks_include_path: Optional[str] = _opt(None, "eval.tasks: a folder of extra lm-eval task YAML files")
+    tasks_include_path: Optional[str] = _opt(None, "eval.tasks: a folder of extra lm-eval task YAML files — code you trust: lm-eval runs the Python their !function entries name")
     use_ema: bool = _opt(False, "evaluate the EMA weights (optim.ema_decay) instead of the trained ones, in training and in `bigtrain eval`")
 
 
