@@ -8,8 +8,9 @@ folder is built beside its final place and renamed into it whole, with index.jso
 last, so an interrupted prepare never leaves a cache that looks complete.
 
 The build folder's name is fixed per cache key (one prepare at a time holds its lock), and each split
-is tokenized in pieces (`pieces.py`), so a prepare killed midway keeps its finished pieces and the
-next one tokenizes only the rest.
+is tokenized in pieces (`pieces.py`), so a prepare killed midway keeps its finished pieces and joined
+splits and the next one does only the rest; one killed once index.json is written leaves only the
+publishing to do. A kill at any file operation needs nothing removed by hand.
 """
 
 from __future__ import annotations

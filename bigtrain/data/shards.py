@@ -10,8 +10,8 @@ A prepared cache folder holds, for each split (`train/`, `validation/`):
   document) or `loss_spans.npy` (sft: int64 (S, 2) [start, stop) stream positions of the
   tokens to predict, sorted; every document has at least one, its EOS).
 
-`index.json`, written last and atomically, lists every file with its size and sha256; a
-folder without it is not prepared. `dataset.TokenDataset` memmaps one split and serves
+`index.json`, written last, atomically and fsynced (after the files it lists), lists every file with its
+size and sha256; a folder without it is not prepared. `dataset.TokenDataset` memmaps one split and serves
 the task's samples.
 """
 
