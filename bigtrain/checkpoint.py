@@ -32,6 +32,9 @@ import torch
 
 from bigtrain import filehash, safe_load
 from bigtrain.errors import UserError
+from bigtrain.fsio import fsync_dir as _fsync_dir
+from bigtrain.fsio import fsync_tree as _fsync_tree
+from bigtrain.fsio import write_atomic as _write_atomic
 from bigtrain.strategy import Dist, barrier, open_weights
 from bigtrain.strategy.dist import all_gather_object, new_background_group
 
@@ -230,36 +233,6 @@ def hash_files(folder: Path, dist: Dist, group=None) -> dict[str, dict]:
         entries.update(part)
     filehash.forget(folder)
     return dict(sorted(entries.items()))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    part = path.with_name(path.name + ".part")
-    with open(part, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """fsync every file and folder under `folder` (so a rename after it publishes data that is on disk)."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
-        _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rng_state(dist: Dist) -> dict:

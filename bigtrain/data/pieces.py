@@ -6,6 +6,11 @@ documents and the tokenizer; each writes its own shards and arrays (`piece-NNNNN
 `piece-NNNNN.json`, the mark that it is done. `join_pieces` renames the pieces' shards, in order, into
 the split's `tokens-NNNNN.bin` (no copy) and joins their document offsets and per-task arrays through
 memmaps. The token stream is the same whatever the number of workers or pieces.
+
+A kill at any file operation loses nothing finished: each step is redone whole or recognised as done. A
+piece's files are fsynced before its mark; a join can be repeated until the split's `joined.json` (its index
+entry) is written, and only then are the pieces' files removed, so a rerun neither tokenizes a joined split
+again nor finds a piece's mark without its files.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from bigtrain.data.shards import DOC_OFFSETS, SplitWriter, write_json_atomic
 from bigtrain.data.tokenizer import SpecialIds
 from bigtrain.errors import UserError
 from bigtrain.filehash import sha256
+from bigtrain.fsio import fsync_dir, fsync_file
 
 if TYPE_CHECKING:
     import datasets
@@ -36,6 +42,7 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "validation")
 PLAN = "plan.json"  # in the build folder: the piece plan a resumed prepare must share to keep pieces
+JOINED = "joined.json"  # in a split's build folder: its index entry, once its pieces are joined
 _PIECE_DOCS = (256, 20_000)  # documents per piece: at least, at most (~4 pieces per worker in between)
 STREAM_PIECE_DOCS = _PIECE_DOCS[1]
 _ENCODE_BATCH_DOCS = 1000
@@ -76,6 +83,32 @@ def _piece_prefix(k: int) -> str:
 
 def _piece_done(folder: Path, k: int) -> Path:
     return folder / f"piece-{k:05d}.json"
+
+
+def _joined(folder: Path) -> dict | None:
+    """The split's index entry if a prepare joined its pieces already (their leftovers removed now), else None."""
+    try:
+        info = json.loads((folder / JOINED).read_text())
+    except FileNotFoundError:
+        return None
+    _remove_pieces(folder)  # a kill may have come while they were being removed
+    return info
+
+
+def _remove_pieces(folder: Path) -> None:
+    for leftover in sorted(folder.glob("piece-*")):
+        leftover.unlink()
+
+
+def kept_work(tmp: Path) -> bool:
+    """Whether a build folder holds finished pieces or joined splits, worth keeping for the next prepare."""
+    return any(tmp.glob("*/piece-*.json")) or any(tmp.glob(f"*/{JOINED}"))
+
+
+def remove_build_marks(tmp: Path) -> None:
+    """The plan and the splits' joined marks, which a build folder needs no more once its index.json is written."""
+    for mark in [tmp / PLAN, *(tmp / name / JOINED for name in SPLITS)]:
+        mark.unlink(missing_ok=True)
 
 
 _job: PieceJob | None = None  # set before workers fork
@@ -121,6 +154,9 @@ def tokenize_split(job: PieceJob, plan: dict, workers: int, name: str, log: Call
     """Tokenize the split's pieces not done yet (`workers` at a time), then join them into the split's files."""
     global _job
     job.folder.mkdir(parents=True, exist_ok=True)
+    if (info := _joined(job.folder)) is not None:
+        log(f"data: {name}: joined by an interrupted prepare, kept")
+        return info
     pieces, piece_docs = plan["pieces"], plan["piece_docs"]
     todo = [k for k in range(pieces) if not _piece_done(job.folder, k).is_file()]
     if len(todo) < pieces:
@@ -169,6 +205,10 @@ def tokenize_streams(job: PieceJob, streams, piece_docs: int, workers: int, log:
         folder.mkdir(parents=True, exist_ok=True)
     count = dict.fromkeys(SPLITS, 0)  # pieces started per split
     buffers = {name: {c: [] for c in columns} for name in SPLITS}
+    joined = {name: _joined(folder) for name, folder in folders.items()}
+    if all(info is not None for info in joined.values()):
+        log("data: train and validation joined by an interrupted prepare, kept")
+        return joined
     progress = _Progress("train + validation", None, done_docs=0, log=log)
     pending: list = []
     _job = job
@@ -178,7 +218,7 @@ def tokenize_streams(job: PieceJob, streams, piece_docs: int, workers: int, log:
     def flush(name: str) -> None:
         rows, k = buffers[name], count[name]
         buffers[name], count[name] = {c: [] for c in columns}, k + 1
-        if _piece_done(folders[name], k).is_file():
+        if joined[name] is not None or _piece_done(folders[name], k).is_file():
             return  # done before the kill
         if pool is None:
             progress.add(_tokenize_piece(k, piece_docs, folders[name], rows))
@@ -235,8 +275,12 @@ def _checked_batches(stream, columns: list[str], cfg) -> "Iterator[dict]":
 
 def join_pieces(job: PieceJob, pieces: int) -> dict:
     """The split's index entry: the pieces' shards in order, their document offsets and per-task arrays joined
-    (written through memmaps: nothing of corpus size in memory); the pieces' own small files removed."""
+    (written through memmaps: nothing of corpus size in memory). Every step until `joined.json` (the entry,
+    written once the joined files are fsynced) can be repeated after a kill; the pieces' own small files go
+    after it."""
     folder = job.folder
+    if (joined := _joined(folder)) is not None:
+        return joined
     infos = [json.loads(_piece_done(folder, k).read_text()) for k in range(pieces)]
     num_docs = sum(i["num_docs"] for i in infos)
     token_starts = np.cumsum([0] + [i["num_tokens"] for i in infos])
@@ -249,6 +293,7 @@ def join_pieces(job: PieceJob, pieces: int) -> dict:
     offsets[num_docs] = token_starts[-1]
     offsets.flush()
     del offsets
+    fsync_file(folder / DOC_OFFSETS)
     arrays = []
     for array, empty in TASK_ARRAYS.get(job.task, {}).items():
         parts = [np.load(folder / f"{_piece_prefix(k)}{array}.npy", mmap_mode="r") for k in range(pieces)]
@@ -261,6 +306,7 @@ def join_pieces(job: PieceJob, pieces: int) -> dict:
         if isinstance(out, np.memmap):
             out.flush()
         del out, parts
+        fsync_file(path)
         arrays.append({"file": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)})
     shards = [dict(shard) for info in infos for shard in info["shards"]]
     for j, shard in enumerate(shards):  # the split's shards in stream order: tokens-00000.bin, tokens-00001.bin, …
@@ -268,17 +314,17 @@ def join_pieces(job: PieceJob, pieces: int) -> dict:
         if (folder / shard["file"]).exists() or not (folder / name).exists():  # renamed already by a killed join
             os.replace(folder / shard["file"], folder / name)
         shard["file"] = name
-    for k in range(pieces):
-        for leftover in [folder / f"{_piece_prefix(k)}{DOC_OFFSETS}", _piece_done(folder, k),
-                         *(folder / f"{_piece_prefix(k)}{a}.npy" for a in TASK_ARRAYS.get(job.task, {}))]:
-            leftover.unlink()
-    return {
+    fsync_dir(folder)  # the renames
+    info = {
         "num_tokens": int(token_starts[-1]),
         "num_docs": num_docs,
         "shards": shards,
         "doc_offsets_sha256": sha256(folder / DOC_OFFSETS),
         "arrays": arrays,
     }
+    write_json_atomic(folder / JOINED, info)
+    _remove_pieces(folder)
+    return info
 
 
 def _new_npy(path: Path, dtype, shape: tuple) -> np.ndarray:

@@ -8,8 +8,9 @@ folder is built beside its final place and renamed into it whole, with index.jso
 last, so an interrupted prepare never leaves a cache that looks complete.
 
 The build folder's name is fixed per cache key (one prepare at a time holds its lock), and each split
-is tokenized in pieces (`pieces.py`), so a prepare killed midway keeps its finished pieces and the
-next one tokenizes only the rest.
+is tokenized in pieces (`pieces.py`), so a prepare killed midway keeps its finished pieces and joined
+splits and the next one does only the rest; one killed once index.json is written leaves only the
+publishing to do. A kill at any file operation needs nothing removed by hand.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import numpy as np
 
 from bigtrain.data.dataset import TokenDataset
 from bigtrain.data.examples import check_labels, check_seq_len, check_task, label_set, sft_chat_template, task_columns
-from bigtrain.data.pieces import (PLAN, SPLITS, STREAM_PIECE_DOCS, PieceJob, piece_plan, read_plan, stream_text,
-                                  tokenize_split, tokenize_streams)
+from bigtrain.data.pieces import (PLAN, SPLITS, STREAM_PIECE_DOCS, PieceJob, kept_work, piece_plan, read_plan,
+                                  remove_build_marks, stream_text, tokenize_split, tokenize_streams)
 from bigtrain.data.shards import FORMAT_VERSION, INDEX, read_index, token_dtype, verify_split, write_json_atomic
 from bigtrain.data.sources import Source, load_documents, resolve_source, stable_hash, stream_documents
 from bigtrain.data.tokenizer import (
@@ -42,6 +43,7 @@ from bigtrain.data.tokenizer import (
     trained_tokenizer_path,
 )
 from bigtrain.errors import UserError
+from bigtrain.fsio import fsync_dir, fsync_tree, remove_partial_writes
 
 if TYPE_CHECKING:
     import tokenizers
@@ -119,6 +121,24 @@ def prepare_data(
 
 
 def _prepare_locked(cfg, task: str, source: Source, root: Path, path: Path, num_proc, workers: int, log) -> PreparedData:
+    tmp = root / f".tmp-{path.name}"  # the same folder for the same key: a killed prepare's work is kept
+    if read_index(tmp) is not None:
+        log(f"data: {tmp} was built whole by an interrupted prepare; publishing it")
+    else:
+        _build(cfg, task, source, root, tmp, num_proc, workers, log)
+    _publish_built(tmp, path)
+    data = _open_prepared(cfg, path, task=task, verify=False)
+    log(
+        f"data: prepared {path} — train {data.train.num_tokens:,} tokens ({len(data.train):,} samples), "
+        f"validation {data.validation.num_tokens:,} tokens ({len(data.validation):,} samples), "
+        f"dtype {data.train.dtype.name}"
+    )
+    return data
+
+
+def _build(cfg, task: str, source: Source, root: Path, tmp: Path, num_proc, workers: int, log) -> None:
+    """Tokenize into the build folder `tmp`, keeping what a killed prepare of the same key finished there;
+    index.json last, once everything it lists is fsynced."""
     if cfg.tokenizer is not None:  # a missing mask token is known before any document is read
         require_mask(find_special_ids(load_tokenizer_file(cfg.tokenizer, where="data.tokenizer")), cfg, task)
 
@@ -142,7 +162,6 @@ def _prepare_locked(cfg, task: str, source: Source, root: Path, path: Path, num_
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
 
-    tmp = root / f".tmp-{path.name}"  # the same folder for the same key: a killed prepare's pieces are kept
     if streams is not None:  # documents are counted as they come: pieces of a fixed size
         plan = {"streaming": True, "piece_docs": STREAM_PIECE_DOCS}
         keep = read_plan(tmp) == plan if tmp.exists() else False
@@ -185,20 +204,13 @@ def _prepare_locked(cfg, task: str, source: Source, root: Path, path: Path, num_
             "tokenizer": tokenizer_identity(cfg, source, task),
             "splits": splits,
         }
-        (tmp / PLAN).unlink()
+        fsync_tree(tmp)  # what index.json lists is on disk before it
         write_json_atomic(tmp / INDEX, index)  # last: it marks the folder complete
-        _publish(tmp, path)
+        fsync_dir(tmp)
     except BaseException:
-        if not any(tmp.glob("*/piece-*.json")):  # nothing finished worth keeping for the next prepare
+        if not kept_work(tmp):  # nothing finished worth keeping for the next prepare
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-    data = _open_prepared(cfg, path, task=task, verify=False)
-    log(
-        f"data: prepared {path} — train {data.train.num_tokens:,} tokens ({len(data.train):,} samples), "
-        f"validation {data.validation.num_tokens:,} tokens ({len(data.validation):,} samples), dtype {dtype.name}"
-    )
-    return data
 
 
 def source_configs(cfg, *, task: str = "causal_lm") -> list:
@@ -322,6 +334,15 @@ def _open_prepared(cfg, path: Path, *, task: str, verify: bool) -> PreparedData:
         special_ids=tuple(index.get("special_ids", ())),
         labels=index.get("labels"),
     )
+
+
+def _publish_built(tmp: Path, path: Path) -> None:
+    """Publish a build folder whose index.json is written (again after a kill, as often as it takes): the build's
+    bookkeeping and a killed writer's temporary files removed, then renamed into place, durably."""
+    remove_build_marks(tmp)
+    remove_partial_writes(tmp)
+    _publish(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _publish(tmp: Path, path: Path) -> None:

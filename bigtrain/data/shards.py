@@ -10,8 +10,8 @@ A prepared cache folder holds, for each split (`train/`, `validation/`):
   document) or `loss_spans.npy` (sft: int64 (S, 2) [start, stop) stream positions of the
   tokens to predict, sorted; every document has at least one, its EOS).
 
-`index.json`, written last and atomically, lists every file with its size and sha256; a
-folder without it is not prepared. `dataset.TokenDataset` memmaps one split and serves
+`index.json`, written last, atomically and fsynced (after the files it lists), lists every file with its
+size and sha256; a folder without it is not prepared. `dataset.TokenDataset` memmaps one split and serves
 the task's samples.
 """
 
@@ -27,6 +27,7 @@ import numpy as np
 from bigtrain import safe_load
 from bigtrain.errors import UserError
 from bigtrain.filehash import sha256
+from bigtrain.fsio import fsync_file, write_atomic
 
 FORMAT_VERSION = 1
 INDEX = "index.json"
@@ -43,7 +44,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class SplitWriter:
-    """Append documents to one split folder; `finish()` returns its index.json entry.
+    """Append documents to one split folder; `finish()` returns its index.json entry, every file it wrote fsynced
+    (so a marker written next vouches for bytes that survive a power loss).
 
     arrays: {name: empty array} of the per-task arrays to write as `<name>.npy` (an empty
     split still gets each file); rows come with `add_documents`.
@@ -92,10 +94,12 @@ class SplitWriter:
         lengths = np.concatenate(self.doc_lengths) if self.doc_lengths else np.zeros(0, np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         np.save(self.folder / f"{self.prefix}{DOC_OFFSETS}", offsets)
+        fsync_file(self.folder / f"{self.prefix}{DOC_OFFSETS}")
         arrays = []
         for name, parts in self.arrays.items():
             path = self.folder / f"{self.prefix}{name}.npy"
             np.save(path, np.concatenate(parts))
+            fsync_file(path)
             arrays.append({"file": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)})
         return {
             "num_tokens": int(offsets[-1]),
@@ -115,16 +119,16 @@ class SplitWriter:
     def _close_shard(self) -> None:
         if self._file is None:
             return
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
         self.shards[-1].update(num_tokens=self._shard_tokens, sha256=self._hash.hexdigest())
         self._file = None
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write to a temporary file, then rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    """`obj` as indented JSON, written atomically and fsynced (`fsio.write_atomic`)."""
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- reading

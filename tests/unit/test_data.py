@@ -209,9 +209,11 @@ def test_a_training_start_of_several_processes_prepares_only_small_local_data(to
     assert problem(under_slurm=True, limit_bytes=1) is None  # prepared already
 
 
+@pytest.mark.slow  # two `bigtrain prepare` processes, one after the other
 def test_prepare_killed_midway_keeps_its_finished_pieces(tokenizer_file, tmp_path):
     """`bigtrain prepare` killed (SIGKILL) once its first piece is written: the next prepare keeps the finished
-    pieces, tokenizes the rest, and the cache equals an uninterrupted prepare's."""
+    pieces, tokenizes the rest, and its cache checks out. (That the cache equals an uninterrupted prepare's,
+    byte for byte, after a kill at any file operation: test_prepare_resume.py.)"""
     import signal
     import subprocess
     import sys
@@ -239,15 +241,8 @@ def test_prepare_killed_midway_keeps_its_finished_pieces(tokenizer_file, tmp_pat
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert f"data: train: {kept} of 4 pieces kept from an interrupted prepare" in again.stdout
-    cfg = load_config(recipe).data
-    fresh = prepare_data(dataclasses.replace(cfg, cache_dir=str(tmp_path / "fresh")), log=quiet)
-    resumed = load_prepared(cfg)
-    index = lambda data: json.loads((data.path / "index.json").read_text())["splits"]  # noqa: E731
-    assert index(resumed) == index(fresh)  # the same files, byte for byte (each listed with its sha256)
-    a, b = split_files(resumed), split_files(fresh)
-    for split in a:
-        for name in a[split]:
-            np.testing.assert_array_equal(a[split][name], b[split][name], err_msg=f"{split} {name}")
+    resumed = load_prepared(load_config(recipe).data, verify=True)  # every file's sha256 as index.json lists it
+    assert resumed.train.num_docs == len(corpus.read_text().splitlines()) - resumed.validation.num_docs
 
 
 def test_token_dataset_pickles_without_its_data(stdlib):
