@@ -338,13 +338,18 @@ def find_resume_checkpoint(resume: str, run_dir: Path, warn=print, dist: Dist | 
     if resume == "none":
         return None
     if resume == "auto":
+        damaged = []
         for folder in reversed(list_checkpoints(run_dir)):
             try:
                 verify(folder, dist)
                 return folder
             except CheckpointError as e:
+                damaged.append(folder.name)
                 if dist is None or dist.is_main:
                     warn(f"warning: {e} — falling back to an earlier checkpoint")
+        if damaged:  # a fresh start here would silently throw the run away
+            raise CheckpointError(f"no complete checkpoint in {checkpoints_dir(run_dir)}: every one is damaged "
+                                  f"({', '.join(damaged)}; named above)")
         return None
     path = Path(resume).expanduser()
     if (path / MANIFEST).exists() or path.name.startswith("step-"):
@@ -361,7 +366,13 @@ def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print, b
     """Load engine state + trainer state from the chosen checkpoint (collective; the ranks verify it together).
     `base`: the base_reference of the model this run built (a LoRA run's init_from), which a checkpoint holding
     only adapters must have been trained on."""
-    folder = find_resume_checkpoint(resume_setting, run_dir, warn, dist)
+    try:
+        folder = find_resume_checkpoint(resume_setting, run_dir, warn, dist)
+    except CheckpointError as e:
+        if resume_setting != "auto":
+            raise
+        raise CheckpointError(f"{e} — to train from step 0 instead, set checkpoint.resume=none (the damaged "
+                              f"checkpoints stay where they are)") from None
     if folder is None:
         return TrainState()
     if (folder / BASE_FILE).is_file():
