@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from bigtrain import filehash
-from bigtrain.errors import UserError
+from bigtrain.errors import UserError, say
 from bigtrain.strategy import Dist, barrier, open_weights
 from bigtrain.strategy.dist import all_gather_object, new_background_group
 
@@ -67,15 +67,16 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: str, keep_last: int,
-         extra_files: dict[str, Path] | None = None) -> Path:
+         extra_files: dict[str, Path] | None = None, verified: VerifiedCheckpoints | None = None) -> Path:
     """Write a complete checkpoint of `state` (collective: every rank calls it; synchronous).
 
     extra_files: name → file copied in (the tokenizer, the label set), so a checkpoint stands alone.
+    verified: what retention knows of the run dir's checkpoints (the run's; None: a new record).
     """
     tmp, final = _start(run_dir, state.step, dist)
     engine.save_state(tmp)
     _write_trainer_files(tmp, state, engine, dist, _rng_state(dist), config_yaml, extra_files)
-    _publish(tmp, final, state, dist, keep_last)
+    _publish(tmp, final, state, dist, keep_last, verified=verified or VerifiedCheckpoints())
     return final
 
 
@@ -87,9 +88,11 @@ class Checkpointer:
     `history` records, per save, the seconds the training thread spent in it and until it was durable (bench)."""
 
     def __init__(self, run_dir: Path, engine, dist: Dist, *, config_yaml: str, keep_last: int,
-                 extra_files: dict[str, Path] | None = None, async_save: bool = True):
+                 extra_files: dict[str, Path] | None = None, async_save: bool = True,
+                 verified: VerifiedCheckpoints | None = None):
         self.run_dir, self.engine, self.dist = Path(run_dir), engine, dist
         self.config_yaml, self.keep_last, self.extra_files = config_yaml, keep_last, extra_files
+        self.verified = verified or VerifiedCheckpoints()  # retention's record: each checkpoint read at most once
         self.async_save = async_save and hasattr(engine, "save_state_async")
         self.history: list[dict] = []
         self._group = None  # the background group, made at the first async save (every rank is there)
@@ -104,7 +107,7 @@ class Checkpointer:
         record = {"step": state.step, "async": self.async_save and not sync}
         if not record["async"]:
             save(self.run_dir, state, self.engine, self.dist, config_yaml=self.config_yaml, keep_last=self.keep_last,
-                 extra_files=self.extra_files)
+                 extra_files=self.extra_files, verified=self.verified)
             record["stall_s"] = record["durable_s"] = time.perf_counter() - t0
             self.history.append(record)
             return final
@@ -128,7 +131,7 @@ class Checkpointer:
                 raise error
             if failed:
                 raise RuntimeError(f"checkpoint {final.name} not saved: {failed[0]}")
-            _publish(tmp, final, state, self.dist, self.keep_last, self._group)
+            _publish(tmp, final, state, self.dist, self.keep_last, self._group, verified=self.verified)
             record["durable_s"] = time.perf_counter() - t0
 
         self._pending = self._executor.submit(finish)
@@ -175,7 +178,8 @@ def _write_trainer_files(tmp: Path, state: TrainState, engine, dist: Dist, rng: 
             shutil.copyfile(source, tmp / name)
 
 
-def _publish(tmp: Path, final: Path, state: TrainState, dist: Dist, keep_last: int, group=None) -> None:
+def _publish(tmp: Path, final: Path, state: TrainState, dist: Dist, keep_last: int, group=None, *,
+             verified: VerifiedCheckpoints) -> None:
     """fsync, checksum (each rank its share), manifest last, rename into place, then prune (collective over `group`)."""
     _fsync_tree(tmp)  # every rank: its own files are on disk before rank 0 publishes the folder
     barrier(dist, group)
@@ -193,16 +197,63 @@ def _publish(tmp: Path, final: Path, state: TrainState, dist: Dist, keep_last: i
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
-        prune(final.parent.parent, keep_last)  # only now: the new checkpoint is durable
+        verified.mark_good(final)  # its files were checksummed as they were written: not read back
+        prune(final.parent.parent, keep_last, verified)  # only now: the new checkpoint is durable
     barrier(dist, group)
 
 
-def prune(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (0 keeps all)."""
+def prune(run_dir: Path, keep_last: int, verified: VerifiedCheckpoints | None = None) -> None:
+    """Delete the good checkpoints older than the newest `keep_last` good ones (0 keeps all). Only a checkpoint
+    that verifies counts, so a damaged one never pushes out the good one a resume would need; a damaged one is
+    not deleted either (it stays for the user to look at, named in one warning per process). `verified` keeps
+    each checkpoint's verdict for the process, so a save reads at most the checkpoints it has not seen yet."""
     if keep_last <= 0:
         return
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    verified = verified or VerifiedCheckpoints()
+    good = 0
+    for folder in reversed(list_checkpoints(run_dir)):
+        if verified.problem(folder) is None:
+            good += 1
+            if good > keep_last:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+class VerifiedCheckpoints:
+    """Which checkpoints retention knows to be good or damaged in this process, so each is read whole at most
+    once: one this process published is good by construction (its checksums were taken as it was written), an
+    older one is verified the first time it is looked at. A verdict is keyed by the folder and its manifest's
+    identity (inode, size, mtime), so a checkpoint re-saved under the same name is looked at afresh."""
+
+    def __init__(self, warn=None):
+        self._verdicts: dict[tuple, str | None] = {}
+        self._warn = warn or say
+
+    def mark_good(self, folder: Path) -> None:
+        if (key := self._key(folder)) is not None:
+            self._verdicts[key] = None
+
+    def problem(self, folder: Path) -> str | None:
+        """None for a complete checkpoint, else what is wrong with it (warned about the first time)."""
+        key = self._key(folder)
+        if key is None:
+            return f"incomplete checkpoint {folder}: no {MANIFEST}"
+        if key not in self._verdicts:
+            try:
+                verify(folder)
+                self._verdicts[key] = None
+            except CheckpointError as e:
+                self._verdicts[key] = str(e)
+                self._warn(f"bigtrain: warning: {e} — this checkpoint is kept, and not counted toward "
+                           f"checkpoint.keep_last; delete it once you have looked at it")
+        return self._verdicts[key]
+
+    @staticmethod
+    def _key(folder: Path) -> tuple | None:
+        try:
+            stat = (Path(folder) / MANIFEST).stat()
+        except FileNotFoundError:
+            return None
+        return str(Path(folder).absolute()), stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _shares(names: list[tuple[str, int]], world_size: int) -> list[list[str]]:
@@ -289,10 +340,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    folders = {p.name: p for p in root.iterdir() if p.is_dir()}
+    folders = {p.name: p for p in root.iterdir() if p.is_dir() and _step_of(p.name) is not None}
     steps = [p for name, p in folders.items() if name.startswith("step-")]
     steps += [p for name, p in folders.items() if name.startswith(".old-step-") and name[5:] not in folders]
-    return sorted(steps, key=lambda p: p.name.removeprefix(".old-"))
+    return sorted(steps, key=lambda p: _step_of(p.name))  # by number: step-10000000 comes after step-9999999
+
+
+def _step_of(name: str) -> int | None:
+    """The step of a `step-N` (or `.old-step-N`) folder name; None for any other name."""
+    digits = name.removeprefix(".old-").removeprefix("step-")
+    return int(digits) if digits != name.removeprefix(".old-") and digits.isdigit() else None
 
 
 def verify(folder: Path, dist: Dist | None = None) -> dict:
@@ -362,10 +419,11 @@ def find_resume_checkpoint(resume: str, run_dir: Path, warn=print, dist: Dist | 
     return candidates[-1]
 
 
-def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print, base: dict | None = None) -> TrainState:
+def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print, base: dict | None = None,
+           verified: VerifiedCheckpoints | None = None) -> TrainState:
     """Load engine state + trainer state from the chosen checkpoint (collective; the ranks verify it together).
     `base`: the base_reference of the model this run built (a LoRA run's init_from), which a checkpoint holding
-    only adapters must have been trained on."""
+    only adapters must have been trained on. `verified` (the run's Checkpointer's) learns the checkpoint is good."""
     try:
         folder = find_resume_checkpoint(resume_setting, run_dir, warn, dist)
     except CheckpointError as e:
@@ -375,6 +433,8 @@ def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print, b
                               f"checkpoints stay where they are)") from None
     if folder is None:
         return TrainState()
+    if verified is not None:
+        verified.mark_good(folder)
     if (folder / BASE_FILE).is_file():
         saved = json.loads((folder / BASE_FILE).read_text())
         if base is None or base["sha256"] != saved["sha256"]:

@@ -296,8 +296,9 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
         if dist.is_main:
             (run_dir / "config.yaml").write_text(config_yaml)
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # an earlier start's; this one may write its own
+        verified = checkpoint.VerifiedCheckpoints()  # retention's record: the resumed checkpoint is read once
         state = checkpoint.resume(cfg.checkpoint.resume, run_dir, b.engine, dist, warn=lambda m: log_main(dist, m),
-                                  base=b.base)
+                                  base=b.base, verified=verified)
         if b.engine.ema:
             b.engine.ema.step = state.step
 
@@ -332,7 +333,8 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
             return peak.flops_per_sec
 
         saver = checkpoint.Checkpointer(run_dir, b.engine, dist, config_yaml=config_yaml, keep_last=cfg.checkpoint.keep_last,
-                                        extra_files=b.extra_files, async_save=cfg.checkpoint.async_save)
+                                        extra_files=b.extra_files, async_save=cfg.checkpoint.async_save,
+                                        verified=verified)
         ctx = LoopContext(
             cfg=job_cfg, dist=dist, engine=b.engine, task=b.task, train_data=b.data.train, val_data=b.data.validation,
             logger=logger, flops_per_token=b.model.flops_per_token(cfg.data.seq_len),
