@@ -442,11 +442,36 @@ def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print, b
                 "this run has no model.lora base"
             raise CheckpointError(f"checkpoint {folder} holds LoRA adapters trained on {saved['init_from']} (sha256 "
                                   f"{saved['sha256'][:12]}), but {now} — resume with the base it was trained on")
-    engine.load_state(folder)
-    saved = json.loads((folder / TRAINER).read_text())
+    try:
+        engine.load_state(folder)
+        saved = json.loads((folder / TRAINER).read_text())
+    except BaseException as e:  # noqa: BLE001 — DCP wraps a rank's failure in a BaseException of its own
+        missing = _missing_file(e)
+        if missing is None:
+            raise
+        raise CheckpointError(f"checkpoint {folder}: {missing} is missing (it verified a moment ago: is another "
+                              f"job pruning this run dir?) — start again: resume: auto takes the newest checkpoint "
+                              f"that is complete") from None
     _restore_rng(folder, dist, saved.get("world_size", 1))
     fields = TrainState.__dataclass_fields__
     return TrainState(**{k: v for k, v in saved.items() if k in fields})
+
+
+def _missing_file(error: BaseException) -> str | None:
+    """The file a load failed to find, from `error`, its causes, or the per-rank failures DCP collects."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, FileNotFoundError):
+            return str(e.filename or e)
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [e.__cause__, e.__context__]
+    return None
 
 
 # --------------------------------------------------------------------------- init_from

@@ -64,3 +64,35 @@ def test_keep_last_counts_only_verified_checkpoints_and_leaves_damaged_ones(tmp_
     assert "step-0000004/model.pt" in capsys.readouterr().err
     with pytest.raises(CheckpointError):
         checkpoint.verify(tmp_path / "checkpoints/step-0000004")
+
+
+def test_a_file_missing_at_load_is_a_one_line_error(tmp_path):
+    """A checkpoint file that is gone when the engine loads it (the manifest no longer names it, as if another job
+    pruned the folder between verify and load): one line naming the checkpoint and the file, exit 2."""
+    import json
+
+    engine = make_engine("fp32")
+    folder = checkpoint.save(tmp_path, TrainState(step=1), engine, engine.dist, config_yaml=dump_yaml(Config()),
+                             keep_last=0)
+    (folder / "optimizer.pt").unlink()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["files"]["optimizer.pt"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=f"checkpoint {folder}: .*optimizer.pt is missing"):
+        checkpoint.resume("auto", tmp_path, make_engine("fp32"), engine.dist)
+
+
+def test_a_dcp_shard_missing_at_load_is_recognised(tmp_path):
+    """DCP reports a rank's missing file inside its own CheckpointException (a BaseException): still named."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from bigtrain.checkpoint import _missing_file
+
+    dcp.save({"w": torch.ones(4)}, checkpoint_id=str(tmp_path), no_dist=True)
+    shard = next(tmp_path.glob("*.distcp"))
+    shard.unlink()
+    with pytest.raises(BaseException) as caught:
+        dcp.load({"w": torch.zeros(4)}, checkpoint_id=str(tmp_path), no_dist=True)
+    assert _missing_file(caught.value) is not None and shard.name in _missing_file(caught.value)
+    assert _missing_file(RuntimeError("something else")) is None
