@@ -67,16 +67,18 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: str, keep_last: int,
-         extra_files: dict[str, Path] | None = None, verified: VerifiedCheckpoints | None = None) -> Path:
+         extra_files: dict[str, Path] | None = None, verified: VerifiedCheckpoints | None = None,
+         lease=None) -> Path:
     """Write a complete checkpoint of `state` (collective: every rank calls it; synchronous).
 
     extra_files: name → file copied in (the tokenizer, the label set), so a checkpoint stands alone.
     verified: what retention knows of the run dir's checkpoints (the run's; None: a new record).
+    lease: rank 0's RunDirLease (bigtrain/lease.py); checked before anything is written and before publishing.
     """
-    tmp, final = _start(run_dir, state.step, dist)
+    tmp, final = _start(run_dir, state.step, dist, lease)
     engine.save_state(tmp)
     _write_trainer_files(tmp, state, engine, dist, _rng_state(dist), config_yaml, extra_files)
-    _publish(tmp, final, state, dist, keep_last, verified=verified or VerifiedCheckpoints())
+    _publish(tmp, final, state, dist, keep_last, verified=verified or VerifiedCheckpoints(), lease=lease)
     return final
 
 
@@ -89,8 +91,8 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, engine, dist: Dist, *, config_yaml: str, keep_last: int,
                  extra_files: dict[str, Path] | None = None, async_save: bool = True,
-                 verified: VerifiedCheckpoints | None = None):
-        self.run_dir, self.engine, self.dist = Path(run_dir), engine, dist
+                 verified: VerifiedCheckpoints | None = None, lease=None):
+        self.run_dir, self.engine, self.dist, self.lease = Path(run_dir), engine, dist, lease
         self.config_yaml, self.keep_last, self.extra_files = config_yaml, keep_last, extra_files
         self.verified = verified or VerifiedCheckpoints()  # retention's record: each checkpoint read at most once
         self.async_save = async_save and hasattr(engine, "save_state_async")
@@ -107,14 +109,14 @@ class Checkpointer:
         record = {"step": state.step, "async": self.async_save and not sync}
         if not record["async"]:
             save(self.run_dir, state, self.engine, self.dist, config_yaml=self.config_yaml, keep_last=self.keep_last,
-                 extra_files=self.extra_files, verified=self.verified)
+                 extra_files=self.extra_files, verified=self.verified, lease=self.lease)
             record["stall_s"] = record["durable_s"] = time.perf_counter() - t0
             self.history.append(record)
             return final
         if self._executor is None:
             self._group = new_background_group()
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigtrain-checkpoint")
-        tmp, _ = _start(self.run_dir, state.step, self.dist)
+        tmp, _ = _start(self.run_dir, state.step, self.dist, self.lease)
         state = replace(state)  # the loop goes on changing its own
         rng = _rng_state(self.dist)
         written = self.engine.save_state_async(tmp, self._group)  # host copy now; this rank's files later
@@ -131,7 +133,8 @@ class Checkpointer:
                 raise error
             if failed:
                 raise RuntimeError(f"checkpoint {final.name} not saved: {failed[0]}")
-            _publish(tmp, final, state, self.dist, self.keep_last, self._group, verified=self.verified)
+            _publish(tmp, final, state, self.dist, self.keep_last, self._group, verified=self.verified,
+                     lease=self.lease)
             record["durable_s"] = time.perf_counter() - t0
 
         self._pending = self._executor.submit(finish)
@@ -155,8 +158,9 @@ class Checkpointer:
             self._executor.shutdown()
 
 
-def _start(run_dir: Path, step: int, dist: Dist) -> tuple[Path, Path]:
+def _start(run_dir: Path, step: int, dist: Dist, lease=None) -> tuple[Path, Path]:
     """(temp folder, final folder) of a save of `step`: the temp folder emptied and made, seen by every rank."""
+    _stop_unless_owner(lease, dist)
     final = step_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if dist.is_main:
@@ -179,11 +183,12 @@ def _write_trainer_files(tmp: Path, state: TrainState, engine, dist: Dist, rng: 
 
 
 def _publish(tmp: Path, final: Path, state: TrainState, dist: Dist, keep_last: int, group=None, *,
-             verified: VerifiedCheckpoints) -> None:
+             verified: VerifiedCheckpoints, lease=None) -> None:
     """fsync, checksum (each rank its share), manifest last, rename into place, then prune (collective over `group`)."""
     _fsync_tree(tmp)  # every rank: its own files are on disk before rank 0 publishes the folder
     barrier(dist, group)
     files = hash_files(tmp, dist, group)  # every rank hashes its share of the files
+    _stop_unless_owner(lease, dist, group)  # the run dir may have changed hands while the files were written
     if dist.is_main:
         manifest = {"step": state.step, "samples_consumed": state.samples_consumed, "files": files}
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))  # fsynced; its folder entry next
@@ -200,6 +205,14 @@ def _publish(tmp: Path, final: Path, state: TrainState, dist: Dist, keep_last: i
         verified.mark_good(final)  # its files were checksummed as they were written: not read back
         prune(final.parent.parent, keep_last, verified)  # only now: the new checkpoint is durable
     barrier(dist, group)
+
+
+def _stop_unless_owner(lease, dist: Dist, group=None) -> None:
+    """Every rank raises rank 0's one line when the run dir's lease (held by rank 0) is no longer this job's:
+    another job took the run dir over, and this one must neither write nor delete checkpoints there."""
+    problem = all_gather_object(dist, lease.problem() if lease is not None else None, group)[0]
+    if problem:
+        raise UserError(problem)
 
 
 def prune(run_dir: Path, keep_last: int, verified: VerifiedCheckpoints | None = None) -> None:
