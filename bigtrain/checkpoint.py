@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from bigtrain import filehash, safe_load
-from bigtrain.errors import UserError
+from bigtrain.errors import UserError, say
 from bigtrain.fsio import fsync_dir as _fsync_dir
 from bigtrain.fsio import fsync_tree as _fsync_tree
 from bigtrain.fsio import write_atomic as _write_atomic
@@ -70,15 +70,18 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: str, keep_last: int,
-         extra_files: dict[str, Path] | None = None) -> Path:
+         extra_files: dict[str, Path] | None = None, verified: VerifiedCheckpoints | None = None,
+         lease=None) -> Path:
     """Write a complete checkpoint of `state` (collective: every rank calls it; synchronous).
 
     extra_files: name → file copied in (the tokenizer, the label set), so a checkpoint stands alone.
+    verified: what retention knows of the run dir's checkpoints (the run's; None: a new record).
+    lease: rank 0's RunDirLease (bigtrain/lease.py); checked before anything is written and before publishing.
     """
-    tmp, final = _start(run_dir, state.step, dist)
+    tmp, final = _start(run_dir, state.step, dist, lease)
     engine.save_state(tmp)
     _write_trainer_files(tmp, state, engine, dist, _rng_state(dist), config_yaml, extra_files)
-    _publish(tmp, final, state, dist, keep_last)
+    _publish(tmp, final, state, dist, keep_last, verified=verified or VerifiedCheckpoints(), lease=lease)
     return final
 
 
@@ -90,9 +93,11 @@ class Checkpointer:
     `history` records, per save, the seconds the training thread spent in it and until it was durable (bench)."""
 
     def __init__(self, run_dir: Path, engine, dist: Dist, *, config_yaml: str, keep_last: int,
-                 extra_files: dict[str, Path] | None = None, async_save: bool = True):
-        self.run_dir, self.engine, self.dist = Path(run_dir), engine, dist
+                 extra_files: dict[str, Path] | None = None, async_save: bool = True,
+                 verified: VerifiedCheckpoints | None = None, lease=None):
+        self.run_dir, self.engine, self.dist, self.lease = Path(run_dir), engine, dist, lease
         self.config_yaml, self.keep_last, self.extra_files = config_yaml, keep_last, extra_files
+        self.verified = verified or VerifiedCheckpoints()  # retention's record: each checkpoint read at most once
         self.async_save = async_save and hasattr(engine, "save_state_async")
         self.history: list[dict] = []
         self._group = None  # the background group, made at the first async save (every rank is there)
@@ -107,14 +112,14 @@ class Checkpointer:
         record = {"step": state.step, "async": self.async_save and not sync}
         if not record["async"]:
             save(self.run_dir, state, self.engine, self.dist, config_yaml=self.config_yaml, keep_last=self.keep_last,
-                 extra_files=self.extra_files)
+                 extra_files=self.extra_files, verified=self.verified, lease=self.lease)
             record["stall_s"] = record["durable_s"] = time.perf_counter() - t0
             self.history.append(record)
             return final
         if self._executor is None:
             self._group = new_background_group()
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigtrain-checkpoint")
-        tmp, _ = _start(self.run_dir, state.step, self.dist)
+        tmp, _ = _start(self.run_dir, state.step, self.dist, self.lease)
         state = replace(state)  # the loop goes on changing its own
         rng = _rng_state(self.dist)
         written = self.engine.save_state_async(tmp, self._group)  # host copy now; this rank's files later
@@ -131,7 +136,8 @@ class Checkpointer:
                 raise error
             if failed:
                 raise RuntimeError(f"checkpoint {final.name} not saved: {failed[0]}")
-            _publish(tmp, final, state, self.dist, self.keep_last, self._group)
+            _publish(tmp, final, state, self.dist, self.keep_last, self._group, verified=self.verified,
+                     lease=self.lease)
             record["durable_s"] = time.perf_counter() - t0
 
         self._pending = self._executor.submit(finish)
@@ -155,8 +161,9 @@ class Checkpointer:
             self._executor.shutdown()
 
 
-def _start(run_dir: Path, step: int, dist: Dist) -> tuple[Path, Path]:
+def _start(run_dir: Path, step: int, dist: Dist, lease=None) -> tuple[Path, Path]:
     """(temp folder, final folder) of a save of `step`: the temp folder emptied and made, seen by every rank."""
+    _stop_unless_owner(lease, dist)
     final = step_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if dist.is_main:
@@ -178,11 +185,13 @@ def _write_trainer_files(tmp: Path, state: TrainState, engine, dist: Dist, rng: 
             shutil.copyfile(source, tmp / name)
 
 
-def _publish(tmp: Path, final: Path, state: TrainState, dist: Dist, keep_last: int, group=None) -> None:
+def _publish(tmp: Path, final: Path, state: TrainState, dist: Dist, keep_last: int, group=None, *,
+             verified: VerifiedCheckpoints, lease=None) -> None:
     """fsync, checksum (each rank its share), manifest last, rename into place, then prune (collective over `group`)."""
     _fsync_tree(tmp)  # every rank: its own files are on disk before rank 0 publishes the folder
     barrier(dist, group)
     files = hash_files(tmp, dist, group)  # every rank hashes its share of the files
+    _stop_unless_owner(lease, dist, group)  # the run dir may have changed hands while the files were written
     if dist.is_main:
         manifest = {"step": state.step, "samples_consumed": state.samples_consumed, "files": files}
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))  # fsynced; its folder entry next
@@ -196,16 +205,71 @@ def _publish(tmp: Path, final: Path, state: TrainState, dist: Dist, keep_last: i
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
-        prune(final.parent.parent, keep_last)  # only now: the new checkpoint is durable
+        verified.mark_good(final)  # its files were checksummed as they were written: not read back
+        prune(final.parent.parent, keep_last, verified)  # only now: the new checkpoint is durable
     barrier(dist, group)
 
 
-def prune(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (0 keeps all)."""
+def _stop_unless_owner(lease, dist: Dist, group=None) -> None:
+    """Every rank raises rank 0's one line when the run dir's lease (held by rank 0) is no longer this job's:
+    another job took the run dir over, and this one must neither write nor delete checkpoints there."""
+    problem = all_gather_object(dist, lease.problem() if lease is not None else None, group)[0]
+    if problem:
+        raise UserError(problem)
+
+
+def prune(run_dir: Path, keep_last: int, verified: VerifiedCheckpoints | None = None) -> None:
+    """Delete the good checkpoints older than the newest `keep_last` good ones (0 keeps all). Only a checkpoint
+    that verifies counts, so a damaged one never pushes out the good one a resume would need; a damaged one is
+    not deleted either (it stays for the user to look at, named in one warning per process). `verified` keeps
+    each checkpoint's verdict for the process, so a save reads at most the checkpoints it has not seen yet."""
     if keep_last <= 0:
         return
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    verified = verified or VerifiedCheckpoints()
+    good = 0
+    for folder in reversed(list_checkpoints(run_dir)):
+        if verified.problem(folder) is None:
+            good += 1
+            if good > keep_last:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+class VerifiedCheckpoints:
+    """Which checkpoints retention knows to be good or damaged in this process, so each is read whole at most
+    once: one this process published is good by construction (its checksums were taken as it was written), an
+    older one is verified the first time it is looked at. A verdict is keyed by the folder and its manifest's
+    identity (inode, size, mtime), so a checkpoint re-saved under the same name is looked at afresh."""
+
+    def __init__(self, warn=None):
+        self._verdicts: dict[tuple, str | None] = {}
+        self._warn = warn or say
+
+    def mark_good(self, folder: Path) -> None:
+        if (key := self._key(folder)) is not None:
+            self._verdicts[key] = None
+
+    def problem(self, folder: Path) -> str | None:
+        """None for a complete checkpoint, else what is wrong with it (warned about the first time)."""
+        key = self._key(folder)
+        if key is None:
+            return f"incomplete checkpoint {folder}: no {MANIFEST}"
+        if key not in self._verdicts:
+            try:
+                verify(folder)
+                self._verdicts[key] = None
+            except CheckpointError as e:
+                self._verdicts[key] = str(e)
+                self._warn(f"bigtrain: warning: {e} — this checkpoint is kept, and not counted toward "
+                           f"checkpoint.keep_last; delete it once you have looked at it")
+        return self._verdicts[key]
+
+    @staticmethod
+    def _key(folder: Path) -> tuple | None:
+        try:
+            stat = (Path(folder) / MANIFEST).stat()
+        except FileNotFoundError:
+            return None
+        return str(Path(folder).absolute()), stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _shares(names: list[tuple[str, int]], world_size: int) -> list[list[str]]:
@@ -262,10 +326,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    folders = {p.name: p for p in root.iterdir() if p.is_dir()}
+    folders = {p.name: p for p in root.iterdir() if p.is_dir() and _step_of(p.name) is not None}
     steps = [p for name, p in folders.items() if name.startswith("step-")]
     steps += [p for name, p in folders.items() if name.startswith(".old-step-") and name[5:] not in folders]
-    return sorted(steps, key=lambda p: p.name.removeprefix(".old-"))
+    return sorted(steps, key=lambda p: _step_of(p.name))  # by number: step-10000000 comes after step-9999999
+
+
+def _step_of(name: str) -> int | None:
+    """The step of a `step-N` (or `.old-step-N`) folder name; None for any other name."""
+    digits = name.removeprefix(".old-").removeprefix("step-")
+    return int(digits) if digits != name.removeprefix(".old-") and digits.isdigit() else None
 
 
 def verify(folder: Path, dist: Dist | None = None) -> dict:
@@ -311,13 +381,18 @@ def find_resume_checkpoint(resume: str, run_dir: Path, warn=print, dist: Dist | 
     if resume == "none":
         return None
     if resume == "auto":
+        damaged = []
         for folder in reversed(list_checkpoints(run_dir)):
             try:
                 verify(folder, dist)
                 return folder
             except CheckpointError as e:
+                damaged.append(folder.name)
                 if dist is None or dist.is_main:
                     warn(f"warning: {e} — falling back to an earlier checkpoint")
+        if damaged:  # a fresh start here would silently throw the run away
+            raise CheckpointError(f"no complete checkpoint in {checkpoints_dir(run_dir)}: every one is damaged "
+                                  f"({', '.join(damaged)}; named above)")
         return None
     path = Path(resume).expanduser()
     if (path / MANIFEST).exists() or path.name.startswith("step-"):
@@ -330,13 +405,22 @@ def find_resume_checkpoint(resume: str, run_dir: Path, warn=print, dist: Dist | 
     return candidates[-1]
 
 
-def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print, base: dict | None = None) -> TrainState:
+def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print, base: dict | None = None,
+           verified: VerifiedCheckpoints | None = None) -> TrainState:
     """Load engine state + trainer state from the chosen checkpoint (collective; the ranks verify it together).
     `base`: the base_reference of the model this run built (a LoRA run's init_from), which a checkpoint holding
-    only adapters must have been trained on."""
-    folder = find_resume_checkpoint(resume_setting, run_dir, warn, dist)
+    only adapters must have been trained on. `verified` (the run's Checkpointer's) learns the checkpoint is good."""
+    try:
+        folder = find_resume_checkpoint(resume_setting, run_dir, warn, dist)
+    except CheckpointError as e:
+        if resume_setting != "auto":
+            raise
+        raise CheckpointError(f"{e} — to train from step 0 instead, set checkpoint.resume=none (the damaged "
+                              f"checkpoints stay where they are)") from None
     if folder is None:
         return TrainState()
+    if verified is not None:
+        verified.mark_good(folder)
     if (folder / BASE_FILE).is_file():
         saved = json.loads((folder / BASE_FILE).read_text())
         if base is None or base["sha256"] != saved["sha256"]:
@@ -344,11 +428,36 @@ def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print, b
                 "this run has no model.lora base"
             raise CheckpointError(f"checkpoint {folder} holds LoRA adapters trained on {saved['init_from']} (sha256 "
                                   f"{saved['sha256'][:12]}), but {now} — resume with the base it was trained on")
-    engine.load_state(folder)
-    saved = json.loads((folder / TRAINER).read_text())
+    try:
+        engine.load_state(folder)
+        saved = json.loads((folder / TRAINER).read_text())
+    except BaseException as e:  # noqa: BLE001 — DCP wraps a rank's failure in a BaseException of its own
+        missing = _missing_file(e)
+        if missing is None:
+            raise
+        raise CheckpointError(f"checkpoint {folder}: {missing} is missing (it verified a moment ago: is another "
+                              f"job pruning this run dir?) — start again: resume: auto takes the newest checkpoint "
+                              f"that is complete") from None
     _restore_rng(folder, dist, saved.get("world_size", 1))
     fields = TrainState.__dataclass_fields__
     return TrainState(**{k: v for k, v in saved.items() if k in fields})
+
+
+def _missing_file(error: BaseException) -> str | None:
+    """The file a load failed to find, from `error`, its causes, or the per-rank failures DCP collects."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, FileNotFoundError):
+            return str(e.filename or e)
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [e.__cause__, e.__context__]
+    return None
 
 
 # --------------------------------------------------------------------------- init_from

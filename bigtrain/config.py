@@ -215,6 +215,9 @@ class CheckpointConfig:
     every: int = _opt(0, "save every N steps (0: only at the end); always at the end and at stop_at_step")
     keep_last: int = _opt(3, "keep this many newest checkpoints (0: keep all)")
     resume: str = _opt("auto", "auto (newest complete checkpoint in the run dir) | none | a checkpoint path")
+    lease_timeout_s: float = _opt(300.0, "a run dir has one training job at a time: rank 0 renews RUN/owner.json every "
+                                         "lease_timeout_s / 5 and checks it before each save; a start finds another "
+                                         "job's lease live (exit 2, naming it) or not renewed for this long (taken over)")
     async_save: bool = _opt(True, "copy the state to host memory and write it in the background (single, ddp, fsdp; "
                                   "needs host memory for one more copy of this rank's state); the next save and "
                                   "exit wait for it; preemption saves synchronously")
@@ -472,6 +475,7 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
     positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     positive("checkpoint.keep_last", cfg.checkpoint.keep_last, allow_zero=True)
+    positive("checkpoint.lease_timeout_s", cfg.checkpoint.lease_timeout_s)
     positive("eval.every", cfg.eval.every, allow_zero=True)
     positive("eval.max_samples", cfg.eval.max_samples)
     positive("eval.micro_batch_size", cfg.eval.micro_batch_size)

@@ -24,6 +24,7 @@ from bigtrain.ema import EMA
 from bigtrain.errors import UserError, say
 from bigtrain.loop import LoopContext, evaluate, train
 from bigtrain.hardware import matmul_peak, raised_peak
+from bigtrain.lease import RunDirLease
 from bigtrain.interop.chat_template import TEMPLATE_FILE, TOKENIZER_CONFIG
 from bigtrain.metrics import MetricsLogger, PeakMemory
 from bigtrain.models import build_model, check_model, count_params
@@ -287,17 +288,20 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
     check_model(cfg)
     enable_flight_recorder(cfg.run_dir())  # NCCL's record of the last collectives, for a hang (watchdog.py)
     dist = init_job(cfg)
-    logger = b = saver = None
+    logger = b = saver = lease = None
     try:
         run_dir = cfg.run_dir()
+        # One job per run dir (bigtrain/lease.py): taken before anything is written there, held by rank 0.
+        lease = on_main(dist, lambda: take_lease(run_dir, cfg.checkpoint.lease_timeout_s), what="the run dir's lease")
         job_cfg, resolved = resolve_for_job(cfg, dist)
         b = build(job_cfg, dist)  # creates the run dir
         config_yaml = dump_yaml(cfg)
         if dist.is_main:
             (run_dir / "config.yaml").write_text(config_yaml)
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # an earlier start's; this one may write its own
+        verified = checkpoint.VerifiedCheckpoints()  # retention's record: the resumed checkpoint is read once
         state = checkpoint.resume(cfg.checkpoint.resume, run_dir, b.engine, dist, warn=lambda m: log_main(dist, m),
-                                  base=b.base)
+                                  base=b.base, verified=verified)
         if b.engine.ema:
             b.engine.ema.step = state.step
 
@@ -332,7 +336,8 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
             return peak.flops_per_sec
 
         saver = checkpoint.Checkpointer(run_dir, b.engine, dist, config_yaml=config_yaml, keep_last=cfg.checkpoint.keep_last,
-                                        extra_files=b.extra_files, async_save=cfg.checkpoint.async_save)
+                                        extra_files=b.extra_files, async_save=cfg.checkpoint.async_save,
+                                        verified=verified, lease=lease)
         ctx = LoopContext(
             cfg=job_cfg, dist=dist, engine=b.engine, task=b.task, train_data=b.data.train, val_data=b.data.validation,
             logger=logger, flops_per_token=b.model.flops_per_token(cfg.data.seq_len),
@@ -360,9 +365,19 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
             saver.close()  # on an error too: no save is left half-written by this process's exit
         if logger is not None:
             logger.close()
+        if lease is not None:
+            lease.release()  # only now: no save of this job is in flight
         if b is not None:
             b.engine.close()  # an engine's own threads and hooks go before the process group does
         shutdown(dist)
+
+
+def take_lease(run_dir: Path, timeout_s: float) -> RunDirLease:
+    """Rank 0: the run dir's lease, taken (or a one-line error naming its live holder) and renewed from now on."""
+    lease = RunDirLease(run_dir, timeout_s)
+    lease.acquire()
+    lease.start_renewing()
+    return lease
 
 
 def in_loop_tasks(cfg: Config, dist: Dist, run_dir: Path):

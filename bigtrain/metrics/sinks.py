@@ -68,9 +68,14 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         if metrics_file:  # False: wandb only (`bigtrain eval --tasks` logging into a finished run)
             path = run_dir / METRICS_FILE
-            # Steps after start_step were logged by a run killed after its last checkpoint and will
-            # be redone; dropping them (also when start_step is 0) keeps the file free of repeats.
-            _drop_lines_after(path, start_step)
+            aside = _continue_from(path, start_step)
+            if aside is not None and start_step == 0:
+                self.message(f"bigtrain: a fresh start in a run dir that has logged before: its {METRICS_FILE} is "
+                             f"kept as {aside}")
+            elif aside is not None:
+                self.message(f"bigtrain: resuming at step {start_step}: {METRICS_FILE} goes on without its lines past "
+                             f"step {start_step} (logged after the last checkpoint; redone now) — the whole earlier "
+                             f"file is kept as {aside}")
             self._file = path.open("a", encoding="utf-8")
         self._wandb_run = self._start_wandb(cfg, run_dir, run_name, config, wandb_run_id)
         if self._wandb_run is not None:
@@ -221,20 +226,30 @@ class MetricsLogger:
 
 # -- helpers ------------------------------------------------------------------------------------
 
-def _drop_lines_after(path: Path, last_step: int) -> None:
-    """Rewrite metrics.jsonl (atomically) without lines past ``last_step`` or torn lines."""
+def _continue_from(path: Path, start_step: int) -> Path | None:
+    """Make metrics.jsonl end at ``start_step`` (0: a fresh start, empty) and return where the earlier file was
+    set aside whole, or None when nothing had to go. Lines past ``start_step`` were logged by a run killed after
+    its last checkpoint and are about to be redone; dropping them keeps the live file free of repeats, and
+    keeping the earlier file keeps every line ever logged (e.g. the history of a run restarted from step 0)."""
     if not path.exists():
-        return
+        return None
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if line.endswith("\n") and _line_step(line) <= last_step]
+    kept = [line for line in lines if line.endswith("\n") and _line_step(line) <= start_step] if start_step else []
     if len(kept) == len(lines):
-        return
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = path.with_name(f"{path.stem}.set-aside-{stamp}{path.suffix}")
+    n = 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.stem}.set-aside-{stamp}-{n}{path.suffix}"), n + 1
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         f.writelines(kept)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(path, aside)  # a crash between the two renames leaves every line in `aside`
     os.replace(tmp, path)
+    return aside
 
 
 def _line_step(line: str) -> float:

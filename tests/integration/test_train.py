@@ -174,6 +174,25 @@ def test_corrupted_checkpoint_is_named_and_auto_falls_back(tmp_path, cache_dir):
     assert "resuming at step 2" in auto.stderr
     steps = [r["step"] for r in read_metrics(run_dir)[0]]
     assert steps == list(range(1, 9))  # steps after the checkpoint were dropped and redone, no repeats
+    [aside] = run_dir.glob("metrics.set-aside-*.jsonl")  # ... and the lines dropped are kept
+    assert [json.loads(line)["step"] for line in aside.read_text().splitlines()
+            if "train/loss" in line] == list(range(1, 7))
+    assert f"the whole earlier file is kept as {aside}" in auto.stderr
+
+    # Every checkpoint damaged: no silent start from step 0 (which would also throw the run's history away).
+    logged = (run_dir / "metrics.jsonl").read_text()
+    folders = checkpoint.list_checkpoints(run_dir)
+    for folder in folders:
+        with open(folder / "model.pt", "r+b") as f:
+            f.seek(100)
+            f.write(b"\xff\xff\xff\xff")
+    none_good, _ = train(tmp_path, cache_dir, "train.max_steps=10")
+    assert none_good.returncode == 2
+    last = none_good.stderr.strip().splitlines()[-1]
+    assert last.startswith("bigtrain: error: no complete checkpoint in ") and "checkpoint.resume=none" in last
+    assert all(folder.name in last for folder in folders), last
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == [f.name for f in folders]  # all still there
+    assert (run_dir / "metrics.jsonl").read_text() == logged and len(list(run_dir.glob("metrics.set-aside-*"))) == 1
 
 
 def test_corrupted_shard_is_named(tmp_path):

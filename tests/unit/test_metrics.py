@@ -100,16 +100,41 @@ def test_log_appends_one_json_line_per_call(tmp_path):
     ]
 
 
-def test_resume_drops_lines_after_start_step_then_appends(tmp_path):
+def test_resume_drops_lines_after_start_step_then_appends_and_keeps_the_old_file_whole(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "train/loss": 10.0 - s}) for s in (10, 20, 30, 40)]
-    path.write_text("\n".join(lines) + '\n{"step": 50, "train/lo')  # killed mid-line
-    with make_logger(tmp_path, start_step=20) as logger:
+    before = "\n".join(lines) + '\n{"step": 50, "train/lo'  # killed mid-line
+    path.write_text(before)
+    with make_logger(tmp_path, LoggingConfig(progress=False), start_step=20) as logger:
         logger.log(30, {"train/loss": 1.0})
     rows = read_jsonl(path)
     assert [r["step"] for r in rows] == [10, 20, 30]
     assert rows[1]["train/loss"] == -10.0 and rows[2]["train/loss"] == 1.0
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
+    [aside] = tmp_path.glob("metrics.set-aside-*.jsonl")
+    assert aside.read_text() == before  # every line logged, torn one included
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and "resuming at step 20" in said and str(aside) in said
+
+    with make_logger(tmp_path, LoggingConfig(progress=False), start_step=30) as logger:  # nothing past 30: no copy
+        logger.log(31, {"train/loss": 0.5})
+    assert len(list(tmp_path.glob("metrics.set-aside-*.jsonl"))) == 1 and capsys.readouterr().err == ""
+
+
+def test_fresh_start_of_a_run_dir_that_has_logged_keeps_its_metrics_aside(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    before = "".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n" for s in (1, 2, 3, 4))
+    path.write_text(before)
+    with make_logger(tmp_path, LoggingConfig(progress=False), start_step=0) as logger:
+        logger.log(1, {"train/loss": 9.0})
+    assert read_jsonl(path) == [{"step": 1, "train/loss": 9.0}]
+    [aside] = tmp_path.glob("metrics.set-aside-*.jsonl")
+    assert aside.read_text() == before
+    assert f"its metrics.jsonl is kept as {aside}" in capsys.readouterr().err
+    with make_logger(tmp_path, LoggingConfig(progress=False), start_step=0):  # and again: a second copy beside
+        pass
+    assert sorted(p.read_text() for p in tmp_path.glob("metrics.set-aside-*.jsonl")) == sorted(
+        [before, json.dumps({"step": 1, "train/loss": 9.0}) + "\n"])
 
 
 def test_disabled_logger_writes_and_prints_nothing(tmp_path, capfd):
