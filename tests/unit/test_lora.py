@@ -381,3 +381,70 @@ def test_generate_eval_and_lm_eval_of_a_lora_run_use_the_model_it_trained(lora_r
     report = json.loads(next((run_dir / "eval").glob("lm-eval-step-*.json")).read_text())
     theirs = task_scores(run_lm_eval(as_trained, ["bt_ll"], task_manager(tasks)))
     assert report["tasks"]["bt_ll"]["perplexity"] == pytest.approx(theirs["bt_ll"]["perplexity"], rel=1e-5)
+
+
+def test_every_reader_of_a_lora_checkpoint_refuses_a_changed_or_missing_base(lora_runs, tmp_path, cache_dir, capsys):
+    """The base a LoRA checkpoint names (base.json) re-trained in place, or gone: `bigtrain export` (both formats),
+    `eval`, `generate` and `train` with model.init_from of the run each exit 2 with an error line naming the
+    checkpoint and the base, and write nothing (no export folder, no eval report, no checkpoint)."""
+    import shutil
+
+    from bigtrain.checkpoint import list_checkpoints
+    from bigtrain.cli import main
+
+    run_dir, base = lora_runs / "lora", list_checkpoints(lora_runs / "base")[-1]
+    aside = tmp_path / "base-aside"
+    reports = sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []
+
+    def refused(*argv: str, changed: str = "has changed since") -> None:
+        assert main(list(argv)) == 2, argv
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith("bigtrain: error: checkpoint ") and f"trained on {base} (sha256 " in line, line
+        assert changed in line, line
+
+    base.rename(aside)
+    try:
+        shutil.copytree(list_checkpoints(lora_runs / "scratch")[-1], base)  # another model of the same tensors
+        refused("export", str(run_dir), str(tmp_path / "hf"), "--format", "hf")
+        refused("export", str(run_dir), str(tmp_path / "bigtrain"))
+        refused("eval", str(run_dir))
+        refused("generate", str(run_dir), "--prompt", "def f")
+        recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs",
+                                                               model={"init_from": str(run_dir)}))
+        result = run_cli("train", str(recipe))  # the LoRA run's model, merged, as a new run's start
+        assert result.returncode == 2 and not (tmp_path / "runs/tiny/checkpoints").exists()
+        assert "has changed since" in result.stderr.strip().splitlines()[-1]
+        shutil.rmtree(base)
+        refused("generate", str(run_dir), "--prompt", "def f", changed="which is gone")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        aside.rename(base)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "bigtrain").exists()
+    assert (sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []) == reports
+
+
+def test_check_base_reuses_a_local_files_digest_only_at_the_size_and_mtime_it_was_recorded_with(tmp_path):
+    """`check_base` of a checkpoint whose base is a local Hugging Face folder: the base unchanged passes; other
+    bytes at the recorded size and mtime pass unread (the digest base.json recorded for exactly that file); the
+    same bytes' file touched is read again, and other bytes then are a CheckpointError naming the base."""
+    import os
+
+    from bigtrain.checkpoint import BASE_FILE, CheckpointError, base_reference, check_base
+
+    base, folder = tmp_path / "hf", tmp_path / "step-0000002"
+    base.mkdir()
+    folder.mkdir()
+    (base / "config.json").write_text("{}")
+    weights = base / "model.safetensors"
+    weights.write_bytes(b"a" * 1000)
+    (folder / BASE_FILE).write_text(json.dumps(base_reference(base, {"w": "w"})))
+    assert check_base(folder)["init_from"] == str(base)
+    stat = weights.stat()
+    weights.write_bytes(b"b" * 1000)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    check_base(folder)  # the recorded digest: not read
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    with pytest.raises(CheckpointError, match=f"trained on {base} .* but that base has changed since"):
+        check_base(folder)
+    weights.write_bytes(b"a" * 1000)
+    check_base(folder)  # read again: the bytes it was trained on
