@@ -422,12 +422,11 @@ def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print, b
     if verified is not None:
         verified.mark_good(folder)
     if (folder / BASE_FILE).is_file():
-        saved = json.loads((folder / BASE_FILE).read_text())
-        if base is None or base["sha256"] != saved["sha256"]:
-            now = f"model.init_from is now {base['init_from']} (sha256 {base['sha256'][:12]})" if base else \
-                "this run has no model.lora base"
-            raise CheckpointError(f"checkpoint {folder} holds LoRA adapters trained on {saved['init_from']} (sha256 "
-                                  f"{saved['sha256'][:12]}), but {now} — resume with the base it was trained on")
+        if base is None:
+            saved = json.loads((folder / BASE_FILE).read_text())
+            raise CheckpointError(f"checkpoint {folder} holds LoRA adapters trained on {saved['init_from']}, but this "
+                                  f"run has no model.lora base — resume with the base it was trained on")
+        check_base(folder, current=base)
     try:
         engine.load_state(folder)
         saved = json.loads((folder / TRAINER).read_text())
@@ -577,15 +576,34 @@ def base_reference(folder: Path, tensors: dict[str, str], earlier: dict | None =
     return {"init_from": str(folder), "sha256": digest.hexdigest(), "tensors": tensors, **({"files": files} if files else {})}
 
 
+def check_base(folder: Path, current: dict | None = None) -> dict:
+    """The base.json of checkpoint `folder` (LoRA adapters saved without their base), once the base it names is
+    checked to be the one they were trained on: the same sha256 (`base_reference`). `current`: the base_reference of
+    the base a resumed run was built on; else the base at the path base.json names is digested again, a local
+    weights file's digest reused only while its size and mtime are the ones base.json recorded with it. Adapters on
+    another base compute another model, silently: a missing or changed base is a CheckpointError naming it. Every
+    path that opens a base (resume, `with_base`: export, eval, generate, lm-eval, init_from) checks it here."""
+    saved = json.loads((Path(folder) / BASE_FILE).read_text())
+    trained_on = f"checkpoint {folder} holds LoRA adapters trained on {saved['init_from']} (sha256 {saved['sha256'][:12]})"
+    if current is None:
+        base_folder = Path(saved["init_from"])
+        if not base_folder.exists():
+            raise CheckpointError(f"{trained_on}, which is gone — put the base back there")
+        current = base_reference(base_folder, saved["tensors"], earlier=saved)
+        if current["sha256"] != saved["sha256"]:
+            raise CheckpointError(f"{trained_on}, but that base has changed since (sha256 now {current['sha256'][:12]})"
+                                  f" — put back the base the adapters were trained on")
+    elif current["sha256"] != saved["sha256"]:
+        raise CheckpointError(f"{trained_on}, but model.init_from is now {current['init_from']} (sha256 "
+                              f"{current['sha256'][:12]}) — resume with the base it was trained on")
+    return saved
+
+
 def with_base(reader, folder: Path):
     """`reader` (a checkpoint's own tensors) with the base tensors its base.json names put back, read from the
-    base on lookup: the whole model, as a checkpoint that held it would give."""
-    saved = json.loads((Path(folder) / BASE_FILE).read_text())
-    base_folder = Path(saved["init_from"])
-    if not base_folder.exists():
-        raise CheckpointError(f"checkpoint {folder} holds LoRA adapters of the base {base_folder}, which is gone — "
-                              f"put the base back there")
-    base, _ = open_init_reader(base_folder, key=f"{folder / BASE_FILE}")
+    base on lookup (once `check_base` found it unchanged): the whole model, as a checkpoint that held it would give."""
+    saved = check_base(folder)
+    base, _ = open_init_reader(Path(saved["init_from"]), key=f"{folder / BASE_FILE}")
     return BaseOverlay(reader, base, saved["tensors"])
 
 

@@ -14,6 +14,7 @@ tokens to stdout as they come, and the tokens/s line on stderr.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -126,7 +127,8 @@ def _checkpoint_model_config(folder: Path):
         what = "an encoder" if cfg.model.arch != "decoder" else "a classifier"
         raise UserError(f"generate: {folder} holds {what} (task {cfg.task.name}) — only a decoder language model "
                         f"generates text")
-    return cfg.model
+    # A LoRA run's weights are read with the adapters merged in (checkpoint.open_init_reader): the plain model.
+    return dataclasses.replace(cfg.model, lora=None)
 
 
 def _load(folder: Path, model_cfg, *, hf: bool, dtype: torch.dtype, device: str) -> Generator:

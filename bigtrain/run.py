@@ -399,6 +399,11 @@ def run_eval(cfg: Config, folder: Path) -> dict[str, float]:
         if cfg.eval.use_ema:
             open_weights(folder, ema=True)  # a checkpoint without EMA weights: a one-line error, not its weights
         b = build(cfg, dist)
+        if not len(b.data.validation):  # evaluate would report eval/loss 0, ppl 1
+            held_out = "each data.mixture source's validation_split" if cfg.data.mixture else \
+                f"data.validation_split={cfg.data.validation_split}"
+            raise UserError(f"eval: the validation split of {cfg.run_dir()} is empty ({held_out} held out no "
+                            f"document) — nothing to score; hold documents out when training (validation_split > 0)")
         checkpoint.load_base(folder, b.engine)  # a LoRA checkpoint's frozen base tensors, from its base
         b.engine.load_state(folder)
         ctx = LoopContext(cfg=cfg, dist=dist, engine=b.engine, task=b.task, train_data=b.data.train,

@@ -280,8 +280,11 @@ def test_compile_and_activation_checkpointing_train_like_eager(tmp_path, cache_d
     assert keys == torch.load(eager_dir / "checkpoints/step-0000003/model.pt", weights_only=True).keys()
 
 
-def test_empty_validation_split_warns_once_and_logs_no_eval(tmp_path, cache_dir):
-    """An empty validation split would log eval/loss 0 and eval/ppl 1: no eval records, one warning."""
+def test_empty_validation_split_warns_once_and_logs_no_eval(tmp_path, cache_dir, capsys):
+    """An empty validation split would log eval/loss 0 and eval/ppl 1: no eval records, one warning; `bigtrain eval`
+    of the run is one line saying so, exit 2, no eval report."""
+    from bigtrain.cli import main
+
     result, run_dir = train(tmp_path, cache_dir, "train.max_steps=4", "eval.every=2", "data.validation_split=0")
     assert result.returncode == 0, result.stderr
     records, evals = read_metrics(run_dir)
@@ -289,6 +292,11 @@ def test_empty_validation_split_warns_once_and_logs_no_eval(tmp_path, cache_dir)
     assert not any("eval/" in key for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                    for key in json.loads(line))
     assert result.stderr.count("warning: the validation split is empty") == 1
+    assert main(["eval", str(run_dir)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"bigtrain: error: eval: the validation split of {run_dir} is empty (data.validation_split=0.0 held "
+                    f"out no document) — nothing to score; hold documents out when training (validation_split > 0)")
+    assert not (run_dir / "eval").exists()
 
 
 def test_document_mask_trains_through_the_cli_and_changes_what_is_predicted(tmp_path, cache_dir):

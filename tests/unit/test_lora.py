@@ -296,3 +296,155 @@ def test_base_reference_reads_a_local_hf_base_again_only_when_a_file_changes_siz
     moved = tmp_path / "moved"
     folder.rename(moved)
     assert base_reference(moved, {"w": "w"}, first)["sha256"] != first["sha256"]  # another base: nothing reused
+
+
+# --------------------------------------------------------------------------- a LoRA run's readers
+
+LORA_OVERRIDES = (f"model.lora.rank={LORA['rank']}", f"model.lora.alpha={LORA['alpha']}")
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, cache_dir):
+    """runs/base: a debug decoder trained 2 steps; runs/lora: LoRA adapters trained 2 steps on it (model.init_from:
+    its checkpoint holds the adapters and base.json); runs/scratch: LoRA on a random base (no init_from: its
+    checkpoint holds every tensor). The recipe: the test's, as a user would write it."""
+    tmp = tmp_path_factory.mktemp("lora-runs")
+    runs = tmp / "runs"
+    recipe = write_recipe(tmp / "r.yaml", tiny_recipe(cache_dir, runs, train={"max_steps": 2}, optim={"lr": 1e-2}))
+    for name, extra in (("base", ()), ("lora", (*LORA_OVERRIDES, f"model.init_from={runs / 'base'}")),
+                        ("scratch", LORA_OVERRIDES)):
+        result = run_cli("train", str(recipe), f"run.name={name}", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return runs
+
+
+def trained_lora_model(run_dir):
+    """The model a LoRA run trained, as it trained it: built with model.lora, the adapters not merged."""
+    import yaml
+
+    from bigtrain.checkpoint import list_checkpoints
+    from bigtrain.config import build_config
+    from bigtrain.strategy import iter_weights, open_weights
+
+    folder = list_checkpoints(run_dir)[-1]
+    cfg = build_config(yaml.safe_load((folder / "config.yaml").read_text()))
+    weights = dict(iter_weights(open_weights(folder)))
+    model = build_model(cfg.model, weights["tok_emb.weight"].shape[0])
+    model.load_state_dict(weights, strict=True)
+    assert cfg.model.lora is not None and weights["blocks.0.attn.qkv.lora_B"].abs().sum() > 0  # the adapters trained
+    return model.eval().requires_grad_(False)
+
+
+def lm_eval_tasks_dir(tmp_path):
+    """--include-path of one local lm-eval loglikelihood task (tests/unit/test_lm_eval_adapter.py's)."""
+    from tests.unit.test_lm_eval_adapter import LL_DOCS, task_yaml
+
+    (tmp_path / "ll.jsonl").write_text("".join(json.dumps(d) + "\n" for d in LL_DOCS))
+    (tmp_path / "bt_ll.yaml").write_text(task_yaml(
+        "bt_ll", tmp_path / "ll.jsonl", tmp_path / "cache", "loglikelihood",
+        {"doc_to_text": "{{context}}", "doc_to_target": "{{continuation}}", "target_delimiter": ""}, ["perplexity"]))
+    return tmp_path
+
+
+@pytest.mark.parametrize("run", ["lora", "scratch"])
+def test_generate_eval_and_lm_eval_of_a_lora_run_use_the_model_it_trained(lora_runs, run, tmp_path, capsys,
+                                                                         monkeypatch):
+    """`bigtrain generate RUN`, `bigtrain eval RUN` and `bigtrain eval RUN --tasks` of a LoRA run (from a base, or
+    not): generate's model gives the trained LoRA model's logits, its greedy text is that model's; eval's loss is
+    the one the run logged at its last step; lm-eval's perplexity is the LoRA model's."""
+    pytest.importorskip("lm_eval")
+    from bigtrain.cli import main
+    from bigtrain.generate import SamplingConfig, generate_text, load_generator
+    from bigtrain.lm_eval_adapter import run_lm_eval, task_manager, task_scores
+    from tests.integration.test_train import read_metrics
+
+    run_dir = lora_runs / run
+    lora_model = trained_lora_model(run_dir)
+    gen = load_generator(run_dir)
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(gen.model(tokens), lora_model(tokens), rtol=0, atol=1e-5)
+    as_trained = dataclasses.replace(gen, model=lora_model)
+
+    assert main(["generate", str(run_dir), "--prompt", "def f", "--max-new-tokens", "8"]) == 0
+    want = generate_text(as_trained, ["def f"], SamplingConfig(max_new_tokens=8), log=lambda line: None)
+    assert capsys.readouterr().out == want[0] + "\n"
+
+    assert main(["eval", str(run_dir)]) == 0
+    logged = read_metrics(run_dir)[1][-1]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval/loss"] == pytest.approx(
+        logged["eval/loss"], rel=1e-6)
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tasks = lm_eval_tasks_dir(tmp_path)
+    assert main(["eval", str(run_dir), "--tasks", "bt_ll", "--include-path", str(tasks)]) == 0
+    report = json.loads(next((run_dir / "eval").glob("lm-eval-step-*.json")).read_text())
+    theirs = task_scores(run_lm_eval(as_trained, ["bt_ll"], task_manager(tasks)))
+    assert report["tasks"]["bt_ll"]["perplexity"] == pytest.approx(theirs["bt_ll"]["perplexity"], rel=1e-5)
+
+
+def test_every_reader_of_a_lora_checkpoint_refuses_a_changed_or_missing_base(lora_runs, tmp_path, cache_dir, capsys):
+    """The base a LoRA checkpoint names (base.json) re-trained in place, or gone: `bigtrain export` (both formats),
+    `eval`, `generate` and `train` with model.init_from of the run each exit 2 with an error line naming the
+    checkpoint and the base, and write nothing (no export folder, no eval report, no checkpoint)."""
+    import shutil
+
+    from bigtrain.checkpoint import list_checkpoints
+    from bigtrain.cli import main
+
+    run_dir, base = lora_runs / "lora", list_checkpoints(lora_runs / "base")[-1]
+    aside = tmp_path / "base-aside"
+    reports = sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []
+
+    def refused(*argv: str, changed: str = "has changed since") -> None:
+        assert main(list(argv)) == 2, argv
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith("bigtrain: error: checkpoint ") and f"trained on {base} (sha256 " in line, line
+        assert changed in line, line
+
+    base.rename(aside)
+    try:
+        shutil.copytree(list_checkpoints(lora_runs / "scratch")[-1], base)  # another model of the same tensors
+        refused("export", str(run_dir), str(tmp_path / "hf"), "--format", "hf")
+        refused("export", str(run_dir), str(tmp_path / "bigtrain"))
+        refused("eval", str(run_dir))
+        refused("generate", str(run_dir), "--prompt", "def f")
+        recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs",
+                                                               model={"init_from": str(run_dir)}))
+        result = run_cli("train", str(recipe))  # the LoRA run's model, merged, as a new run's start
+        assert result.returncode == 2 and not (tmp_path / "runs/tiny/checkpoints").exists()
+        assert "has changed since" in result.stderr.strip().splitlines()[-1]
+        shutil.rmtree(base)
+        refused("generate", str(run_dir), "--prompt", "def f", changed="which is gone")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        aside.rename(base)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "bigtrain").exists()
+    assert (sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []) == reports
+
+
+def test_check_base_reuses_a_local_files_digest_only_at_the_size_and_mtime_it_was_recorded_with(tmp_path):
+    """`check_base` of a checkpoint whose base is a local Hugging Face folder: the base unchanged passes; other
+    bytes at the recorded size and mtime pass unread (the digest base.json recorded for exactly that file); the
+    same bytes' file touched is read again, and other bytes then are a CheckpointError naming the base."""
+    import os
+
+    from bigtrain.checkpoint import BASE_FILE, CheckpointError, base_reference, check_base
+
+    base, folder = tmp_path / "hf", tmp_path / "step-0000002"
+    base.mkdir()
+    folder.mkdir()
+    (base / "config.json").write_text("{}")
+    weights = base / "model.safetensors"
+    weights.write_bytes(b"a" * 1000)
+    (folder / BASE_FILE).write_text(json.dumps(base_reference(base, {"w": "w"})))
+    assert check_base(folder)["init_from"] == str(base)
+    stat = weights.stat()
+    weights.write_bytes(b"b" * 1000)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    check_base(folder)  # the recorded digest: not read
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    with pytest.raises(CheckpointError, match=f"trained on {base} .* but that base has changed since"):
+        check_base(folder)
+    weights.write_bytes(b"a" * 1000)
+    check_base(folder)  # read again: the bytes it was trained on
