@@ -1,7 +1,8 @@
 """`deepspeed` strategy: ZeRO stage 1/2/3 (optionally offloaded) behind the Engine Protocol.
 
 The DeepSpeed config is generated from the recipe (batch sizes, accumulation, precision, clipping,
-ZeRO settings); `parallel.deepspeed_config` may add keys but never contradict those. bigtrain keeps
+ZeRO settings); `parallel.deepspeed_config` may add keys but never contradict those, and its "auto" values (the
+Hugging Face Trainer's convention) take the recipe's. bigtrain keeps
 the optimizer (our AdamW, or DeepSpeedCPUAdam when the optimizer is offloaded, as DeepSpeed
 requires) and the LR schedule (the loop sets each group's lr on `engine.optimizer`, the optimizer
 DeepSpeed steps).
@@ -16,7 +17,9 @@ the loop's. Skipping a non-finite step at every ZeRO stage in fp32 and bf16 need
 stops the run rather than train on NaN weights.
 
 Checkpoints are DeepSpeed's own files (`save_checkpoint` under tag `deepspeed`), every rank writing
-into the folder bigtrain/checkpoint.py prepared. DeepSpeed unpickles them with `weights_only=False`, so
+into the folder bigtrain/checkpoint.py prepared, with DeepSpeed's `latest` file naming that tag, so DeepSpeed's
+own tools read the folder as its docs show (rank 0 writes it inside save_state rather than DeepSpeed's
+save_latest, which a decoupled checkpoint engine would write only after bigtrain's manifest). DeepSpeed unpickles them with `weights_only=False`, so
 before it reads any, every file is opened with torch's weights-only unpickler (memory-mapped: only the
 pickle is read) admitting DeepSpeed's four plain-data classes and nothing else (`refuse_unsafe_files`).
 Resuming on another world size goes through DeepSpeed's universal checkpoint (`ds_to_universal`,
@@ -53,6 +56,7 @@ from bigtrain.strategy.transforms import apply_transforms, named_tensors
 
 TAG = "deepspeed"  # the one DeepSpeed tag folder inside a bigtrain checkpoint folder
 LAYOUT = "deepspeed.json"  # ZeRO stage and world size that wrote it: another layout loads via universal
+LATEST = "latest"  # DeepSpeed's pointer to the tag: its own tools (zero_to_fp32.py, ...) then need no `-t deepspeed`
 EMA_RANK_FILE = "ema-rank-{rank:05d}.pt"  # optim.ema_decay: a rank's EMA partitions (ZeRO-1/2: rank 0's, whole)
 EMA_LAYOUT = "ema-layout.json"  # how many EMA files, and each tensor's full shape
 _WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's name prefix (state_dict keys drop it)
@@ -161,21 +165,87 @@ def config_precision(path: str) -> str | None:
     return enabled[0] if enabled else None
 
 
+AUTO = "auto"  # the Hugging Face / accelerate placeholder: "fill this in from the training arguments"
+# "auto" keys bigtrain leaves to DeepSpeed's own default (the Hugging Face Trainer sizes it from the hidden width).
+_AUTO_DEEPSPEED_DEFAULT = {"zero_optimization.stage3_param_persistence_threshold"}
+# A ds_config.json's optimizer and scheduler sections describe the AdamW bigtrain steps and the LR its loop
+# sets (optim.*): checked against the recipe ("auto" filled), then left out of the config DeepSpeed gets.
+_OWNED_SECTIONS = ("optimizer", "scheduler")
+_SCHEDULER_TYPES = {"WarmupLR": "constant", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}
+
+
+def recipe_optimizer_and_schedule(recipe) -> dict[str, tuple[object, str]]:
+    """What a ds_config.json's optimizer and scheduler sections say, as the recipe decides it: dotted key ->
+    (value, the recipe key it comes from). Their `type` keys are checked by name (_check_owned_sections)."""
+    o = recipe.optim
+    return {
+        "optimizer.params.lr": (o.lr, "optim.lr"),
+        "optimizer.params.betas": (list(o.betas), "optim.betas"),
+        "optimizer.params.eps": (o.eps, "optim.eps"),
+        "optimizer.params.weight_decay": (o.weight_decay, "optim.weight_decay"),
+        "scheduler.params.warmup_min_lr": (0.0, "optim.warmup_steps, which start at 0"),
+        "scheduler.params.warmup_min_ratio": (0.0, "optim.warmup_steps, which start at 0"),
+        "scheduler.params.warmup_max_lr": (o.lr, "optim.lr"),
+        "scheduler.params.warmup_num_steps": (o.warmup_steps, "optim.warmup_steps"),
+        "scheduler.params.warmup_type": ("linear", "optim.warmup_steps, a linear warmup"),
+        "scheduler.params.total_num_steps": (recipe.train.max_steps, "train.max_steps"),
+        "scheduler.params.cos_min_ratio": (o.final_lr_ratio, "optim.final_lr_ratio"),
+    }
+
+
+def _agrees(value, ours) -> bool:
+    return value == ours or (isinstance(ours, bool) and value in (0, 1) and bool(value) == ours)
+
+
+def _contradiction(key: str, value, path: str, ours, source: str) -> UserError:
+    return UserError(f"parallel.deepspeed_config: '{key}' is {json.dumps(value)} in {path} but the recipe gives "
+                     f"{json.dumps(ours)} ({source}) — remove the key from {path} or change the recipe")
+
+
+def _check_owned_sections(user: dict[str, object], recipe, path: str) -> None:
+    """The optimizer and scheduler keys agree with the recipe ("auto" agrees with whatever it decides)."""
+    decided = recipe_optimizer_and_schedule(recipe)
+    for key, value in user.items():
+        if key.split(".")[0] not in _OWNED_SECTIONS:
+            continue
+        if key == "optimizer.type" and str(value).lower() in ("adam", "adamw"):  # DeepSpeed's Adam is AdamW too
+            continue
+        if key == "scheduler.type" and value in _SCHEDULER_TYPES:
+            if _SCHEDULER_TYPES[value] != recipe.optim.schedule:
+                raise _contradiction(key, value, path, recipe.optim.schedule, "optim.schedule")
+            continue
+        if key in decided:
+            if value != AUTO and not _agrees(value, decided[key][0]):
+                raise _contradiction(key, value, path, *decided[key])
+        elif value == AUTO or key.endswith(".type"):
+            raise UserError(f"parallel.deepspeed_config: '{key}' is {json.dumps(value)} in {path}, which bigtrain "
+                            f"cannot {'fill' if value == AUTO else 'train with'} (it steps its own AdamW and LR "
+                            f"schedule, optim.*) — remove the key from {path}")
+
+
 def build_deepspeed_config(recipe, world_size: int, n_params: int | None = None) -> dict:
-    """The DeepSpeed config for this recipe, merged with parallel.deepspeed_config (extra keys only); bucket
-    sizes and ZeRO-3's live / reuse limits scaled to a model of `n_params` parameters when given."""
+    """The DeepSpeed config for this recipe, merged with parallel.deepspeed_config (extra keys only; "auto" values,
+    as a Hugging Face / accelerate ds_config.json has them, filled from the recipe); bucket sizes and ZeRO-3's
+    live / reuse limits scaled to a model of `n_params` parameters when given."""
     from_recipe = recipe_deepspeed_config(recipe, world_size)
+    sized = _sized_to_model(n_params)
     config: dict = {}
-    for key, value in {**_DEFAULTS, **_sized_to_model(n_params)}.items():
+    for key, value in {**_DEFAULTS, **sized}.items():
         _set_dotted(config, key, value)
     path = recipe.parallel.deepspeed_config
     if path:
-        for key, value in _read_user_config(path).items():
-            if key in from_recipe:
-                ours, source = from_recipe[key]
-                if value != ours and not (isinstance(ours, bool) and value in (0, 1) and bool(value) == ours):
-                    raise UserError(f"parallel.deepspeed_config: '{key}' is {json.dumps(value)} in {path} but the recipe "
-                                    f"gives {json.dumps(ours)} ({source}) — remove the key from {path} or change the recipe")
+        user = _read_user_config(path)
+        _check_owned_sections(user, recipe, path)
+        for key, value in user.items():
+            if key.split(".")[0] in _OWNED_SECTIONS:
+                continue
+            if value == AUTO:
+                if key in from_recipe or key in sized or key in _AUTO_DEEPSPEED_DEFAULT:
+                    continue  # the recipe's value (set below), ours, or DeepSpeed's default
+                raise UserError(f"parallel.deepspeed_config: '{key}' is \"auto\" in {path}, which bigtrain cannot "
+                                f"fill — give it a value or remove it")
+            if key in from_recipe and not _agrees(value, from_recipe[key][0]):
+                raise _contradiction(key, value, path, *from_recipe[key])
             _set_dotted(config, key, value)
     for key, (value, _) in from_recipe.items():
         _set_dotted(config, key, value)
@@ -496,9 +566,10 @@ class DeepSpeedEngine:
         with contextlib.redirect_stdout(sys.stderr), _hashing_saves(self.ds.checkpoint_engine):
             self.ds.save_checkpoint(str(folder), tag=TAG, client_state=info, save_latest=False,
                                     exclude_frozen_parameters=self._leaves_out_frozen())
-        if self.dist.is_main:
+        if self.dist.is_main:  # written here, by us, so the manifest (hashed after save_state) covers them
             layout = {"zero_stage": self.parallel_cfg.zero_stage, "world_size": self.dist.world_size}
             (folder / LAYOUT).write_text(json.dumps(layout))
+            (folder / LATEST).write_text(TAG)
         if self.ema:
             self._save_ema(folder)
 

@@ -94,6 +94,21 @@ def test_deepspeed_zero_on_two_processes_matches_single_process(tmp_path, single
     # The precision table printed and recorded is DeepSpeed's (bf16: bf16 parameters, fp32 master weights).
     table = json.loads((run_dir / "precision.json").read_text())
     assert table["param"] == {"fp32": "float32", "bf16": "bfloat16"}[precision] and table["master_weights"] == "float32"
+    assert_deepspeed_tools_read(run_dir / f"checkpoints/step-{STEPS:07d}")
+
+
+def assert_deepspeed_tools_read(folder):
+    """DeepSpeed's own converter reads a bigtrain checkpoint as its docs show, without a tag (the `latest` file,
+    which the manifest covers, names it): the very tensors bigtrain's reader gives."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from bigtrain import checkpoint
+
+    assert (folder / "latest").read_text() == "deepspeed" and "latest" in checkpoint.verify(folder)["files"]
+    theirs = get_fp32_state_dict_from_zero_checkpoint(str(folder))
+    ours = final_weights(folder.parent.parent, step=int(folder.name.split("-")[1]))
+    assert sorted(theirs) == sorted(ours)
+    assert max((theirs[k].float() - ours[k].float()).abs().max().item() for k in ours) == 0.0
 
 
 def test_zero3_activation_checkpointing_on_two_processes_gives_the_same_gradients(tmp_path, cache_dir):
