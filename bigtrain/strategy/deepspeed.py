@@ -23,7 +23,8 @@ save_latest, which a decoupled checkpoint engine would write only after bigtrain
 before it reads any, every file is opened with torch's weights-only unpickler (memory-mapped: only the
 pickle is read) admitting DeepSpeed's four plain-data classes and nothing else (`refuse_unsafe_files`).
 Resuming on another world size goes through DeepSpeed's universal checkpoint (`ds_to_universal`,
-written next to the checkpoint and removed afterwards). `open_weights` consolidates the fp32 master weights without a process group.
+written next to the checkpoint by rank 0 while the others wait without a collective held open, and removed
+afterwards; one a crashed start left behind is removed at the next). `open_weights` consolidates the fp32 master weights without a process group.
 A LoRA run's checkpoints leave its frozen base parameters out (`exclude_frozen_parameters`; base.json names the base).
 `import deepspeed` happens only in this module, inside functions.
 """
@@ -42,6 +43,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -50,13 +52,14 @@ from torch import nn
 
 from bigtrain import filehash
 from bigtrain.errors import UserError
-from bigtrain.strategy.dist import Dist, barrier, broadcast_object, use_tf32
+from bigtrain.strategy.dist import Dist, barrier, broadcast_object, on_main, use_tf32
 from bigtrain.strategy.precision import PrecisionTable, freeze_in
 from bigtrain.strategy.transforms import apply_transforms, named_tensors
 
 TAG = "deepspeed"  # the one DeepSpeed tag folder inside a bigtrain checkpoint folder
 LAYOUT = "deepspeed.json"  # ZeRO stage and world size that wrote it: another layout loads via universal
 LATEST = "latest"  # DeepSpeed's pointer to the tag: its own tools (zero_to_fp32.py, ...) then need no `-t deepspeed`
+UNIVERSAL_PREFIX = ".universal-"  # the converted copy of a checkpoint beside it, while another layout loads it
 EMA_RANK_FILE = "ema-rank-{rank:05d}.pt"  # optim.ema_decay: a rank's EMA partitions (ZeRO-1/2: rank 0's, whole)
 EMA_LAYOUT = "ema-layout.json"  # how many EMA files, and each tensor's full shape
 _WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's name prefix (state_dict keys drop it)
@@ -405,6 +408,7 @@ class DeepSpeedEngine:
         if self.ds.zero_optimization_partition_weights() and parallel_cfg.activation_checkpointing == "selective":
             _fetch_outside_selective_checkpointing(self.ds.optimizer.parameter_offload)
         self._config = config
+        self._built_at = time.time()  # universal copies older than this are an earlier start's (load_state)
         self._frozen = []  # DeepSpeed engines of frozen models (frozen(), ZeRO-3): destroyed with this one
         self.module = model  # the bare model (ZeRO-3: its parameters are partitioned)
         self.model = self.ds  # forward through the DeepSpeed engine (ZeRO-3 gathers parameters)
@@ -589,6 +593,8 @@ class DeepSpeedEngine:
     def load_state(self, folder: Path) -> None:
         """Load a DeepSpeed checkpoint; one of another world size or ZeRO stage is converted to a universal one first."""
         folder = Path(folder)
+        if self.dist.is_main:
+            _remove_stale_conversions(folder.parent, older_than=self._built_at)
         refuse_unsafe_files(folder)
         trainer = folder / "trainer.json"
         saved = json.loads(trainer.read_text()) if trainer.is_file() else {}
@@ -611,20 +617,20 @@ class DeepSpeedEngine:
                 layout.get("zero_stage", self.parallel_cfg.zero_stage) == self.parallel_cfg.zero_stage:
             self._load(folder, universal=False, restart_ema=restart_ema)
             return
-        converted: tuple[str | None, str | None] = (None, None)
-        if self.dist.is_main:  # one conversion, next to the checkpoint (visible to every node), removed after
-            universal = Path(tempfile.mkdtemp(prefix=f".universal-{folder.name}-", dir=folder.parent))
+        # One conversion on rank 0, next to the checkpoint (visible to every node), removed after. It may take
+        # hours for a large model: the other ranks wait in on_main's short polls, not in one collective.
+        def convert() -> str:
+            universal = Path(tempfile.mkdtemp(prefix=f"{UNIVERSAL_PREFIX}{folder.name}-", dir=folder.parent))
             try:
                 _to_universal(folder / TAG, universal / TAG)
-                converted = (str(universal), None)
-            except Exception as e:  # every rank must hear of it, or the others wait forever
+            except Exception as e:  # one line on every rank (on_main), nothing half-written left
                 shutil.rmtree(universal, ignore_errors=True)
-                converted = (None, f"checkpoint {folder}: converting it for {self.dist.world_size} processes / "
-                                   f"ZeRO stage {self.parallel_cfg.zero_stage} failed: {type(e).__name__}: {e}")
-        path, error = broadcast_object(self.dist, converted)
-        if error:
-            raise UserError(error)
-        universal = Path(path)
+                raise UserError(f"checkpoint {folder}: converting it for {self.dist.world_size} processes / ZeRO "
+                                f"stage {self.parallel_cfg.zero_stage} failed: {type(e).__name__}: {e}") from None
+            return str(universal)
+
+        path = on_main(self.dist, convert, what=f"the conversion of {folder} to a universal checkpoint")
+        universal = Path(broadcast_object(self.dist, path))  # rank 0's result, once it is done
         try:
             self._load(universal, universal=True, restart_ema=restart_ema)
         finally:
@@ -684,6 +690,15 @@ def _cpu_adam(optimizer: torch.optim.Optimizer):
     groups = [dict(g) for g in optimizer.param_groups]
     return DeepSpeedCPUAdam(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
                             adamw_mode=True)
+
+
+def _remove_stale_conversions(checkpoints: Path, older_than: float) -> None:
+    """Remove the universal copies an earlier start left in a checkpoints folder (it crashed, or was killed, while
+    converting or loading): those made before this job's engine was built (`older_than`, a time.time())."""
+    for stale in checkpoints.glob(f"{UNIVERSAL_PREFIX}*"):
+        with contextlib.suppress(OSError):  # gone already
+            if stale.stat().st_mtime < older_than:
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def _to_universal(tag_folder: Path, output: Path) -> None:
