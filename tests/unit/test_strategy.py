@@ -162,7 +162,7 @@ def test_deepspeed_bf16_config_accumulates_gradients_in_fp32_and_a_contradicting
 
     from bigtrain.config import build_config
     from bigtrain.errors import UserError
-    from bigtrain.strategy.deepspeed import build_deepspeed_config
+    from bigtrain.strategy.deepspeed_config import build_deepspeed_config
     from tests.conftest import tiny_recipe
 
     def config(precision, **ds):
@@ -186,7 +186,7 @@ def test_deepspeed_buckets_and_zero3_live_limits_scale_with_the_model_below_thei
     import json
 
     from bigtrain.config import build_config
-    from bigtrain.strategy.deepspeed import build_deepspeed_config
+    from bigtrain.strategy.deepspeed_config import build_deepspeed_config
     from tests.conftest import tiny_recipe
 
     def zero(n_params, **ds):
@@ -231,7 +231,7 @@ def test_deepspeed_config_auto_values_take_the_recipes_and_one_it_cannot_fill_is
 
     from bigtrain.config import build_config
     from bigtrain.errors import UserError
-    from bigtrain.strategy.deepspeed import build_deepspeed_config
+    from bigtrain.strategy.deepspeed_config import build_deepspeed_config
     from tests.conftest import tiny_recipe
 
     def config(ds, precision="bf16", **optim):
