@@ -220,7 +220,7 @@ def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type
     """The memory plan of training `spec` as the recipe `cfg` says, on `world_size` ranks under `strategy`
     (resolved: single | ddp | fsdp | deepspeed) with the precision `table`; `teacher`: a distillation teacher's
     ModelSpec."""
-    from bigtrain.strategy.deepspeed import _sized_to_model
+    from bigtrain.strategy.deepspeed_config import _sized_to_model
 
     p = cfg.parallel
     total, trained, block, root, largest, frozen = _trained_counts(spec, getattr(cfg.model, "lora", None))

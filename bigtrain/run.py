@@ -8,8 +8,6 @@ import os
 import shutil
 import socket
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +19,7 @@ from bigtrain.data import load_prepared
 from bigtrain.data.prepare import cache_visible, prepare_sources, training_prepare_problem, verify_sources_once
 from bigtrain.data.tokenizer import tokenizer_file
 from bigtrain.ema import EMA
-from bigtrain.errors import UserError, say
+from bigtrain.errors import UserError
 from bigtrain.loop import LoopContext, evaluate, train
 from bigtrain.hardware import matmul_peak, raised_peak
 from bigtrain.lease import RunDirLease
@@ -32,7 +30,7 @@ from bigtrain.optim import build_optimizer
 from bigtrain.preempt import PREEMPTED_MARKER, Preempted, PreemptionGuard
 from bigtrain.strategy import (Dist, barrier, broadcast_object, build_engine, building, engine_class, open_weights,
                                init_distributed, launcher_precision, resolve_strategy, shutdown)
-from bigtrain.strategy.dist import all_gather_object, all_reduce_max
+from bigtrain.strategy.dist import all_gather_object, on_main
 from bigtrain.strategy.precision import Resolved, resolve_job_precision, slow_precision_warning
 from bigtrain.tasks import build_task
 from bigtrain.watchdog import Watchdog, enable_flight_recorder
@@ -77,47 +75,6 @@ def model_vocab_size(cfg: Config, tokenizer_vocab_size: int) -> int:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                         f"{tokenizer_vocab_size} tokens — use the model's own tokenizer or a larger vocab_size")
     return cfg.model.vocab_size
-
-
-def on_main(dist: Dist, fn, *, what: str = "rank 0's work", poll_s: float = 1.0):
-    """Run fn on rank 0 while the others wait; its error is raised on every rank (no hang).
-
-    No collective stays open while fn runs (data preparation may take hours): rank 0 runs it in a thread
-    and every rank meets in a short all-reduce every `poll_s` (each waits poll_s first, so they arrive
-    together) until it is done, so fn may take longer
-    than parallel.collective_timeout_s; the waiting ranks say so once a minute."""
-    if not dist.distributed:
-        return fn()
-    result, error, failure, done = None, None, None, threading.Event()
-
-    def work():
-        nonlocal result, error, failure
-        try:
-            result = fn()
-        except UserError as e:
-            error = str(e)
-        except BaseException as e:  # re-raised on rank 0; the others get a one-line error
-            failure, error = e, f"rank 0 failed during {what}: {type(e).__name__}: {e}"
-        finally:
-            done.set()
-
-    if dist.is_main:
-        threading.Thread(target=work, name="bigtrain-on-main", daemon=True).start()
-    start = said = time.monotonic()
-    while True:
-        finished = done.wait(timeout=poll_s) if dist.is_main else time.sleep(poll_s)
-        flag = torch.tensor([1.0 if finished else 0.0])
-        if all_reduce_max(dist, flag).item() > 0:
-            break
-        if not dist.is_main and dist.local_rank == 0 and time.monotonic() - said >= 60:
-            said = time.monotonic()
-            say(f"bigtrain: rank {dist.rank} waiting for {what} on rank 0 ({(said - start) / 60:.0f} min)")
-    error = broadcast_object(dist, error)
-    if failure is not None:
-        raise failure
-    if error:
-        raise UserError(error)
-    return result
 
 
 def init_job(cfg: Config) -> Dist:

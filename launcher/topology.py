@@ -2,8 +2,10 @@
 
 Each field comes from the first place that says it: a `bigtrain launch` flag, torchrun's own
 environment (`PET_NNODES`, `PET_NODE_RANK`, … as torchrun reads them), the generic variables a
-cluster scheduler exports (`MASTER_ADDR`, `MASTER_PORT`, `NNODES`, `NODE_RANK`), Slurm's
-(`SLURM_NNODES`, `SLURM_NODEID`, `SLURM_JOB_NODELIST` → its first host, `SLURM_GPUS_ON_NODE`),
+cluster scheduler exports (`MASTER_ADDR`, `MASTER_PORT`, `NNODES`, `NODE_RANK`), Slurm's — the
+step's where Slurm gives it, as an `srun` may run on a subset of the allocation: `SLURM_STEP_NUM_NODES` (else
+`SLURM_NNODES`), `SLURM_NODEID` (step-relative), the first host of `SLURM_STEP_NODELIST` (else `SLURM_NODELIST`,
+else `SLURM_JOB_NODELIST`), `SLURM_GPUS_ON_NODE` —
 else one node with one process per local GPU (counted without importing torch). Without GPUs: on a
 Slurm node one single-threaded process per allocated CPU (`SLURM_CPUS_ON_NODE`, or
 `SLURM_CPUS_PER_TASK` × tasks on the node), OMP_NUM_THREADS=1 each; elsewhere one process.
@@ -44,11 +46,16 @@ class Topology:
 # --------------------------------------------------------------------------- Slurm nodelists
 
 
-def parse_nodelist(nodelist: str) -> list[str]:
-    """Expand a Slurm hostlist (`node[01-03,07],gpu5`, `a-[1-2]-b`, `r[1-2]n[1-2]`) into host names, in order."""
+# Where the master's host comes from: the job step's nodes first (an `srun` on part of the allocation).
+SLURM_NODELISTS = ("SLURM_STEP_NODELIST", "SLURM_NODELIST", "SLURM_JOB_NODELIST")
+
+
+def parse_nodelist(nodelist: str, name: str = "SLURM_JOB_NODELIST") -> list[str]:
+    """Expand a Slurm hostlist (`node[01-03,07],gpu5`, `a-[1-2]-b`, `r[1-2]n[1-2]`) into host names, in order;
+    `name` is the variable it came from, for the error."""
     hosts: list[str] = []
     for item in _split_top_level(nodelist.strip()):
-        hosts.extend(_expand(item, nodelist))
+        hosts.extend(_expand(item, nodelist, name))
     return hosts
 
 
@@ -63,25 +70,25 @@ def _split_top_level(text: str) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
-def _expand(item: str, whole: str) -> list[str]:
+def _expand(item: str, whole: str, name: str) -> list[str]:
     match = re.search(r"\[([^\[\]]*)\]", item)
     if match is None:
         if "[" in item or "]" in item:
-            raise UserError(f"SLURM_JOB_NODELIST: cannot parse '{whole}' (unbalanced brackets)")
+            raise UserError(f"{name}: cannot parse '{whole}' (unbalanced brackets)")
         return [item]
     head, tail = item[:match.start()], item[match.end():]
-    names = []
+    numbers = []
     for part in match.group(1).split(","):
         lo, sep, hi = part.strip().partition("-")
         if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise UserError(f"SLURM_JOB_NODELIST: cannot parse range '{part}' in '{whole}'")
+            raise UserError(f"{name}: cannot parse range '{part}' in '{whole}'")
         width = len(lo)  # zero padding: node[01-03] → node01, node02, node03
         for n in range(int(lo), int(hi if sep else lo) + 1):
-            names.append(f"{n:0{width}d}")
-    return [expanded for name in names for expanded in _expand(head + name + tail, whole)]
+            numbers.append(f"{n:0{width}d}")
+    return [expanded for number in numbers for expanded in _expand(head + number + tail, whole, name)]
 
 
-def slurm_hosts(nodelist: str) -> list[str]:
+def slurm_hosts(nodelist: str, name: str = "SLURM_JOB_NODELIST") -> list[str]:
     """Host names of a Slurm nodelist: `scontrol show hostnames` when it is installed, else our parser."""
     scontrol = shutil.which("scontrol")
     if scontrol:
@@ -92,7 +99,7 @@ def slurm_hosts(nodelist: str) -> list[str]:
                 return out
         except (OSError, subprocess.SubprocessError):
             pass  # a broken scontrol: the nodelist syntax is simple enough to expand ourselves
-    return parse_nodelist(nodelist)
+    return parse_nodelist(nodelist, name)
 
 
 # --------------------------------------------------------------------------- local devices
@@ -148,7 +155,7 @@ def resolve_topology(env: Mapping[str, str], *, nnodes: int | None = None, nproc
                      node_rank: int | None = None, master_addr: str | None = None,
                      master_port: int | None = None) -> Topology:
     """Flags (the keyword arguments) first, then torchrun's, the scheduler's and Slurm's environment, then this host."""
-    slurm = "SLURM_JOB_ID" in env or "SLURM_JOB_NODELIST" in env or "SLURM_NODELIST" in env
+    slurm = "SLURM_JOB_ID" in env or any(name in env for name in SLURM_NODELISTS)
 
     def pick(flag, flag_name, *names):
         if flag is not None:
@@ -156,7 +163,7 @@ def resolve_topology(env: Mapping[str, str], *, nnodes: int | None = None, nproc
         found = _first(env, *names)
         return (None, None) if found is None else (found[1], found[0])
 
-    value, where = pick(nnodes, "--nnodes", "PET_NNODES", "NNODES", *(("SLURM_NNODES", "SLURM_JOB_NUM_NODES") if slurm else ()))
+    value, where = pick(nnodes, "--nnodes", "PET_NNODES", "NNODES", *(("SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES") if slurm else ()))
     nnodes = _int(value, where) if value is not None else 1
     value, where = pick(node_rank, "--node-rank", "PET_NODE_RANK", "NODE_RANK", *(("SLURM_NODEID",) if slurm else ()))
     node_rank = _int(value, where) if value is not None else 0
@@ -165,9 +172,9 @@ def resolve_topology(env: Mapping[str, str], *, nnodes: int | None = None, nproc
     value, where = pick(master_addr, "--master-addr", "PET_MASTER_ADDR", "MASTER_ADDR")
     addr = value
     if addr is None and slurm:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if nodelist:
-            addr = slurm_hosts(nodelist)[0]
+        found = _first(env, *SLURM_NODELISTS)
+        if found:
+            addr = slurm_hosts(found[1], found[0])[0]
     if port is None and slurm and env.get("SLURM_JOB_ID", "").isdigit():
         port = DEFAULT_MASTER_PORT + int(env["SLURM_JOB_ID"]) % 10000  # jobs sharing a node get different ports
     if port is None and (nnodes > 1 or addr is not None):

@@ -117,7 +117,7 @@ def launcher_precision(parallel_cfg) -> str | None:
     bf16 or fp16 enabled (accelerate's --mixed_precision arrives as an override before this)."""
     if parallel_cfg.strategy != "deepspeed" or not parallel_cfg.deepspeed_config:
         return None
-    from bigtrain.strategy.deepspeed import config_precision  # imports no deepspeed
+    from bigtrain.strategy.deepspeed_config import config_precision  # imports no deepspeed
 
     return config_precision(parallel_cfg.deepspeed_config)
 

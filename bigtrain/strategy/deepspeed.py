@@ -1,10 +1,8 @@
 """`deepspeed` strategy: ZeRO stage 1/2/3 (optionally offloaded) behind the Engine Protocol.
 
-The DeepSpeed config is generated from the recipe (batch sizes, accumulation, precision, clipping,
-ZeRO settings); `parallel.deepspeed_config` may add keys but never contradict those. bigtrain keeps
-the optimizer (our AdamW, or DeepSpeedCPUAdam when the optimizer is offloaded, as DeepSpeed
-requires) and the LR schedule (the loop sets each group's lr on `engine.optimizer`, the optimizer
-DeepSpeed steps).
+The DeepSpeed config is generated from the recipe (bigtrain/strategy/deepspeed_config.py). bigtrain keeps the
+optimizer (our AdamW, or DeepSpeedCPUAdam when the optimizer is offloaded, as DeepSpeed requires) and the LR
+schedule (the loop sets each group's lr on `engine.optimizer`, the optimizer DeepSpeed steps).
 
 Gradient contract: the loop scales each micro-batch loss by world_size / global targets and
 DeepSpeed averages over data-parallel ranks, so backward runs with `scale_wrt_gas=False` (no extra
@@ -23,6 +21,11 @@ Resuming on another world size goes through DeepSpeed's universal checkpoint (`d
 written next to the checkpoint and removed afterwards). `open_weights` consolidates the fp32 master weights without a process group.
 A LoRA run's checkpoints leave its frozen base parameters out (`exclude_frozen_parameters`; base.json names the base).
 `import deepspeed` happens only in this module, inside functions.
+
+Rank 0 writes DeepSpeed's `latest` file (naming the tag) in save_state, before bigtrain's manifest, which covers
+it (DeepSpeed's save_latest would write it after, under a decoupled checkpoint engine), so DeepSpeed's own tools
+read a checkpoint folder as its docs show. Rank 0 converts to the universal checkpoint inside on_main: the other
+ranks wait in short polls, not in one collective; a copy a crashed start left is removed at the next.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -46,139 +50,18 @@ from torch import nn
 
 from bigtrain import filehash, safe_load
 from bigtrain.errors import UserError
-from bigtrain.strategy.dist import Dist, barrier, broadcast_object, use_tf32
+from bigtrain.strategy.deepspeed_config import build_deepspeed_config
+from bigtrain.strategy.dist import Dist, barrier, broadcast_object, on_main, use_tf32
 from bigtrain.strategy.precision import PrecisionTable, freeze_in
 from bigtrain.strategy.transforms import apply_transforms, named_tensors
 
 TAG = "deepspeed"  # the one DeepSpeed tag folder inside a bigtrain checkpoint folder
 LAYOUT = "deepspeed.json"  # ZeRO stage and world size that wrote it: another layout loads via universal
+LATEST = "latest"  # DeepSpeed's pointer to the tag: its own tools (zero_to_fp32.py, ...) then need no `-t deepspeed`
+UNIVERSAL_PREFIX = ".universal-"  # the converted copy of a checkpoint beside it, while another layout loads it
 EMA_RANK_FILE = "ema-rank-{rank:05d}.pt"  # optim.ema_decay: a rank's EMA partitions (ZeRO-1/2: rank 0's, whole)
 EMA_LAYOUT = "ema-layout.json"  # how many EMA files, and each tensor's full shape
 _WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's name prefix (state_dict keys drop it)
-
-
-# --------------------------------------------------------------------------- config
-
-
-def recipe_deepspeed_config(recipe, world_size: int) -> dict[str, tuple[object, str]]:
-    """DeepSpeed config keys the recipe decides: dotted key -> (value, the recipe key it comes from)."""
-    p, t = recipe.parallel, recipe.train
-    keys = {
-        "train_batch_size": (t.global_batch_size, "train.global_batch_size"),
-        "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
-        "gradient_accumulation_steps": (t.accum_steps(world_size), "train.accum_steps (derived)"),
-        "gradient_clipping": (float(recipe.optim.grad_clip), "optim.grad_clip"),
-        "bf16.enabled": (p.precision == "bf16", "parallel.precision"),
-        "fp16.enabled": (p.precision == "fp16", "parallel.precision"),
-        "zero_optimization.stage": (p.zero_stage, "parallel.zero_stage"),
-    }
-    if p.precision == "bf16":  # micro-batch gradients summed in fp32 (DeepSpeed's default: the model's bf16)
-        keys["data_types.grad_accum_dtype"] = ("fp32", "parallel.precision")
-        keys["bf16.check_grad_overflow"] = (True, "parallel.precision")  # skip non-finite steps (the loop's contract)
-    if p.zero_stage == 3 and p.activation_checkpointing == "selective":
-        # ZeRO-3's memory-efficient linear (DeepSpeed swaps it in for F.linear) adds the bias in place to the
-        # matmul's output, which selective checkpointing keeps for the recomputation: the recomputed block
-        # then adds the bias twice and every gradient after the first step is wrong. torch's linear instead.
-        keys["zero_optimization.memory_efficient_linear"] = (False, "parallel.activation_checkpointing")
-    for what, setting, source in (("optimizer", p.offload_optimizer, "parallel.offload_optimizer"),
-                                  ("param", p.offload_params, "parallel.offload_params")):
-        keys[f"zero_optimization.offload_{what}.device"] = (setting, source)
-        if setting == "nvme":
-            keys[f"zero_optimization.offload_{what}.nvme_path"] = (p.offload_path, "parallel.offload_path")
-    return keys
-
-
-# Operational defaults of ours that a deepspeed_config file may change freely.
-_DEFAULTS = {
-    "steps_per_print": 2**31 - 1,      # bigtrain logs progress itself
-    "wall_clock_breakdown": False,
-    "zero_allow_untested_optimizer": True,  # torch AdamW is our optimizer
-    "fp16.loss_scale": 0,              # dynamic loss scaling
-    "fp16.initial_scale_power": 16,
-    # Gradient reduction overlaps the backward; gradients go into one contiguous buffer (no fragmentation).
-    "zero_optimization.overlap_comm": True,
-    "zero_optimization.contiguous_gradients": True,
-}
-
-# Sizes in elements, each at most a quarter of the model's parameters (_sized_to_model): a gradient bucket
-# as large as the model overlaps nothing and fills to the whole gradient; at ZeRO-3 a reuse distance or live
-# limit beyond the model keeps every gathered parameter resident from forward to backward. For a model of a
-# billion parameters or more these are the ceilings: buckets of 2e8 (0.8 GB fp32, enough to saturate NCCL
-# and still overlap), DeepSpeed's own 5e7 prefetch and 1e9 live / reuse limits.
-_MODEL_SIZED = {
-    "zero_optimization.reduce_bucket_size": 200_000_000,
-    "zero_optimization.allgather_bucket_size": 200_000_000,
-    "zero_optimization.stage3_prefetch_bucket_size": 50_000_000,
-    "zero_optimization.stage3_max_live_parameters": 1_000_000_000,
-    "zero_optimization.stage3_max_reuse_distance": 1_000_000_000,
-}
-
-
-def _sized_to_model(n_params: int | None) -> dict[str, int]:
-    if n_params is None:
-        return dict(_MODEL_SIZED)
-    return {key: max(1_000_000, min(ceiling, n_params // 4)) for key, ceiling in _MODEL_SIZED.items()}
-
-
-def _set_dotted(config: dict, key: str, value) -> None:
-    *parents, last = key.split(".")
-    for part in parents:
-        config = config.setdefault(part, {})
-    config[last] = value
-
-
-def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _read_user_config(path: str) -> dict[str, object]:
-    """parallel.deepspeed_config's keys, flattened to dotted names."""
-    try:
-        user = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise UserError(f"parallel.deepspeed_config: cannot read '{path}': {e.strerror}") from None
-    except ValueError as e:
-        raise UserError(f"parallel.deepspeed_config: '{path}' is not valid JSON: {e}") from None
-    if not isinstance(user, dict):
-        raise UserError(f"parallel.deepspeed_config: '{path}' must hold a JSON object")
-    return _flatten(user)
-
-
-def config_precision(path: str) -> str | None:
-    """bf16 or fp16 when parallel.deepspeed_config enables that section (what `parallel.precision: auto`
-    then takes), else None."""
-    user = _read_user_config(path)
-    enabled = [name for name in ("bf16", "fp16") if user.get(f"{name}.enabled") in (True, 1)]
-    if len(enabled) > 1:
-        raise UserError(f"parallel.deepspeed_config: '{path}' enables both bf16 and fp16 — keep one")
-    return enabled[0] if enabled else None
-
-
-def build_deepspeed_config(recipe, world_size: int, n_params: int | None = None) -> dict:
-    """The DeepSpeed config for this recipe, merged with parallel.deepspeed_config (extra keys only); bucket
-    sizes and ZeRO-3's live / reuse limits scaled to a model of `n_params` parameters when given."""
-    from_recipe = recipe_deepspeed_config(recipe, world_size)
-    config: dict = {}
-    for key, value in {**_DEFAULTS, **_sized_to_model(n_params)}.items():
-        _set_dotted(config, key, value)
-    path = recipe.parallel.deepspeed_config
-    if path:
-        for key, value in _read_user_config(path).items():
-            if key in from_recipe:
-                ours, source = from_recipe[key]
-                if value != ours and not (isinstance(ours, bool) and value in (0, 1) and bool(value) == ours):
-                    raise UserError(f"parallel.deepspeed_config: '{key}' is {json.dumps(value)} in {path} but the recipe "
-                                    f"gives {json.dumps(ours)} ({source}) — remove the key from {path} or change the recipe")
-            _set_dotted(config, key, value)
-    for key, (value, _) in from_recipe.items():
-        _set_dotted(config, key, value)
-    return config
 
 
 # --------------------------------------------------------------------------- engine
@@ -334,6 +217,7 @@ class DeepSpeedEngine:
         if self.ds.zero_optimization_partition_weights() and parallel_cfg.activation_checkpointing == "selective":
             _fetch_outside_selective_checkpointing(self.ds.optimizer.parameter_offload)
         self._config = config
+        self._built_at = time.time()  # universal copies older than this are an earlier start's (load_state)
         self._frozen = []  # DeepSpeed engines of frozen models (frozen(), ZeRO-3): destroyed with this one
         self.module = model  # the bare model (ZeRO-3: its parameters are partitioned)
         self.model = self.ds  # forward through the DeepSpeed engine (ZeRO-3 gathers parameters)
@@ -495,9 +379,10 @@ class DeepSpeedEngine:
         with contextlib.redirect_stdout(sys.stderr), _hashing_saves(self.ds.checkpoint_engine):
             self.ds.save_checkpoint(str(folder), tag=TAG, client_state=info, save_latest=False,
                                     exclude_frozen_parameters=self._leaves_out_frozen())
-        if self.dist.is_main:
+        if self.dist.is_main:  # written here, by us, so the manifest (hashed after save_state) covers them
             layout = {"zero_stage": self.parallel_cfg.zero_stage, "world_size": self.dist.world_size}
             (folder / LAYOUT).write_text(json.dumps(layout))
+            (folder / LATEST).write_text(TAG)
         if self.ema:
             self._save_ema(folder)
 
@@ -517,6 +402,8 @@ class DeepSpeedEngine:
     def load_state(self, folder: Path) -> None:
         """Load a DeepSpeed checkpoint; one of another world size or ZeRO stage is converted to a universal one first."""
         folder = Path(folder)
+        if self.dist.is_main:
+            _remove_stale_conversions(folder.parent, older_than=self._built_at)
         refuse_unsafe_files(folder)
         trainer = folder / "trainer.json"
         saved = json.loads(trainer.read_text()) if trainer.is_file() else {}
@@ -539,21 +426,21 @@ class DeepSpeedEngine:
                 layout.get("zero_stage", self.parallel_cfg.zero_stage) == self.parallel_cfg.zero_stage:
             self._load(folder, universal=False, restart_ema=restart_ema)
             return
-        converted: tuple[str | None, str | None] = (None, None)
-        if self.dist.is_main:  # one conversion, next to the checkpoint (visible to every node), removed after
-            universal = Path(tempfile.mkdtemp(prefix=f".universal-{folder.name}-", dir=folder.parent))
+        # One conversion on rank 0, next to the checkpoint (visible to every node), removed after. It may take
+        # hours for a large model: the other ranks wait in on_main's short polls, not in one collective.
+        def convert() -> str:
+            universal = Path(tempfile.mkdtemp(prefix=f"{UNIVERSAL_PREFIX}{folder.name}-", dir=folder.parent))
             try:
                 with _deepspeed_reads(folder):
                     _to_universal(folder / TAG, universal / TAG)
-                converted = (str(universal), None)
-            except Exception as e:  # every rank must hear of it, or the others wait forever
+            except Exception as e:  # one line on every rank (on_main), nothing half-written left
                 shutil.rmtree(universal, ignore_errors=True)
-                converted = (None, f"checkpoint {folder}: converting it for {self.dist.world_size} processes / "
-                                   f"ZeRO stage {self.parallel_cfg.zero_stage} failed: {type(e).__name__}: {e}")
-        path, error = broadcast_object(self.dist, converted)
-        if error:
-            raise UserError(error)
-        universal = Path(path)
+                raise UserError(f"checkpoint {folder}: converting it for {self.dist.world_size} processes / ZeRO "
+                                f"stage {self.parallel_cfg.zero_stage} failed: {type(e).__name__}: {e}") from None
+            return str(universal)
+
+        path = on_main(self.dist, convert, what=f"the conversion of {folder} to a universal checkpoint")
+        universal = Path(broadcast_object(self.dist, path))  # rank 0's result, once it is done
         try:
             self._load(universal, universal=True, restart_ema=restart_ema)
         finally:
@@ -613,6 +500,15 @@ def _cpu_adam(optimizer: torch.optim.Optimizer):
     groups = [dict(g) for g in optimizer.param_groups]
     return DeepSpeedCPUAdam(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
                             adamw_mode=True)
+
+
+def _remove_stale_conversions(checkpoints: Path, older_than: float) -> None:
+    """Remove the universal copies an earlier start left in a checkpoints folder (it crashed, or was killed, while
+    converting or loading): those made before this job's engine was built (`older_than`, a time.time())."""
+    for stale in checkpoints.glob(f"{UNIVERSAL_PREFIX}*"):
+        with contextlib.suppress(OSError):  # gone already
+            if stale.stat().st_mtime < older_than:
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def _to_universal(tag_folder: Path, output: Path) -> None:

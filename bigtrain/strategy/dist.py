@@ -1,4 +1,5 @@
-"""Process-group setup with a bounded join and a preflight of the job's shape, and the few collectives the loop needs."""
+"""Process-group setup with a bounded join and a preflight of the job's shape, the few collectives the loop needs,
+and rank 0's long work with no collective held open (on_main)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import datetime
 import json
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
 
-from bigtrain.errors import UserError
+from bigtrain.errors import UserError, say
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,47 @@ def all_gather_object(dist: Dist, obj, group=None) -> list:
     out = [None] * dist.world_size
     torch_dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def on_main(dist: Dist, fn, *, what: str = "rank 0's work", poll_s: float = 1.0):
+    """Run fn on rank 0 while the others wait; its error is raised on every rank (no hang).
+
+    No collective stays open while fn runs (data preparation or a checkpoint's conversion may take hours): rank 0
+    runs it in a thread and every rank meets in a short all-reduce every `poll_s` (each waits poll_s first, so they
+    arrive together) until it is done, so fn may take longer than parallel.collective_timeout_s; the waiting ranks
+    say so once a minute."""
+    if not dist.distributed:
+        return fn()
+    result, error, failure, done = None, None, None, threading.Event()
+
+    def work():
+        nonlocal result, error, failure
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+        except BaseException as e:  # re-raised on rank 0; the others get a one-line error
+            failure, error = e, f"rank 0 failed during {what}: {type(e).__name__}: {e}"
+        finally:
+            done.set()
+
+    if dist.is_main:
+        threading.Thread(target=work, name="bigtrain-on-main", daemon=True).start()
+    start = said = time.monotonic()
+    while True:
+        finished = done.wait(timeout=poll_s) if dist.is_main else time.sleep(poll_s)
+        flag = torch.tensor([1.0 if finished else 0.0])
+        if all_reduce_max(dist, flag).item() > 0:
+            break
+        if not dist.is_main and dist.local_rank == 0 and time.monotonic() - said >= 60:
+            said = time.monotonic()
+            say(f"bigtrain: rank {dist.rank} waiting for {what} on rank 0 ({(said - start) / 60:.0f} min)")
+    error = broadcast_object(dist, error)
+    if failure is not None:
+        raise failure
+    if error:
+        raise UserError(error)
+    return result
 
 
 def new_background_group():

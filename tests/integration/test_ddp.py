@@ -152,7 +152,7 @@ def test_rank_zero_work_longer_than_the_collective_timeout_holds_no_collective_o
     script = tmp_path / "long_rank0.py"
     script.write_text(textwrap.dedent("""
         import time
-        from bigtrain.run import on_main
+        from bigtrain.strategy.dist import on_main
         from bigtrain.strategy import init_distributed, shutdown
         dist = init_distributed("cpu", collective_timeout_s=3)
         result = on_main(dist, lambda: time.sleep(8) or "prepared")

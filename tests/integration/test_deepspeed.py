@@ -94,6 +94,21 @@ def test_deepspeed_zero_on_two_processes_matches_single_process(tmp_path, single
     # The precision table printed and recorded is DeepSpeed's (bf16: bf16 parameters, fp32 master weights).
     table = json.loads((run_dir / "precision.json").read_text())
     assert table["param"] == {"fp32": "float32", "bf16": "bfloat16"}[precision] and table["master_weights"] == "float32"
+    assert_deepspeed_tools_read(run_dir / f"checkpoints/step-{STEPS:07d}")
+
+
+def assert_deepspeed_tools_read(folder):
+    """DeepSpeed's own converter reads a bigtrain checkpoint as its docs show, without a tag (the `latest` file,
+    which the manifest covers, names it): the very tensors bigtrain's reader gives."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from bigtrain import checkpoint
+
+    assert (folder / "latest").read_text() == "deepspeed" and "latest" in checkpoint.verify(folder)["files"]
+    theirs = get_fp32_state_dict_from_zero_checkpoint(str(folder))
+    ours = final_weights(folder.parent.parent, step=int(folder.name.split("-")[1]))
+    assert sorted(theirs) == sorted(ours)
+    assert max((theirs[k].float() - ours[k].float()).abs().max().item() for k in ours) == 0.0
 
 
 def test_zero3_activation_checkpointing_on_two_processes_gives_the_same_gradients(tmp_path, cache_dir):
@@ -132,11 +147,12 @@ def test_zero3_activation_checkpointing_on_two_processes_gives_the_same_gradient
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
 def test_deepspeed_run_resumes_on_another_number_of_processes(tmp_path, single_runs, stage, first, then):
-    """Saved on `first` ranks, resumed on `then` (DeepSpeed's universal checkpoint): the same next losses and
-    final weights as an uninterrupted run. The EMA of the weights (ZeRO-3: each rank's partitions, in a file per
-    rank) carries over too, and equals the average computed from every step's checkpoint; eval scores it
-    (eval.use_ema) and the final weights are still the reference's: the EMA is swapped out again exactly. At the
-    last step ZeRO-3's eval of the EMA equals ZeRO-2's (its small parameters, kept gathered, are swapped too)."""
+    """Saved on `first` ranks, resumed on `then` (DeepSpeed's universal checkpoint): the same next losses and final
+    weights as an uninterrupted run; no universal copy is left, nor one an earlier start left. The EMA of the
+    weights (ZeRO-3: each rank's partitions, in a file per rank) carries over too, and equals the average computed
+    from every step's checkpoint; eval scores it (eval.use_ema) and the final weights are still the reference's: the
+    EMA is swapped out again exactly. At the last step ZeRO-3's eval of the EMA equals ZeRO-2's (its small
+    parameters, kept gathered, are swapped too)."""
     recipe, reference = single_runs["causal", "fp32"]
 
     def launch(nproc, *args):
@@ -145,10 +161,12 @@ def test_deepspeed_run_resumes_on_another_number_of_processes(tmp_path, single_r
     args = ["train", str(recipe), "run.name=elastic", f"run.output_dir={tmp_path}", *deepspeed_args(stage),
             "optim.ema_decay=0.6", "optim.ema_start_step=1", "checkpoint.every=1", "eval.use_ema=true"]
     launch(first, *args, "train.stop_at_step=2")
+    run_dir = tmp_path / "elastic"
+    leftover = run_dir / "checkpoints/.universal-step-0000002-crashed"  # a start killed while converting left it
+    (leftover / "deepspeed").mkdir(parents=True)
     rest = launch(then, *args)
     assert "resuming at step 2" in rest.stderr
-    run_dir = tmp_path / "elastic"
-    assert not list((run_dir / "checkpoints").glob(".universal-*"))  # the converted copy is removed
+    assert not list((run_dir / "checkpoints").glob(".universal-*"))  # the converted copy and the leftover removed
     assert_same_run(run_dir, reference, rel=1e-5)
     files = len(list((run_dir / "checkpoints/step-0000002").glob("ema-rank-*.pt")))
     assert files == (first if stage == 3 else 1)

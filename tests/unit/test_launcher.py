@@ -70,6 +70,21 @@ def test_topology_from_slurm_environment_without_scontrol(monkeypatch):
     assert topo.omp_threads == 8 and topo.static
 
 
+def test_topology_under_srun_on_part_of_the_allocation_comes_from_the_job_step(monkeypatch):
+    """`srun --nodes 2 -w node03,node07` inside a 5-node job: the master is the step's first host, the node count
+    the step's (SLURM_NODEID is step-relative already); a step list Slurm leaves out falls back to the job's."""
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the nodelist is parsed here
+    step = {**SLURM, "SLURM_STEP_NODELIST": "node[03,07]", "SLURM_NODELIST": "node[01-03,07],gpu5",
+            "SLURM_STEP_NUM_NODES": "2", "SLURM_NODEID": "1"}
+    topo = resolve_topology(step)
+    assert (topo.master_addr, topo.nnodes, topo.node_rank) == ("node03", 2, 1)
+    topo = resolve_topology({**SLURM, "SLURM_NODELIST": "gpu5", "SLURM_NNODES": "1", "SLURM_NODEID": "0"})
+    assert (topo.master_addr, topo.nnodes) == ("gpu5", 1)
+    assert resolve_topology(SLURM).master_addr == "node01"  # only the job's list
+    with pytest.raises(UserError, match=r"^SLURM_STEP_NODELIST: cannot parse range 'a' in 'node\[a\]'$"):
+        resolve_topology({**step, "SLURM_STEP_NODELIST": "node[a]"})
+
+
 CPU_SLURM = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "cpu[1-2]", "SLURM_NNODES": "2", "SLURM_NODEID": "1"}
 
 

@@ -162,7 +162,7 @@ def test_deepspeed_bf16_config_accumulates_gradients_in_fp32_and_a_contradicting
 
     from bigtrain.config import build_config
     from bigtrain.errors import UserError
-    from bigtrain.strategy.deepspeed import build_deepspeed_config
+    from bigtrain.strategy.deepspeed_config import build_deepspeed_config
     from tests.conftest import tiny_recipe
 
     def config(precision, **ds):
@@ -186,7 +186,7 @@ def test_deepspeed_buckets_and_zero3_live_limits_scale_with_the_model_below_thei
     import json
 
     from bigtrain.config import build_config
-    from bigtrain.strategy.deepspeed import build_deepspeed_config
+    from bigtrain.strategy.deepspeed_config import build_deepspeed_config
     from tests.conftest import tiny_recipe
 
     def zero(n_params, **ds):
@@ -202,6 +202,77 @@ def test_deepspeed_buckets_and_zero3_live_limits_scale_with_the_model_below_thei
     assert [zero(135_500_000)[k] for k in keys] == [33_875_000] * 5
     assert [zero(100_000)[k] for k in keys] == [1_000_000] * 5
     assert zero(135_500_000, zero_optimization={"reduce_bucket_size": 5})["reduce_bucket_size"] == 5
+
+
+# The Hugging Face Trainer's ds_config_zero3.json (its DeepSpeed docs), "auto" wherever it has one.
+HF_ZERO3_CONFIG = {
+    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "bf16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                      "warmup_num_steps": "auto", "total_num_steps": "auto"}},
+    "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "none", "pin_memory": True},
+                          "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+                          "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                          "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
+                          "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True},
+    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 2000,
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": False,
+}
+
+
+def test_deepspeed_config_auto_values_take_the_recipes_and_one_it_cannot_fill_is_an_error(tmp_path):
+    """A Hugging Face ds_config.json works as it is: its "auto" values become the recipe's (batch sizes, accumulation,
+    clipping, precision, model-sized buckets); its optimizer and scheduler sections, which describe the AdamW and LR
+    bigtrain itself runs, are checked against optim.* and left out; a contradiction or an "auto" bigtrain cannot
+    fill is a one-line error naming the key."""
+    import json
+
+    from bigtrain.config import build_config
+    from bigtrain.errors import UserError
+    from bigtrain.strategy.deepspeed_config import build_deepspeed_config
+    from tests.conftest import tiny_recipe
+
+    def config(ds, precision="bf16", **optim):
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        recipe = build_config(tiny_recipe(tmp_path, tmp_path, optim={"schedule": "linear", **optim}, parallel={
+            "strategy": "deepspeed", "zero_stage": 3, "precision": precision,
+            "deepspeed_config": str(tmp_path / "ds.json")}, train={"global_batch_size": 16, "micro_batch_size": 2}))
+        return build_deepspeed_config(recipe, 2, 135_500_000)
+
+    got = config(HF_ZERO3_CONFIG)
+    assert (got["train_batch_size"], got["train_micro_batch_size_per_gpu"], got["gradient_accumulation_steps"]) == (16, 2, 4)
+    assert got["gradient_clipping"] == 1.0 and got["bf16"]["enabled"] is True and got["fp16"]["enabled"] is False
+    zero = got["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == 33_875_000  # as without the file
+    assert "stage3_param_persistence_threshold" not in zero  # DeepSpeed's own default
+    assert zero["sub_group_size"] == 1e9 and zero["stage3_max_live_parameters"] == 1e9  # the file's own values
+    assert "optimizer" not in got and "scheduler" not in got  # bigtrain steps its AdamW and sets the LR itself
+    assert "auto" not in json.dumps(got)
+    assert config(HF_ZERO3_CONFIG, precision="fp32")["bf16"]["enabled"] is False
+
+    path = tmp_path / "ds.json"
+    explicit = {**HF_ZERO3_CONFIG, "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95]}}}
+    assert "optimizer" not in config(explicit)  # the recipe's defaults: agrees
+    for ds, line in (
+        ({**HF_ZERO3_CONFIG, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
+         f"'optimizer.params.lr' is 0.001 in {path} but the recipe gives 0.003 (optim.lr)"),
+        ({**HF_ZERO3_CONFIG, "scheduler": {"type": "WarmupCosineLR"}},
+         f"'scheduler.type' is \"WarmupCosineLR\" in {path} but the recipe gives \"linear\" (optim.schedule)"),
+        ({**HF_ZERO3_CONFIG, "optimizer": {"type": "Lamb"}},
+         f"'optimizer.type' is \"Lamb\" in {path}, which bigtrain cannot train with (it steps its own AdamW and LR "
+         f"schedule, optim.*) — remove the key from {path}"),
+        ({**HF_ZERO3_CONFIG, "zero_optimization": {"sub_group_size": "auto"}},
+         f"'zero_optimization.sub_group_size' is \"auto\" in {path}, which bigtrain cannot fill — give it a value "
+         f"or remove it"),
+        ({**HF_ZERO3_CONFIG, "train_batch_size": 32},
+         f"'train_batch_size' is 32 in {path} but the recipe gives 16 (train.global_batch_size)"),
+    ):
+        with pytest.raises(UserError) as raised:
+            config(ds)
+        assert str(raised.value) == f"parallel.deepspeed_config: {line}" + (
+            "" if "cannot" in line else f" — remove the key from {path} or change the recipe")
 
 
 def test_ddp_skips_the_buffer_broadcast_and_keeps_gradients_as_bucket_views():
