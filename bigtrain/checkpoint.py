@@ -295,10 +295,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(steps, key=lambda p: p.name.removeprefix(".old-"))
 
 
-def verify(folder: Path, dist: Dist | None = None) -> dict:
+def verify(folder: Path, dist: Dist | None = None, only=None) -> dict:
     """Check the manifest and every file's size and sha256; return the manifest or raise CheckpointError.
     With `dist` it is collective: the ranks check the files in parallel, each its share (by size), and
-    every rank raises the same error."""
+    every rank raises the same error. `only(name) -> bool`: check just those files (init_from: what it reads)."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"incomplete checkpoint {folder}: no {MANIFEST}")
@@ -307,6 +307,7 @@ def verify(folder: Path, dist: Dist | None = None) -> dict:
         files = {str(name): (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"corrupted checkpoint {folder}: unreadable {MANIFEST}") from None
+    files = {name: entry for name, entry in files.items() if only is None or only(name)}
     mine = list(files) if dist is None else _shares([(n, size) for n, (size, _) in files.items()], dist.world_size)[dist.rank]
     problems = {name: problem for name in mine if (problem := _file_problem(folder, name, *files[name]))}
     if dist is not None:
@@ -382,9 +383,10 @@ def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print, b
 
 
 def resolve_init_checkpoint(path: str, revision: str | None = None, *, key: str = "model.init_from") -> Path:
-    """model.init_from → a verified checkpoint folder (a run dir means its newest complete checkpoint),
-    or a Hugging Face model folder (config.json + weights; a hub id's snapshot; see bigtrain/interop). `key`: the
-    recipe key errors name (task.teacher reads a folder the same way)."""
+    """model.init_from → a checkpoint folder (a run dir means its newest checkpoint), or a Hugging Face model folder
+    (config.json + weights; a hub id's snapshot; see bigtrain/interop). `key`: the recipe key errors name (task.teacher
+    reads a folder the same way). It only lists folders: a start resolves each once, before its process group
+    exists, and `verify_init_checkpoint` then checks the files it reads, each rank its share."""
     from bigtrain.interop.hf_config import is_hf_folder, looks_like_hf_folder, read_config
     from bigtrain.interop.hub import local_folder
 
@@ -396,15 +398,32 @@ def resolve_init_checkpoint(path: str, revision: str | None = None, *, key: str 
     if looks_like_hf_folder(where):
         read_config(where, where=key)  # raises: HF weights without a config.json
     if (where / MANIFEST).exists():
-        verify(where)
         return where
-    for folder in reversed(list_checkpoints(where)):
-        try:
-            verify(folder)
-            return folder
-        except CheckpointError:
-            continue
-    raise CheckpointError(f"{key}: no complete checkpoint in '{path}'")
+    candidates = list_checkpoints(where)
+    if not candidates:
+        raise CheckpointError(f"{key}: no complete checkpoint in '{path}'")
+    return candidates[-1]
+
+
+INIT_READS = (TRAINER, "config.yaml", BASE_FILE)  # what init_from reads of a checkpoint besides its weights files
+
+
+def verify_init_checkpoint(folder: Path, dist: Dist, *, also: tuple[str, ...] = (), key: str = "model.init_from"
+                           ) -> None:
+    """Check against its manifest what init_from reads of checkpoint `folder` (collective: each rank its share by
+    size, as a resume does): the files its format's weights reader opens (`strategy.holds_weights`), INIT_READS and
+    `also` (the tokenizer, its side files, the labels). The optimizer state, the rng files and the EMA are never read,
+    so never checked: for a 70B model that is most of a checkpoint. A Hugging Face folder has no manifest."""
+    from bigtrain.interop.hf_config import is_hf_folder
+    from bigtrain.strategy import holds_weights
+
+    if is_hf_folder(folder):
+        return
+    small = {*INIT_READS, *also}
+    try:
+        verify(folder, dist, only=lambda name: name in small or holds_weights(name))
+    except CheckpointError as e:
+        raise CheckpointError(f"{key}: {e} — point {key} at an intact checkpoint") from None
 
 
 def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arch: str, key: str = "model.init_from"
@@ -540,6 +559,9 @@ class LazyWeights(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.reader.get(self.names[name])
+
+    def __contains__(self, name: object) -> bool:  # Mapping's would read the tensor (a `get` that may raise)
+        return name in self.names
 
     def __iter__(self):
         return iter(self.names)

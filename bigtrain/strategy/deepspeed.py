@@ -701,5 +701,11 @@ class DeepSpeedEMAWeights:
         return torch.cat([f[name].reshape(-1) for f in self._files])[:math.prod(shape)].reshape(shape).clone()
 
 
+def holds_weights(name: str) -> bool:
+    """DeepSpeedWeights reads every file of the tag folder: the fp32 master weights are in the optimizer state
+    files (beside the Adam moments), the shapes in the model state files."""
+    return name.startswith(f"{TAG}/")
+
+
 def open_weights(folder: Path, ema: bool = False):
     return DeepSpeedEMAWeights(Path(folder)) if ema else DeepSpeedWeights(Path(folder))

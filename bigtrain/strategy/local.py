@@ -220,5 +220,10 @@ class LocalWeights:
         return self._state[name]
 
 
+def holds_weights(name: str) -> bool:
+    """model.pt is what LocalWeights reads (optimizer.pt, scaler.pt and ema.pt are not)."""
+    return name == "model.pt"
+
+
 def open_weights(folder: Path, ema: bool = False) -> LocalWeights:
     return LocalWeights(folder, EMA_FILE if ema else "model.pt")

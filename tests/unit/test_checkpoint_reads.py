@@ -1,0 +1,115 @@
+"""What a rank reads of a checkpoint (bigtrain/checkpoint.py, strategy readers): model.init_from verifies only the
+files it reads, each once, and finds a tensor's name without reading it; a DCP folder's .metadata is unpickled once
+per reader, not once per tensor."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigtrain import checkpoint, filehash
+from bigtrain.cli import main
+from tests.conftest import tiny_recipe, write_recipe
+
+
+@pytest.fixture(scope="module")
+def init_run(tmp_path_factory, cache_dir) -> Path:
+    """A 2-step single-process run with one checkpoint (step 2) to start others from."""
+    root = tmp_path_factory.mktemp("init-run")
+    recipe = write_recipe(root / "r.yaml", tiny_recipe(cache_dir, root / "runs", train={"max_steps": 2},
+                                                       checkpoint={"every": 2}))
+    assert main(["train", str(recipe), "run.name=base"]) == 0
+    return root / "runs" / "base"
+
+
+def start_from(tmp_path: Path, cache_dir: Path, init_from: Path, monkeypatch) -> tuple[int, list[Path]]:
+    """(exit code, files sha256-read under `init_from`) of a 1-step run from `init_from`."""
+    hashed, real = [], filehash.sha256
+    monkeypatch.setattr(filehash, "sha256", lambda path: hashed.append(Path(path)) or real(path))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs", train={"max_steps": 1}))
+    code = main(["train", str(recipe), "run.name=fine", f"model.init_from={init_from}"])
+    return code, [p for p in hashed if p.is_relative_to(init_from)]
+
+
+def damage(path: Path) -> bytes:
+    """Flip a byte in the middle of `path` (same size); returns the original bytes."""
+    data = path.read_bytes()
+    middle = len(data) // 2
+    path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    return data
+
+
+def test_init_from_verifies_only_the_files_it_reads_each_once(tmp_path, cache_dir, init_run, monkeypatch):
+    """The optimizer state and rng files are never read, so never hashed (a damaged one does not stop the run);
+    the weights, tokenizer, config.yaml and trainer.json are hashed once each, though the tokenizer is looked up
+    before the process group exists and the weights after."""
+    folder = checkpoint.list_checkpoints(init_run)[-1]
+    original = damage(folder / "optimizer.pt")
+    try:
+        code, hashed = start_from(tmp_path, cache_dir, init_run, monkeypatch)
+    finally:
+        (folder / "optimizer.pt").write_bytes(original)
+    assert code == 0
+    assert sorted(p.relative_to(folder).as_posix() for p in hashed) == [
+        "config.yaml", "model.pt", "tokenizer.json", "trainer.json"]
+
+
+def test_init_from_a_damaged_weights_file_is_one_line_exit_2(tmp_path, cache_dir, init_run, monkeypatch, capsys):
+    folder = checkpoint.list_checkpoints(init_run)[-1]
+    original = damage(folder / "model.pt")
+    try:
+        capsys.readouterr()
+        code, _ = start_from(tmp_path, cache_dir, init_run, monkeypatch)
+    finally:
+        (folder / "model.pt").write_bytes(original)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.rstrip().splitlines()[-1] == (
+        f"bigtrain: error: model.init_from: corrupted checkpoint file {folder / 'model.pt'}: sha256 does not match "
+        f"the manifest — point model.init_from at an intact checkpoint")
+    assert not (tmp_path / "runs" / "fine" / "checkpoints").exists()
+
+
+class CountingReader:
+    """A WeightsReader over a dict, counting the tensors read."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors, self.reads = tensors, 0
+
+    def tensors(self):
+        return {name: (t.dtype, tuple(t.shape)) for name, t in self._tensors.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        self.reads += 1
+        return self._tensors[name]
+
+
+def test_membership_in_lazy_weights_reads_nothing():
+    """DeepSpeed's loader asks `name in weights` of every model tensor on every rank: that must not read it."""
+    reader = CountingReader({"a": torch.ones(2), "b": torch.zeros(3)})
+    weights = checkpoint.LazyWeights(reader, {"x.a": "a", "x.b": "b"})
+    assert ("x.a" in weights, "x.b" in weights, "a" in weights, "x.c" in weights) == (True, True, False, False)
+    assert reader.reads == 0
+    assert torch.equal(weights["x.b"], torch.zeros(3)) and reader.reads == 1
+
+
+def test_dcp_weights_unpickle_metadata_once_per_reader(tmp_path, monkeypatch):
+    """DCPWeights reads a DCP folder's .metadata when opened, and every tensor it assembles after uses that."""
+    import torch.distributed.checkpoint as dcp
+
+    from bigtrain.strategy import fsdp
+
+    state = {f"model.layer{i}.weight": torch.full((4, 3), float(i)) for i in range(5)}
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path), no_dist=True)
+    unpickled, real = [], fsdp.SafeReader.read_metadata
+    monkeypatch.setattr(fsdp.SafeReader, "read_metadata", lambda self, *a, **k: unpickled.append(1) or real(self, *a, **k))
+    weights = fsdp.open_weights(tmp_path)
+    got = {name: weights.get(name) for name in weights.tensors()}
+    assert len(unpickled) == 1
+    assert {f"model.{name}": t for name, t in got.items()}.keys() == state.keys()
+    assert all(torch.equal(got[name.removeprefix("model.")], t) for name, t in state.items())
