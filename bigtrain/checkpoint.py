@@ -177,7 +177,7 @@ def _write_trainer_files(tmp: Path, state: TrainState, engine, dist: Dist, rng: 
 
 def _publish(tmp: Path, final: Path, state: TrainState, dist: Dist, keep_last: int, group=None) -> None:
     """fsync, checksum (each rank its share), manifest last, rename into place, then prune (collective over `group`)."""
-    _fsync_tree(tmp)  # every rank: its own files are on disk before rank 0 publishes the folder
+    _fsync_written(tmp, dist, group)  # every rank its own files, on disk before rank 0 publishes the folder
     barrier(dist, group)
     files = hash_files(tmp, dist, group)  # every rank hashes its share of the files
     if dist.is_main:
@@ -241,17 +241,26 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(part, path)
 
 
-def _fsync_tree(folder: Path) -> None:
-    """fsync every file and folder under `folder` (so a rename after it publishes data that is on disk)."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
-        _fsync_dir(path)
+def _fsync_written(folder: Path, dist: Dist, group=None) -> None:
+    """fsync each file under `folder` once, by the rank that wrote it (collective over `group`), so a rename after
+    it publishes data that is on disk: each rank the files it recorded as it wrote them (bigtrain/filehash.py:
+    torch.save files, DCP shards, DeepSpeed's); rank 0 the files no rank recorded (it writes them itself:
+    trainer.json, config.yaml, the tokenizer, layout files) and every folder. Not every rank every file: on a
+    shared filesystem that is world size × the checkpoint's files opened, and another client's fsync would not
+    flush the writer's cache anyway."""
+    mine = filehash.written(folder)
+    recorded = {path for part in all_gather_object(dist, mine, group) for path in part}
+    if dist.is_main:
+        mine += [path for p in sorted(folder.rglob("*")) if p.is_file() and (path := os.path.abspath(p)) not in recorded]
+    for path in mine:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if dist.is_main:
+        for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+            _fsync_dir(path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -4,6 +4,10 @@ per reader, not once per tensor."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -113,3 +117,46 @@ def test_dcp_weights_unpickle_metadata_once_per_reader(tmp_path, monkeypatch):
     assert len(unpickled) == 1
     assert {f"model.{name}": t for name, t in got.items()}.keys() == state.keys()
     assert all(torch.equal(got[name.removeprefix("model.")], t) for name, t in state.items())
+
+
+FSYNC_SCRIPT = '''
+import json, os, sys
+from pathlib import Path
+import torch
+from bigtrain import checkpoint, filehash
+from bigtrain.strategy import init_distributed
+
+dist = init_distributed("cpu")
+run_dir = Path(sys.argv[1])
+tmp, final = checkpoint._start(run_dir, 1, dist)
+filehash.save({"x": torch.ones(3) * dist.rank}, tmp / f"shard-{dist.rank}.pt")  # each rank its file, recorded
+if dist.is_main:
+    (tmp / "trainer.json").write_text("{}")  # rank 0's own, not recorded
+synced, real = [], os.fsync
+os.fsync = lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd)
+checkpoint._publish(tmp, final, checkpoint.TrainState(step=1), dist, keep_last=0)
+names = [os.path.relpath(p, tmp) if p.startswith(str(tmp)) else os.path.relpath(p, final) for p in synced]
+(run_dir / f"fsynced-{dist.rank}.json").write_text(json.dumps(names))
+'''
+
+
+@pytest.mark.slow  # starts 2 processes
+def test_each_rank_fsyncs_the_files_it_wrote_and_rank_0_the_folders(tmp_path):
+    """A save's files are on disk before its manifest (every file fsynced once), each by the process that wrote it;
+    the folders by rank 0. (Before: every rank fsynced every file of the checkpoint.)"""
+    from tests.conftest import REPO
+
+    script = tmp_path / "fsync_ranks.py"
+    script.write_text(FSYNC_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rank0, rank1 = (json.loads((tmp_path / "run" / f"fsynced-{r}.json").read_text()) for r in (0, 1))
+    assert rank1 == ["shard-1.pt"]
+    # rank 0: its file, the one it wrote unrecorded, the folders ("." twice: before and after the manifest), the
+    # manifest as it is written, and the checkpoints folder after the rename ("..")
+    assert sorted(rank0) == sorted(["shard-0.pt", "trainer.json", ".", "rng", "manifest.json.part", ".", ".."])
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step-0000001").iterdir()) == [
+        "manifest.json", "rng", "shard-0.pt", "shard-1.pt", "trainer.json"]
