@@ -47,7 +47,7 @@ from torch import nn
 
 from bigtrain import filehash
 from bigtrain.errors import UserError
-from bigtrain.strategy.dist import Dist, barrier, broadcast_object, use_tf32
+from bigtrain.strategy.dist import Dist, barrier, broadcast_object, copy_from_main, use_tf32
 from bigtrain.strategy.precision import PrecisionTable, freeze_in
 from bigtrain.strategy.transforms import apply_transforms, named_tensors
 
@@ -460,12 +460,16 @@ class DeepSpeedEngine:
         for name, tensor in named_tensors(model).items():
             if name not in weights:
                 continue
-            # ZeRO-3: gather the full parameter, let rank 0 write it, re-partition from rank 0's copy.
+            # ZeRO-3: gather the full parameter, let rank 0 write it, re-partition from rank 0's copy. A tensor every
+            # rank holds whole (ZeRO-1/2, buffers): rank 0 reads it and broadcasts it. Either way rank 0 alone reads.
             gathered = stage3 and isinstance(tensor, nn.Parameter)
             context = deepspeed.zero.GatheredParameters([tensor], modifier_rank=0) if gathered else contextlib.nullcontext()
             with context, torch.no_grad():
-                if not gathered or self.dist.is_main:
-                    tensor.data.copy_(weights[name].to(tensor.dtype))
+                if gathered:
+                    if self.dist.is_main:
+                        tensor.data.copy_(weights[name].to(tensor.dtype))
+                else:
+                    copy_from_main(tensor.data, lambda: weights[name].to(tensor.dtype), self.dist)
 
     def frozen(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
         """Another model (a distillation teacher) frozen in the compute dtype with `weights`, laid out as this

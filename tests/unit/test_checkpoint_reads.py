@@ -119,44 +119,77 @@ def test_dcp_weights_unpickle_metadata_once_per_reader(tmp_path, monkeypatch):
     assert all(torch.equal(got[name.removeprefix("model.")], t) for name, t in state.items())
 
 
-FSYNC_SCRIPT = '''
+TWO_RANKS_SCRIPT = '''
 import json, os, sys
 from pathlib import Path
 import torch
 from bigtrain import checkpoint, filehash
-from bigtrain.strategy import init_distributed
+from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
+from bigtrain.models import build_model
+from bigtrain.optim import build_optimizer
+from bigtrain.strategy import build_engine, init_distributed
 
 dist = init_distributed("cpu")
-run_dir = Path(sys.argv[1])
-tmp, final = checkpoint._start(run_dir, 1, dist)
+out = Path(sys.argv[1])
+
+# A save: which files each rank fsyncs.
+tmp, final = checkpoint._start(out / "run", 1, dist)
 filehash.save({"x": torch.ones(3) * dist.rank}, tmp / f"shard-{dist.rank}.pt")  # each rank its file, recorded
 if dist.is_main:
     (tmp / "trainer.json").write_text("{}")  # rank 0's own, not recorded
 synced, real = [], os.fsync
 os.fsync = lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd)
 checkpoint._publish(tmp, final, checkpoint.TrainState(step=1), dist, keep_last=0)
+os.fsync = real
 names = [os.path.relpath(p, tmp) if p.startswith(str(tmp)) else os.path.relpath(p, final) for p in synced]
-(run_dir / f"fsynced-{dist.rank}.json").write_text(json.dumps(names))
+
+# init_from under ddp: which tensors each rank reads, and what each replica holds after.
+torch.manual_seed(1)
+source = build_model(ModelConfig(preset="debug"), 128).state_dict()
+class Counting:
+    reads = 0
+    def get(self, name):
+        Counting.reads += 1
+        return source[name]
+torch.manual_seed(2 + dist.rank)  # each replica starts different
+model = build_model(ModelConfig(preset="debug"), 128)
+engine = build_engine(ParallelConfig(strategy="ddp", precision="fp32"), model,
+                      lambda m: build_optimizer(OptimConfig(lr=1e-3), m, dist.device), dist)
+engine.load_model_weights(checkpoint.LazyWeights(Counting(), {name: name for name in source}))
+same = all(torch.equal(t, source[name]) for name, t in engine.module.state_dict().items())
+(out / f"rank-{dist.rank}.json").write_text(json.dumps({"fsynced": names, "reads": Counting.reads, "loaded": same,
+                                                        "tensors": len(source)}))
 '''
 
 
-@pytest.mark.slow  # starts 2 processes
-def test_each_rank_fsyncs_the_files_it_wrote_and_rank_0_the_folders(tmp_path):
-    """A save's files are on disk before its manifest (every file fsynced once), each by the process that wrote it;
-    the folders by rank 0. (Before: every rank fsynced every file of the checkpoint.)"""
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """One 2-process torchrun job (gloo) of TWO_RANKS_SCRIPT; each rank's findings, in rank order."""
     from tests.conftest import REPO
 
-    script = tmp_path / "fsync_ranks.py"
-    script.write_text(FSYNC_SCRIPT)
+    out = tmp_path_factory.mktemp("two-ranks")
+    (out / "two_ranks.py").write_text(TWO_RANKS_SCRIPT)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script), str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO,
+                             str(out / "two_ranks.py"), str(out)], capture_output=True, text=True, cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
 
-    rank0, rank1 = (json.loads((tmp_path / "run" / f"fsynced-{r}.json").read_text()) for r in (0, 1))
+
+@pytest.mark.slow  # starts 2 processes
+def test_each_rank_fsyncs_the_files_it_wrote_and_rank_0_the_folders(two_ranks):
+    """A save's files are on disk before its manifest (every file fsynced once), each by the process that wrote it;
+    the folders by rank 0. (Before: every rank fsynced every file of the checkpoint.)"""
+    rank0, rank1 = (r["fsynced"] for r in two_ranks)
     assert rank1 == ["shard-1.pt"]
     # rank 0: its file, the one it wrote unrecorded, the folders ("." twice: before and after the manifest), the
     # manifest as it is written, and the checkpoints folder after the rename ("..")
     assert sorted(rank0) == sorted(["shard-0.pt", "trainer.json", ".", "rng", "manifest.json.part", ".", ".."])
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step-0000001").iterdir()) == [
-        "manifest.json", "rng", "shard-0.pt", "shard-1.pt", "trainer.json"]
+
+
+@pytest.mark.slow  # starts 2 processes
+def test_ddp_init_from_is_read_by_rank_0_and_broadcast(two_ranks):
+    """Under ddp every rank holds the whole model, but only rank 0 reads the init_from tensors (once each); the
+    other replica receives them, and both end up equal to the checkpoint."""
+    assert [r["reads"] for r in two_ranks] == [two_ranks[0]["tensors"], 0]
+    assert all(r["loaded"] for r in two_ranks)
