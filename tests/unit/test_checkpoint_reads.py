@@ -29,12 +29,16 @@ def init_run(tmp_path_factory, cache_dir) -> Path:
     return root / "runs" / "base"
 
 
-def start_from(tmp_path: Path, cache_dir: Path, init_from: Path, monkeypatch) -> tuple[int, list[Path]]:
-    """(exit code, files sha256-read under `init_from`) of a 1-step run from `init_from`."""
+def start_from(tmp_path: Path, cache_dir: Path, init_from: Path, monkeypatch, key: str = "model.init_from"
+               ) -> tuple[int, list[Path]]:
+    """(exit code, files sha256-read under `init_from`) of a 1-step run from `init_from` (`key`: model.init_from, or
+    task.teacher of a distillation run)."""
     hashed, real = [], filehash.sha256
     monkeypatch.setattr(filehash, "sha256", lambda path: hashed.append(Path(path)) or real(path))
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs", train={"max_steps": 1}))
-    code = main(["train", str(recipe), "run.name=fine", f"model.init_from={init_from}"])
+    task = {"name": "distill"} if key == "task.teacher" else {}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs", train={"max_steps": 1},
+                                                           task=task))
+    code = main(["train", str(recipe), "run.name=fine", f"{key}={init_from}"])
     return code, [p for p in hashed if p.is_relative_to(init_from)]
 
 
@@ -61,19 +65,21 @@ def test_init_from_verifies_only_the_files_it_reads_each_once(tmp_path, cache_di
         "config.yaml", "model.pt", "tokenizer.json", "trainer.json"]
 
 
-def test_init_from_a_damaged_weights_file_is_one_line_exit_2(tmp_path, cache_dir, init_run, monkeypatch, capsys):
+@pytest.mark.parametrize("key", ["model.init_from", "task.teacher"])
+def test_a_damaged_weights_file_to_start_from_is_one_line_exit_2(tmp_path, cache_dir, init_run, monkeypatch, capsys,
+                                                                 key):
     folder = checkpoint.list_checkpoints(init_run)[-1]
     original = damage(folder / "model.pt")
     try:
         capsys.readouterr()
-        code, _ = start_from(tmp_path, cache_dir, init_run, monkeypatch)
+        code, _ = start_from(tmp_path, cache_dir, init_run, monkeypatch, key)
     finally:
         (folder / "model.pt").write_bytes(original)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.rstrip().splitlines()[-1] == (
-        f"bigtrain: error: model.init_from: corrupted checkpoint file {folder / 'model.pt'}: sha256 does not match "
-        f"the manifest — point model.init_from at an intact checkpoint")
+        f"bigtrain: error: {key}: corrupted checkpoint file {folder / 'model.pt'}: sha256 does not match "
+        f"the manifest — point {key} at an intact checkpoint")
     assert not (tmp_path / "runs" / "fine" / "checkpoints").exists()
 
 
