@@ -33,7 +33,7 @@ import torch
 from bigtrain import filehash, safe_load
 from bigtrain.errors import UserError, say
 from bigtrain.fsio import fsync_dir as _fsync_dir
-from bigtrain.fsio import fsync_tree as _fsync_tree
+from bigtrain.fsio import fsync_file
 from bigtrain.fsio import write_atomic as _write_atomic
 from bigtrain.strategy import Dist, barrier, open_weights
 from bigtrain.strategy.dist import all_gather_object, new_background_group
@@ -188,7 +188,7 @@ def _write_trainer_files(tmp: Path, state: TrainState, engine, dist: Dist, rng: 
 def _publish(tmp: Path, final: Path, state: TrainState, dist: Dist, keep_last: int, group=None, *,
              verified: VerifiedCheckpoints, lease=None) -> None:
     """fsync, checksum (each rank its share), manifest last, rename into place, then prune (collective over `group`)."""
-    _fsync_tree(tmp)  # every rank: its own files are on disk before rank 0 publishes the folder
+    _fsync_written(tmp, dist, group)  # every rank its own files, on disk before rank 0 publishes the folder
     barrier(dist, group)
     files = hash_files(tmp, dist, group)  # every rank hashes its share of the files
     _stop_unless_owner(lease, dist, group)  # the run dir may have changed hands while the files were written
@@ -299,6 +299,24 @@ def hash_files(folder: Path, dist: Dist, group=None) -> dict[str, dict]:
     return dict(sorted(entries.items()))
 
 
+def _fsync_written(folder: Path, dist: Dist, group=None) -> None:
+    """fsync each file under `folder` once, by the rank that wrote it (collective over `group`), so a rename after
+    it publishes data that is on disk: each rank the files it recorded as it wrote them (bigtrain/filehash.py:
+    torch.save files, DCP shards, DeepSpeed's); rank 0 the files no rank recorded (it writes them itself:
+    trainer.json, config.yaml, the tokenizer, layout files) and every folder. Not every rank every file: on a
+    shared filesystem that is world size × the checkpoint's files opened, and another client's fsync would not
+    flush the writer's cache anyway."""
+    mine = filehash.written(folder)
+    recorded = {path for part in all_gather_object(dist, mine, group) for path in part}
+    if dist.is_main:
+        mine += [path for p in sorted(folder.rglob("*")) if p.is_file() and (path := os.path.abspath(p)) not in recorded]
+    for path in mine:
+        fsync_file(path)
+    if dist.is_main:
+        for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+            _fsync_dir(path)
+
+
 def _rng_state(dist: Dist) -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if dist.device.type == "cuda":
@@ -338,10 +356,10 @@ def _step_of(name: str) -> int | None:
     return int(digits) if digits != name.removeprefix(".old-") and digits.isdigit() else None
 
 
-def verify(folder: Path, dist: Dist | None = None) -> dict:
+def verify(folder: Path, dist: Dist | None = None, only=None) -> dict:
     """Check the manifest and every file's size and sha256; return the manifest or raise CheckpointError.
     With `dist` it is collective: the ranks check the files in parallel, each its share (by size), and
-    every rank raises the same error."""
+    every rank raises the same error. `only(name) -> bool`: check just those files (init_from: what it reads)."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"incomplete checkpoint {folder}: no {MANIFEST}")
@@ -350,6 +368,7 @@ def verify(folder: Path, dist: Dist | None = None) -> dict:
         files = {str(name): (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"corrupted checkpoint {folder}: unreadable {MANIFEST}") from None
+    files = {name: entry for name, entry in files.items() if only is None or only(name)}
     mine = list(files) if dist is None else _shares([(n, size) for n, (size, _) in files.items()], dist.world_size)[dist.rank]
     problems = {name: problem for name in mine if (problem := _file_problem(folder, name, *files[name]))}
     if dist is not None:
@@ -463,9 +482,10 @@ def _missing_file(error: BaseException) -> str | None:
 
 
 def resolve_init_checkpoint(path: str, revision: str | None = None, *, key: str = "model.init_from") -> Path:
-    """model.init_from → a verified checkpoint folder (a run dir means its newest complete checkpoint),
-    or a Hugging Face model folder (config.json + weights; a hub id's snapshot; see bigtrain/interop). `key`: the
-    recipe key errors name (task.teacher reads a folder the same way)."""
+    """model.init_from → a checkpoint folder (a run dir means its newest checkpoint), or a Hugging Face model folder
+    (config.json + weights; a hub id's snapshot; see bigtrain/interop). `key`: the recipe key errors name (task.teacher
+    reads a folder the same way). It only lists folders: a start resolves each once, before its process group
+    exists, and `verify_init_checkpoint` then checks the files it reads, each rank its share."""
     from bigtrain.interop.hf_config import is_hf_folder, looks_like_hf_folder, read_config
     from bigtrain.interop.hub import local_folder
 
@@ -477,15 +497,32 @@ def resolve_init_checkpoint(path: str, revision: str | None = None, *, key: str 
     if looks_like_hf_folder(where):
         read_config(where, where=key)  # raises: HF weights without a config.json
     if (where / MANIFEST).exists():
-        verify(where)
         return where
-    for folder in reversed(list_checkpoints(where)):
-        try:
-            verify(folder)
-            return folder
-        except CheckpointError:
-            continue
-    raise CheckpointError(f"{key}: no complete checkpoint in '{path}'")
+    candidates = list_checkpoints(where)
+    if not candidates:
+        raise CheckpointError(f"{key}: no complete checkpoint in '{path}'")
+    return candidates[-1]
+
+
+INIT_READS = (TRAINER, "config.yaml", BASE_FILE)  # what init_from reads of a checkpoint besides its weights files
+
+
+def verify_init_checkpoint(folder: Path, dist: Dist, *, also: tuple[str, ...] = (), key: str = "model.init_from"
+                           ) -> None:
+    """Check against its manifest what init_from reads of checkpoint `folder` (collective: each rank its share by
+    size, as a resume does): the files its format's weights reader opens (`strategy.holds_weights`), INIT_READS and
+    `also` (the tokenizer, its side files, the labels). The optimizer state, the rng files and the EMA are never read,
+    so never checked: for a 70B model that is most of a checkpoint. A Hugging Face folder has no manifest."""
+    from bigtrain.interop.hf_config import is_hf_folder
+    from bigtrain.strategy import holds_weights
+
+    if is_hf_folder(folder):
+        return
+    small = {*INIT_READS, *also}
+    try:
+        verify(folder, dist, only=lambda name: name in small or holds_weights(name))
+    except CheckpointError as e:
+        raise CheckpointError(f"{key}: {e} — point {key} at an intact checkpoint") from None
 
 
 def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arch: str, key: str = "model.init_from"
@@ -640,6 +677,9 @@ class LazyWeights(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.reader.get(self.names[name])
+
+    def __contains__(self, name: object) -> bool:  # Mapping's would read the tensor (a `get` that may raise)
+        return name in self.names
 
     def __iter__(self):
         return iter(self.names)

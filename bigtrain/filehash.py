@@ -94,6 +94,14 @@ def known(path: str | os.PathLike) -> dict | None:
     return {"bytes": key[0], "sha256": record[1]} if key == record[0] else None
 
 
+def written(folder: str | os.PathLike) -> list[str]:
+    """Absolute paths of the files under `folder` this process wrote and recorded, still as written (sorted)."""
+    prefix = os.path.join(os.path.abspath(folder), "")
+    with _lock:
+        paths = sorted(p for p in _records if p.startswith(prefix))
+    return [p for p in paths if known(p) is not None]
+
+
 def forget(folder: str | os.PathLike) -> None:
     """Drop the records of files under `folder` (once its manifest is written, or the save abandoned)."""
     prefix = os.path.join(os.path.abspath(folder), "")

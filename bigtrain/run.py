@@ -33,6 +33,7 @@ from bigtrain.strategy import (Dist, barrier, broadcast_object, build_engine, bu
 from bigtrain.strategy.dist import all_gather_object, on_main
 from bigtrain.strategy.precision import Resolved, resolve_job_precision, slow_precision_warning
 from bigtrain.tasks import build_task
+from bigtrain.teacher import KEY as TEACHER_KEY, check_same_labels, check_same_tokenizer, teacher_model_config
 from bigtrain.watchdog import Watchdog, enable_flight_recorder
 
 VOCAB_MULTIPLE = 64  # pad the embedding table so matmuls hit fast kernel sizes
@@ -45,26 +46,41 @@ def padded_vocab_size(vocab_size: int) -> int:
     return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def with_init_tokenizer(cfg: Config) -> Config:
+INIT_KEY = "model.init_from"
+
+
+def init_folder(cfg: Config, key: str) -> Path:
+    """The folder recipe key `key` (INIT_KEY or TEACHER_KEY) names, resolved (checkpoint.resolve_init_checkpoint)."""
+    if key == INIT_KEY:
+        return checkpoint.resolve_init_checkpoint(cfg.model.init_from, cfg.model.init_revision, key=key)
+    return checkpoint.resolve_init_checkpoint(cfg.task.teacher, key=key)
+
+
+def init_folders(cfg: Config) -> dict[str, Path]:
+    """{recipe key: folder} of model.init_from and task.teacher where set: a start resolves them once, so its
+    tokenizer and its weights come from the same checkpoint (a run dir may gain a newer one meanwhile)."""
+    return {key: init_folder(cfg, key) for key, source in ((INIT_KEY, cfg.model.init_from),
+                                                           (TEACHER_KEY, cfg.task.teacher)) if source}
+
+
+def with_init_tokenizer(cfg: Config, folders: dict[str, Path] | None = None) -> Config:
     """With model.init_from (else task.teacher: distillation needs the teacher's tokenizer), the tokenizer comes
-    from that checkpoint (or Hugging Face folder) unless data.tokenizer is set."""
-    key = "model.init_from" if cfg.model.init_from else "task.teacher"
-    source = cfg.model.init_from or cfg.task.teacher
-    if not source or cfg.data.tokenizer:
+    from that checkpoint (or Hugging Face folder) unless data.tokenizer is set. `folders`: init_folders(cfg)."""
+    key = INIT_KEY if cfg.model.init_from else TEACHER_KEY
+    if not (cfg.model.init_from or cfg.task.teacher) or cfg.data.tokenizer:
         return cfg
-    folder = checkpoint.resolve_init_checkpoint(source, cfg.model.init_revision if cfg.model.init_from else None,
-                                                key=key)
+    folder = folders[key] if folders else init_folder(cfg, key)
     if not (folder / TOKENIZER_FILE).is_file():
         raise UserError(f"{key}: {folder} has no {TOKENIZER_FILE} — set data.tokenizer")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(folder / TOKENIZER_FILE)))
 
 
-def with_init_from(cfg: Config) -> Config:
+def with_init_from(cfg: Config, folders: dict[str, Path] | None = None) -> Config:
     """The recipe with what model.init_from brings: the tokenizer, and for a Hugging Face folder the
     model keys of its config.json (so config.yaml records the model exactly; see interop/hf_config.py)."""
     from bigtrain.interop.hf_config import with_hf_model
 
-    return with_init_tokenizer(with_hf_model(cfg))
+    return with_init_tokenizer(with_hf_model(cfg), folders)
 
 
 def model_vocab_size(cfg: Config, tokenizer_vocab_size: int) -> int:
@@ -101,9 +117,14 @@ class Built:
     base: dict | None = None  # a LoRA run's base.json (checkpoint.base_reference): what its checkpoints leave out
 
 
-def build(cfg: Config, dist: Dist) -> Built:
-    """Data, task, model (with init_from weights), optimizer and engine, in that order."""
+def build(cfg: Config, dist: Dist, folders: dict[str, Path] | None = None) -> Built:
+    """Data, task, model (with init_from weights), optimizer and engine, in that order. `folders`: init_folders(cfg),
+    resolved by the caller (else here); the files the run reads of them are verified first, each rank its share."""
     run_dir = cfg.run_dir()
+    folders = init_folders(cfg) if folders is None else folders
+    for key, folder in folders.items():
+        checkpoint.verify_init_checkpoint(folder, dist, also=(TOKENIZER_FILE, LABELS_FILE, *TOKENIZER_SIDE_FILES),
+                                          key=key)
 
     # Data: rank 0 tokenizes and packs once (cached) and checksums the shards the first time (sizes after
     # that); the others then open them.
@@ -156,7 +177,7 @@ def build(cfg: Config, dist: Dist) -> Built:
         log_main(dist, f"lora: trainable {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)")
     init_weights = None
     if cfg.model.init_from:
-        folder = checkpoint.resolve_init_checkpoint(cfg.model.init_from, cfg.model.init_revision)
+        folder = folders[INIT_KEY]
         report, init_weights = checkpoint.load_init_weights(folder, full_shapes(model), arch=cfg.model.arch)
         if dist.is_main:
             (run_dir / "init_from.json").write_text(json.dumps({"checkpoint": str(folder), **report}, indent=1))
@@ -178,7 +199,7 @@ def build(cfg: Config, dist: Dist) -> Built:
         if dist.is_main:
             (run_dir / checkpoint.BASE_FILE).write_text(json.dumps(base, indent=1))
     if cfg.task.teacher:
-        task.teacher = build_teacher(cfg, dist, engine, data, head)
+        task.teacher = build_teacher(cfg, dist, engine, data, head, folders[TEACHER_KEY])
     if cfg.optim.ema_decay:  # averaged from the weights training starts from (a resume loads the saved average)
         sources = engine.ema_sources() if hasattr(engine, "ema_sources") else engine.module  # DeepSpeed: its partitions
         engine.ema = EMA(sources, cfg.optim.ema_decay, cfg.optim.ema_start_step,
@@ -192,12 +213,10 @@ def full_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(getattr(params.get(name), "ds_shape", None) or t.shape) for name, t in model.state_dict().items()}
 
 
-def build_teacher(cfg: Config, dist: Dist, engine, data, head: str) -> torch.nn.Module:
-    """task.teacher (bigtrain/teacher.py), built as the student was (meta device, ZeRO-3 partitioning) from its own
-    config, its weights loaded and the whole model frozen in the compute dtype by the engine (`Engine.frozen`)."""
-    from bigtrain.teacher import KEY, check_same_labels, check_same_tokenizer, teacher_model_config
-
-    folder = checkpoint.resolve_init_checkpoint(cfg.task.teacher, key=KEY)
+def build_teacher(cfg: Config, dist: Dist, engine, data, head: str, folder: Path) -> torch.nn.Module:
+    """task.teacher (bigtrain/teacher.py) from `folder` (resolved and verified by `build`), built as the student was
+    (meta device, ZeRO-3 partitioning) from its own config, its weights loaded and the whole model frozen in the
+    compute dtype by the engine (`Engine.frozen`)."""
     check_same_tokenizer(folder, data.path / TOKENIZER_FILE)
     if head == "classify":
         check_same_labels(folder, data.labels)
@@ -206,12 +225,12 @@ def build_teacher(cfg: Config, dist: Dist, engine, data, head: str) -> torch.nn.
         model = build_model(model_cfg, model_cfg.vocab_size or padded_vocab_size(data.vocab_size),
                             device="meta" if engine.builds_on_meta else dist.device, head=head,
                             num_labels=len(data.labels) if head == "classify" else None, pooling=pooling)
-    report, weights = checkpoint.load_init_weights(folder, full_shapes(model), arch=model_cfg.arch, key=KEY)
+    report, weights = checkpoint.load_init_weights(folder, full_shapes(model), arch=model_cfg.arch, key=TEACHER_KEY)
     if report["new"]:
-        raise UserError(f"{KEY}: {folder} has no weights for {', '.join(report['new'][:4])}"
+        raise UserError(f"{TEACHER_KEY}: {folder} has no weights for {', '.join(report['new'][:4])}"
                         f"{' …' if len(report['new']) > 4 else ''} — a teacher must be a complete trained model")
-    log_main(dist, f"{KEY} {folder}: {model_cfg.arch} of {count_params(model.spec) / 1e6:.2f}M params, frozen in "
-                   f"{str(engine.precision.compute).removeprefix('torch.')}")
+    log_main(dist, f"{TEACHER_KEY} {folder}: {model_cfg.arch} of {count_params(model.spec) / 1e6:.2f}M params, "
+                   f"frozen in {str(engine.precision.compute).removeprefix('torch.')}")
     return engine.frozen(model, weights)
 
 
@@ -241,7 +260,8 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
     after rank 0 has written run_dir/preempted.json (what `bigtrain launch` requeues on).
     config.yaml keeps the recipe's precision (`auto` resolves again on the machine that resumes);
     precision.json records what it resolved to here, and why."""
-    cfg = with_init_from(cfg)
+    folders = init_folders(cfg)
+    cfg = with_init_from(cfg, folders)
     check_model(cfg)
     enable_flight_recorder(cfg.run_dir())  # NCCL's record of the last collectives, for a hang (watchdog.py)
     dist = init_job(cfg)
@@ -251,7 +271,7 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
         # One job per run dir (bigtrain/lease.py): taken before anything is written there, held by rank 0.
         lease = on_main(dist, lambda: take_lease(run_dir, cfg.checkpoint.lease_timeout_s), what="the run dir's lease")
         job_cfg, resolved = resolve_for_job(cfg, dist)
-        b = build(job_cfg, dist)  # creates the run dir
+        b = build(job_cfg, dist, folders)  # creates the run dir
         config_yaml = dump_yaml(cfg)
         if dist.is_main:
             (run_dir / "config.yaml").write_text(config_yaml)

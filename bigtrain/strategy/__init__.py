@@ -27,7 +27,7 @@ from bigtrain.strategy.precision import PrecisionTable, precision_table, resolve
 
 __all__ = [
     "Dist", "Engine", "PrecisionTable", "STRATEGIES", "WeightsReader", "all_reduce_host", "all_reduce_sum", "barrier",
-    "broadcast_object", "build_engine", "engine_class", "init_distributed", "launcher_precision", "open_weights", "precision_table",
+    "broadcast_object", "build_engine", "engine_class", "holds_weights", "init_distributed", "launcher_precision", "open_weights", "precision_table",
     "resolve_strategy", "shutdown",
 ]
 
@@ -136,6 +136,13 @@ def open_weights(folder: Path, ema: bool = False) -> WeightsReader:
 
         reader = with_base(reader, folder)
     return reader
+
+
+def holds_weights(name: str) -> bool:
+    """Whether checkpoint file `name` (relative to its folder) is one that `open_weights(folder)` reads, in whichever
+    format (their file names differ): what init_from verifies, leaving out optimizer state, rng and EMA files."""
+    return any(importlib.import_module(f"bigtrain.strategy.{module}").holds_weights(name)
+               for module in sorted(set(READERS.values())))
 
 
 def iter_weights(reader: WeightsReader) -> Iterator[tuple[str, torch.Tensor]]:

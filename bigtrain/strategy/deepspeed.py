@@ -51,7 +51,7 @@ from torch import nn
 from bigtrain import filehash, safe_load
 from bigtrain.errors import UserError
 from bigtrain.strategy.deepspeed_config import build_deepspeed_config
-from bigtrain.strategy.dist import Dist, barrier, broadcast_object, on_main, use_tf32
+from bigtrain.strategy.dist import Dist, barrier, broadcast_object, copy_from_main, on_main, use_tf32
 from bigtrain.strategy.precision import PrecisionTable, freeze_in
 from bigtrain.strategy.transforms import apply_transforms, named_tensors
 
@@ -343,12 +343,16 @@ class DeepSpeedEngine:
         for name, tensor in named_tensors(model).items():
             if name not in weights:
                 continue
-            # ZeRO-3: gather the full parameter, let rank 0 write it, re-partition from rank 0's copy.
+            # ZeRO-3: gather the full parameter, let rank 0 write it, re-partition from rank 0's copy. A tensor every
+            # rank holds whole (ZeRO-1/2, buffers): rank 0 reads it and broadcasts it. Either way rank 0 alone reads.
             gathered = stage3 and isinstance(tensor, nn.Parameter)
             context = deepspeed.zero.GatheredParameters([tensor], modifier_rank=0) if gathered else contextlib.nullcontext()
             with context, torch.no_grad():
-                if not gathered or self.dist.is_main:
-                    tensor.data.copy_(weights[name].to(tensor.dtype))
+                if gathered:
+                    if self.dist.is_main:
+                        tensor.data.copy_(weights[name].to(tensor.dtype))
+                else:
+                    copy_from_main(tensor.data, lambda: weights[name].to(tensor.dtype), self.dist)
 
     def frozen(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
         """Another model (a distillation teacher) frozen in the compute dtype with `weights`, laid out as this
@@ -592,6 +596,12 @@ class DeepSpeedEMAWeights:
     def get(self, name: str) -> torch.Tensor:
         shape = self.shapes[name]
         return torch.cat([f[name].reshape(-1) for f in self._files])[:math.prod(shape)].reshape(shape).clone()
+
+
+def holds_weights(name: str) -> bool:
+    """DeepSpeedWeights reads every file of the tag folder: the fp32 master weights are in the optimizer state
+    files (beside the Adam moments), the shapes in the model state files."""
+    return name.startswith(f"{TAG}/")
 
 
 def open_weights(folder: Path, ema: bool = False):

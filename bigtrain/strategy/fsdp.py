@@ -304,7 +304,7 @@ class DCPWeights:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.folder, self.key = folder, key
-        metadata = SafeReader(str(folder)).read_metadata()
+        self._metadata = metadata = SafeReader(str(folder)).read_metadata()  # unpickled once; each get() reuses it
         prefix = f"{key}."
         self._tensors = {key[len(prefix):]: (meta.properties.dtype, tuple(meta.size))
                          for key, meta in metadata.state_dict_metadata.items()
@@ -320,9 +320,27 @@ class DCPWeights:
         out = torch.empty(shape, dtype=dtype)
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load({f"{self.key}.{name}": out}, storage_reader=SafeReader(str(self.folder)),
+            dcp.load({f"{self.key}.{name}": out}, storage_reader=_ReadMetadata(str(self.folder), self._metadata),
                      planner=SafeLoadPlanner(self.folder), no_dist=True)
         return out
+
+
+class _ReadMetadata(SafeReader):
+    """A reader of a DCP folder whose .metadata was read already (DCPWeights: one unpickle per folder, not per
+    tensor — the metadata of a 70B model is tens of MB)."""
+
+    def __init__(self, path: str, metadata):
+        super().__init__(path)
+        self._metadata = metadata
+
+    def read_metadata(self, *args, **kwargs):
+        self._metadata.storage_meta.load_id = self.load_id  # as SafeReader's: this load's id
+        return self._metadata
+
+
+def holds_weights(name: str) -> bool:
+    """DCPWeights reads .metadata and the shard files (each rank's holds its model and optimizer shards together)."""
+    return name.endswith(DCP_METADATA) or name.endswith(".distcp")
 
 
 def open_weights(folder: Path, ema: bool = False) -> DCPWeights:

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from bigtrain import filehash, safe_load
 from bigtrain.ema import EMA_FILE
 from bigtrain.errors import UserError
-from bigtrain.strategy.dist import Dist, use_tf32
+from bigtrain.strategy.dist import Dist, copy_from_main, use_tf32
 from bigtrain.strategy.precision import (PrecisionTable, autocast, freeze_in, hold_frozen_linears_in, make_grad_scaler,
                                          scaled_optimizer_step)
 from bigtrain.strategy.transforms import apply_transforms
@@ -100,14 +100,15 @@ class LocalEngine:
     # ---------------------------------------------------------------- checkpoints
 
     def load_model_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Full tensors by name, copied one at a time (a lazy mapping reads each only then)."""
-        copy_weights(self.module, weights)
+        """Full tensors by name, copied one at a time (a lazy mapping reads each only then), read by rank 0 and
+        broadcast to the other replicas: the checkpoint is read once per job, not once per rank."""
+        copy_weights(self.module, weights, self.dist)
 
     def frozen(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
         """Another model (a distillation teacher, built on this device) frozen in the compute dtype with
         `weights`, whole on every rank like this engine's own."""
         freeze_in(model, self.precision.compute)
-        copy_weights(model, weights)
+        copy_weights(model, weights, self.dist)
         return model
 
     def _state_files(self) -> dict[str, dict]:
@@ -156,12 +157,13 @@ def load_leaving_out(model: nn.Module, state: dict, left_out: frozenset) -> None
         raise RuntimeError(f"checkpoint model state: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
 
-def copy_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
-    """Full tensors by state-dict name into `model`, one at a time (a lazy mapping reads each only then)."""
+def copy_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], dist: Dist) -> None:
+    """Full tensors by state-dict name into `model`, one at a time (a lazy mapping reads each only then): rank 0
+    reads each and broadcasts it into the other ranks' replicas (collective: the same names in the same order)."""
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for name in weights:
-            targets[name].copy_(weights[name])
+            copy_from_main(targets[name].data, lambda: weights[name], dist)
 
 
 def copy_to_host(obj, _memo: dict | None = None):
@@ -217,6 +219,11 @@ class LocalWeights:
 
     def get(self, name: str) -> torch.Tensor:
         return self._state[name]
+
+
+def holds_weights(name: str) -> bool:
+    """model.pt is what LocalWeights reads (optimizer.pt, scaler.pt and ema.pt are not)."""
+    return name == "model.pt"
 
 
 def open_weights(folder: Path, ema: bool = False) -> LocalWeights:

@@ -1,0 +1,201 @@
+"""What a rank reads of a checkpoint (bigtrain/checkpoint.py, strategy readers): model.init_from verifies only the
+files it reads, each once, and finds a tensor's name without reading it; a DCP folder's .metadata is unpickled once
+per reader, not once per tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigtrain import checkpoint, filehash
+from bigtrain.cli import main
+from tests.conftest import tiny_recipe, write_recipe
+
+
+@pytest.fixture(scope="module")
+def init_run(tmp_path_factory, cache_dir) -> Path:
+    """A 2-step single-process run with one checkpoint (step 2) to start others from."""
+    root = tmp_path_factory.mktemp("init-run")
+    recipe = write_recipe(root / "r.yaml", tiny_recipe(cache_dir, root / "runs", train={"max_steps": 2},
+                                                       checkpoint={"every": 2}))
+    assert main(["train", str(recipe), "run.name=base"]) == 0
+    return root / "runs" / "base"
+
+
+def start_from(tmp_path: Path, cache_dir: Path, init_from: Path, monkeypatch, key: str = "model.init_from"
+               ) -> tuple[int, list[Path]]:
+    """(exit code, files sha256-read under `init_from`) of a 1-step run from `init_from` (`key`: model.init_from, or
+    task.teacher of a distillation run)."""
+    hashed, real = [], filehash.sha256
+    monkeypatch.setattr(filehash, "sha256", lambda path: hashed.append(Path(path)) or real(path))
+    task = {"name": "distill"} if key == "task.teacher" else {}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs", train={"max_steps": 1},
+                                                           task=task))
+    code = main(["train", str(recipe), "run.name=fine", f"{key}={init_from}"])
+    return code, [p for p in hashed if p.is_relative_to(init_from)]
+
+
+def damage(path: Path) -> bytes:
+    """Flip a byte in the middle of `path` (same size); returns the original bytes."""
+    data = path.read_bytes()
+    middle = len(data) // 2
+    path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    return data
+
+
+def test_init_from_verifies_only_the_files_it_reads_each_once(tmp_path, cache_dir, init_run, monkeypatch):
+    """The optimizer state and rng files are never read, so never hashed (a damaged one does not stop the run);
+    the weights, tokenizer, config.yaml and trainer.json are hashed once each, though the tokenizer is looked up
+    before the process group exists and the weights after."""
+    folder = checkpoint.list_checkpoints(init_run)[-1]
+    original = damage(folder / "optimizer.pt")
+    try:
+        code, hashed = start_from(tmp_path, cache_dir, init_run, monkeypatch)
+    finally:
+        (folder / "optimizer.pt").write_bytes(original)
+    assert code == 0
+    assert sorted(p.relative_to(folder).as_posix() for p in hashed) == [
+        "config.yaml", "model.pt", "tokenizer.json", "trainer.json"]
+
+
+@pytest.mark.parametrize("key", ["model.init_from", "task.teacher"])
+def test_a_damaged_weights_file_to_start_from_is_one_line_exit_2(tmp_path, cache_dir, init_run, monkeypatch, capsys,
+                                                                 key):
+    folder = checkpoint.list_checkpoints(init_run)[-1]
+    original = damage(folder / "model.pt")
+    try:
+        capsys.readouterr()
+        code, _ = start_from(tmp_path, cache_dir, init_run, monkeypatch, key)
+    finally:
+        (folder / "model.pt").write_bytes(original)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.rstrip().splitlines()[-1] == (
+        f"bigtrain: error: {key}: corrupted checkpoint file {folder / 'model.pt'}: sha256 does not match "
+        f"the manifest — point {key} at an intact checkpoint")
+    assert not (tmp_path / "runs" / "fine" / "checkpoints").exists()
+
+
+class CountingReader:
+    """A WeightsReader over a dict, counting the tensors read."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors, self.reads = tensors, 0
+
+    def tensors(self):
+        return {name: (t.dtype, tuple(t.shape)) for name, t in self._tensors.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        self.reads += 1
+        return self._tensors[name]
+
+
+def test_membership_in_lazy_weights_reads_nothing():
+    """DeepSpeed's loader asks `name in weights` of every model tensor on every rank: that must not read it."""
+    reader = CountingReader({"a": torch.ones(2), "b": torch.zeros(3)})
+    weights = checkpoint.LazyWeights(reader, {"x.a": "a", "x.b": "b"})
+    assert ("x.a" in weights, "x.b" in weights, "a" in weights, "x.c" in weights) == (True, True, False, False)
+    assert reader.reads == 0
+    assert torch.equal(weights["x.b"], torch.zeros(3)) and reader.reads == 1
+
+
+def test_dcp_weights_unpickle_metadata_once_per_reader(tmp_path, monkeypatch):
+    """DCPWeights reads a DCP folder's .metadata when opened, and every tensor it assembles after uses that."""
+    import torch.distributed.checkpoint as dcp
+
+    from bigtrain.strategy import fsdp
+
+    state = {f"model.layer{i}.weight": torch.full((4, 3), float(i)) for i in range(5)}
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path), no_dist=True)
+    unpickled, real = [], fsdp.SafeReader.read_metadata
+    monkeypatch.setattr(fsdp.SafeReader, "read_metadata", lambda self, *a, **k: unpickled.append(1) or real(self, *a, **k))
+    weights = fsdp.open_weights(tmp_path)
+    got = {name: weights.get(name) for name in weights.tensors()}
+    assert len(unpickled) == 1
+    assert {f"model.{name}": t for name, t in got.items()}.keys() == state.keys()
+    assert all(torch.equal(got[name.removeprefix("model.")], t) for name, t in state.items())
+
+
+TWO_RANKS_SCRIPT = '''
+import json, os, sys
+from pathlib import Path
+import torch
+from bigtrain import checkpoint, filehash
+from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
+from bigtrain.models import build_model
+from bigtrain.optim import build_optimizer
+from bigtrain.strategy import build_engine, init_distributed
+
+dist = init_distributed("cpu")
+out = Path(sys.argv[1])
+
+# A save: which files each rank fsyncs.
+tmp, final = checkpoint._start(out / "run", 1, dist)
+filehash.save({"x": torch.ones(3) * dist.rank}, tmp / f"shard-{dist.rank}.pt")  # each rank its file, recorded
+if dist.is_main:
+    (tmp / "trainer.json").write_text("{}")  # rank 0's own, not recorded
+synced, real = [], os.fsync
+os.fsync = lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd)
+checkpoint._publish(tmp, final, checkpoint.TrainState(step=1), dist, keep_last=0)
+os.fsync = real
+names = [os.path.relpath(p, tmp) if p.startswith(str(tmp)) else os.path.relpath(p, final) for p in synced]
+
+# init_from under ddp: which tensors each rank reads, and what each replica holds after.
+torch.manual_seed(1)
+source = build_model(ModelConfig(preset="debug"), 128).state_dict()
+class Counting:
+    reads = 0
+    def get(self, name):
+        Counting.reads += 1
+        return source[name]
+torch.manual_seed(2 + dist.rank)  # each replica starts different
+model = build_model(ModelConfig(preset="debug"), 128)
+engine = build_engine(ParallelConfig(strategy="ddp", precision="fp32"), model,
+                      lambda m: build_optimizer(OptimConfig(lr=1e-3), m, dist.device), dist)
+engine.load_model_weights(checkpoint.LazyWeights(Counting(), {name: name for name in source}))
+same = all(torch.equal(t, source[name]) for name, t in engine.module.state_dict().items())
+(out / f"rank-{dist.rank}.json").write_text(json.dumps({"fsynced": names, "reads": Counting.reads, "loaded": same,
+                                                        "tensors": len(source)}))
+'''
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """One 2-process torchrun job (gloo) of TWO_RANKS_SCRIPT; each rank's findings, in rank order."""
+    from tests.conftest import REPO
+
+    out = tmp_path_factory.mktemp("two-ranks")
+    (out / "two_ranks.py").write_text(TWO_RANKS_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(out / "two_ranks.py"), str(out)], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.slow  # starts 2 processes
+def test_each_rank_fsyncs_the_files_it_wrote_and_rank_0_the_folders(two_ranks):
+    """A save's files are on disk before its manifest (every file fsynced once), each by the process that wrote it;
+    the folders by rank 0. (Before: every rank fsynced every file of the checkpoint.)"""
+    rank0, rank1 = (r["fsynced"] for r in two_ranks)
+    assert rank1 == ["shard-1.pt"]
+    # rank 0: its file, the one it wrote unrecorded, the folders ("." twice: before and after the manifest), the
+    # manifest as it is written, and the checkpoints folder after the rename ("..")
+    assert sorted(rank0) == sorted(["shard-0.pt", "trainer.json", ".", "rng", "manifest.json.part", ".", ".."])
+
+
+@pytest.mark.slow  # starts 2 processes
+def test_ddp_init_from_is_read_by_rank_0_and_broadcast(two_ranks):
+    """Under ddp every rank holds the whole model, but only rank 0 reads the init_from tensors (once each); the
+    other replica receives them, and both end up equal to the checkpoint."""
+    assert [r["reads"] for r in two_ranks] == [two_ranks[0]["tensors"], 0]
+    assert all(r["loaded"] for r in two_ranks)
