@@ -79,9 +79,11 @@ class Progress:
 
 
 def position(mark: tuple) -> str:
-    """A Progress mark as words: "step 4 'forward 1/1'", or "'resume' before step 1"."""
+    """A Progress mark as words: "step 4 'forward 1/1'", "'eval batch 2/9' after step 4", "'resume' before the loop"."""
     step, _, phase, _, step_start = mark
-    return f"step {step} '{phase}'" if step_start is not None else f"'{phase}' after step {step}"
+    if step_start is not None:
+        return f"step {step} '{phase}'"
+    return f"'{phase}' after step {step}" if step else f"'{phase}' before the loop"
 
 
 def stall(mark: tuple, step_times_s: list[float], now: float, *, floor_s: float, factor: float,
