@@ -91,11 +91,7 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
             progress.enter("all-reduce target counts")
             targets, tokens, stop = (int(x) for x in all_reduce_host(dist, local))
             if stop:
-                if state.step != saved_step:
-                    records.settle(cfg, state, window)
-                    state.wandb_run_id = ctx.logger.wandb_run_id
-                    ctx.save_checkpoint(state, sync=True)  # durable before the exit (75), whatever async_save says
-                raise Preempted(ctx.preempt.signal_name or "a signal to another rank", state.step)
+                stop_for_preemption(ctx, state, saved_step, records, window)
             scale = dist.world_size / max(targets, 1)
 
             t0 = time.perf_counter()
@@ -120,6 +116,8 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
             state.samples_consumed += cfg.train.global_batch_size
             step_time_s = timer.end_step()
             progress.end_step()
+            if ctx.preempt is not None:
+                ctx.preempt.unsaved = True  # a signal now waits for the next boundary's checkpoint (preempt.py)
 
             window["tokens"] += tokens  # non-padding input tokens of the whole job
             window["fwd_bwd_s"] += t1 - t0
@@ -137,10 +135,11 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
             if ctx.bench:
                 continue
             if ((cfg.eval.every and step % cfg.eval.every == 0) or step == end_step) and len(ctx.val_data):
-                # A preemption signal during eval ends it early (not at the last step: the run is finishing anyway);
-                # the start of the next step then checkpoints and stops as usual.
-                metrics = evaluate(ctx, stoppable=ctx.preempt is not None and step != end_step)
-                if metrics is not None:  # scalars to metrics.jsonl; a classification report to eval/step-N.json (rank 0)
+                # A preemption signal during eval ends it early on every rank; this step is then checkpointed.
+                metrics = evaluate(ctx, stoppable=ctx.preempt is not None)
+                if metrics is None:
+                    stop_for_preemption(ctx, state, saved_step, records, window)
+                else:  # scalars to metrics.jsonl; a classification report to eval/step-N.json (rank 0)
                     report_eval(ctx.logger, step, metrics, run_dir=cfg.run_dir() if dist.is_main else None)
                     ctx.logger.write_curves()  # RUN/curves.png redrawn from metrics.jsonl (rank 0; never stops training)
             if save_now:
@@ -149,6 +148,18 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
                 ctx.save_checkpoint(state)
                 saved_step = step
     return state
+
+
+def stop_for_preemption(ctx: LoopContext, state: TrainState, saved_step: int, records: StepRecords,
+                        window: dict) -> None:
+    """Every rank agreed to stop here: checkpoint the steps since the last save (synchronously) and raise Preempted."""
+    ctx.preempt.at_boundary()
+    if state.step != saved_step:
+        records.settle(ctx.cfg, state, window)
+        state.wandb_run_id = ctx.logger.wandb_run_id
+        ctx.progress.enter("checkpoint save (preemption)")
+        ctx.save_checkpoint(state, sync=True)  # durable before the exit (75), whatever async_save says
+    raise Preempted(ctx.preempt.signal_name or "a signal to another rank", state.step)
 
 
 class Prefetch:
@@ -316,6 +327,15 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+class _EvalAbandoned(Exception):
+    """Every rank got to the same eval.tasks forward with a preemption signal somewhere: stop scoring."""
+
+
+def preemption_agreed(ctx: LoopContext) -> bool:
+    """Whether any rank got a preemption signal (one host all-reduce; every rank calls it at the same point)."""
+    return bool(all_reduce_host(ctx.dist, [float(ctx.preempt.requested)])[0])
+
+
 def evaluate(ctx: LoopContext, stoppable: bool = False) -> dict[str, float] | None:
     """Task metrics on the validation split (of the EMA weights with eval.use_ema); each rank takes a disjoint
     chunk (no padded duplicates). `stoppable`: before each batch the ranks agree (one all-reduce) whether any
@@ -338,7 +358,7 @@ def _evaluate(ctx: LoopContext, stoppable: bool) -> dict[str, float] | None:
     busiest = eval_busiest_count(len(ctx.val_data), dist.world_size, limit=cfg.eval.max_samples)
     for start in range(0, busiest, batch_size):
         ctx.progress.enter(f"eval batch {start // batch_size + 1}/{-(-busiest // batch_size)}")  # the same on every rank
-        if stoppable and all_reduce_sum(dist, torch.tensor([float(ctx.preempt.requested)], device=dist.device)).item():
+        if stoppable and preemption_agreed(ctx):
             model.train(was_training)
             return None
         chunk = indices[start:start + batch_size]
@@ -357,8 +377,16 @@ def _evaluate(ctx: LoopContext, stoppable: bool) -> dict[str, float] | None:
 
         def forward_context():  # each forward is a phase: a long task is progress, not a hang
             ctx.progress.enter("eval.tasks forward")
+            # every rank runs as many forwards (padded to the busiest: a sharded forward is collective), so the
+            # ranks agree here, at the same forward, to abandon the tasks on a preemption signal
+            if stoppable and preemption_agreed(ctx):
+                raise _EvalAbandoned
             return ctx.engine.autocast()
 
-        metrics.update(ctx.lm_eval(model, forward_context))
+        try:
+            metrics.update(ctx.lm_eval(model, forward_context))
+        except _EvalAbandoned:
+            model.train(was_training)
+            return None
     model.train(was_training)
     return metrics

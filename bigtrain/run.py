@@ -34,7 +34,7 @@ from bigtrain.strategy.dist import all_gather_object, on_main
 from bigtrain.strategy.precision import Resolved, resolve_job_precision, slow_precision_warning
 from bigtrain.tasks import build_task
 from bigtrain.teacher import KEY as TEACHER_KEY, check_same_labels, check_same_tokenizer, teacher_model_config
-from bigtrain.watchdog import Watchdog, enable_flight_recorder
+from bigtrain.watchdog import Progress, Watchdog, enable_flight_recorder, position
 
 VOCAB_MULTIPLE = 64  # pad the embedding table so matmuls hit fast kernel sizes
 TOKENIZER_FILE = "tokenizer.json"
@@ -265,18 +265,28 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
     check_model(cfg)
     enable_flight_recorder(cfg.run_dir())  # NCCL's record of the last collectives, for a hang (watchdog.py)
     dist = init_job(cfg)
+    # From the process group to the exit: a hang anywhere (build, init_from, resume, the loop, the final barrier)
+    # gets every rank's stacks and exit 3; a signal anywhere stops the job (preempt.py).
+    progress = Progress()
+    watchdog = Watchdog(cfg.parallel, dist, progress, cfg.run_dir()).start()
+    if preempt is not None:
+        preempt.where = lambda: f"{position(progress.mark)} on rank {dist.rank}"
+        preempt.before_exit = ((lambda name: write_preempted_marker(cfg.run_dir(), name, progress.mark[0]))
+                               if dist.is_main else None)
     logger = b = saver = lease = None
     try:
         run_dir = cfg.run_dir()
         # One job per run dir (bigtrain/lease.py): taken before anything is written there, held by rank 0.
         lease = on_main(dist, lambda: take_lease(run_dir, cfg.checkpoint.lease_timeout_s), what="the run dir's lease")
         job_cfg, resolved = resolve_for_job(cfg, dist)
+        progress.enter("build: data, model, engine")
         b = build(job_cfg, dist, folders)  # creates the run dir
         config_yaml = dump_yaml(cfg)
         if dist.is_main:
             (run_dir / "config.yaml").write_text(config_yaml)
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # an earlier start's; this one may write its own
         verified = checkpoint.VerifiedCheckpoints()  # retention's record: the resumed checkpoint is read once
+        progress.enter("resume")
         state = checkpoint.resume(cfg.checkpoint.resume, run_dir, b.engine, dist, warn=lambda m: log_main(dist, m),
                                   base=b.base, verified=verified)
         if b.engine.ema:
@@ -322,21 +332,24 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
             raise_peak=raise_peak if dist.is_main else None,
             save_checkpoint=saver.save,
             bench=bench, preempt=preempt, lm_eval=in_loop_tasks(job_cfg, dist, run_dir) if not bench else None,
-            memory=b.memory,
+            memory=b.memory, progress=progress,
         )
         try:
-            with Watchdog(job_cfg.parallel, dist, ctx.progress, run_dir):  # a hang: every rank's stacks, exit 3
-                ctx.state = train(ctx, state)
+            ctx.state = train(ctx, state)
             saver.wait()  # the last save is durable before the run ends
+            if preempt is not None:
+                preempt.unsaved = False  # a signal from here on stops at once: everything is saved
         except Preempted as e:
             saver.wait()  # a save of this very step may still be in flight
             if dist.is_main:
-                folder = checkpoint.list_checkpoints(run_dir)[-1:] or [None]
-                (run_dir / PREEMPTED_MARKER).write_text(json.dumps(
-                    {"signal": e.signal_name, "step": e.step, "checkpoint": str(folder[0])}, indent=1))
+                write_preempted_marker(run_dir, e.signal_name, e.step)
             raise
+        progress.enter("final barrier")
         barrier(dist)
         return ctx
+    except BaseException as e:
+        watchdog.diagnose_error(e)  # a collective timeout, or a peer's hang report broke ours: exit 3
+        raise
     finally:
         if saver is not None:
             saver.close()  # on an error too: no save is left half-written by this process's exit
@@ -347,6 +360,15 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
         if b is not None:
             b.engine.close()  # an engine's own threads and hooks go before the process group does
         shutdown(dist)
+        watchdog.stop()
+
+
+def write_preempted_marker(run_dir: Path, signal_name: str, step: int) -> None:
+    """RUN/preempted.json (rank 0): what `bigtrain launch` requeues on, naming the checkpoint to continue from."""
+    folder = checkpoint.list_checkpoints(run_dir)[-1:] or [None]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / PREEMPTED_MARKER).write_text(json.dumps(
+        {"signal": signal_name, "step": step, "checkpoint": str(folder[0]) if folder[0] else None}, indent=1))
 
 
 def take_lease(run_dir: Path, timeout_s: float) -> RunDirLease:

@@ -1,10 +1,14 @@
 """Hang diagnosis: when a rank stops making progress, every rank says where it is and the job exits naming the late ranks.
 
-The loop marks where it is on a `Progress` (a tuple assignment per phase: no I/O, no collective). With several
-processes a `Watchdog` thread per rank wakes every few seconds and compares the time since the step started
-with the limit, max(`parallel.hang_timeout_s`, `parallel.hang_step_factor` × the running median step time).
-The first steps (warm-up, compile), eval, checkpoints and the final barrier may take up to
-`parallel.collective_timeout_s` per phase instead. A collective that raises a timeout counts as a hang too.
+The watchdog is armed from the process group's creation to the exit (build, init_from, resume, the loop, the
+final barrier). The run and the loop mark where they are on a `Progress` (a tuple assignment per phase: no I/O,
+no collective); bigtrain's own collectives note what they are on `Dist.collectives` (strategy/dist.py). With
+several processes a `Watchdog` thread per rank wakes every few seconds and compares the time since the step
+started with the limit, max(`parallel.hang_timeout_s`, `parallel.hang_step_factor` × the running median step
+time). The first steps (warm-up, compile), eval, checkpoints and the phases outside the loop may take up to
+`parallel.collective_timeout_s` per phase instead (a finished collective counts as progress). On CUDA every
+limit stays below `parallel.collective_timeout_s`, so this diagnosis comes before NCCL's timeout aborts the
+process. A collective that raises a timeout counts as a hang too.
 
 On a hang each rank publishes its position (step, how many phases into it, phase name) to the job's c10d store —
 the TCPStore the process group was made on (torchrun's agent store or rank 0's), which answers while every
@@ -74,28 +78,51 @@ class Progress:
         self.recent.append((step, "log", now))
 
 
+def position(mark: tuple) -> str:
+    """A Progress mark as words: "step 4 'forward 1/1'", "'eval batch 2/9' after step 4", "'resume' before the loop"."""
+    step, _, phase, _, step_start = mark
+    if step_start is not None:
+        return f"step {step} '{phase}'"
+    return f"'{phase}' after step {step}" if step else f"'{phase}' before the loop"
+
+
 def stall(mark: tuple, step_times_s: list[float], now: float, *, floor_s: float, factor: float,
-          long_s: float) -> tuple[float, float, str]:
+          long_s: float, progress_at: float = 0.0, cap_s: float | None = None) -> tuple[float, float, str]:
     """(seconds without progress, the limit, how the limit was set) for a Progress mark.
 
     Inside a step, once MIN_TIMED_STEPS steps are timed: since the step started, against
-    max(floor_s, factor × median step time). Before that, and between steps (eval, checkpoint): since the phase
-    started, against max(floor_s, long_s)."""
+    max(floor_s, factor × median step time). Before that, and between steps (eval, checkpoint, the phases outside
+    the loop): since the phase started or `progress_at` (a finished collective), whichever is later, against
+    max(floor_s, long_s). `cap_s`: no limit is above it (on CUDA, below NCCL's own timeout)."""
     _, _, _, since, step_start = mark
     if step_start is not None and len(step_times_s) >= MIN_TIMED_STEPS:
         median = statistics.median(step_times_s)
-        limit = max(floor_s, factor * median)
-        return now - step_start, limit, (f"max(parallel.hang_timeout_s={floor_s:g}, parallel.hang_step_factor={factor:g}"
-                                         f" × median step {median:.3g} s)")
-    what = "the first steps" if step_start is not None else "a phase between steps"
-    return now - since, max(floor_s, long_s), f"parallel.collective_timeout_s for {what}"
+        stalled_s, limit = now - step_start, max(floor_s, factor * median)
+        how = (f"max(parallel.hang_timeout_s={floor_s:g}, parallel.hang_step_factor={factor:g}"
+               f" × median step {median:.3g} s)")
+    else:
+        what = "the first steps" if step_start is not None else "a phase between steps"
+        stalled_s, limit, how = now - max(since, progress_at), max(floor_s, long_s), f"parallel.collective_timeout_s for {what}"
+    if cap_s is not None and limit > cap_s:
+        return stalled_s, cap_s, f"{how}, capped below parallel.collective_timeout_s={long_s:g} (NCCL's timeout)"
+    return stalled_s, limit, how
+
+
+def limit_cap(device_type: str, collective_timeout_s: float, poll_s: float) -> float | None:
+    """On CUDA the highest limit the watchdog may use: NCCL aborts a process whose collective runs past
+    parallel.collective_timeout_s, so bigtrain's report must come first (a margin of two polls, at least 5 %).
+    Elsewhere None: gloo raises its timeout as an exception, which the watchdog diagnoses."""
+    if device_type != "cuda":
+        return None
+    return max(poll_s, collective_timeout_s - max(2 * poll_s, 0.05 * collective_timeout_s))
 
 
 def late_ranks(reports: dict[int, dict], world_size: int) -> tuple[list[int], list[int]]:
     """(ranks behind the others, ranks that sent no report). Behind: at the lowest (step, seq) when not every
     reporting rank is at the same position — the others are waiting for them in a collective."""
     missing = [r for r in range(world_size) if r not in reports]
-    positions = {r: (rep["step"], rep["seq"]) for r, rep in reports.items()}
+    # bigtrain's collectives entered break ties: a rank not yet in the collective the others wait in is behind
+    positions = {r: (rep["step"], rep["seq"], rep.get("collectives", 0)) for r, rep in reports.items()}
     if len(set(positions.values())) <= 1:
         return [], missing
     lowest = min(positions.values())
@@ -110,10 +137,15 @@ def summary(reason: str, reports: dict[int, dict], world_size: int, hang_dir: Pa
                 f"on {reports[r]['host']}" for r in behind]
         seen += [f"rank {r} sent no report (gone, or stuck in a call that holds the GIL)" for r in missing]
         who = f"rank(s) {', '.join(str(r) for r in sorted(behind + missing))} did not arrive (last seen: {'; '.join(seen)})"
+        waiting = [f"rank {r} in {rep['collective']}" for r, rep in sorted(reports.items())
+                   if rep.get("collective") and r not in behind]
+        if waiting:
+            who += f"; waiting for them: {'; '.join(waiting)}"
     elif reports:
         r = min(reports)
-        who = (f"every rank is in step {reports[r]['step']} '{reports[r]['phase']}': none is behind, so a collective "
-               f"never completed (network, NCCL) — see the stacks")
+        collective = f" ({reports[r]['collective']})" if reports[r].get("collective") else ""
+        who = (f"every rank is in step {reports[r]['step']} '{reports[r]['phase']}'{collective}: none is behind, so a "
+               f"collective never completed (network, NCCL) — see the stacks")
     else:
         who = "no rank's report could be read (the c10d store is unreachable) — see the stacks"
     return f"bigtrain: hang: {reason} — {who}; stacks in {hang_dir}/rank-N.txt; exit code {EXIT_HANG}"
@@ -142,8 +174,9 @@ def enable_flight_recorder(run_dir: Path) -> None:
 
 
 class Watchdog:
-    """`with Watchdog(parallel_cfg, dist, progress, run_dir):` around training. Off on one process or with
-    parallel.hang_timeout_s=0. A hang (or a collective timeout raised in the block) ends the process with EXIT_HANG."""
+    """`start()` once the process group exists, `diagnose_error(e)` for an exception on the way out and `stop()`
+    at the end (or `with Watchdog(parallel_cfg, dist, progress, run_dir):`). Off on one process or with
+    parallel.hang_timeout_s=0. A hang (or a collective timeout raised while armed) ends the process with EXIT_HANG."""
 
     def __init__(self, parallel, dist, progress: Progress, run_dir: Path):
         self.dist, self.progress = dist, progress
@@ -152,46 +185,68 @@ class Watchdog:
         self.hang_dir = Path(run_dir) / HANG_DIR
         self.enabled = dist.distributed and self.floor_s > 0
         self.poll_s = min(5.0, max(0.5, self.floor_s / 10))
+        self.cap_s = limit_cap(dist.device.type, self.long_s, self.poll_s)
         self.store = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._firing = False
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> Watchdog:
+    def start(self) -> Watchdog:
         if self.dist.distributed and self.dist.device.type == "cuda":
             self.hang_dir.mkdir(parents=True, exist_ok=True)  # where NCCL's own timeout dump goes
         if self.enabled:
+            if self.cap_s is not None and self.floor_s > self.cap_s and self.dist.is_main:
+                say(f"bigtrain: warning: parallel.hang_timeout_s={self.floor_s:g} is not below "
+                    f"parallel.collective_timeout_s={self.long_s:g} (NCCL's timeout): the hang watchdog uses "
+                    f"{self.cap_s:g} s so that its report comes first")
             self.store = _hang_store(self.dist)
             self._thread = threading.Thread(target=self._watch, name="bigtrain-watchdog", daemon=True)
             self._thread.start()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.enabled and exc is not None:
-            if is_collective_timeout(exc):
-                step, _, phase, _, _ = self.progress.mark
-                self.diagnose(f"a collective timed out after parallel.collective_timeout_s={self.long_s:g} s on "
-                              f"rank {self.dist.rank} in step {step} '{phase}'")
-            if self._firing:  # the thread is reporting: whatever broke here, let it finish and exit
-                self.diagnose("")
-            flag = self._flag() if isinstance(exc, RuntimeError) else None
-            if flag is not None:  # a peer found a hang and its exit broke our collective
-                self.diagnose(flag)
+    def diagnose_error(self, exc: BaseException) -> None:
+        """An exception on its way out: a collective timeout, or a peer's hang report that broke our collective,
+        is diagnosed (and the process exits EXIT_HANG); anything else returns."""
+        if not self.enabled:
+            return
+        if is_collective_timeout(exc):
+            collective = self.dist.collectives.current
+            self.diagnose(f"a collective timed out after parallel.collective_timeout_s={self.long_s:g} s on "
+                          f"rank {self.dist.rank} in {position(self.progress.mark)}"
+                          + (f", in {collective[0]}" if collective else ""))
+        if self._firing:  # the thread is reporting: whatever broke here, let it finish and exit
+            self.diagnose("")
+        flag = self._flag() if isinstance(exc, RuntimeError) else None
+        if flag is not None:  # a peer found a hang and its exit broke our collective
+            self.diagnose(flag)
+
+    def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.poll_s + 1)
+
+    def __enter__(self) -> Watchdog:
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.diagnose_error(exc)
+        self.stop()
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             now = time.monotonic()
             mark = self.progress.mark
             stalled_s, limit_s, how = stall(mark, list(self.progress.step_times_s), now, floor_s=self.floor_s,
-                                            factor=self.factor, long_s=self.long_s)
+                                            factor=self.factor, long_s=self.long_s,
+                                            progress_at=self.dist.collectives.finished_at, cap_s=self.cap_s)
             if stalled_s > limit_s:
-                step, _, phase, _, in_step = mark
-                what = f"step {step}" if in_step is not None else f"'{phase}' after step {step}"
-                self.diagnose(f"{what} did not finish within {limit_s:g} s on rank {self.dist.rank} ({how})")
+                step, _, _, _, in_step = mark
+                what = f"step {step}" if in_step is not None else position(mark)
+                collective = self.dist.collectives.current
+                self.diagnose(f"{what} did not finish within {limit_s:g} s on rank {self.dist.rank}"
+                              + (f", in {collective[0]}" if collective else "") + f" ({how})")
             elif stalled_s > self.poll_s:  # stalled a while: has another rank found a hang? (no store traffic otherwise)
                 flag = self._flag()
                 if flag is not None:
@@ -220,8 +275,11 @@ class Watchdog:
         rank, world = self.dist.rank, self.dist.world_size
         step, seq, phase, since, step_start = self.progress.mark
         now = time.monotonic()
+        note = self.dist.collectives
+        collective = note.current
         me = {"rank": rank, "step": step, "seq": seq, "phase": phase, "host": socket.gethostname(), "pid": os.getpid(),
-              "stalled_s": now - (step_start if step_start is not None else since)}
+              "stalled_s": now - (step_start if step_start is not None else since), "collectives": note.entered_count,
+              "collective": f"{collective[0]} for {now - collective[1]:.0f} s" if collective else None}
         self._store_call(lambda s: s.check(["flag"]) or s.set("flag", f"rank {rank} reported: {reason}"))
         self._store_call(lambda s: s.append("reports", json.dumps(me) + "\n"))
         reported = self._store_call(lambda s: s.add("reported", 1))
@@ -230,6 +288,7 @@ class Watchdog:
                   f"{datetime.datetime.now().isoformat(timespec='seconds')}",
                   f"reason: {reason}",
                   f"position: step {step}, phase {seq} '{phase}', no progress for {me['stalled_s']:.1f} s",
+                  f"bigtrain collective: {me['collective'] or 'none'} (collective {note.entered_count} of this process)",
                   "last phases entered (oldest first):"]
         header += [f"  step {s:>7}  {p:<40} {now - t:8.1f} s ago" for s, p, t in list(self.progress.recent)]
         text = "\n".join(header) + "\nPython stacks, every thread (most recent call first):\n"

@@ -5,9 +5,10 @@ Run it once per node (by hand, from an sbatch script via `srun`, or by a schedul
 it starts in a fraction of a second; a bad flag or recipe is one line on stderr and exit code 2.
 
 Preemption: the launcher runs torchrun as a child that ignores SIGUSR1 and SIGTERM (torchrun would die on
-SIGUSR1 and kill the workers 30 s after a SIGTERM), and passes either signal on to the training processes,
-which checkpoint at the next step boundary and exit. Rank 0 leaves `preempted.json` in the run dir; seeing
-it, the launcher exits 75 (EXIT_PREEMPTED) and, with --requeue under Slurm, node 0 requeues the job first.
+SIGUSR1 and kill the workers 30 s after a SIGTERM), and passes either signal on to the training processes
+(not to their own children, such as torch.compile's workers), which stop as bigtrain/preempt.py says. Rank 0
+leaves `preempted.json` in the run dir; seeing it, the launcher exits 75 (EXIT_PREEMPTED) and, with --requeue
+under Slurm, node 0 requeues the job first.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError):
         note = {}
     print(f"bigtrain launch: preempted by {note.get('signal', 'a signal')} at step {note.get('step', '?')}; "
-          f"checkpoint {note.get('checkpoint', 'saved')}", file=sys.stderr, flush=True)
+          f"checkpoint {note.get('checkpoint') or 'none yet'}", file=sys.stderr, flush=True)
     if launch.requeue and launch.node_rank == 0:
         requeue(os.environ)
     return EXIT_PREEMPTED
@@ -139,21 +140,31 @@ def run_forwarding_signals(command: list[str], env: dict[str, str]) -> int | Non
               file=sys.stderr, flush=True)
         return None
 
-    forwarded = []
+    forwarded, pending = [], []
+
+    def deliver():
+        """The pending signals to the training processes; kept while none has started yet."""
+        workers = training_processes(child.pid)
+        while pending and workers:
+            signum = pending.pop(0)
+            for pid in workers:
+                try:
+                    os.kill(pid, signum)
+                except OSError:
+                    pass  # already gone
 
     def forward(signum, frame):
         forwarded.append(signum)
-        for pid in descendants(child.pid):
-            try:
-                os.kill(pid, signum)
-            except OSError:
-                pass  # already gone
+        pending.append(signum)
+        deliver()
 
     previous = {sig: signal.signal(sig, forward) for sig in PREEMPT_SIGNALS}
     try:
         while True:
             try:
-                return child.wait()
+                return child.wait(timeout=1.0 if pending else None)
+            except subprocess.TimeoutExpired:
+                deliver()
             except KeyboardInterrupt:  # Ctrl-C reaches the child too (same process group): wait for it to stop
                 continue
     finally:
@@ -163,8 +174,9 @@ def run_forwarding_signals(command: list[str], env: dict[str, str]) -> int | Non
             signal.signal(sig, signal.SIG_IGN if forwarded else handler)
 
 
-def descendants(pid: int) -> list[int]:
-    """Process ids below `pid` (children, grandchildren, …), read from /proc; empty where there is no /proc."""
+def descendants(pid: int, stop=lambda pid: False) -> list[int]:
+    """Process ids below `pid` (children, grandchildren, …), read from /proc; empty where there is no /proc.
+    Below a process for which `stop(pid)` holds, none are listed."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
         if not entry.name.isdigit():
@@ -180,8 +192,31 @@ def descendants(pid: int) -> list[int]:
     while todo:
         for child in children.get(todo.pop(), []):
             found.append(child)
-            todo.append(child)
+            if not stop(child):
+                todo.append(child)
     return found
+
+
+def training_processes(pid: int) -> list[int]:
+    """The training processes below `pid` (torchrun's, deepspeed's or accelerate's workers: `python -m bigtrain
+    train …`), not their own children: torch.compile's worker pool, for one, would die of a SIGTERM meant for
+    training, failing the compile the rank needs to reach its checkpoint."""
+    return [p for p in descendants(pid, stop=runs_bigtrain) if runs_bigtrain(p)]
+
+
+def runs_bigtrain(pid: int) -> bool:
+    """Whether process `pid` is a Python interpreter running the module bigtrain (`python [-u …] -m bigtrain`)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    options = argv[1:]
+    while options and options[0].startswith("-"):
+        if options[0] == "-m":
+            return options[1:2] == ["bigtrain"]
+        options = options[2:] if options[0] in ("-X", "-W") else options[1:]  # those two take a value
+    return False
 
 
 def requeue(env) -> None:

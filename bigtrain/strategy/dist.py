@@ -3,18 +3,46 @@ and rank 0's long work with no collective held open (on_main)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as torch_dist
 
 from bigtrain.errors import UserError, say
+
+
+class CollectiveNote:
+    """Which of bigtrain's own collectives this process's main thread is in (what, since when), and how many it has
+    entered. The hang watchdog reads it from its thread: its report names the operation and size a stuck rank
+    waits in, a finished collective is progress (ranks polling rank 0's data preparation are not stalled), and
+    the count tells which ranks are behind (not yet in the collective the others wait in). Collectives of other
+    threads, and torch's own, are not noted."""
+
+    def __init__(self):
+        self.current: tuple[str, float] | None = None  # (e.g. "all_reduce SUM of 3 float64 (24 B)", monotonic start)
+        self.entered_count = 0
+        self.finished_at = time.monotonic()
+
+    @contextlib.contextmanager
+    def entered(self, operation: str, tensor: torch.Tensor | None = None):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        what = operation if tensor is None else (
+            f"{operation} of {tensor.numel()} {str(tensor.dtype).removeprefix('torch.')} "
+            f"({tensor.numel() * tensor.element_size():,} B) on {tensor.device.type}")
+        self.current = (what, time.monotonic())
+        self.entered_count += 1
+        yield  # an exception leaves `current` set: the watchdog's diagnosis of a timeout names it
+        self.current = None
+        self.finished_at = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -27,6 +55,7 @@ class Dist:
     device: torch.device
     backend: str | None  # None when not distributed
     store: object | None = None  # the job's c10d store the group was made on (the hang watchdog talks over it)
+    collectives: CollectiveNote = field(default_factory=CollectiveNote, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -170,13 +199,15 @@ def _join_failure(rank: int, world_size: int, timeout_s: float, error: BaseExcep
 
 def barrier(dist: Dist, group=None) -> None:
     if dist.distributed:
-        torch_dist.barrier(group=group)
+        with dist.collectives.entered("barrier"):
+            torch_dist.barrier(group=group)
 
 
 def all_reduce_sum(dist: Dist, tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks in place (no-op on one process) and return it."""
     if dist.distributed:
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+        with dist.collectives.entered("all_reduce SUM", tensor):
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor
 
 
@@ -185,7 +216,8 @@ def broadcast_object(dist: Dist, obj):
     if not dist.distributed:
         return obj
     box = [obj]
-    torch_dist.broadcast_object_list(box, src=0)
+    with dist.collectives.entered("broadcast_object_list from rank 0 (a pickled object)"):
+        torch_dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -194,14 +226,16 @@ def all_reduce_host(dist: Dist, values: list[float]) -> list[float]:
     too), read back through numpy (a CPU tensor's memory: no device work to wait for)."""
     tensor = torch.tensor(values, dtype=torch.float64)
     if dist.distributed:
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+        with dist.collectives.entered("all_reduce SUM", tensor):
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor.numpy().tolist()
 
 
 def all_reduce_max(dist: Dist, tensor: torch.Tensor) -> torch.Tensor:
     """Max of a CPU tensor over ranks in place (over gloo; no-op on one process)."""
     if dist.distributed:
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+        with dist.collectives.entered("all_reduce MAX", tensor):
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
     return tensor
 
 
@@ -222,7 +256,8 @@ def all_gather_object(dist: Dist, obj, group=None) -> list:
     if not dist.distributed:
         return [obj]
     out = [None] * dist.world_size
-    torch_dist.all_gather_object(out, obj, group=group)
+    with dist.collectives.entered("all_gather_object (a pickled object per rank)"):
+        torch_dist.all_gather_object(out, obj, group=group)
     return out
 
 

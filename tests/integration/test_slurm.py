@@ -318,3 +318,102 @@ def test_sigterm_during_eval_abandons_it_and_checkpoints_the_step(tmp_path, cach
     records, evals = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and evals == []
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-0000005"]
+
+
+def start_faulty(fault: str, *args: str, nproc: int = 1) -> subprocess.Popen:
+    """`faulty.py ARGS` (tests/integration/faulty.py) with BIGTRAIN_FAULT, alone or under torchrun; stderr piped."""
+    script = [str(REPO / "tests/integration/faulty.py"), *args]
+    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                             if nproc > 1 else []), *script]
+    return subprocess.Popen(cmd, env={**ENV, "PYTHONPATH": str(REPO), "BIGTRAIN_FAULT": fault}, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_faults(proc: subprocess.Popen, count: int = 1) -> list[str]:
+    """stderr lines up to the `count`-th "faulty: " line (the fault has started); fails if the process ends first."""
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        count -= line.startswith("faulty: ")
+        if count == 0:
+            return lines
+    raise AssertionError(f"the fault never started (exit {proc.wait()}):\n{''.join(lines)[-3000:]}")
+
+
+def stop(proc: subprocess.Popen, *signals: tuple[signal.Signals, float], pids: list[int] | None = None
+         ) -> tuple[int, str, float]:
+    """Send each (signal, seconds to wait after it) to `pids` (default: the process); then (exit code, the rest of
+    stderr, seconds from the last signal to the exit)."""
+    try:
+        for sig, pause_s in signals:
+            for pid in pids or [proc.pid]:
+                os.kill(pid, sig)
+            sent = time.monotonic()
+            time.sleep(pause_s)
+        err = proc.stderr.read()
+        code = proc.wait(timeout=120)
+        return code, err, time.monotonic() - sent
+    finally:
+        proc.kill()
+
+
+def complete_checkpoints(run_dir: Path) -> list[str]:
+    folder = run_dir / "checkpoints"
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("step-")) if folder.is_dir() else []
+
+
+def test_sigterm_during_resume_or_init_from_exits_75_at_once_and_a_second_sigterm_ends_a_save(tmp_path, cache_dir):
+    """Outside the step loop there is nothing new to save: SIGTERM while resuming (or loading init_from weights)
+    exits 75 within seconds, with preempted.json naming the checkpoint to continue from, and leaves the checkpoints
+    as they were. In the loop, the first SIGTERM waits for the checkpoint being saved (slowed to 120 s); a second
+    one 2.5 s later exits 143 at once, the step's checkpoint never completed."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs", train={"max_steps": 4},
+                                                           checkpoint={"every": 0, "keep_last": 0, "async_save": False}))
+    first = tmp_path / "runs" / "first"
+    done = run_cli("train", str(recipe), "run.name=first", env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    proc = start_faulty("stall:rank=0:at=resume:seconds=120", "train", str(recipe), "run.name=first")
+    wait_for_faults(proc)
+    code, err, took_s = stop(proc, (signal.SIGTERM, 0))
+    assert code == 75 and took_s < 10, err[-3000:]
+    assert "bigtrain: preempted by SIGTERM at 'resume' before the loop on rank 0; nothing new to save" in err
+    assert json.loads((first / "preempted.json").read_text()) == {
+        "signal": "SIGTERM", "step": 0, "checkpoint": str(first / "checkpoints/step-0000004")}
+    assert complete_checkpoints(first) == ["step-0000004"]
+
+    proc = start_faulty("stall:rank=0:at=init_from:seconds=120", "train", str(recipe), "run.name=second",
+                        f"model.init_from={first}")
+    wait_for_faults(proc)
+    code, err, took_s = stop(proc, (signal.SIGUSR1, 0))
+    assert code == 75 and took_s < 10, err[-3000:]
+    assert "bigtrain: preempted by SIGUSR1 at 'build: data, model, engine' before the loop on rank 0" in err
+    assert complete_checkpoints(tmp_path / "runs" / "second") == []
+
+    proc = start_faulty("slow_save:rank=0:step=6:seconds=120", "train", str(recipe), "run.name=first",
+                        "train.max_steps=8", "checkpoint.every=2")
+    wait_for_faults(proc)
+    code, err, took_s = stop(proc, (signal.SIGTERM, 2.5), (signal.SIGTERM, 0))
+    assert code == 143 and took_s < 5, err[-3000:]
+    assert "bigtrain: a second SIGTERM (" in err and "at 'checkpoint save' after step 6 on rank 0" in err
+    assert "exiting at once" in err and "checkpoint saved" not in err
+    assert complete_checkpoints(first) == ["step-0000004"]  # step 6's save never finished; step 4's is there
+
+
+def test_sigterm_while_rank_0_prepares_the_data_stops_every_rank_with_75_at_once(tmp_path, cache_dir):
+    """2 ranks under torchrun: rank 0 prepares the data (slowed to 300 s), rank 1 waits in short all-reduces.
+    SIGTERM to both (as Slurm sends it) ends both with 75 within seconds; rank 0 leaves preempted.json."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs"))
+    proc = start_faulty("stall:rank=0:at=prepare:seconds=300", "train", str(recipe), nproc=2)
+    lines = wait_for_faults(proc)
+    from launcher.cli import descendants
+
+    time.sleep(2)  # rank 1 is in its polls too
+    code, err, took_s = stop(proc, (signal.SIGTERM, 0), pids=descendants(proc.pid))
+    err = "".join(lines) + err
+    assert took_s < 15, err[-3000:]
+    assert sorted(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s+exitcode\s*: 75 ", err)) == ["0", "1"], err[-3000:]
+    assert "bigtrain: preempted by SIGTERM at 'build: data, model, engine' before the loop on rank 0" in err
+    run_dir = tmp_path / "runs" / "tiny"
+    assert json.loads((run_dir / "preempted.json").read_text()) == {"signal": "SIGTERM", "step": 0, "checkpoint": None}
+    assert complete_checkpoints(run_dir) == []

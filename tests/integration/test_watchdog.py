@@ -64,3 +64,21 @@ def test_rank_sleeping_in_a_step_makes_every_rank_exit_naming_it(tmp_path, cache
         assert "Python stacks, every thread" in text
     if where == "collective timeout":
         assert "a collective timed out after parallel.collective_timeout_s=5 s on rank 0" in rank0
+
+
+def test_rank_stalling_before_the_final_barrier_gets_a_report_naming_the_collective(tmp_path, cache_dir):
+    """Outside the loop too: rank 1 sleeps 300 s before the final barrier while rank 0 waits in it. Within
+    collective_timeout_s (20 s; hang_timeout_s=5) both ranks report, name rank 1 as behind and rank 0's barrier,
+    and exit 3."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs", train={"max_steps": 2}))
+    code, stderr, took_s = run_faulty_torchrun(2, "stall:rank=1:at=final-barrier:seconds=300", "train", str(recipe),
+                                               "parallel.hang_timeout_s=5", "parallel.collective_timeout_s=20")
+    assert code != 0
+    assert took_s < 20 + 40, stderr[-3000:]
+    assert sorted(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s+exitcode\s*: 3 ", stderr)) == ["0", "1"], stderr[-3000:]
+    rank0 = (tmp_path / "runs/tiny/hang/rank-0.txt").read_text()
+    last = rank0.splitlines()[-1]
+    assert "rank(s) 1 did not arrive (last seen: rank 1 in step 2 'final barrier'" in last, rank0[-3000:]
+    assert "waiting for them: rank 0 in barrier for " in last
+    assert "bigtrain collective: barrier for " in rank0
+    assert "in stalled" in (tmp_path / "runs/tiny/hang/rank-1.txt").read_text()  # faulty.py's sleeping frame

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -322,3 +324,69 @@ def test_preflight_accepts_a_consistent_job_and_names_the_rank_that_differs():
         "on each node")
     assert preflight_problem([view(0, 2, 0), view(1, 2, 0)], 2) == \
         "1 distinct node ranks joined but 2 nodes were expected — check --node-rank on each node"
+
+
+# A training rank (`python -m bigtrain train OUT`, from a fake `bigtrain` package) with a child of its own, like
+# torch.compile's worker pool; each writes OUT/<who> when it gets SIGTERM. The agent (a script, like torchrun)
+# starts two ranks and exits with their worst code.
+FAKE_RANK = """
+import os, signal, subprocess, sys, time
+from pathlib import Path
+out, rank = Path(sys.argv[2]), os.environ["RANK"]
+helper = subprocess.Popen([sys.executable, "-c", HELPER, str(out / f"helper-{rank}")])
+(out / f"helper-{rank}.pid").write_text(str(helper.pid))
+def on_term(signum, frame):
+    (out / f"rank-{rank}").write_text("SIGTERM")
+    sys.exit(75)
+signal.signal(signal.SIGTERM, on_term)
+(out / f"ready-{rank}").write_text("")
+time.sleep(60)
+"""
+HELPER = """
+import signal, sys, time
+from pathlib import Path
+def on_term(signum, frame):
+    Path(sys.argv[1]).write_text("SIGTERM")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+time.sleep(60)
+"""
+FAKE_AGENT = """
+import os, subprocess, sys
+# -S: no site-packages, where the real bigtrain's editable install would win over the fake one on PYTHONPATH
+ranks = [subprocess.Popen([sys.executable, "-S", "-u", "-m", "bigtrain", "train", sys.argv[1]],
+                          env={**os.environ, "RANK": str(r)}) for r in range(2)]
+sys.exit(max(p.wait() for p in ranks))
+"""
+
+
+def test_launcher_forwards_sigterm_to_the_training_ranks_but_not_to_their_children(tmp_path):
+    fake = tmp_path / "fake"
+    (fake / "bigtrain").mkdir(parents=True)
+    (fake / "bigtrain" / "__init__.py").write_text("")
+    (fake / "bigtrain" / "__main__.py").write_text(f"HELPER = {HELPER!r}\n{FAKE_RANK}")
+    (fake / "agent.py").write_text(FAKE_AGENT)
+    out = tmp_path / "out"
+    out.mkdir()
+    launch = ("import os, sys\nfrom launcher.cli import run_forwarding_signals\n"
+              "sys.exit(run_forwarding_signals(sys.argv[1:], dict(os.environ)))")
+    proc = subprocess.Popen([sys.executable, "-c", launch, sys.executable, str(fake / "agent.py"), str(out)], cwd=fake,
+                            env={**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{REPO}"})
+    try:
+        deadline = time.monotonic() + 30
+        while not all((out / name).exists() for r in (0, 1) for name in (f"ready-{r}", f"helper-{r}.pid")):
+            assert time.monotonic() < deadline and proc.poll() is None, "the fake ranks never started"
+            time.sleep(0.05)
+        time.sleep(1)  # the helpers have installed their handlers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 75  # the agent's code: both ranks stopped on the forwarded signal
+        time.sleep(0.5)
+        assert sorted(p.name for p in out.glob("rank-*")) == ["rank-0", "rank-1"]
+        assert not list(out.glob("helper-?"))  # the ranks' own children got nothing
+    finally:
+        proc.kill()
+        for pid_file in out.glob("helper-*.pid"):
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass

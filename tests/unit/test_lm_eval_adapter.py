@@ -6,7 +6,11 @@ log-likelihood within 1e-4, acc / acc_norm / perplexity equal); the report file 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,7 @@ pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 
 from bigtrain.cli import main  # noqa: E402
-from tests.conftest import run_cli, run_torchrun, tiny_recipe, write_recipe  # noqa: E402
+from tests.conftest import REPO, run_cli, run_torchrun, tiny_recipe, write_recipe  # noqa: E402
 
 MC_DOCS = [
     {"context": "def __init__(self", "choices": ["):", " = 1", "import os", "while"], "label": 0},
@@ -210,3 +214,38 @@ def test_scores_go_to_the_runs_wandb_run_at_the_checkpoints_step(tmp_path, monke
     (folder / "config.yaml").write_text("run:\n  name: r\n")  # wandb disabled (the default): nothing
     _log_lm_eval_to_wandb(tmp_path / "run", folder, 7, None, {"bt_mc": {"acc": 0.5}})
     assert calls == []
+
+
+@pytest.mark.slow
+def test_sigterm_during_eval_tasks_in_the_loop_abandons_them_and_checkpoints_the_step(tmp_path, cache_dir, tasks_dir):
+    """A signal while lm-eval scores in the loop (each forward slowed to 1 s by tests/integration/faulty.py) stops
+    the scoring at the next forward; the step is checkpointed, its eval is not logged, and the exit is 75."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        cache_dir, tmp_path / "runs", train={"max_steps": 4},
+        eval={"every": 2, "max_samples": 8, "tasks": ["bt_mc", "bt_ll"], "tasks_include_path": str(tasks_dir)}))
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO),
+           "BIGTRAIN_FAULT": "slow_tasks:rank=0:step=2:seconds=1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests/integration/faulty.py"), "train", str(recipe)], env=env,
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("faulty: "):
+                break
+        time.sleep(2)  # a forward or two into the tasks
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        err = "".join(lines) + proc.stderr.read()
+        assert proc.wait(timeout=60) == 75, err[-3000:]
+        took_s = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert took_s < 10, err[-3000:]
+    assert "bigtrain: preempted by SIGTERM at step 2; checkpoint saved" in err
+    run_dir = tmp_path / "runs" / "tiny"
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-0000002"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+    assert not [r for r in records if "eval/loss" in r or any(k.startswith("lm_eval/") for k in r)]
+    assert not (run_dir / "eval").exists() or not list((run_dir / "eval").glob("lm-eval-*"))
