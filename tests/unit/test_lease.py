@@ -16,7 +16,7 @@ from bigtrain.checkpoint import Checkpointer, TrainState
 from bigtrain.config import Config, dump_yaml
 from bigtrain.errors import UserError
 from bigtrain.lease import LEASE_FILE, RunDirLease
-from tests.conftest import REPO, run_cli, tiny_recipe, write_recipe
+from tests.conftest import REPO, tiny_recipe, write_recipe
 from tests.unit.test_strategy import make_engine
 
 HOLD = ("import sys, time\nfrom bigtrain.lease import RunDirLease\n"
@@ -38,17 +38,20 @@ def plant(run_dir, **holder) -> None:
     (run_dir / LEASE_FILE).write_text(json.dumps({"token": "theirs", "renewed_at": time.time(), **holder}))
 
 
-def test_training_start_beside_a_live_owner_exits_2_naming_it(tmp_path, cache_dir):
+def test_training_start_beside_a_live_owner_exits_2_naming_it(tmp_path, cache_dir, capsys):
+    from bigtrain.cli import main
+
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs"))
     run_dir = tmp_path / "runs/tiny"
     holder = hold_lease(run_dir, 30, job="4711")
     try:
-        result = run_cli("train", str(recipe))
+        code = main(["train", str(recipe)])
     finally:
         holder.kill()
         holder.wait()
-    assert result.returncode == 2, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+    err = capsys.readouterr().err
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
     assert last.startswith(f"bigtrain: error: run dir {run_dir} is in use by host {socket.gethostname()} "
                            f"pid {holder.pid}, job 4711 (its lease"), last
     assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()  # nothing written
