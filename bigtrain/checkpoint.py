@@ -206,7 +206,7 @@ def _publish(tmp: Path, final: Path, state: TrainState, dist: Dist, keep_last: i
         _fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
         verified.mark_good(final)  # its files were checksummed as they were written: not read back
-        prune(final.parent.parent, keep_last, verified)  # only now: the new checkpoint is durable
+    prune(final.parent.parent, keep_last, verified, dist, group)  # only now: the new checkpoint is durable
     barrier(dist, group)
 
 
@@ -218,16 +218,26 @@ def _stop_unless_owner(lease, dist: Dist, group=None) -> None:
         raise UserError(problem)
 
 
-def prune(run_dir: Path, keep_last: int, verified: VerifiedCheckpoints | None = None) -> None:
+def prune(run_dir: Path, keep_last: int, verified: VerifiedCheckpoints | None = None, dist: Dist | None = None,
+          group=None) -> None:
     """Delete the good checkpoints older than the newest `keep_last` good ones (0 keeps all). Only a checkpoint
     that verifies counts, so a damaged one never pushes out the good one a resume would need; a damaged one is
     not deleted either (it stays for the user to look at, named in one warning per process). `verified` keeps
-    each checkpoint's verdict for the process, so a save reads at most the checkpoints it has not seen yet."""
+    each checkpoint's verdict for the process, so a save reads at most the checkpoints it has not seen yet.
+    With `dist` it is collective: rank 0 decides, and the ranks verify what it has not seen together, each its
+    share of the files (no rank waits in a collective while another reads a whole checkpoint alone)."""
     if keep_last <= 0:
         return
     verified = verified or VerifiedCheckpoints()
+    main = dist is None or dist.is_main
+    folders = list(reversed(list_checkpoints(run_dir))) if main else []
+    unseen = [f for f in folders if not verified.knows(f)]
+    for folder in (unseen if dist is None else all_gather_object(dist, unseen, group)[0]):
+        verified.learn(folder, dist, group)
+    if not main:
+        return
     good = 0
-    for folder in reversed(list_checkpoints(run_dir)):
+    for folder in folders:
         if verified.problem(folder) is None:
             good += 1
             if good > keep_last:
@@ -245,31 +255,38 @@ class VerifiedCheckpoints:
         self._warn = warn or say
 
     def mark_good(self, folder: Path) -> None:
-        if (key := self._key(folder)) is not None:
-            self._verdicts[key] = None
+        self._verdicts[self._key(folder)] = None
 
-    def problem(self, folder: Path) -> str | None:
-        """None for a complete checkpoint, else what is wrong with it (warned about the first time)."""
-        key = self._key(folder)
-        if key is None:
-            return f"incomplete checkpoint {folder}: no {MANIFEST}"
-        if key not in self._verdicts:
-            try:
-                verify(folder)
-                self._verdicts[key] = None
-            except CheckpointError as e:
-                self._verdicts[key] = str(e)
+    def knows(self, folder: Path) -> bool:
+        return self._key(folder) in self._verdicts
+
+    def learn(self, folder: Path, dist: Dist | None = None, group=None) -> None:
+        """Verify `folder` (collective with `dist`: each rank its share) and keep the verdict; rank 0 warns of
+        a damaged one."""
+        try:
+            verify(folder, dist, group)
+            verdict = None
+        except CheckpointError as e:
+            verdict = str(e)
+            if dist is None or dist.is_main:
                 self._warn(f"bigtrain: warning: {e} — this checkpoint is kept, and not counted toward "
                            f"checkpoint.keep_last; delete it once you have looked at it")
-        return self._verdicts[key]
+        self._verdicts[self._key(folder)] = verdict
+
+    def problem(self, folder: Path) -> str | None:
+        """None for a complete checkpoint, else what is wrong with it (verified now if not seen yet)."""
+        if not self.knows(folder):
+            self.learn(folder)
+        return self._verdicts[self._key(folder)]
 
     @staticmethod
-    def _key(folder: Path) -> tuple | None:
+    def _key(folder: Path) -> tuple:
+        where = str(Path(folder).absolute())
         try:
             stat = (Path(folder) / MANIFEST).stat()
         except FileNotFoundError:
-            return None
-        return str(Path(folder).absolute()), stat.st_ino, stat.st_size, stat.st_mtime_ns
+            return where, None  # incomplete: verify says so, once
+        return where, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _shares(names: list[tuple[str, int]], world_size: int) -> list[list[str]]:
@@ -356,10 +373,11 @@ def _step_of(name: str) -> int | None:
     return int(digits) if digits != name.removeprefix(".old-") and digits.isdigit() else None
 
 
-def verify(folder: Path, dist: Dist | None = None, only=None) -> dict:
+def verify(folder: Path, dist: Dist | None = None, group=None, only=None) -> dict:
     """Check the manifest and every file's size and sha256; return the manifest or raise CheckpointError.
-    With `dist` it is collective: the ranks check the files in parallel, each its share (by size), and
-    every rank raises the same error. `only(name) -> bool`: check just those files (init_from: what it reads)."""
+    With `dist` it is collective (over `group`): the ranks check the files in parallel, each its share (by
+    size), and every rank raises the same error. `only(name) -> bool`: check just those files (init_from: what it
+    reads)."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"incomplete checkpoint {folder}: no {MANIFEST}")
@@ -372,7 +390,7 @@ def verify(folder: Path, dist: Dist | None = None, only=None) -> dict:
     mine = list(files) if dist is None else _shares([(n, size) for n, (size, _) in files.items()], dist.world_size)[dist.rank]
     problems = {name: problem for name in mine if (problem := _file_problem(folder, name, *files[name]))}
     if dist is not None:
-        problems = {k: v for part in all_gather_object(dist, problems) for k, v in part.items()}
+        problems = {k: v for part in all_gather_object(dist, problems, group) for k, v in part.items()}
     first = next((name for name in files if name in problems), None)
     if first is not None:
         raise CheckpointError(problems[first])

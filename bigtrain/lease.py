@@ -5,10 +5,11 @@ network while its processes live on, and Slurm requeues the job elsewhere — th
 saving and pruning while the new job resumes from the same run dir. Two writers there lose checkpoints.
 So a training job takes the run dir's lease before it touches the run dir, and:
 
-- at start: no lease, a stale one (not renewed for `checkpoint.lease_timeout_s`), or one of this same job whose
-  process is gone (same job id and host, a dead pid: a restart after a crash) is taken, the takeover in one log
-  line; a lease of the same job held on another host (a requeue while the old node may live on) is waited on
-  until it goes stale; any other live lease stops the start with one line naming its holder (exit 2);
+- at start: no lease, a stale one (not renewed for `checkpoint.lease_timeout_s`), or one whose process on this
+  host is gone (this job restarted after a crash, or a new one after a hang's exit: rank 0, the only rank that
+  publishes and prunes, is dead) is taken, the takeover in one log line; a lease of this same job held on
+  another host (a requeue while the old node may live on) is waited on until it goes stale; any other live
+  lease stops the start with one line naming its holder (exit 2);
 - while training, a thread renews it every timeout / 5 s (an atomic rewrite), and stops once it is not ours;
 - before every save, and again before a checkpoint is published and older ones pruned, `problem()` tells
   whether it is still ours: a job that lost its lease stops with one line before it writes or deletes anything;
@@ -64,8 +65,8 @@ class RunDirLease:
             same_job = holder.get("job_id") == self.me["job_id"]
             if not holder:
                 reason = "its lease file is unreadable"
-            elif same_job and holder.get("host") == self.me["host"] and not _pid_alive(holder.get("pid")):
-                reason = "its process is gone (the same job, restarted)"
+            elif holder.get("host") == self.me["host"] and not _pid_alive(holder.get("pid")):
+                reason = "its process is gone (a crash or a hang's exit: it can write nothing more)"
             elif age > self.timeout_s:
                 reason = f"not renewed for {age:.0f} s (checkpoint.lease_timeout_s={self.timeout_s:g})"
             elif same_job and holder.get("host") != self.me["host"] and \

@@ -16,7 +16,7 @@ from bigtrain.checkpoint import Checkpointer, TrainState
 from bigtrain.config import Config, dump_yaml
 from bigtrain.errors import UserError
 from bigtrain.lease import LEASE_FILE, RunDirLease
-from tests.conftest import REPO, run_cli, tiny_recipe, write_recipe
+from tests.conftest import REPO, tiny_recipe, write_recipe
 from tests.unit.test_strategy import make_engine
 
 HOLD = ("import sys, time\nfrom bigtrain.lease import RunDirLease\n"
@@ -38,23 +38,26 @@ def plant(run_dir, **holder) -> None:
     (run_dir / LEASE_FILE).write_text(json.dumps({"token": "theirs", "renewed_at": time.time(), **holder}))
 
 
-def test_training_start_beside_a_live_owner_exits_2_naming_it(tmp_path, cache_dir):
+def test_training_start_beside_a_live_owner_exits_2_naming_it(tmp_path, cache_dir, capsys):
+    from bigtrain.cli import main
+
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs"))
     run_dir = tmp_path / "runs/tiny"
     holder = hold_lease(run_dir, 30, job="4711")
     try:
-        result = run_cli("train", str(recipe))
+        code = main(["train", str(recipe)])
     finally:
         holder.kill()
         holder.wait()
-    assert result.returncode == 2, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+    err = capsys.readouterr().err
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
     assert last.startswith(f"bigtrain: error: run dir {run_dir} is in use by host {socket.gethostname()} "
                            f"pid {holder.pid}, job 4711 (its lease"), last
     assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()  # nothing written
 
 
-def test_stale_lease_and_one_of_this_job_whose_process_is_gone_are_taken_over(tmp_path, monkeypatch):
+def test_stale_lease_and_one_whose_process_on_this_host_is_gone_are_taken_over(tmp_path, monkeypatch):
     lines = []
     plant(tmp_path, host="node-that-died", pid=1, job_id="77", renewed_at=time.time() - 100)
     RunDirLease(tmp_path, 60, log=lines.append).acquire()
@@ -63,16 +66,28 @@ def test_stale_lease_and_one_of_this_job_whose_process_is_gone_are_taken_over(tm
     assert json.loads((tmp_path / LEASE_FILE).read_text())["pid"] == os.getpid()
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, restarted on this host after a crash: at once
+    monkeypatch.setenv("SLURM_JOB_ID", "78")  # this host, its process gone (the job crashed, or hung and exited 3)
     plant(tmp_path, host=socket.gethostname(), pid=int(gone.stdout), job_id="77")
     lines.clear()
     RunDirLease(tmp_path, 60, log=lines.append).acquire()
     assert lines == [f"bigtrain: took over the run dir from host {socket.gethostname()} pid {gone.stdout.strip()}, "
-                     f"job 77: its process is gone (the same job, restarted)"]
+                     f"job 77: its process is gone (a crash or a hang's exit: it can write nothing more)"]
 
     plant(tmp_path, host=socket.gethostname(), pid=os.getppid(), job_id="77")  # its process lives: not taken
     with pytest.raises(UserError, match=f"in use by host {socket.gethostname()} pid {os.getppid()}, job 77"):
         RunDirLease(tmp_path, 60).acquire()
+
+
+def test_lease_of_this_job_on_another_host_is_waited_on_until_stale(tmp_path, monkeypatch):
+    """A requeued job whose old node may live on: it waits for that node's lease to go stale, then takes it."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    plant(tmp_path, host="old-node", pid=9, job_id="77", renewed_at=time.time() - 0.7)
+    lines = []
+    started = time.monotonic()
+    RunDirLease(tmp_path, 1.0, log=lines.append, poll_s=0.1).acquire()
+    assert 0.2 < time.monotonic() - started < 1.5
+    assert lines[0].startswith("bigtrain: ") and "is held by host old-node pid 9, job 77 of this same job" in lines[0]
+    assert lines[1].startswith("bigtrain: took over the run dir from host old-node pid 9, job 77: not renewed for")
 
 
 def test_lease_is_renewed_while_held_and_released_only_if_still_ours(tmp_path):
