@@ -301,19 +301,16 @@ def test_base_reference_reads_a_local_hf_base_again_only_when_a_file_changes_siz
 
 # --------------------------------------------------------------------------- a LoRA run's readers
 
-LORA_OVERRIDES = (f"model.lora.rank={LORA['rank']}", f"model.lora.alpha={LORA['alpha']}")
-
-
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory, cache_dir):
-    """runs/base: a debug decoder trained 2 steps; runs/lora: LoRA adapters trained 2 steps on it (model.init_from:
-    its checkpoint holds the adapters and base.json); runs/scratch: LoRA on a random base (no init_from: its
-    checkpoint holds every tensor). The recipe: the test's, as a user would write it."""
+    """runs/scratch: LoRA on a random base, trained 2 steps (no init_from: its checkpoint holds every tensor);
+    runs/lora: new adapters trained 2 steps on scratch's model (model.init_from of a LoRA run: its merged weights),
+    whose checkpoint holds the adapters and base.json naming scratch's checkpoint."""
     tmp = tmp_path_factory.mktemp("lora-runs")
     runs = tmp / "runs"
-    recipe = write_recipe(tmp / "r.yaml", tiny_recipe(cache_dir, runs, train={"max_steps": 2}, optim={"lr": 1e-2}))
-    for name, extra in (("base", ()), ("lora", (*LORA_OVERRIDES, f"model.init_from={runs / 'base'}")),
-                        ("scratch", LORA_OVERRIDES)):
+    recipe = write_recipe(tmp / "r.yaml", tiny_recipe(cache_dir, runs, model={"lora": LORA}, train={"max_steps": 2},
+                                                      optim={"lr": 1e-2}))
+    for name, extra in (("scratch", ()), ("lora", (f"model.init_from={runs / 'scratch'}",))):
         result = run_cli("train", str(recipe), f"run.name={name}", *extra)
         assert result.returncode == 0, result.stderr[-3000:]
     return runs
@@ -336,6 +333,7 @@ def trained_lora_model(run_dir):
     return model.eval().requires_grad_(False)
 
 
+@pytest.mark.slow  # its module's fixture trains two runs in sequence
 def test_generate_eval_and_lm_eval_of_a_lora_run_use_the_model_it_trained(lora_runs, tmp_path, capsys, monkeypatch):
     """`bigtrain generate RUN` of a LoRA run (from a base, or not): its model gives the trained LoRA model's logits,
     its greedy text is that model's. `bigtrain eval RUN`: the loss the run logged at its last step. `bigtrain eval
@@ -380,17 +378,31 @@ def test_generate_eval_and_lm_eval_of_a_lora_run_use_the_model_it_trained(lora_r
     assert report["tasks"]["bt_ll"]["perplexity"] == pytest.approx(perplexity, rel=1e-5)
 
 
+def resave_with_other_weights(folder) -> None:
+    """Checkpoint `folder` written again with other weights, its manifest too: a base changed in place."""
+    from bigtrain import filehash
+
+    path = folder / "model.pt"
+    weights = torch.load(path, weights_only=True)
+    weights["tok_emb.weight"] += 1.0
+    torch.save(weights, path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.pt"] = filehash.file_entry(path)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.slow  # its module's fixture trains two runs in sequence
 def test_every_reader_of_a_lora_checkpoint_refuses_a_changed_or_missing_base(lora_runs, tmp_path, cache_dir, capsys):
-    """The base a LoRA checkpoint names (base.json) re-trained in place, or gone: `bigtrain export` (both formats),
-    `eval`, `generate` and `train` with model.init_from of the run each exit 2 with an error line naming the
-    checkpoint and the base, and write nothing (no export folder, no eval report, no checkpoint)."""
+    """The base a LoRA checkpoint names (base.json) saved again with other weights, or gone: `bigtrain export`
+    (both formats), `eval`, `generate` and `train` with model.init_from of the run each exit 2 with an error line
+    naming the checkpoint and the base, and write nothing (no export folder, no eval report, no checkpoint)."""
     import shutil
 
     from bigtrain.checkpoint import list_checkpoints
     from bigtrain.cli import main
 
-    run_dir, base = lora_runs / "lora", list_checkpoints(lora_runs / "base")[-1]
-    aside = tmp_path / "base-aside"
+    run_dir, base = lora_runs / "lora", list_checkpoints(lora_runs / "scratch")[-1]
+    kept = tmp_path / "base-kept"
     reports = sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []
 
     def refused(*argv: str, changed: str = "has changed since") -> None:
@@ -399,9 +411,9 @@ def test_every_reader_of_a_lora_checkpoint_refuses_a_changed_or_missing_base(lor
         assert line.startswith("bigtrain: error: checkpoint ") and f"trained on {base} (sha256 " in line, line
         assert changed in line, line
 
-    base.rename(aside)
+    shutil.copytree(base, kept)
     try:
-        shutil.copytree(list_checkpoints(lora_runs / "scratch")[-1], base)  # another model of the same tensors
+        resave_with_other_weights(base)
         refused("export", str(run_dir), str(tmp_path / "hf"), "--format", "hf")
         refused("export", str(run_dir), str(tmp_path / "bigtrain"))
         refused("eval", str(run_dir))
@@ -415,7 +427,7 @@ def test_every_reader_of_a_lora_checkpoint_refuses_a_changed_or_missing_base(lor
         refused("generate", str(run_dir), "--prompt", "def f", changed="which is gone")
     finally:
         shutil.rmtree(base, ignore_errors=True)
-        aside.rename(base)
+        kept.rename(base)
     assert not (tmp_path / "hf").exists() and not (tmp_path / "bigtrain").exists()
     assert (sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []) == reports
 
