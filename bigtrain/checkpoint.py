@@ -644,7 +644,10 @@ def check_base(folder: Path, current: dict | None = None) -> dict:
         base_folder = Path(saved["init_from"])
         if not base_folder.exists():
             raise CheckpointError(f"{trained_on}, which is gone — put the base back there")
-        current = base_reference(base_folder, saved["tensors"], earlier=saved)
+        try:
+            current = base_reference(base_folder, saved["tensors"], earlier=saved)
+        except OSError as e:  # e.g. a checkpoint base without its manifest any more
+            raise CheckpointError(f"{trained_on}, which cannot be read ({e}) — put the base back there") from None
         if current["sha256"] != saved["sha256"]:
             raise CheckpointError(f"{trained_on}, but that base has changed since (sha256 now {current['sha256'][:12]})"
                                   f" — put back the base the adapters were trained on")

@@ -338,41 +338,63 @@ def preemption_agreed(ctx: LoopContext) -> bool:
 
 def evaluate(ctx: LoopContext, stoppable: bool = False) -> dict[str, float] | None:
     """Task metrics on the validation split (of the EMA weights with eval.use_ema); each rank takes a disjoint
-    chunk (no padded duplicates). `stoppable`: before each batch the ranks agree (one all-reduce) whether any
-    got a preemption signal; if so, eval is abandoned on every rank at the same batch and None is returned."""
+    chunk (no padded duplicates). A mixture's sources are scored one after the other, each split among the ranks,
+    and each source's loss is logged too (eval/loss/<source>). `stoppable`: before each batch the ranks agree
+    (one all-reduce) whether any got a preemption signal; if so, eval is abandoned on every rank at the same
+    batch and None is returned."""
     with ema_weights(ctx.engine, ctx.cfg.eval.use_ema):
         return _evaluate(ctx, stoppable)
+
+
+def eval_positions(val_data, limit: int | None) -> dict[str | None, np.ndarray]:
+    """The validation positions eval scores (the first `limit`), by source: a mixture's (data/mixture.py
+    InterleavedSamples: every source alike) under each source's name, one source's under None."""
+    if hasattr(val_data, "positions"):
+        return val_data.positions(limit)
+    return {None: np.arange(len(val_data) if limit is None else min(limit, len(val_data)), dtype=np.int64)}
 
 
 @torch.no_grad()
 def _evaluate(ctx: LoopContext, stoppable: bool) -> dict[str, float] | None:
     cfg, dist, task, model = ctx.cfg, ctx.dist, ctx.task, ctx.engine.module
-    indices = eval_indices(len(ctx.val_data), dist.rank, dist.world_size, limit=cfg.eval.max_samples)
-    batch_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
-    was_training = model.training
-    model.eval()
-    sums = dict.fromkeys(task.eval_keys, 0.0)
-    # Ranks' chunks differ by at most one sample, so a rank may have one batch fewer. A sharded model's
+    groups = eval_positions(ctx.val_data, cfg.eval.max_samples)
+    # Ranks' chunks of a group differ by at most one sample, so a rank may have one batch fewer. A sharded model's
     # forward is collective (FSDP/ZeRO-3 all-gather parameters), so every rank runs as many forwards as the
     # busiest one; a rank out of samples runs a spare one-sample batch and discards it.
-    busiest = eval_busiest_count(len(ctx.val_data), dist.world_size, limit=cfg.eval.max_samples)
-    for start in range(0, busiest, batch_size):
-        ctx.progress.enter(f"eval batch {start // batch_size + 1}/{-(-busiest // batch_size)}")  # the same on every rank
-        if stoppable and preemption_agreed(ctx):
-            model.train(was_training)
-            return None
-        chunk = indices[start:start + batch_size]
-        spare = len(chunk) == 0
-        if spare:
-            chunk = np.zeros(1, dtype=np.int64)
-        batch = task.collate([ctx.val_data[int(i)] for i in chunk], [EVAL_KEY_OFFSET + int(i) for i in chunk], dist.device)
-        with ctx.engine.autocast():
-            batch_sums = task.eval_sums(model, batch)
-        if not spare:
-            for key, value in batch_sums.items():
-                sums[key] += value
-    totals = all_reduce_sum(dist, torch.tensor(list(sums.values()), dtype=torch.float64, device=dist.device))
-    metrics = task.eval_metrics(dict(zip(sums, totals.tolist())))
+    plan = [(name, positions[eval_indices(len(positions), dist.rank, dist.world_size)],
+             eval_busiest_count(len(positions), dist.world_size)) for name, positions in groups.items()]
+    batch_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
+    batches = sum(-(-busiest // batch_size) for _, _, busiest in plan)
+    was_training = model.training
+    model.eval()
+    sums = {name: dict.fromkeys(task.eval_keys, 0.0) for name in groups}
+    done = 0
+    for name, mine, busiest in plan:
+        for start in range(0, busiest, batch_size):
+            done += 1
+            ctx.progress.enter(f"eval batch {done}/{batches}")  # the same on every rank
+            if stoppable and preemption_agreed(ctx):
+                model.train(was_training)
+                return None
+            chunk = mine[start:start + batch_size]
+            spare = len(chunk) == 0
+            if spare:
+                chunk = np.zeros(1, dtype=np.int64)
+            batch = task.collate([ctx.val_data[int(i)] for i in chunk], [EVAL_KEY_OFFSET + int(i) for i in chunk],
+                                 dist.device)
+            with ctx.engine.autocast():
+                batch_sums = task.eval_sums(model, batch)
+            if not spare:
+                for key, value in batch_sums.items():
+                    sums[name][key] += value
+    # Sums and counts of every source all-reduced at once: each loss is a global sum over the global target count.
+    local = [sums[name][key] for name in groups for key in task.eval_keys]
+    totals = all_reduce_sum(dist, torch.tensor(local, dtype=torch.float64, device=dist.device)).tolist()
+    width = len(task.eval_keys)
+    reduced = {name: dict(zip(task.eval_keys, totals[i * width:(i + 1) * width])) for i, name in enumerate(groups)}
+    metrics = task.eval_metrics({key: sum(part[key] for part in reduced.values()) for key in task.eval_keys})
+    metrics.update({f"eval/loss/{name}": task.eval_metrics(part)["eval/loss"]
+                    for name, part in reduced.items() if name is not None})
     if ctx.lm_eval is not None:  # eval.tasks: lm-eval's scores of the same model, every rank a share
 
         def forward_context():  # each forward is a phase: a long task is progress, not a hang

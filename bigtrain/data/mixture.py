@@ -15,7 +15,8 @@ so it does not depend on the world size, resume is O(1) and a run resumes on ano
   first source to run out (whole blocks, L positions); epoch E of the mixture reads epoch E of every
   source, each sample at most once.
 
-Validation is every source's validation split, one after the other.
+Validation is every source's validation split, taken in turn (`InterleavedSamples`): eval.max_samples scores
+every source alike, and eval logs each source's loss.
 """
 
 from __future__ import annotations
@@ -143,31 +144,58 @@ class MixtureDataset:
         return self._perms[key]
 
 
-class ConcatSamples:
-    """Several datasets' samples one after the other (a mixture's validation splits)."""
+class InterleavedSamples:
+    """A mixture's validation splits as one, taken in turn: sample 0 of every source, then sample 1 of every source,
+    and so on (a source that has run out is passed over). So the first N samples, what `eval.max_samples` scores,
+    hold every source alike (⌊N / sources⌋ or one more each, or all a smaller split has), deterministically and
+    whatever the order of data.mixture; `positions` groups them by source, which eval scores apart
+    (eval/loss/<source>)."""
 
-    def __init__(self, datasets: list):
-        self.datasets = datasets
-        self.starts = np.cumsum([0] + [len(d) for d in datasets])
+    def __init__(self, names: list[str], datasets: list):
+        self.names, self.datasets = names, datasets
+        self.sizes = np.array([len(d) for d in datasets], dtype=np.int64)
+        # Turn r takes sample r of every source with more than r samples: between two consecutive split sizes the
+        # same sources take turns. Segment k covers turns [turns[k], turns[k + 1]) of the sources active[k].
+        self._turns = np.unique(np.concatenate([[0], self.sizes]))
+        active = [np.flatnonzero(self.sizes > turn) for turn in self._turns[:-1]]
+        self._active = np.zeros((len(active), len(datasets)), dtype=np.int64)  # (segments, sources), left-aligned
+        for k, sources in enumerate(active):
+            self._active[k, :len(sources)] = sources
+        self._width = np.array([len(sources) for sources in active], dtype=np.int64)
+        self._starts = np.cumsum([0, *(np.diff(self._turns) * self._width)])  # first position of each segment
 
     def __len__(self) -> int:
-        return int(self.starts[-1])
+        return int(self.sizes.sum())
 
-    def __getitem__(self, i: int):
-        i = int(i)
-        if not 0 <= i < len(self):
-            raise IndexError(f"sample {i} out of range for {len(self)} samples")
-        d = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return self.datasets[d][i - int(self.starts[d])]
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source, its sample index) of each of `positions` (an int array within range)."""
+        k = np.searchsorted(self._starts, positions, side="right") - 1
+        turn, place = np.divmod(positions - self._starts[k], self._width[k])
+        return self._active[k, place], self._turns[k] + turn
+
+    def __getitem__(self, position: int):
+        position = int(position)
+        if not 0 <= position < len(self):
+            raise IndexError(f"sample {position} out of range for {len(self)} samples")
+        source, index = self.locate(np.array([position]))
+        return self.datasets[int(source[0])][int(index[0])]
+
+    def positions(self, limit: int | None = None) -> dict[str, np.ndarray]:
+        """{source name: the positions of its samples among the first `limit` (default all)}, sources with none
+        left out."""
+        first = np.arange(len(self) if limit is None else min(limit, len(self)), dtype=np.int64)
+        sources, _ = self.locate(first)
+        return {name: first[sources == s] for s, name in enumerate(self.names) if (sources == s).any()}
 
 
 def open_mixture(cfg, opened: list, *, seed: int):
     """The mixture's PreparedData from its sources' (in data.mixture's order): the first one's tokenizer and ids,
-    train = MixtureDataset (its order keyed by `seed`, run.seed), validation = every source's, one after the other."""
+    train = MixtureDataset (its order keyed by `seed`, run.seed), validation = every source's, in turn."""
     parts, first = mixture_parts(cfg), opened[0]
     for part, data in zip(parts[1:], opened[1:]):
         if data.vocab_size != first.vocab_size or data.eos_id != first.eos_id:
             raise UserError(f"data.mixture: source {part.name} was prepared with another tokenizer ({data.path})")
-    train = MixtureDataset([p.name for p in parts], [d.train for d in opened], [p.weight for p in parts],
-                           seed=seed, exhaust=cfg.mixture_exhaust)
-    return dataclasses.replace(first, train=train, validation=ConcatSamples([d.validation for d in opened]))
+    names = [p.name for p in parts]
+    train = MixtureDataset(names, [d.train for d in opened], [p.weight for p in parts], seed=seed,
+                           exhaust=cfg.mixture_exhaust)
+    return dataclasses.replace(first, train=train, validation=InterleavedSamples(names, [d.validation for d in opened]))

@@ -169,7 +169,9 @@ def test_rank_zero_work_longer_than_the_collective_timeout_holds_no_collective_o
 def test_mixture_order_holds_across_world_sizes_and_resumes_exactly_and_elastically(tmp_path):
     """Two local sources at 0.7 / 0.3 (the BPE trained on the first serves both): the steps a 2-process run
     takes before it stops equal one process's, a one-process resume of it continues the same losses, and a
-    one-process run stopped and resumed equals the straight one bit for bit. Each source's tokens are logged."""
+    one-process run stopped and resumed equals the straight one bit for bit. Each source's tokens are logged.
+    Eval (eval.max_samples=16) scores both sources alike, 8 samples each, and logs each one's loss: the same
+    under ddp (sums and target counts all-reduced) as in one process."""
     from bigtrain.data.mixture import block_pattern
 
     lines = [line for line in (REPO / "bigtrain/loop.py").read_text().splitlines() if line.strip()]
@@ -201,6 +203,13 @@ def test_mixture_order_holds_across_world_sizes_and_resumes_exactly_and_elastica
     assert [r["train/loss"] for r in runs["resumed"]] == [r["train/loss"] for r in runs["straight"]]  # bit for bit
     assert [r["train/loss"] for r in runs["elastic"]] == pytest.approx([r["train/loss"] for r in runs["straight"]],
                                                                        rel=1e-5)
+    evals = {name: {r["step"]: r for r in read_metrics(tmp_path / "runs" / name)[1]} for name in ("resumed", "elastic")}
+    one, two = evals["resumed"][2], evals["elastic"][2]  # step 2: one process; two processes (ddp)
+    assert two.keys() == one.keys() == {"step", "eval/loss", "eval/ppl", "eval/loss/code", "eval/loss/prose"}
+    assert {k: two[k] for k in one} == pytest.approx(one, rel=1e-5)
+    # 8 packed samples of each source, 32 targets each: the overall loss is the two sources' mean
+    assert one["eval/loss"] == pytest.approx((one["eval/loss/code"] + one["eval/loss/prose"]) / 2, rel=1e-9)
+    assert one["eval/loss/code"] != one["eval/loss/prose"]
     sources, _, _ = block_pattern([0.7, 0.3])
     code = int((sources[:32] == 0).sum())  # of the 4 × 8 samples read
     assert {k: v for k, v in runs["straight"][-1].items() if k.startswith("data/")} == {

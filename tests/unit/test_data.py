@@ -990,6 +990,29 @@ def test_mixture_repeat_reads_a_small_source_whole_before_it_repeats_it_in_anoth
     assert mix.passes(400) == {"big": pytest.approx(0.02), "small": pytest.approx(5.0)}
 
 
+def test_mixture_validation_takes_the_sources_in_turn_so_max_samples_scores_each_alike():
+    """A mixture's validation splits (sizes 5, 2, 0, 300 here): sample k of every source in turn, a source that has
+    run out passed over; every sample once; the first N group by source evenly, whatever data.mixture's order."""
+    from bigtrain.data.mixture import InterleavedSamples
+
+    splits = {"a": 5, "b": 2, "empty": 0, "big": 300}
+    val = InterleavedSamples(list(splits), [[(name, i) for i in range(n)] for name, n in splits.items()])
+    assert len(val) == 307
+    assert [val[p] for p in range(9)] == [("a", 0), ("b", 0), ("big", 0), ("a", 1), ("b", 1), ("big", 1),
+                                          ("a", 2), ("big", 2), ("a", 3)]
+    assert sorted(val[p] for p in range(len(val))) == sorted((n, i) for n, size in splits.items() for i in range(size))
+    first = val.positions(16)  # a: all 5, b: both, big: the rest
+    assert {name: len(p) for name, p in first.items()} == {"a": 5, "b": 2, "big": 9}
+    assert all(val[int(p)][0] == name for name, positions in first.items() for p in positions)
+    assert sorted(np.concatenate(list(first.values()))) == list(range(16))
+    even = InterleavedSamples(["x", "y", "z"], [[("x", i) for i in range(100)], [("y", i) for i in range(80)],
+                                                [("z", i) for i in range(90)]])
+    assert {name: len(p) for name, p in even.positions(100).items()} == {"x": 34, "y": 33, "z": 33}
+    assert {name: len(p) for name, p in even.positions(None).items()} == {"x": 100, "y": 80, "z": 90}
+    with pytest.raises(IndexError):
+        val[307]
+
+
 def test_mixture_stop_ends_the_epoch_with_the_first_source_to_run_out():
     mix = mixture({"a": 1500, "b": 2500}, [0.5, 0.5], exhaust="stop")
     assert len(mix) == 3000  # b would last 5 blocks, a runs out after 3

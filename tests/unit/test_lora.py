@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -300,19 +301,16 @@ def test_base_reference_reads_a_local_hf_base_again_only_when_a_file_changes_siz
 
 # --------------------------------------------------------------------------- a LoRA run's readers
 
-LORA_OVERRIDES = (f"model.lora.rank={LORA['rank']}", f"model.lora.alpha={LORA['alpha']}")
-
-
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory, cache_dir):
-    """runs/base: a debug decoder trained 2 steps; runs/lora: LoRA adapters trained 2 steps on it (model.init_from:
-    its checkpoint holds the adapters and base.json); runs/scratch: LoRA on a random base (no init_from: its
-    checkpoint holds every tensor). The recipe: the test's, as a user would write it."""
+    """runs/scratch: LoRA on a random base, trained 2 steps (no init_from: its checkpoint holds every tensor);
+    runs/lora: new adapters trained 2 steps on scratch's model (model.init_from of a LoRA run: its merged weights),
+    whose checkpoint holds the adapters and base.json naming scratch's checkpoint."""
     tmp = tmp_path_factory.mktemp("lora-runs")
     runs = tmp / "runs"
-    recipe = write_recipe(tmp / "r.yaml", tiny_recipe(cache_dir, runs, train={"max_steps": 2}, optim={"lr": 1e-2}))
-    for name, extra in (("base", ()), ("lora", (*LORA_OVERRIDES, f"model.init_from={runs / 'base'}")),
-                        ("scratch", LORA_OVERRIDES)):
+    recipe = write_recipe(tmp / "r.yaml", tiny_recipe(cache_dir, runs, model={"lora": LORA}, train={"max_steps": 2},
+                                                      optim={"lr": 1e-2}))
+    for name, extra in (("scratch", ()), ("lora", (f"model.init_from={runs / 'scratch'}",))):
         result = run_cli("train", str(recipe), f"run.name={name}", *extra)
         assert result.returncode == 0, result.stderr[-3000:]
     return runs
@@ -335,65 +333,76 @@ def trained_lora_model(run_dir):
     return model.eval().requires_grad_(False)
 
 
-def lm_eval_tasks_dir(tmp_path):
-    """--include-path of one local lm-eval loglikelihood task (tests/unit/test_lm_eval_adapter.py's)."""
-    from tests.unit.test_lm_eval_adapter import LL_DOCS, task_yaml
-
-    (tmp_path / "ll.jsonl").write_text("".join(json.dumps(d) + "\n" for d in LL_DOCS))
-    (tmp_path / "bt_ll.yaml").write_text(task_yaml(
-        "bt_ll", tmp_path / "ll.jsonl", tmp_path / "cache", "loglikelihood",
-        {"doc_to_text": "{{context}}", "doc_to_target": "{{continuation}}", "target_delimiter": ""}, ["perplexity"]))
-    return tmp_path
-
-
-@pytest.mark.parametrize("run", ["lora", "scratch"])
-def test_generate_eval_and_lm_eval_of_a_lora_run_use_the_model_it_trained(lora_runs, run, tmp_path, capsys,
-                                                                         monkeypatch):
-    """`bigtrain generate RUN`, `bigtrain eval RUN` and `bigtrain eval RUN --tasks` of a LoRA run (from a base, or
-    not): generate's model gives the trained LoRA model's logits, its greedy text is that model's; eval's loss is
-    the one the run logged at its last step; lm-eval's perplexity is the LoRA model's."""
+@pytest.mark.slow  # its module's fixture trains two runs in sequence
+def test_generate_eval_and_lm_eval_of_a_lora_run_use_the_model_it_trained(lora_runs, tmp_path, capsys, monkeypatch):
+    """`bigtrain generate RUN` of a LoRA run (from a base, or not): its model gives the trained LoRA model's logits,
+    its greedy text is that model's. `bigtrain eval RUN`: the loss the run logged at its last step. `bigtrain eval
+    RUN --tasks` (a local loglikelihood task): the perplexity of the LoRA model's log-likelihoods."""
     pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
     from bigtrain.cli import main
     from bigtrain.generate import SamplingConfig, generate_text, load_generator
-    from bigtrain.lm_eval_adapter import run_lm_eval, task_manager, task_scores
+    from bigtrain.lm_eval_adapter import BigtrainLM
     from tests.integration.test_train import read_metrics
+    from tests.unit.test_lm_eval_adapter import LL_DOCS, task_yaml
 
-    run_dir = lora_runs / run
-    lora_model = trained_lora_model(run_dir)
-    gen = load_generator(run_dir)
     tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(gen.model(tokens), lora_model(tokens), rtol=0, atol=1e-5)
-    as_trained = dataclasses.replace(gen, model=lora_model)
+    for run in ("lora", "scratch"):
+        run_dir = lora_runs / run
+        gen = load_generator(run_dir)
+        as_trained = dataclasses.replace(gen, model=trained_lora_model(run_dir))
+        with torch.no_grad():
+            torch.testing.assert_close(gen.model(tokens), as_trained.model(tokens), rtol=0, atol=1e-5)
+        assert main(["generate", str(run_dir), "--prompt", "def f", "--max-new-tokens", "8"]) == 0
+        want = generate_text(as_trained, ["def f"], SamplingConfig(max_new_tokens=8), log=lambda line: None)
+        assert capsys.readouterr().out == want[0] + "\n"
 
-    assert main(["generate", str(run_dir), "--prompt", "def f", "--max-new-tokens", "8"]) == 0
-    want = generate_text(as_trained, ["def f"], SamplingConfig(max_new_tokens=8), log=lambda line: None)
-    assert capsys.readouterr().out == want[0] + "\n"
-
+    run_dir = lora_runs / "lora"  # its base's tensors read from the base
     assert main(["eval", str(run_dir)]) == 0
     logged = read_metrics(run_dir)[1][-1]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval/loss"] == pytest.approx(
         logged["eval/loss"], rel=1e-6)
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    tasks = lm_eval_tasks_dir(tmp_path)
-    assert main(["eval", str(run_dir), "--tasks", "bt_ll", "--include-path", str(tasks)]) == 0
+    (tmp_path / "ll.jsonl").write_text("".join(json.dumps(d) + "\n" for d in LL_DOCS))
+    (tmp_path / "bt_ll.yaml").write_text(task_yaml(
+        "bt_ll", tmp_path / "ll.jsonl", tmp_path / "cache", "loglikelihood",
+        {"doc_to_text": "{{context}}", "doc_to_target": "{{continuation}}", "target_delimiter": ""}, ["perplexity"]))
+    assert main(["eval", str(run_dir), "--tasks", "bt_ll", "--include-path", str(tmp_path)]) == 0
     report = json.loads(next((run_dir / "eval").glob("lm-eval-step-*.json")).read_text())
-    theirs = task_scores(run_lm_eval(as_trained, ["bt_ll"], task_manager(tasks)))
-    assert report["tasks"]["bt_ll"]["perplexity"] == pytest.approx(theirs["bt_ll"]["perplexity"], rel=1e-5)
+    as_trained = dataclasses.replace(load_generator(run_dir), model=trained_lora_model(run_dir))
+    requests = [Instance("loglikelihood", doc, (doc["context"], doc["continuation"]), i) for i, doc in enumerate(LL_DOCS)]
+    loglikelihoods = [ll for ll, _ in BigtrainLM(as_trained).loglikelihood(requests)]
+    perplexity = math.exp(-sum(loglikelihoods) / len(loglikelihoods))  # lm-eval's perplexity aggregation
+    assert report["tasks"]["bt_ll"]["perplexity"] == pytest.approx(perplexity, rel=1e-5)
 
 
+def resave_with_other_weights(folder) -> None:
+    """Checkpoint `folder` written again with other weights, its manifest too: a base changed in place."""
+    from bigtrain import filehash
+
+    path = folder / "model.pt"
+    weights = torch.load(path, weights_only=True)
+    weights["tok_emb.weight"] += 1.0
+    torch.save(weights, path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.pt"] = filehash.file_entry(path)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.slow  # its module's fixture trains two runs in sequence
 def test_every_reader_of_a_lora_checkpoint_refuses_a_changed_or_missing_base(lora_runs, tmp_path, cache_dir, capsys):
-    """The base a LoRA checkpoint names (base.json) re-trained in place, or gone: `bigtrain export` (both formats),
-    `eval`, `generate` and `train` with model.init_from of the run each exit 2 with an error line naming the
-    checkpoint and the base, and write nothing (no export folder, no eval report, no checkpoint)."""
+    """The base a LoRA checkpoint names (base.json) saved again with other weights, or gone: `bigtrain export`
+    (both formats), `eval`, `generate` and `train` with model.init_from of the run each exit 2 with an error line
+    naming the checkpoint and the base, and write nothing (no export folder, no eval report, no checkpoint)."""
     import shutil
 
     from bigtrain.checkpoint import list_checkpoints
     from bigtrain.cli import main
 
-    run_dir, base = lora_runs / "lora", list_checkpoints(lora_runs / "base")[-1]
-    aside = tmp_path / "base-aside"
+    run_dir, base = lora_runs / "lora", list_checkpoints(lora_runs / "scratch")[-1]
+    kept = tmp_path / "base-kept"
     reports = sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []
 
     def refused(*argv: str, changed: str = "has changed since") -> None:
@@ -402,9 +411,9 @@ def test_every_reader_of_a_lora_checkpoint_refuses_a_changed_or_missing_base(lor
         assert line.startswith("bigtrain: error: checkpoint ") and f"trained on {base} (sha256 " in line, line
         assert changed in line, line
 
-    base.rename(aside)
+    shutil.copytree(base, kept)
     try:
-        shutil.copytree(list_checkpoints(lora_runs / "scratch")[-1], base)  # another model of the same tensors
+        resave_with_other_weights(base)
         refused("export", str(run_dir), str(tmp_path / "hf"), "--format", "hf")
         refused("export", str(run_dir), str(tmp_path / "bigtrain"))
         refused("eval", str(run_dir))
@@ -418,7 +427,7 @@ def test_every_reader_of_a_lora_checkpoint_refuses_a_changed_or_missing_base(lor
         refused("generate", str(run_dir), "--prompt", "def f", changed="which is gone")
     finally:
         shutil.rmtree(base, ignore_errors=True)
-        aside.rename(base)
+        kept.rename(base)
     assert not (tmp_path / "hf").exists() and not (tmp_path / "bigtrain").exists()
     assert (sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []) == reports
 
