@@ -226,7 +226,7 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = _opt(0, "evaluate every N steps (0: only at the end)")
-    max_samples: Optional[int] = _opt(None, "evaluate on the first N validation samples (default: all)")
+    max_samples: Optional[int] = _opt(None, "evaluate on the first N validation samples (a mixture: taken from its sources in turn, so each counts alike; default: all)")
     micro_batch_size: Optional[int] = _opt(None, "eval sequences per forward (default: train.micro_batch_size)")
     tasks: tuple[str, ...] = _opt((), "lm-eval tasks scored at each eval, each rank a share of the documents (decoder runs; pip install 'bigtrain[eval]'), e.g. [hellaswag, arc_easy]")
     tasks_limit: Optional[int] = _opt(None, "eval.tasks: only the first N documents of each task (default: all)")
