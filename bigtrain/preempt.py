@@ -74,7 +74,12 @@ class PreemptionGuard:
         self._boundary = True
 
     def _handle(self, signum, frame) -> None:
-        """Python's part runs late (main thread); the watcher thread has seen the signal already."""
+        """Python's part runs late (main thread): the watcher thread has seen the signal already, unless something
+        (an asyncio loop) has taken the wakeup fd since; then this is the only notice."""
+        current = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(current, warn_on_full_buffer=False)
+        if self._pipe is None or current != self._pipe[1]:
+            self._received(signum, time.monotonic())
 
     def _received(self, signum: int, now: float) -> None:
         if signum not in PREEMPT_SIGNALS:

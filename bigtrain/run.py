@@ -351,6 +351,7 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
         watchdog.diagnose_error(e)  # a collective timeout, or a peer's hang report broke ours: exit 3
         raise
     finally:
+        progress.enter("close: saves, logger, engine, process group")
         if saver is not None:
             saver.close()  # on an error too: no save is left half-written by this process's exit
         if logger is not None:

@@ -2,7 +2,7 @@
 tests/slurm/cluster.sh (slurmctld + slurmd + munge on this host): one process per CPU slot, preemption by
 SIGUSR1 (to the step, the batch shell or both) with checkpoint + requeue + resume, a SIGKILL'd job requeued
 from its last periodic checkpoint, fine-tuning from the pretrain run; and SIGTERM to a plain `bigtrain train`
-without Slurm.
+without Slurm, in the loop and outside it (resume, init_from, rank 0's data preparation; a second SIGTERM).
 
 Multi-node Slurm semantics (nodelist → master, SLURM_NODEID → node rank) are covered by the launcher's
 environment tests (tests/unit/test_launcher.py) and the two-node torchrun simulation (test_launch.py):

@@ -94,3 +94,22 @@ print("alive")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=30,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0 and result.stdout.strip() == "alive", result.stderr
+
+
+def test_a_signal_still_stops_when_something_else_took_the_wakeup_fd():
+    """An asyncio loop in the main thread may replace the wakeup fd: the handler itself takes the signal then."""
+    code = """
+import os, signal, time
+from bigtrain.preempt import PreemptionGuard
+with PreemptionGuard() as guard:
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(10)
+"""
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=30,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 75 and time.monotonic() - start < 5, result.stderr
+    assert "preempted by SIGUSR1 at start-up; nothing new to save" in result.stderr

@@ -7,11 +7,17 @@ from pathlib import Path
 import pytest
 import torch.distributed as torch_dist
 
-from bigtrain.watchdog import EXIT_HANG, MIN_TIMED_STEPS, Progress, is_collective_timeout, late_ranks, stall, summary
+import torch
+
+from bigtrain.strategy.dist import CollectiveNote
+from bigtrain.watchdog import (EXIT_HANG, MIN_TIMED_STEPS, Progress, is_collective_timeout, late_ranks, limit_cap, position,
+                               stall, summary)
 
 
-def report(rank: int, step: int, seq: int, phase: str = "forward 1/1", stalled_s: float = 12.0) -> dict:
-    return {"rank": rank, "step": step, "seq": seq, "phase": phase, "host": "node7", "pid": 1, "stalled_s": stalled_s}
+def report(rank: int, step: int, seq: int, phase: str = "forward 1/1", stalled_s: float = 12.0, collectives: int = 0,
+           collective: str | None = None) -> dict:
+    return {"rank": rank, "step": step, "seq": seq, "phase": phase, "host": "node7", "pid": 1, "stalled_s": stalled_s,
+            "collectives": collectives, "collective": collective}
 
 
 def test_progress_counts_phases_per_step_and_times_steps_after_the_first():
@@ -71,3 +77,53 @@ def test_summary_names_the_late_ranks_and_where_they_were_last_seen():
 ])
 def test_collective_timeouts_are_told_from_other_errors(error, expected):
     assert is_collective_timeout(error) is expected
+
+
+def test_outside_a_timed_step_a_finished_collective_is_progress():
+    """Ranks waiting for rank 0's data preparation meet in an all-reduce every second: not a stall."""
+    build = (0, 1, "build: data, model, engine", 100.0, None)
+    stalled, limit, _ = stall(build, [], 2000.0, floor_s=10, factor=5, long_s=1800, progress_at=1999.0)
+    assert (stalled, limit) == (1.0, 1800)
+    assert stall(build, [], 2000.0, floor_s=10, factor=5, long_s=1800)[0] == 1900.0
+    assert position(build) == "'build: data, model, engine' before the loop"
+    assert position((8, 30, "final barrier", 0.0, None)) == "'final barrier' after step 8"
+    assert position((4, 2, "forward 1/1", 0.0, 1.0)) == "step 4 'forward 1/1'"
+
+
+def test_on_cuda_every_limit_stays_below_the_nccl_timeout():
+    """NCCL aborts the process at parallel.collective_timeout_s: the watchdog's report must come first there."""
+    cap = limit_cap("cuda", 1800, 5.0)
+    assert cap == 1800 - 90  # 5 % margin (more than two polls)
+    assert limit_cap("cuda", 60, 5.0) == 50  # two polls' margin
+    assert limit_cap("cpu", 1800, 5.0) is None  # gloo raises its timeout, which the watchdog diagnoses
+    between = (7, 9, "checkpoint save", 100.0, None)
+    _, limit, how = stall(between, [], 160.0, floor_s=10, factor=5, long_s=1800, cap_s=cap)
+    assert limit == cap and "capped below parallel.collective_timeout_s=1800" in how
+    in_step = (7, 2, "forward 1/1", 100.0, 95.0)
+    _, limit, _ = stall(in_step, [400.0] * 3, 110.0, floor_s=3000, factor=5, long_s=1800, cap_s=cap)
+    assert limit == cap  # a hang_timeout_s above NCCL's timeout is lowered too
+    _, limit, _ = stall(in_step, [1.0] * 3, 110.0, floor_s=300, factor=5, long_s=1800, cap_s=cap)
+    assert limit == 300  # below the cap: unchanged
+
+
+def test_a_rank_not_yet_in_the_collective_the_others_wait_in_is_behind_and_the_collective_is_named():
+    reports = {0: report(0, 8, 30, "final barrier", collectives=41, collective="barrier for 20 s"),
+               1: report(1, 8, 30, "final barrier", collectives=40)}
+    assert late_ranks(reports, 2) == ([1], [])
+    line = summary("x", reports, 2, Path("h"))
+    assert "rank(s) 1 did not arrive (last seen: rank 1 in step 8 'final barrier'" in line
+    assert "; waiting for them: rank 0 in barrier for 20 s;" in line
+    both = {r: report(r, 8, 30, "final barrier", collectives=41, collective="barrier for 20 s") for r in (0, 1)}
+    assert "every rank is in step 8 'final barrier' (barrier for 20 s): none is behind" in summary("x", both, 2, Path("h"))
+
+
+def test_collective_note_names_the_operation_and_size_while_in_it():
+    note = CollectiveNote()
+    with note.entered("all_reduce SUM", torch.zeros(3, dtype=torch.float64)):
+        assert note.current[0] == "all_reduce SUM of 3 float64 (24 B) on cpu"
+        assert note.entered_count == 1
+    assert note.current is None
+    with pytest.raises(RuntimeError):
+        with note.entered("barrier"):
+            raise RuntimeError("Timed out waiting 20000ms")
+    assert note.current[0] == "barrier" and note.entered_count == 2  # kept for the timeout's diagnosis
