@@ -66,7 +66,8 @@ def measure_worker(out: str, argv: list[str]) -> None:
                 totals[phase]["s"] += time.perf_counter() - t0
         return wrapper
 
-    checkpoint.resolve_init_checkpoint = counted("init_from", checkpoint.resolve_init_checkpoint)  # (it used to verify too)
+    # resolving init_from lists folders (it used to verify the whole checkpoint too)
+    checkpoint.resolve_init_checkpoint = counted("init_from", checkpoint.resolve_init_checkpoint)
     if hasattr(checkpoint, "verify_init_checkpoint"):
         checkpoint.verify_init_checkpoint = counted("init_from", checkpoint.verify_init_checkpoint)
     checkpoint.load_init_weights = counted("init_from", checkpoint.load_init_weights)
