@@ -326,7 +326,8 @@ def _fsync_written(folder: Path, dist: Dist, group=None) -> None:
     mine = filehash.written(folder)
     recorded = {path for part in all_gather_object(dist, mine, group) for path in part}
     if dist.is_main:
-        mine += [path for p in sorted(folder.rglob("*")) if p.is_file() and (path := os.path.abspath(p)) not in recorded]
+        unrecorded = (os.path.abspath(p) for p in sorted(folder.rglob("*")) if p.is_file())
+        mine += [path for path in unrecorded if path not in recorded]
     for path in mine:
         fsync_file(path)
     if dist.is_main:

@@ -27,8 +27,8 @@ from bigtrain.strategy.precision import PrecisionTable, precision_table, resolve
 
 __all__ = [
     "Dist", "Engine", "PrecisionTable", "STRATEGIES", "WeightsReader", "all_reduce_host", "all_reduce_sum", "barrier",
-    "broadcast_object", "build_engine", "engine_class", "holds_weights", "init_distributed", "launcher_precision", "open_weights", "precision_table",
-    "resolve_strategy", "shutdown",
+    "broadcast_object", "build_engine", "engine_class", "holds_weights", "init_distributed", "launcher_precision",
+    "open_weights", "precision_table", "resolve_strategy", "shutdown",
 ]
 
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]

@@ -51,7 +51,8 @@ from torch import nn
 from bigtrain import filehash, safe_load
 from bigtrain.errors import UserError
 from bigtrain.strategy.deepspeed_config import build_deepspeed_config
-from bigtrain.strategy.dist import Dist, barrier, broadcast_object, copy_from_main, on_main, use_tf32
+from bigtrain.strategy.dist import Dist, barrier, broadcast_object, on_main, use_tf32
+from bigtrain.strategy.full_tensors import load_full_tensors, write_whole
 from bigtrain.strategy.precision import PrecisionTable, freeze_in
 from bigtrain.strategy.transforms import apply_transforms, named_tensors
 
@@ -337,22 +338,19 @@ class DeepSpeedEngine:
         self.ds.optimizer.refresh_fp32_params()
 
     def _write_full(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+        load_full_tensors(named_tensors(model), weights, self._write_full_tensor, self.dist)
+
+    def _write_full_tensor(self, tensor: torch.Tensor, full: torch.Tensor | None, dist: Dist) -> None:
+        """ZeRO-3's partitioned parameter: gathered, written by rank 0, re-partitioned from rank 0's copy. A tensor
+        every rank holds whole (ZeRO-1/2, buffers): rank 0's broadcast. Either way only rank 0 reads the checkpoint."""
         import deepspeed
 
-        stage3 = self.ds.zero_optimization_partition_weights()
-        for name, tensor in named_tensors(model).items():
-            if name not in weights:
-                continue
-            # ZeRO-3: gather the full parameter, let rank 0 write it, re-partition from rank 0's copy. A tensor every
-            # rank holds whole (ZeRO-1/2, buffers): rank 0 reads it and broadcasts it. Either way rank 0 alone reads.
-            gathered = stage3 and isinstance(tensor, nn.Parameter)
-            context = deepspeed.zero.GatheredParameters([tensor], modifier_rank=0) if gathered else contextlib.nullcontext()
-            with context, torch.no_grad():
-                if gathered:
-                    if self.dist.is_main:
-                        tensor.data.copy_(weights[name].to(tensor.dtype))
-                else:
-                    copy_from_main(tensor.data, lambda: weights[name].to(tensor.dtype), self.dist)
+        if not (self.ds.zero_optimization_partition_weights() and isinstance(tensor, nn.Parameter)):
+            write_whole(tensor, full, dist)
+            return
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
+            if dist.is_main:
+                tensor.data.copy_(full)
 
     def frozen(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
         """Another model (a distillation teacher) frozen in the compute dtype with `weights`, laid out as this

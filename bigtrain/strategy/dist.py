@@ -239,18 +239,6 @@ def all_reduce_max(dist: Dist, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def copy_from_main(target: torch.Tensor, read, dist: Dist) -> None:
-    """target ← read() on rank 0, then broadcast into every rank's `target` (collective): a tensor that every rank
-    holds whole (ddp, ZeRO-1/2, a buffer) is read from a checkpoint once per job, by rank 0 (init_from)."""
-    if dist.is_main:
-        target.copy_(read())
-    if dist.distributed:
-        buffer = target if target.is_contiguous() else target.contiguous()
-        torch_dist.broadcast(buffer, src=0)
-        if buffer is not target:
-            target.copy_(buffer)
-
-
 def all_gather_object(dist: Dist, obj, group=None) -> list:
     """Every rank's `obj`, in rank order, on every rank (over `group`: default, all ranks)."""
     if not dist.distributed:

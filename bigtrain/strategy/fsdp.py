@@ -37,6 +37,7 @@ from bigtrain import filehash, safe_load
 from bigtrain.ema import EMA_KEY
 from bigtrain.errors import UserError
 from bigtrain.strategy.dist import Dist, use_tf32
+from bigtrain.strategy.full_tensors import load_full_tensors
 from bigtrain.strategy.precision import (PrecisionTable, freeze_in, hold_frozen_linears_in, make_grad_scaler,
                                          scaled_optimizer_step)
 from bigtrain.strategy.transforms import apply_transforms, named_tensors
@@ -246,10 +247,7 @@ class FSDPEngine:
         self._load_full_tensors(self.module, weights)
 
     def _load_full_tensors(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
-        targets = named_tensors(model)
-        with torch.no_grad():
-            for name in weights:  # the same names in the same order on every rank
-                _load_full_tensor(targets[name], weights[name] if self.dist.is_main else None, self.dist)
+        load_full_tensors(named_tensors(model), weights, _load_full_tensor, self.dist)
 
     def _state(self) -> dict:
         """What a DCP checkpoint holds: model and optimizer state (and the EMA's shards), by state-dict name."""

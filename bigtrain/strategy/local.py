@@ -21,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 from bigtrain import filehash, safe_load
 from bigtrain.ema import EMA_FILE
 from bigtrain.errors import UserError
-from bigtrain.strategy.dist import Dist, copy_from_main, use_tf32
+from bigtrain.strategy.dist import Dist, use_tf32
+from bigtrain.strategy.full_tensors import load_full_tensors, write_whole
 from bigtrain.strategy.precision import (PrecisionTable, autocast, freeze_in, hold_frozen_linears_in, make_grad_scaler,
                                          scaled_optimizer_step)
 from bigtrain.strategy.transforms import apply_transforms
@@ -159,11 +160,8 @@ def load_leaving_out(model: nn.Module, state: dict, left_out: frozenset) -> None
 
 def copy_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], dist: Dist) -> None:
     """Full tensors by state-dict name into `model`, one at a time (a lazy mapping reads each only then): rank 0
-    reads each and broadcasts it into the other ranks' replicas (collective: the same names in the same order)."""
-    targets = model.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for name in weights:
-            copy_from_main(targets[name].data, lambda: weights[name], dist)
+    reads each and broadcasts it into the other ranks' replicas (collective; strategy/full_tensors.py)."""
+    load_full_tensors(model.state_dict(keep_vars=True), weights, write_whole, dist)
 
 
 def copy_to_host(obj, _memo: dict | None = None):

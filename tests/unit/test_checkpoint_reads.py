@@ -117,7 +117,8 @@ def test_dcp_weights_unpickle_metadata_once_per_reader(tmp_path, monkeypatch):
         warnings.simplefilter("ignore", UserWarning)
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path), no_dist=True)
     unpickled, real = [], fsdp.SafeReader.read_metadata
-    monkeypatch.setattr(fsdp.SafeReader, "read_metadata", lambda self, *a, **k: unpickled.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(fsdp.SafeReader, "read_metadata",
+                        lambda self, *args, **kwargs: unpickled.append(1) or real(self, *args, **kwargs))
     weights = fsdp.open_weights(tmp_path)
     got = {name: weights.get(name) for name in weights.tensors()}
     assert len(unpickled) == 1
