@@ -461,13 +461,13 @@ def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print, b
         verified.mark_good(folder)
     if (folder / BASE_FILE).is_file():
         if base is None:
-            saved = json.loads((folder / BASE_FILE).read_text())
+            saved = safe_load.read_json(folder / BASE_FILE)
             raise CheckpointError(f"checkpoint {folder} holds LoRA adapters trained on {saved['init_from']}, but this "
                                   f"run has no model.lora base — resume with the base it was trained on")
         check_base(folder, current=base)
     try:
         engine.load_state(folder)
-        saved = json.loads((folder / TRAINER).read_text())
+        saved = safe_load.read_json(folder / TRAINER)
     except BaseException as e:  # noqa: BLE001 — DCP wraps a rank's failure in a BaseException of its own
         missing = _missing_file(e)
         if missing is None:
@@ -582,8 +582,6 @@ def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arc
 def open_init_reader(folder: Path, key: str = "model.init_from"):
     """(WeightsReader under bigtrain's tensor names, arch) of what init_from reads in `folder`: a Hugging Face
     folder's weights, or a checkpoint's (a LoRA run's with its adapters merged into the weights they adapt)."""
-    import yaml
-
     from bigtrain.interop.hf_config import is_hf_folder
 
     if is_hf_folder(folder):
@@ -592,7 +590,7 @@ def open_init_reader(folder: Path, key: str = "model.init_from"):
         reader = open_hf_weights(folder, where=key)
         return reader, reader.arch
     reader = open_weights(folder)
-    saved_model = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("model", {})
+    saved_model = safe_load.read_yaml(folder / "config.yaml").get("model", {})
     if saved_model.get("lora"):
         from bigtrain.config import LoraConfig
         from bigtrain.models.lora import MergedLoRAWeights
@@ -639,7 +637,7 @@ def check_base(folder: Path, current: dict | None = None) -> dict:
     weights file's digest reused only while its size and mtime are the ones base.json recorded with it. Adapters on
     another base compute another model, silently: a missing or changed base is a CheckpointError naming it. Every
     path that opens a base (resume, `with_base`: export, eval, generate, lm-eval, init_from) checks it here."""
-    saved = json.loads((Path(folder) / BASE_FILE).read_text())
+    saved = safe_load.read_json(Path(folder) / BASE_FILE)
     trained_on = f"checkpoint {folder} holds LoRA adapters trained on {saved['init_from']} (sha256 {saved['sha256'][:12]})"
     if current is None:
         base_folder = Path(saved["init_from"])
@@ -686,7 +684,7 @@ def load_base(folder: Path, engine) -> None:
     without its base (`bigtrain eval`): the base tensors, loaded from the base."""
     if not (folder / BASE_FILE).is_file():
         return
-    names = json.loads((folder / BASE_FILE).read_text())["tensors"]
+    names = safe_load.read_json(folder / BASE_FILE)["tensors"]
     engine.skip_saving = frozenset(names)
     engine.load_model_weights(LazyWeights(open_weights(folder), {name: name for name in names}))
 

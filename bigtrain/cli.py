@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 
+from bigtrain import safe_load
 from bigtrain.errors import UserError, say
 
 
@@ -374,7 +375,7 @@ def cmd_eval(args) -> int:
     cfg = load_config(run_dir / "config.yaml", _with_launcher_choices(run_dir / "config.yaml", overrides))
     metrics = run_eval(cfg, folder)
     if int(os.environ.get("RANK", "0")) == 0:
-        step = json.loads((folder / checkpoint.TRAINER).read_text())["step"]
+        step = safe_load.read_json(folder / checkpoint.TRAINER)["step"]
         out = write_eval_file(eval_file(run_dir, folder.name), step, metrics, checkpoint=folder)
         print(console_text(step, metrics), file=sys.stderr)  # the summary line (and a classification table)
         print(json.dumps({"step": step, **scalars(metrics)}))  # one machine-readable line; the report is in the file
@@ -409,7 +410,7 @@ def cmd_lm_eval(args) -> int:
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
     manager = task_manager(args.include_path)
     check_tasks(tasks, manager)  # before the model loads: a typo fails fast
-    trainer = json.loads((folder / checkpoint.TRAINER).read_text())
+    trainer = safe_load.read_json(folder / checkpoint.TRAINER)
     results = run_lm_eval(load_generator(folder), tasks, manager, limit=args.limit, num_fewshot=args.num_fewshot,
                           batch_size=args.batch_size)
     scores = task_scores(results)
@@ -427,12 +428,10 @@ def cmd_lm_eval(args) -> int:
 
 def _log_lm_eval_to_wandb(run_dir, folder, step: int, run_id: str | None, scores: dict) -> None:
     """lm_eval/<task>/<metric> at `step` to the run's wandb run (when its recipe logs to wandb)."""
-    import yaml
-
     from bigtrain.config import build_config
     from bigtrain.metrics import MetricsLogger
 
-    cfg = build_config(yaml.safe_load((folder / "config.yaml").read_text()) or {}, where=str(folder / "config.yaml"))
+    cfg = build_config(safe_load.read_yaml(folder / "config.yaml"), where=str(folder / "config.yaml"))
     if cfg.logging.wandb == "disabled":
         return
     values = {f"lm_eval/{task}/{metric}": v for task, metrics in scores.items() for metric, v in metrics.items()}

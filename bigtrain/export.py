@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bigtrain import checkpoint
+from bigtrain import checkpoint, safe_load
 from bigtrain.errors import UserError
 from bigtrain.interop.chat_template import TEMPLATE_FILE, TOKENIZER_CONFIG, read_tokenizer_config, special_tokens_of
 from bigtrain.strategy import open_weights
@@ -86,8 +86,6 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
     """Write checkpoint `source` as a Hugging Face folder OUT (see the module docstring); dtype fp32|bf16|fp16;
     `ema`: its EMA weights (optim.ema_decay). A LoRA run (model.lora) is written with its adapters merged into
     the base weights, or (`adapter`) as a PEFT adapter folder only (`export_peft_adapter`)."""
-    import yaml
-
     from bigtrain.config import build_config
     from bigtrain.interop.hf_config import export_family, hf_config
     from bigtrain.interop.hf_weights import DTYPES, SAFETENSORS_INDEX, HFExportWeights, write_hf_weights
@@ -100,7 +98,7 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
     saved = reader.tensors()
     if "tok_emb.weight" not in saved:
         raise UserError(f"export --format hf: {folder} has no tensor 'tok_emb.weight' — not a bigtrain model checkpoint")
-    cfg = build_config(yaml.safe_load((folder / "config.yaml").read_text()) or {}, where=str(folder / "config.yaml"))
+    cfg = build_config(safe_load.read_yaml(folder / "config.yaml"), where=str(folder / "config.yaml"))
     classify = "classifier.weight" in saved
     if classify and cfg.model.arch != "encoder":
         raise UserError(f"export --format hf: {folder} holds a classifier head, which has no exact Hugging Face "
@@ -119,7 +117,7 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
         from bigtrain.models.lora import MergedLoRAWeights
 
         reader = MergedLoRAWeights(reader, cfg.model.lora.scaling)
-    labels = json.loads((folder / "labels.json").read_text()) if classify and (folder / "labels.json").is_file() else None
+    labels = safe_load.read_json(folder / "labels.json") if classify and (folder / "labels.json").is_file() else None
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +220,7 @@ def find_special_tokens(path: Path, encoder: bool = False, named: dict | None = 
     if not path.is_file():
         return {}
     try:
-        added = {t["content"]: t["id"] for t in json.loads(path.read_text()).get("added_tokens", [])}
+        added = {t["content"]: t["id"] for t in safe_load.read_json(path).get("added_tokens", [])}
     except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"export --format hf: cannot read {path}") from None
     found = {}

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, TextIO
 
 import torch
 
+from bigtrain import safe_load
 from bigtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -118,11 +119,9 @@ def _hf_model_config(folder: Path):
 
 
 def _checkpoint_model_config(folder: Path):
-    import yaml
-
     from bigtrain.config import build_config
 
-    cfg = build_config(yaml.safe_load((folder / "config.yaml").read_text()) or {}, where=str(folder / "config.yaml"))
+    cfg = build_config(safe_load.read_yaml(folder / "config.yaml"), where=str(folder / "config.yaml"))
     if cfg.model.arch != "decoder" or cfg.task.data_task == "classification":
         what = "an encoder" if cfg.model.arch != "decoder" else "a classifier"
         raise UserError(f"generate: {folder} holds {what} (task {cfg.task.name}) — only a decoder language model "
@@ -210,7 +209,7 @@ def _hf_eos_ids(folder: Path) -> tuple[int, ...]:
     """eos_token_id of generation_config.json, else of config.json (an int or a list), as transformers reads it."""
     for name in ("generation_config.json", "config.json"):
         try:
-            eos = json.loads((folder / name).read_text()).get("eos_token_id")
+            eos = safe_load.read_json(folder / name).get("eos_token_id")
         except (OSError, ValueError, AttributeError):
             continue
         if eos is not None:

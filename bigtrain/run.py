@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bigtrain import checkpoint
+from bigtrain import checkpoint, safe_load
 from bigtrain.config import Config, dump_yaml
 from bigtrain.config import recipe_warnings
 from bigtrain.data import load_prepared
@@ -192,7 +192,7 @@ def build(cfg: Config, dist: Dist, folders: dict[str, Path] | None = None) -> Bu
 
         frozen = {name: source for name, source in init_weights.names.items() if not is_trained(name)}
         last_start = run_dir / checkpoint.BASE_FILE  # its digests of local weights files are reused while current
-        earlier = json.loads(last_start.read_text()) if dist.is_main and last_start.is_file() else None
+        earlier = safe_load.read_json(last_start) if dist.is_main and last_start.is_file() else None
         base = broadcast_object(dist, checkpoint.base_reference(folder, frozen, earlier) if dist.is_main else None)
         engine.skip_saving = frozenset(frozen)
         extra_files[checkpoint.BASE_FILE] = run_dir / checkpoint.BASE_FILE

@@ -11,11 +11,10 @@ builds it like the student (on the meta device for fsdp, partitioned for ZeRO-3)
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-import yaml
 
+from bigtrain import safe_load
 from bigtrain.config import Config, ModelConfig, build_config
 from bigtrain.errors import UserError
 
@@ -34,7 +33,7 @@ def teacher_model_config(cfg: Config, folder: Path) -> tuple[ModelConfig, str]:
         model, pooling = dataclasses.replace(with_hf_model(probe).model, init_from=None), "auto"
     else:
         saved_path = folder / "config.yaml"
-        saved = build_config(yaml.safe_load(saved_path.read_text()) or {}, where=str(saved_path))
+        saved = build_config(safe_load.read_yaml(saved_path), where=str(saved_path))
         model = dataclasses.replace(saved.model, init_from=None, init_revision=None, lora=None)
         pooling = saved.task.pooling
     if cfg.task.name == "distill" and model.arch != "decoder":
@@ -64,8 +63,8 @@ def check_same_tokenizer(folder: Path, student_tokenizer: Path) -> None:
 def check_same_labels(folder: Path, labels: list) -> None:
     """A bigtrain classifier teacher's labels.json must list the student data's labels in the same order."""
     path = folder / "labels.json"
-    if path.is_file() and json.loads(path.read_text()) != list(labels):
-        raise UserError(f"{KEY}: {folder} classifies {json.loads(path.read_text())} but the data's labels are "
+    if path.is_file() and safe_load.read_json(path) != list(labels):
+        raise UserError(f"{KEY}: {folder} classifies {safe_load.read_json(path)} but the data's labels are "
                         f"{list(labels)} — distill_classification needs the same labels in the same order")
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 import contextlib
 import importlib
-import json
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Protocol
 
 import torch
 from torch import nn
 
+from bigtrain import safe_load
 from bigtrain.strategy.dist import (Dist, all_reduce_host, all_reduce_sum, barrier, broadcast_object, init_distributed,
                                    shutdown)
 from bigtrain.strategy.precision import PrecisionTable, precision_table, resolve_job_precision
@@ -124,7 +124,7 @@ def launcher_precision(parallel_cfg) -> str | None:
 
 def checkpoint_format(folder: Path) -> str:
     trainer = Path(folder) / "trainer.json"
-    return json.loads(trainer.read_text()).get("format", "local") if trainer.is_file() else "local"
+    return safe_load.read_json(trainer).get("format", "local") if trainer.is_file() else "local"
 
 
 def open_weights(folder: Path, ema: bool = False) -> WeightsReader:

@@ -408,12 +408,12 @@ class DeepSpeedEngine:
             _remove_stale_conversions(folder.parent, older_than=self._built_at)
         refuse_unsafe_files(folder)
         trainer = folder / "trainer.json"
-        saved = json.loads(trainer.read_text()) if trainer.is_file() else {}
+        saved = safe_load.read_json(trainer) if trainer.is_file() else {}
         if saved.get("format", "deepspeed") != "deepspeed" or not (folder / TAG).is_dir():
             raise UserError(f"checkpoint {folder} was written by another strategy (format "
                             f"'{saved.get('format', 'local')}'); resume it with that strategy, or start from its "
                             f"weights with model.init_from")
-        layout = json.loads((folder / LAYOUT).read_text()) if (folder / LAYOUT).is_file() else {}
+        layout = safe_load.read_json(folder / LAYOUT) if (folder / LAYOUT).is_file() else {}
         stages = {layout.get("zero_stage", self.parallel_cfg.zero_stage), self.parallel_cfg.zero_stage}
         if len(stages) > 1 and 3 in stages:  # DeepSpeed's universal checkpoint does not cross ZeRO-3's layout
             raise UserError(f"checkpoint {folder} was written with parallel.zero_stage={layout['zero_stage']}, which "
@@ -583,7 +583,7 @@ class DeepSpeedEMAWeights:
     def __init__(self, folder: Path):
         if not (folder / EMA_LAYOUT).is_file():
             raise UserError(f"checkpoint {folder} has no EMA weights — train with optim.ema_decay to keep them")
-        layout = json.loads((folder / EMA_LAYOUT).read_text())
+        layout = safe_load.read_json(folder / EMA_LAYOUT)
         self.shapes = {name: tuple(shape) for name, shape in layout["shapes"].items()}
         self._files = [safe_load.torch_file(folder / EMA_RANK_FILE.format(rank=r), mmap=True)
                        for r in range(layout["files"])]

@@ -239,3 +239,20 @@ def test_a_manifest_naming_a_file_outside_the_checkpoint_is_refused_by_verify(dc
     assert main(["verify", str(folder)]) != 0
     out = capsys.readouterr()
     assert "outside its folder" in out.out + out.err
+
+
+def test_a_checkpoint_config_yaml_that_would_run_code_is_a_one_line_error(dcp_run, tmp_path, capsys):
+    """A checkpoint's config.yaml is read through safe_load.read_yaml: a python tag is refused, naming the file."""
+    from bigtrain.cli import main
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(dcp_run, folder)
+    marker = tmp_path / "ran"
+    (folder / "config.yaml").write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["config.yaml"] = file_entry(folder / "config.yaml")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["export", str(folder), str(tmp_path / "out"), "--format", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"unreadable YAML file {folder / 'config.yaml'}" in err
+    assert not marker.exists()
