@@ -1,8 +1,8 @@
 """`single` and `ddp` strategies: the model lives whole on each rank; DDP all-reduces gradients.
 
 Checkpoint tensors are written by rank 0 as plain `torch.save` files (model.pt, optimizer.pt,
-scaler.pt) and read back with `weights_only=True` on every rank, so a run saved on N ranks
-resumes on any other number of ranks.
+scaler.pt) and read back with `weights_only=True` by rank 0, which broadcasts them to the other
+replicas (a checkpoint is read once per job), so a run saved on N ranks resumes on any other number of ranks.
 """
 
 from __future__ import annotations
@@ -11,17 +11,19 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 import contextlib
 import copy
+from dataclasses import dataclass
 import inspect
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bigtrain import filehash, safe_load
 from bigtrain.ema import EMA_FILE
 from bigtrain.errors import UserError
-from bigtrain.strategy.dist import Dist, use_tf32
+from bigtrain.strategy.dist import Dist, broadcast_object, use_tf32
 from bigtrain.strategy.full_tensors import load_full_tensors, write_whole
 from bigtrain.strategy.precision import (PrecisionTable, autocast, freeze_in, hold_frozen_linears_in, make_grad_scaler,
                                          scaled_optimizer_step)
@@ -136,18 +138,70 @@ class LocalEngine:
         return in_background(lambda: [filehash.save(state, folder / name) for name, state in staged.items()])
 
     def load_state(self, folder: Path) -> None:
-        device = self.dist.device
-        load_leaving_out(self.module, safe_load.torch_file(folder / "model.pt", map_location=device), self.skip_saving)
-        self.optimizer.load_state_dict(safe_load.torch_file(folder / "optimizer.pt", map_location=device))
+        """Model, optimizer (and scaler, EMA) state, read by rank 0 and broadcast to the other replicas
+        (`load_on_main`): each rank reads nothing of the checkpoint beyond its share of the verification."""
+        load_leaving_out(self.module, load_on_main(folder / "model.pt", self.dist), self.skip_saving)
+        self.optimizer.load_state_dict(load_on_main(folder / "optimizer.pt", self.dist))
         if self.scaler and (folder / "scaler.pt").exists():
             self.scaler.load_state_dict(safe_load.torch_file(folder / "scaler.pt"))
         if self.ema and (folder / EMA_FILE).is_file():
-            self.ema.load_state_dict(safe_load.torch_file(folder / EMA_FILE, map_location=device))
+            self.ema.load_state_dict(load_on_main(folder / EMA_FILE, self.dist))
         elif self.ema:
             self.ema.restart_from_weights()  # saved without EMA: the average starts here
 
     def close(self) -> None:
         """Nothing of its own to release (DeepSpeed's engine has)."""
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    """A tensor's place in a state's structure, as `load_on_main` sends it ahead of the tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def load_on_main(path: Path, dist: Dist):
+    """torch.load(path) (weights only, onto this rank's device), read by rank 0 alone (collective): the structure
+    goes to the other ranks as an object with each tensor's shape and dtype in its place, then each tensor by a
+    broadcast. So ddp's replicas resume from one read of the checkpoint, not one per rank."""
+    state = safe_load.torch_file(path, map_location=dist.device) if dist.is_main else None
+    if not dist.distributed:
+        return state
+    structure = broadcast_object(dist, _structure(state) if dist.is_main else None)
+    return _filled(structure, state, dist)
+
+
+def _structure(obj):
+    """`obj` (nested dicts, lists, tuples) with each tensor replaced by its _TensorSpec."""
+    if isinstance(obj, torch.Tensor):
+        return _TensorSpec(tuple(obj.shape), obj.dtype)
+    if isinstance(obj, dict):  # an OrderedDict keeps its type and its `_metadata` (module versions)
+        out = type(obj)((k, _structure(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = copy.deepcopy(obj._metadata)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_structure(v) for v in obj)
+    return obj
+
+
+def _filled(structure, state, dist: Dist):
+    """`structure` with each _TensorSpec replaced by rank 0's tensor (`state`, None on the other ranks), broadcast
+    in the structure's order (the same on every rank)."""
+    if isinstance(structure, _TensorSpec):
+        tensor = state.contiguous() if dist.is_main else torch.empty(structure.shape, dtype=structure.dtype,
+                                                                     device=dist.device)
+        torch_dist.broadcast(tensor, src=0)
+        return tensor
+    if isinstance(structure, dict):
+        out = type(structure)((k, _filled(v, state[k] if dist.is_main else None, dist)) for k, v in structure.items())
+        if hasattr(structure, "_metadata"):
+            out._metadata = structure._metadata
+        return out
+    if isinstance(structure, (list, tuple)):
+        return type(structure)(_filled(v, state[i] if dist.is_main else None, dist) for i, v in enumerate(structure))
+    return structure
 
 
 def load_leaving_out(model: nn.Module, state: dict, left_out: frozenset) -> None:

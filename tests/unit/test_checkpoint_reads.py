@@ -134,7 +134,7 @@ from bigtrain import checkpoint, filehash
 from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
 from bigtrain.models import build_model
 from bigtrain.optim import build_optimizer
-from bigtrain.strategy import build_engine, init_distributed
+from bigtrain.strategy import barrier, build_engine, init_distributed
 
 dist = init_distributed("cpu")
 out = Path(sys.argv[1])
@@ -164,8 +164,28 @@ engine = build_engine(ParallelConfig(strategy="ddp", precision="fp32"), model,
                       lambda m: build_optimizer(OptimConfig(lr=1e-3), m, dist.device), dist)
 engine.load_model_weights(checkpoint.LazyWeights(Counting(), {name: name for name in source}))
 same = all(torch.equal(t, source[name]) for name, t in engine.module.state_dict().items())
+
+# resume under ddp: which files each rank torch.loads, and what each replica holds after.
+for p in engine.module.parameters():
+    p.grad = torch.full_like(p, 0.5)
+engine.optimizer.step()  # Adam moments to save
+folder = out / "state"
+folder.mkdir(exist_ok=True)
+engine.save_state(folder)
+barrier(dist)
+torch.manual_seed(5 + dist.rank)
+fresh = build_engine(ParallelConfig(strategy="ddp", precision="fp32"), build_model(ModelConfig(preset="debug"), 128),
+                     lambda m: build_optimizer(OptimConfig(lr=1e-3), m, dist.device), dist)
+loaded, real_load = [], torch.load
+torch.load = lambda f, *a, **k: loaded.append(Path(f).name) or real_load(f, *a, **k)
+fresh.load_state(folder)
+torch.load = real_load
+resumed = all(torch.equal(a, b) for a, b in zip(fresh.module.state_dict().values(), engine.module.state_dict().values()))
+moments = [(a["exp_avg"], b["exp_avg"]) for a, b in zip(fresh.optimizer.state.values(), engine.optimizer.state.values())]
+resumed = resumed and len(moments) == len(list(engine.module.parameters())) and all(torch.equal(a, b) for a, b in moments)
 (out / f"rank-{dist.rank}.json").write_text(json.dumps({"fsynced": names, "reads": Counting.reads, "loaded": same,
-                                                        "tensors": len(source)}))
+                                                        "tensors": len(source), "resume_loads": loaded,
+                                                        "resumed": resumed}))
 '''
 
 
@@ -192,6 +212,14 @@ def test_each_rank_fsyncs_the_files_it_wrote_and_rank_0_the_folders(two_ranks):
     # rank 0: its file, the one it wrote unrecorded, the folders ("." twice: before and after the manifest), the
     # manifest as it is written, and the checkpoints folder after the rename ("..")
     assert sorted(rank0) == sorted(["shard-0.pt", "trainer.json", ".", "rng", "manifest.json.part", ".", ".."])
+
+
+@pytest.mark.slow  # starts 2 processes
+def test_ddp_resume_is_read_by_rank_0_and_broadcast(two_ranks):
+    """A ddp resume: rank 0 alone torch.loads model.pt and optimizer.pt; the other replica receives the same model
+    and Adam state."""
+    assert [r["resume_loads"] for r in two_ranks] == [["model.pt", "optimizer.pt"], []]
+    assert all(r["resumed"] for r in two_ranks)
 
 
 @pytest.mark.slow  # starts 2 processes
