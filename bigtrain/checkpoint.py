@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -289,10 +290,24 @@ class VerifiedCheckpoints:
         return where, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+# Files one rank of the saving job wrote and the same rank of a job of that size loads: DCP's shard (`__R_0.distcp`),
+# ZeRO's partitions (`zero_pp_rank_R_…`), the rank's rng and EMA files.
+_RANK_FILE = re.compile(r"(?:^|/)(?:__(\d+)_\d+\.distcp|zero_pp_rank_(\d+)_[^/]*|rng/rank-(\d+)\.pt|ema-rank-(\d+)\.pt)$")
+
+
 def _shares(names: list[tuple[str, int]], world_size: int) -> list[list[str]]:
-    """Split files among ranks by size, largest first to the least loaded rank (each file read once)."""
-    shares, loads = [[] for _ in range(world_size)], [0] * world_size
-    for name, size in sorted(names, key=lambda item: -item[1]):
+    """Split files among ranks, each read once: a rank's own file (`_RANK_FILE`, when that rank exists here) to that
+    rank, so verifying it reads what the rank loads next anyway; the rest largest first to the least loaded rank."""
+    shares, loads, rest = [[] for _ in range(world_size)], [0] * world_size, []
+    for name, size in names:
+        match = _RANK_FILE.search(name)
+        owner = int(next(g for g in match.groups() if g is not None)) if match else None
+        if owner is not None and owner < world_size:
+            shares[owner].append(name)
+            loads[owner] += size
+        else:
+            rest.append((name, size))
+    for name, size in sorted(rest, key=lambda item: -item[1]):
         rank = loads.index(min(loads))
         shares[rank].append(name)
         loads[rank] += size

@@ -500,3 +500,20 @@ def test_async_save_copies_the_state_at_the_call_and_the_next_save_waits_for_it(
     saver.save(TrainState(step=4))
     saver.close()
     assert "the checkpoint save in flight failed" in capsys.readouterr().err
+
+
+def test_each_rank_verifies_the_files_it_loads_next():
+    """A rank's own shard, partitions, rng and EMA files go to that rank (it reads them next when it loads them, so
+    on separate nodes verification adds no second read); files of ranks this job lacks, and shared ones, by size."""
+    from bigtrain.checkpoint import _shares
+
+    files = [("__0_0.distcp", 500), ("__1_0.distcp", 520), (".metadata", 5), ("rng/rank-00000.pt", 1),
+             ("rng/rank-00001.pt", 1), ("deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt", 300),
+             ("deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt", 300), ("ema-rank-00001.pt", 9),
+             ("__2_0.distcp", 400), ("trainer.json", 2)]
+    shares = _shares(files, 2)
+    assert {"__0_0.distcp", "rng/rank-00000.pt", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= set(shares[0])
+    assert {"__1_0.distcp", "rng/rank-00001.pt", "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "ema-rank-00001.pt"} <= set(shares[1])
+    assert "__2_0.distcp" in shares[0]  # no rank 2 here: the less loaded rank takes it
+    assert sorted(n for share in shares for n in share) == sorted(n for n, _ in files)
