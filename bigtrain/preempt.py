@@ -48,8 +48,9 @@ class PreemptionGuard:
 
     What the run tells it: `unsaved` (steps done since the last save: wait for the loop's boundary, at most
     stop_within_s), `at_boundary()` (the loop is saving for the stop: no deadline any more), `where` (a
-    description of this rank's position for the message) and `before_exit(signal_name)` (rank 0 writes
-    preempted.json before a stop outside the loop)."""
+    description of this rank's position for the message), `before_exit(signal_name)` (rank 0 writes
+    preempted.json before a stop outside the loop) and `held()` (true while the hang watchdog is reporting: its
+    exit 3 wins over a signal's, e.g. the SIGTERM torchrun sends the others once the first rank's report ends it)."""
 
     def __init__(self, stop_within_s: float = STOP_WITHIN_S, repeat_after_s: float = REPEAT_AFTER_S):
         self.signal_name: str | None = None
@@ -57,6 +58,7 @@ class PreemptionGuard:
         self.unsaved = False
         self.where: Callable[[], str] = lambda: "start-up"
         self.before_exit: Callable[[str], None] | None = None
+        self.held: Callable[[], bool] = lambda: False
         self._signalled_at: float | None = None
         self._boundary = False
         self._previous: dict[int, object] = {}
@@ -110,6 +112,8 @@ class PreemptionGuard:
 
     def _exit(self, code: int, message: str) -> None:
         """End the process from the watcher thread: the main thread may be blocked where no exception reaches."""
+        if self.held():
+            return  # the watchdog is ending the process with its own report and exit code
         if int(os.environ.get("RANK", "0")) == 0:
             sys.stderr.write(f"bigtrain: {message}\n")
             sys.stderr.flush()

@@ -270,6 +270,7 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
     progress = Progress()
     watchdog = Watchdog(cfg.parallel, dist, progress, cfg.run_dir()).start()
     if preempt is not None:
+        preempt.held = lambda: watchdog.firing
         preempt.where = lambda: f"{position(progress.mark)} on rank {dist.rank}"
         preempt.before_exit = ((lambda name: write_preempted_marker(cfg.run_dir(), name, progress.mark[0]))
                                if dist.is_main else None)

@@ -205,6 +205,11 @@ class Watchdog:
             self._thread.start()
         return self
 
+    @property
+    def firing(self) -> bool:
+        """Whether this process is writing its hang report (and will exit EXIT_HANG)."""
+        return self._firing
+
     def diagnose_error(self, exc: BaseException) -> None:
         """An exception on its way out: a collective timeout, or a peer's hang report that broke our collective,
         is diagnosed (and the process exits EXIT_HANG); anything else returns."""
