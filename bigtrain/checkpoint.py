@@ -291,17 +291,20 @@ class VerifiedCheckpoints:
 
 
 # Files one rank of the saving job wrote and the same rank of a job of that size loads: DCP's shard (`__R_0.distcp`),
-# ZeRO's partitions (`zero_pp_rank_R_…`), the rank's rng and EMA files.
+# ZeRO's partitions (`zero_pp_rank_R_…`), the rank's rng and EMA files; and the single/ddp state rank 0 alone reads
+# and broadcasts (strategy/local.py `load_on_main`).
 _RANK_FILE = re.compile(r"(?:^|/)(?:__(\d+)_\d+\.distcp|zero_pp_rank_(\d+)_[^/]*|rng/rank-(\d+)\.pt|ema-rank-(\d+)\.pt)$")
+_MAIN_FILES = {"model.pt", "optimizer.pt", "ema.pt"}
 
 
 def _shares(names: list[tuple[str, int]], world_size: int) -> list[list[str]]:
-    """Split files among ranks, each read once: a rank's own file (`_RANK_FILE`, when that rank exists here) to that
-    rank, so verifying it reads what the rank loads next anyway; the rest largest first to the least loaded rank."""
+    """Split files among ranks, each read once: a rank's own file (`_RANK_FILE`, when that rank exists here; single/ddp
+    state to rank 0) to that rank, so verifying it reads what the rank loads next anyway; the rest largest first to
+    the least loaded rank."""
     shares, loads, rest = [[] for _ in range(world_size)], [0] * world_size, []
     for name, size in names:
         match = _RANK_FILE.search(name)
-        owner = int(next(g for g in match.groups() if g is not None)) if match else None
+        owner = int(next(g for g in match.groups() if g is not None)) if match else 0 if name in _MAIN_FILES else None
         if owner is not None and owner < world_size:
             shares[owner].append(name)
             loads[owner] += size

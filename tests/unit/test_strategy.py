@@ -516,4 +516,6 @@ def test_each_rank_verifies_the_files_it_loads_next():
     assert {"__1_0.distcp", "rng/rank-00001.pt", "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
             "ema-rank-00001.pt"} <= set(shares[1])
     assert "__2_0.distcp" in shares[0]  # no rank 2 here: the less loaded rank takes it
+    ddp = _shares([("model.pt", 300), ("optimizer.pt", 600), ("rng/rank-00001.pt", 1), ("trainer.json", 2)], 2)
+    assert {"model.pt", "optimizer.pt"} <= set(ddp[0]) and "rng/rank-00001.pt" in ddp[1]  # rank 0 loads, broadcasts
     assert sorted(n for share in shares for n in share) == sorted(n for n, _ in files)
