@@ -282,7 +282,7 @@ class FSDPEngine:
         saved_ema = any(key.startswith(f"{EMA_KEY}.") for key in metadata.state_dict_metadata)
         if EMA_KEY in state and not saved_ema:
             del state[EMA_KEY]
-        dcp.load(state, storage_reader=SafeReader(str(folder)), planner=SafeLoadPlanner(folder))
+        dcp.load(state, storage_reader=_ReadMetadata(str(folder), metadata), planner=SafeLoadPlanner(folder))
         set_state_dict(self.module, self.optimizer, model_state_dict=state[MODEL_KEY],
                        optim_state_dict=state[OPTIM_KEY], options=StateDictOptions(strict=not self.skip_saving))
         if self.ema:  # loaded in place into the EMA's own shards, or (saved without EMA) started here
@@ -325,7 +325,7 @@ class DCPWeights:
 
 class _ReadMetadata(SafeReader):
     """A reader of a DCP folder whose .metadata was read already (DCPWeights: one unpickle per folder, not per
-    tensor — the metadata of a 70B model is tens of MB)."""
+    tensor; a resume: one per rank, not one more inside dcp.load — the metadata of a 70B model is tens of MB)."""
 
     def __init__(self, path: str, metadata):
         super().__init__(path)

@@ -231,3 +231,34 @@ def test_ddp_init_from_is_read_by_rank_0_and_broadcast(two_ranks):
     other replica receives them, and both end up equal to the checkpoint."""
     assert [r["reads"] for r in two_ranks] == [two_ranks[0]["tensors"], 0]
     assert all(r["loaded"] for r in two_ranks)
+
+
+def test_an_fsdp_resume_unpickles_metadata_once(tmp_path, monkeypatch):
+    """FSDPEngine.load_state reads .metadata once (it needs it to see whether the EMA was saved) and hands it to
+    dcp.load, which would read it again."""
+    from bigtrain.checkpoint import TrainState, save
+    from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
+    from bigtrain.models import build_model
+    from bigtrain.optim import build_optimizer
+    from bigtrain.strategy import build_engine, fsdp, init_distributed
+
+    torch.manual_seed(0)
+    dist = init_distributed("cpu")
+    try:
+        engine = build_engine(ParallelConfig(strategy="fsdp", precision="fp32"),
+                              build_model(ModelConfig(preset="debug"), 128, device="meta"),
+                              lambda m: build_optimizer(OptimConfig(), m, dist.device), dist)
+        folder = save(tmp_path / "run", TrainState(step=1), engine, dist, config_yaml="{}\n", keep_last=0)
+        before = {k: v.full_tensor().clone() for k, v in engine.module.state_dict().items()}
+        with torch.no_grad():
+            for p in engine.module.parameters():
+                p.zero_()
+        unpickled, real = [], fsdp.SafeReader.read_metadata
+        monkeypatch.setattr(fsdp.SafeReader, "read_metadata",
+                            lambda self, *args, **kwargs: unpickled.append(1) or real(self, *args, **kwargs))
+        engine.load_state(folder)
+        assert len(unpickled) == 1
+        assert all(torch.equal(v.full_tensor(), before[k]) for k, v in engine.module.state_dict().items())
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
