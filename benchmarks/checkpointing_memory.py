@@ -31,7 +31,7 @@ def child(args) -> None:
 
     from bigtrain.config import ModelConfig
     from bigtrain.models import build_model
-    from bigtrain.strategy.transforms import apply_activation_checkpointing
+    from bigtrain.parallel.transforms import apply_activation_checkpointing
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset="debug", n_layers=args.layers, d_model=args.d_model, n_heads=8,

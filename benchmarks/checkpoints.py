@@ -9,7 +9,7 @@ checkpoints) / saves, which also counts the background thread slowing the steps 
 
 sizes: one torchrun job that builds FSDP engines of each size, takes one optimizer step (so the Adam state
 exists), and times a synchronous save (write, fsync, checksums, manifest, rename: a preemption's save) and a
-collective `verify` of it. Saves alternate between files hashed as they are written (bigtrain/filehash.py,
+collective `verify` of it. Saves alternate between files hashed as they are written (bigtrain/core/filehash.py,
 the default) and the manifest reading every file back after writing (as before), two of each. A least-squares
 line t = a + b · bytes per rank gives the measured rate; the preemption budget (120 s at 1 GB/s per node) is
 then worked out from it.
@@ -42,7 +42,7 @@ MODES = {"none": ["checkpoint.every=0"], "sync": ["checkpoint.async_save=false"]
 def loop_worker(recipe_path: str, overrides: list[str], out: str) -> None:
     """(In each torchrun process.) Train; rank 0 writes out.json: step times and the saves' history."""
     from bigtrain.config import load_config
-    from bigtrain.run import run_training
+    from bigtrain.train.run import run_training
 
     ctx = run_training(load_config(recipe_path, overrides))
     if ctx.dist.rank == 0:
@@ -55,11 +55,13 @@ def sizes_worker(sizes: list[str], out: str) -> None:
     """(In each torchrun process.) Per size: FSDP engine, one step, timed sync save and collective verify."""
     import torch
 
-    from bigtrain import checkpoint, filehash
+    from bigtrain.checkpoint import store as checkpoint
+
+    from bigtrain.core import filehash
     from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig, dump_yaml, Config
     from bigtrain.models import build_model
-    from bigtrain.optim import build_optimizer
-    from bigtrain.strategy import barrier, build_engine, init_distributed
+    from bigtrain.train.optim import build_optimizer
+    from bigtrain.parallel import barrier, build_engine, init_distributed
 
     dist = init_distributed("cpu")
     rows = []

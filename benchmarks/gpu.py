@@ -5,7 +5,7 @@ compiled (per block, as parallel.compile does), each measured twice in a fresh p
 on a recipe: its real loop, with the prefetching batch thread, the pinned side-stream copies and its one host
 read per step) and a bare loop (the same model class, fused AdamW, bf16 autocast, clipping, batches cut from
 the same token stream already on the device: no input pipeline at all). MFU = FLOPs/token × tokens/s / the
-datasheet bf16 peak (bigtrain.hardware), FLOPs/token from the model's shape (PaLM convention, as
+datasheet bf16 peak (bigtrain.core.hardware), FLOPs/token from the model's shape (PaLM convention, as
 `bigtrain check` prints it), the same figure for both loops.
 
 Data: a word-level tokenizer of exactly the shape's vocabulary (tokenizers' WordLevel: the model's embedding and
@@ -81,7 +81,7 @@ from benchmarks.bare import bare_optimizer, bare_step
 from bigtrain.config import build_config
 from bigtrain.data import load_prepared
 from bigtrain.models import build_model
-from bigtrain.run import padded_vocab_size
+from bigtrain.train.run import padded_vocab_size
 
 cfg = build_config(json.loads(sys.argv[1]))
 warmup, steps = int(sys.argv[2]), int(sys.argv[3])
@@ -150,9 +150,9 @@ def main() -> None:
     import torch
 
     from bigtrain.config import build_config
-    from bigtrain.hardware import peak_flops_per_sec
+    from bigtrain.core.hardware import peak_flops_per_sec
     from bigtrain.models import resolve_model_spec, spec_flops_per_token
-    from bigtrain.run import padded_vocab_size
+    from bigtrain.train.run import padded_vocab_size
 
     shapes = SMOKE if args.smoke else SHAPES
     device, precision = ("cpu", "fp32") if args.smoke else ("cuda", "bf16")

@@ -46,10 +46,11 @@ def proc_io() -> dict[str, int]:
 def measure_worker(out: str, argv: list[str]) -> None:
     """(In each process of a measured run.) `bigtrain ARGV`, with the init_from and resume phases' /proc/self/io
     deltas appended to `out` (one JSON line per rank and phase)."""
-    import bigtrain.strategy.deepspeed  # noqa: F401 — imported before the phases, so that reading their
-    import bigtrain.strategy.fsdp  # noqa: F401 — source files (torch.distributed's: ~20 MB) is not counted
-    import bigtrain.strategy.local  # noqa: F401
-    from bigtrain import checkpoint, run
+    import bigtrain.parallel.deepspeed  # noqa: F401 — imported before the phases, so that reading their
+    import bigtrain.parallel.fsdp  # noqa: F401 — source files (torch.distributed's: ~20 MB) is not counted
+    import bigtrain.parallel.local  # noqa: F401
+    from bigtrain.checkpoint import store as checkpoint
+    from bigtrain.train import run
     from bigtrain.cli import main
 
     totals = {"init_from": {"read_bytes": 0, "rchar": 0, "s": 0.0}, "resume": {"read_bytes": 0, "rchar": 0, "s": 0.0}}

@@ -104,14 +104,14 @@ def in_process(precision: str, steps: int, warmup: int, tmp: Path) -> None:
     import torch
 
     from benchmarks.bare import bare_optimizer, bare_step
-    from bigtrain.checkpoint import TrainState
+    from bigtrain.checkpoint.store import TrainState
     from bigtrain.config import build_config
-    from bigtrain.loop import LoopContext, train
-    from bigtrain.hardware import peak_flops_per_sec
+    from bigtrain.train.loop import LoopContext, train
+    from bigtrain.core.hardware import peak_flops_per_sec
     from bigtrain.metrics import MetricsLogger
     from bigtrain.models import build_model
-    from bigtrain.run import build, padded_vocab_size
-    from bigtrain.strategy import init_distributed
+    from bigtrain.train.run import build, padded_vocab_size
+    from bigtrain.parallel import init_distributed
 
     cfg = build_config(recipe(tmp, precision, warmup + steps))
     dist = init_distributed("cpu")
@@ -173,14 +173,14 @@ def slow_read(precision: str, steps: int, warmup: int, rounds: int, fraction: fl
     import torch
 
     from benchmarks.bare import bare_optimizer, bare_step
-    from bigtrain.checkpoint import TrainState
+    from bigtrain.checkpoint.store import TrainState
     from bigtrain.config import build_config
-    from bigtrain.hardware import peak_flops_per_sec
-    from bigtrain.loop import LoopContext, train
+    from bigtrain.core.hardware import peak_flops_per_sec
+    from bigtrain.train.loop import LoopContext, train
     from bigtrain.metrics import MetricsLogger
     from bigtrain.models import build_model
-    from bigtrain.run import build, padded_vocab_size
-    from bigtrain.strategy import init_distributed
+    from bigtrain.train.run import build, padded_vocab_size
+    from bigtrain.parallel import init_distributed
 
     cfg = build_config(recipe(tmp, precision, warmup + steps))
     dist = init_distributed("cpu")

@@ -128,16 +128,16 @@ class AnonPeak:
 def build_only(cfg, out: str) -> None:
     """(In each torchrun process.) Build data, model and engine as training does (with init_from's weights),
     then stop: rank r writes out.r.json with the peak anonymous memory of each part of the build."""
-    import bigtrain.run
-    from bigtrain.run import build, init_job, resolve_for_job, with_init_from
-    from bigtrain.strategy import shutdown
+    import bigtrain.train.run
+    from bigtrain.train.run import build, init_job, resolve_for_job, with_init_from
+    from bigtrain.parallel import shutdown
 
     cfg = with_init_from(cfg)
     dist = init_job(cfg)
     job_cfg, _ = resolve_for_job(cfg, dist)
     anon = AnonPeak()
     peaks = {"start": anon.phase()}
-    build_engine = bigtrain.run.build_engine
+    build_engine = bigtrain.train.run.build_engine
 
     def timed_build_engine(*args, **kwargs):  # the model is built (init_from's tensors not read yet)
         peaks["model"] = anon.phase()
@@ -145,12 +145,12 @@ def build_only(cfg, out: str) -> None:
         peaks["engine"] = anon.phase()
         return engine
 
-    bigtrain.run.build_engine = timed_build_engine
+    bigtrain.train.run.build_engine = timed_build_engine
     built = build(job_cfg, dist)
     peaks["load"] = anon.phase()  # loading init_from's weights into the engine
     # One training step (one micro-batch): ddp and fsdp allocate gradients and Adam's moments here, DeepSpeed
     # when its engine was made, so start-up peaks compare only once every strategy holds its training state.
-    from bigtrain.loop import accumulate_gradients
+    from bigtrain.train.loop import accumulate_gradients
 
     engine, micro = built.engine, cfg.train.micro_batch_size
     batch = built.task.collate([built.data.train[i] for i in range(micro)], range(micro), dist.device)
@@ -175,7 +175,7 @@ def worker(recipe_path: str, overrides: list[str], out: str, warmup: int) -> Non
     import resource
 
     from bigtrain.config import load_config
-    from bigtrain.run import run_training
+    from bigtrain.train.run import run_training
 
     if warmup < 0:  # --phase build / init_from
         build_only(load_config(recipe_path, overrides), out)

@@ -8,8 +8,8 @@ import os
 import sys
 import tempfile
 
-from bigtrain import safe_load
-from bigtrain.errors import UserError, say
+from bigtrain.core import safe_load
+from bigtrain.core.errors import UserError, say
 
 
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # TrainingError and friends: one clear line, keep the traceback for bugs
-        from bigtrain.loop import TrainingError
+        from bigtrain.train.loop import TrainingError
 
         if isinstance(e, TrainingError):
             say(f"bigtrain: training stopped: {e}")
@@ -160,11 +160,11 @@ def _with_launcher_choices(recipe, overrides: list[str]) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    from bigtrain.preempt import EXIT_PREEMPTED, Preempted, PreemptionGuard
+    from bigtrain.train.preempt import EXIT_PREEMPTED, Preempted, PreemptionGuard
 
     # The guard goes up first, so a signal during start-up (imports, data, rendezvous) is not lost either.
     with PreemptionGuard() as guard:
-        from bigtrain.run import run_training
+        from bigtrain.train.run import run_training
 
         try:
             ctx = run_training(_config(args), preempt=guard)
@@ -186,7 +186,7 @@ def cmd_prepare(args) -> int:
 
     cfg = _config(args)
     if (cfg.model.init_from or cfg.task.teacher) and not cfg.data.tokenizer:  # its tokenizer; only this needs torch
-        from bigtrain.run import with_init_tokenizer
+        from bigtrain.train.run import with_init_tokenizer
 
         cfg = with_init_tokenizer(cfg)
     workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
@@ -229,11 +229,11 @@ def _check_one(args) -> int:
     import torch
 
     from bigtrain.config import describe, recipe_warnings
-    from bigtrain.memory_plan import plan_memory
+    from bigtrain.plan.memory import plan_memory
     from bigtrain.models import check_model, count_params, spec_flops_per_token
-    from bigtrain.run import padded_vocab_size
-    from bigtrain.strategy import launcher_precision, precision_table, resolve_strategy
-    from bigtrain.strategy.precision import Resolved, resolve_precision, slow_precision_warning
+    from bigtrain.train.run import padded_vocab_size
+    from bigtrain.parallel import launcher_precision, precision_table, resolve_strategy
+    from bigtrain.parallel.precision import Resolved, resolve_precision, slow_precision_warning
 
     cfg = _config(args)
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
@@ -276,7 +276,7 @@ def _check_one(args) -> int:
           f"{' · compile' if cfg.parallel.compile else ''}")
     teacher = None
     if cfg.task.teacher:
-        from bigtrain.teacher import planned_teacher
+        from bigtrain.tasks.teacher import planned_teacher
 
         teacher = planned_teacher(cfg, spec.vocab_size if spec is not None else padded_vocab_size(_vocab_size(cfg)))
         if teacher is None:
@@ -317,7 +317,7 @@ def _vocab_size(cfg) -> int:
 
 
 def cmd_bench(args) -> int:
-    from bigtrain.run import run_training
+    from bigtrain.train.run import run_training
 
     cfg = _config(args)
     steps = args.warmup + args.steps
@@ -355,10 +355,10 @@ def cmd_eval(args) -> int:
     import json
     from pathlib import Path
 
-    from bigtrain import checkpoint
+    from bigtrain.checkpoint import store as checkpoint
     from bigtrain.config import load_config
-    from bigtrain.eval_report import console_text, eval_file, scalars, write_eval_file
-    from bigtrain.run import TOKENIZER_FILE, run_eval
+    from bigtrain.eval.report import console_text, eval_file, scalars, write_eval_file
+    from bigtrain.train.run import TOKENIZER_FILE, run_eval
 
     if args.tasks is not None:
         return cmd_lm_eval(args)
@@ -388,8 +388,8 @@ def cmd_lm_eval(args) -> int:
     import json
     from pathlib import Path
 
-    from bigtrain import checkpoint
-    from bigtrain.eval_report import EVAL_DIR, write_eval_file
+    from bigtrain.checkpoint import store as checkpoint
+    from bigtrain.eval.report import EVAL_DIR, write_eval_file
 
     source = Path(args.run_dir)
     if args.overrides:
@@ -401,11 +401,11 @@ def cmd_lm_eval(args) -> int:
         folder, run_dir = _eval_checkpoint(source, args.checkpoint), source
     else:
         raise UserError(f"eval: '{source}' is not a run dir (no config.yaml) or a checkpoint folder")
-    from bigtrain.lm_eval_adapter import (REPORT_PREFIX, check_tasks, require_lm_eval, run_config, run_lm_eval,
+    from bigtrain.eval.lm_eval import (REPORT_PREFIX, check_tasks, require_lm_eval, run_config, run_lm_eval,
                                           scores_table, task_manager, task_scores)
 
     require_lm_eval()
-    from bigtrain.generate import load_generator
+    from bigtrain.eval.generate import load_generator
 
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
     manager = task_manager(args.include_path)
@@ -444,7 +444,7 @@ def _log_lm_eval_to_wandb(run_dir, folder, step: int, run_id: str | None, scores
 def _eval_checkpoint(run_dir, name: str | None):
     from pathlib import Path
 
-    from bigtrain import checkpoint
+    from bigtrain.checkpoint import store as checkpoint
 
     if name is None:
         folder = checkpoint.find_resume_checkpoint("auto", run_dir, warn=lambda m: print(m, file=sys.stderr))
@@ -463,7 +463,7 @@ def _eval_checkpoint(run_dir, name: str | None):
 def cmd_verify(args) -> int:
     from pathlib import Path
 
-    from bigtrain import checkpoint
+    from bigtrain.checkpoint import store as checkpoint
 
     source = Path(args.source)
     folders = [source] if (source / checkpoint.MANIFEST).exists() else checkpoint.list_checkpoints(source)
@@ -528,7 +528,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from bigtrain.export import export, export_hf
+    from bigtrain.checkpoint.export import export, export_hf
 
     if args.format == "hf":
         out = export_hf(args.source, args.out, dtype=args.dtype, max_shard_bytes=_size_bytes(args.max_shard_size),
@@ -555,7 +555,7 @@ def _size_bytes(text: str) -> int:
 def cmd_generate(args) -> int:
     import json
 
-    from bigtrain.generate import SamplingConfig, generate_text, load_generator, read_prompts
+    from bigtrain.eval.generate import SamplingConfig, generate_text, load_generator, read_prompts
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 
 
 def _true(value: str) -> bool:

@@ -6,7 +6,7 @@ it starts in a fraction of a second; a bad flag or recipe is one line on stderr 
 
 Preemption: the launcher runs torchrun as a child that ignores SIGUSR1 and SIGTERM (torchrun would die on
 SIGUSR1 and kill the workers 30 s after a SIGTERM), and passes either signal on to the training processes
-(not to their own children, such as torch.compile's workers), which stop as bigtrain/preempt.py says. Rank 0
+(not to their own children, such as torch.compile's workers), which stop as bigtrain/train/preempt.py says. Rank 0
 leaves `preempted.json` in the run dir; seeing it, the launcher exits 75 (EXIT_PREEMPTED) and, with --requeue
 under Slurm, node 0 requeues the job first.
 """
@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bigtrain.errors import UserError
-from bigtrain.preempt import EXIT_PREEMPTED, PREEMPT_SIGNALS, PREEMPTED_MARKER  # stdlib only, like config
+from bigtrain.core.errors import UserError
+from bigtrain.train.preempt import EXIT_PREEMPTED, PREEMPT_SIGNALS, PREEMPTED_MARKER  # stdlib only, like config
 from launcher.argv import LAUNCHERS
 from launcher.topology import resolve_topology
 

@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Mapping
 
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 
 DEFAULT_MASTER_PORT = 29500
 

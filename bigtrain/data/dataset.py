@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bigtrain import safe_load
+from bigtrain.core import safe_load
 from bigtrain.data.examples import LABELS_FILE, LOSS_SPANS_FILE
 from bigtrain.data.shards import DOC_OFFSETS
 

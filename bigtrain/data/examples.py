@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 from bigtrain.interop.chat_template import ChatTemplate, chat_template_beside
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 
 from bigtrain.data.sampler import IndexPermutation
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 
 BLOCK = 1000
 

@@ -32,9 +32,9 @@ import numpy as np
 from bigtrain.data.examples import POSITION_ARRAYS, TASK_ARRAYS, encode_batch, task_columns
 from bigtrain.data.shards import DOC_OFFSETS, SplitWriter, write_json_atomic
 from bigtrain.data.tokenizer import SpecialIds
-from bigtrain.errors import UserError
-from bigtrain.filehash import sha256
-from bigtrain.fsio import fsync_dir, fsync_file
+from bigtrain.core.errors import UserError
+from bigtrain.core.filehash import sha256
+from bigtrain.core.fsio import fsync_dir, fsync_file
 
 if TYPE_CHECKING:
     import datasets

@@ -42,8 +42,8 @@ from bigtrain.data.tokenizer import (
     tokenizer_identity,
     trained_tokenizer_path,
 )
-from bigtrain.errors import UserError
-from bigtrain.fsio import fsync_dir, fsync_tree, remove_partial_writes
+from bigtrain.core.errors import UserError
+from bigtrain.core.fsio import fsync_dir, fsync_tree, remove_partial_writes
 
 if TYPE_CHECKING:
     import tokenizers

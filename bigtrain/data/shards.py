@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bigtrain import safe_load
-from bigtrain.errors import UserError
-from bigtrain.filehash import sha256
-from bigtrain.fsio import fsync_file, write_atomic
+from bigtrain.core import safe_load
+from bigtrain.core.errors import UserError
+from bigtrain.core.filehash import sha256
+from bigtrain.core.fsio import fsync_file, write_atomic
 
 FORMAT_VERSION = 1
 INDEX = "index.json"

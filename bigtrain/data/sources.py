@@ -34,7 +34,7 @@ import numpy as np
 from bigtrain.data.docstrings import COLUMNS as DOCSTRING_COLUMNS
 from bigtrain.data.docstrings import docstring_files, docstring_rows
 from bigtrain.data.examples import check_columns
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 
 if TYPE_CHECKING:
     import datasets

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from bigtrain.data.examples import bpe_text_batches, bpe_text_columns
 from bigtrain.data.sources import Source, stable_hash
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 
 if TYPE_CHECKING:
     import datasets

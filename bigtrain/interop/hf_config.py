@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 from bigtrain.interop.hub import local_folder
 from bigtrain.interop.hf_encoders import (ENCODER_CLASSES, encoder_export_class, encoder_hf_config, encoder_keys,
                                           is_encoder_family)

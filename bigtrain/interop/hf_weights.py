@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from bigtrain import safe_load
-from bigtrain.errors import UserError
-from bigtrain.export import SAFETENSORS_DTYPES, _numel, write_safetensors
+from bigtrain.core import safe_load
+from bigtrain.core.errors import UserError
+from bigtrain.checkpoint.export import SAFETENSORS_DTYPES, _numel, write_safetensors
 from bigtrain.interop.hf_encoders import (BASE_PREFIX, ENCODER_CLASSES, HEAD_PREFIXES, TIED_DUPLICATES,
                                           encoder_tensor_map, hf_num_labels, is_encoder_family)
 from bigtrain.models.presets import ModelSpec
@@ -125,7 +125,7 @@ class _HFFiles:
                     from safetensors import safe_open
 
                     self.handles[file] = safe_open(str(path), framework="pt")
-                else:  # plain tensors only (bigtrain/safe_load.py): anything that could run code is refused
+                else:  # plain tensors only (bigtrain/core/safe_load.py): anything that could run code is refused
                     self.handles[file] = safe_load.torch_file(path, where=f"{self.where}: {path}", mmap=True)
             except UserError:
                 raise

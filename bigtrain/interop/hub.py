@@ -13,7 +13,7 @@ import functools
 import re
 from pathlib import Path
 
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 # What an import reads (a repo's .bin / TF / Flax / ONNX copies are never fetched).

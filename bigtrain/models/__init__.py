@@ -16,7 +16,7 @@ import contextlib
 import importlib
 from typing import TYPE_CHECKING
 
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 from bigtrain.models.presets import PRESETS, ModelSpec, count_params, resolve_spec, spec_flops_per_token
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 
 if TYPE_CHECKING:
     from bigtrain.config import ModelConfig

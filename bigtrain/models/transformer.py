@@ -118,7 +118,7 @@ class Transformer(nn.Module):
         everywhere for the encoder. lengths (B,) real lengths: needed by pooling="last",
         ignored otherwise. Returns (B, T, V) for head="lm", (B, num_labels) for head="classify".
 
-        Generation (bigtrain/generate.py) may also give `positions` (T,) or (B, T) of the tokens (default
+        Generation (bigtrain/eval/generate.py) may also give `positions` (T,) or (B, T) of the tokens (default
         0..T-1, or after the cached ones) and a `cache`: the tokens follow the cache.length cached ones,
         whose keys and values the cache holds, and a key padding attn_mask is (B, 1, 1, cache.length + T).
 

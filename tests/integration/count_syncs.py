@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import bigtrain
-import bigtrain.watchdog
+import bigtrain.train.watchdog
 from bigtrain.cli import main
 
 BIGTRAIN_DIR = str(Path(bigtrain.__file__).resolve().parent)
@@ -46,13 +46,13 @@ def install(counts: dict[int, int]) -> None:
 
     for name in READS:
         setattr(torch.Tensor, name, counted(name))
-    start_step = bigtrain.watchdog.Progress.start_step
+    start_step = bigtrain.train.watchdog.Progress.start_step
 
     def start_step_counted(self, step: int) -> None:
         current["step"] = step
         return start_step(self, step)
 
-    bigtrain.watchdog.Progress.start_step = start_step_counted
+    bigtrain.train.watchdog.Progress.start_step = start_step_counted
 
 
 def write(counts: dict[int, int], argv: list[str]) -> None:

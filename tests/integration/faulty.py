@@ -22,9 +22,9 @@ import os
 import sys
 import time
 
-import bigtrain.checkpoint
-import bigtrain.loop
-import bigtrain.run
+import bigtrain.checkpoint.store
+import bigtrain.train.loop
+import bigtrain.train.run
 from bigtrain.cli import main
 
 
@@ -55,7 +55,7 @@ def nan_loss(fault: dict, loss_sum, model, batch):
 
 
 def install_slow_save(fault: dict) -> None:
-    write = bigtrain.checkpoint._write_trainer_files
+    write = bigtrain.checkpoint.store._write_trainer_files
 
     def slow_write(tmp, state, *args, **kwargs):
         if state.step == fault["step"]:
@@ -64,12 +64,12 @@ def install_slow_save(fault: dict) -> None:
             time.sleep(fault["seconds"])
         return write(tmp, state, *args, **kwargs)
 
-    bigtrain.checkpoint._write_trainer_files = slow_write
+    bigtrain.checkpoint.store._write_trainer_files = slow_write
 
 
 def install_slow_tasks(fault: dict) -> None:
     """eval.tasks forwards after step S sleep: an in-loop lm-eval long enough to signal during it."""
-    in_loop_tasks = bigtrain.run.in_loop_tasks
+    in_loop_tasks = bigtrain.train.run.in_loop_tasks
 
     def slow_in_loop_tasks(cfg, dist, run_dir):
         tasks = in_loop_tasks(cfg, dist, run_dir)
@@ -91,12 +91,12 @@ def install_slow_tasks(fault: dict) -> None:
 
         return slow if tasks is not None else None
 
-    bigtrain.run.in_loop_tasks = slow_in_loop_tasks
+    bigtrain.train.run.in_loop_tasks = slow_in_loop_tasks
 
 
 # where each stall goes: (module, function name) the phase calls
-STALLS = {"prepare": (bigtrain.run, "prepare_sources"), "init_from": (bigtrain.checkpoint, "load_init_weights"),
-          "resume": (bigtrain.checkpoint, "resume"), "final-barrier": (bigtrain.run, "barrier")}
+STALLS = {"prepare": (bigtrain.train.run, "prepare_sources"), "init_from": (bigtrain.checkpoint.store, "load_init_weights"),
+          "resume": (bigtrain.checkpoint.store, "resume"), "final-barrier": (bigtrain.train.run, "barrier")}
 
 
 def install_stall(fault: dict) -> None:
@@ -125,7 +125,7 @@ def install(fault: dict) -> None:
     if fault["kind"] in OTHER_FAULTS:
         OTHER_FAULTS[fault["kind"]](fault)
         return
-    fetch, build_task = bigtrain.loop.fetch_micro_batches, bigtrain.run.build_task
+    fetch, build_task = bigtrain.train.loop.fetch_micro_batches, bigtrain.train.run.build_task
 
     def fetch_with_step(ctx, sampler, consumed):  # (made a step ahead, on the loop's batch thread)
         batches = fetch(ctx, sampler, consumed)
@@ -145,8 +145,8 @@ def install(fault: dict) -> None:
         task.loss_sum = faulty_loss_sum
         return task
 
-    bigtrain.loop.fetch_micro_batches = fetch_with_step
-    bigtrain.run.build_task = build_faulty_task
+    bigtrain.train.loop.fetch_micro_batches = fetch_with_step
+    bigtrain.train.run.build_task = build_faulty_task
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from bigtrain.checkpoint import list_checkpoints, verify
+from bigtrain.checkpoint.store import list_checkpoints, verify
 from tests.conftest import REPO, assert_ema_follows_weights, run_cli, run_torchrun, tiny_recipe, write_recipe
 from tests.integration.test_train import read_metrics
 
@@ -152,8 +152,8 @@ def test_rank_zero_work_longer_than_the_collective_timeout_holds_no_collective_o
     script = tmp_path / "long_rank0.py"
     script.write_text(textwrap.dedent("""
         import time
-        from bigtrain.strategy.dist import on_main
-        from bigtrain.strategy import init_distributed, shutdown
+        from bigtrain.parallel.dist import on_main
+        from bigtrain.parallel import init_distributed, shutdown
         dist = init_distributed("cpu", collective_timeout_s=3)
         result = on_main(dist, lambda: time.sleep(8) or "prepared")
         print(f"rank {dist.rank}: {result}", flush=True)
@@ -174,7 +174,7 @@ def test_mixture_order_holds_across_world_sizes_and_resumes_exactly_and_elastica
     under ddp (sums and target counts all-reduced) as in one process."""
     from bigtrain.data.mixture import block_pattern
 
-    lines = [line for line in (REPO / "bigtrain/loop.py").read_text().splitlines() if line.strip()]
+    lines = [line for line in (REPO / "bigtrain/train/loop.py").read_text().splitlines() if line.strip()]
     prose = [line for line in (REPO / "README.md").read_text().splitlines() if line.strip()]
     for name, text in (("code", lines), ("prose", prose)):
         rows = ["\n".join(text[i:i + 6]) for i in range(0, len(text), 6)]

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from bigtrain.filehash import file_entry
+from bigtrain.core.filehash import file_entry
 from tests.conftest import REPO, assert_ema_follows_weights, run_cli, run_torchrun, tiny_recipe, write_recipe
 from tests.integration.test_train import read_metrics
 
@@ -43,7 +43,7 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def final_weights(run_dir, step=STEPS) -> dict[str, torch.Tensor]:
     """The model weights of a run's checkpoint, whatever strategy wrote it (the reader export and init_from use)."""
-    from bigtrain.strategy import iter_weights, open_weights
+    from bigtrain.parallel import iter_weights, open_weights
 
     return dict(iter_weights(open_weights(run_dir / "checkpoints" / f"step-{step:07d}")))
 
@@ -102,7 +102,7 @@ def assert_deepspeed_tools_read(folder):
     which the manifest covers, names it): the very tensors bigtrain's reader gives."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from bigtrain import checkpoint
+    from bigtrain.checkpoint import store as checkpoint
 
     assert (folder / "latest").read_text() == "deepspeed" and "latest" in checkpoint.verify(folder)["files"]
     theirs = get_fp32_state_dict_from_zero_checkpoint(str(folder))
@@ -284,9 +284,9 @@ def probe_precision(recipe: str, out: str) -> None:
     """(Run in a subprocess.) For each ZeRO stage and precision, one training step of two micro-batches through
     the Engine API, recording the real dtypes DeepSpeed keeps, against precision_table(name, 'deepspeed')."""
     from bigtrain.config import load_config
-    from bigtrain.errors import UserError
-    from bigtrain.run import build
-    from bigtrain.strategy import init_distributed, precision_table
+    from bigtrain.core.errors import UserError
+    from bigtrain.train.run import build
+    from bigtrain.parallel import init_distributed, precision_table
 
     dist = init_distributed("cpu")
     report = []

@@ -68,7 +68,7 @@ def runs(tmp_path_factory, cache_dir) -> Runs:
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The last checkpoint's full model tensors, whatever strategy wrote it (DCP: one tensor at a time)."""
-    from bigtrain.strategy import open_weights
+    from bigtrain.parallel import open_weights
 
     reader = open_weights(run_dir / FINAL)
     return {name: reader.get(name) for name in reader.tensors()}
@@ -138,7 +138,7 @@ def test_fsdp_chunked_loss_trains_as_the_whole_logits_loss(runs):
 def test_fsdp_async_saves_write_the_shards_a_synchronous_save_writes(runs):
     """Every step checkpointed by DCP's async_save ("fsdp") and by a synchronous save ("fsdp-ac", whose arithmetic
     is the same to the bit): the same complete checkpoints, each rank's shard file byte for byte."""
-    from bigtrain.checkpoint import list_checkpoints, verify
+    from bigtrain.checkpoint.store import list_checkpoints, verify
 
     sync_dir, async_dir = runs("fsdp-ac"), runs("fsdp")
     steps = [f"step-{step:07d}" for step in range(1, STEPS + 1)]
@@ -245,8 +245,8 @@ def test_fsdp_real_dtypes_match_the_precision_table(precision, one_rank_group):
 
     from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
     from bigtrain.models import build_model
-    from bigtrain.optim import build_optimizer
-    from bigtrain.strategy import build_engine, init_distributed, precision_table
+    from bigtrain.train.optim import build_optimizer
+    from bigtrain.parallel import build_engine, init_distributed, precision_table
 
     torch.manual_seed(0)
     dist = init_distributed("cpu")
@@ -275,8 +275,8 @@ def test_fsdp_init_on_the_meta_device_equals_the_eager_init(one_rank_group):
     """Sharded DTensor init after to_empty gives exactly the weights of a model built and initialised whole."""
     from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
     from bigtrain.models import build_model
-    from bigtrain.optim import build_optimizer
-    from bigtrain.strategy import build_engine, init_distributed
+    from bigtrain.train.optim import build_optimizer
+    from bigtrain.parallel import build_engine, init_distributed
 
     dist = init_distributed("cpu")
     torch.manual_seed(7)
@@ -300,14 +300,14 @@ def test_dcp_checkpoint_reads_back_exactly_and_a_code_running_metadata_pickle_is
     import os
     import pickle
 
-    from bigtrain.checkpoint import TrainState, save
-    from bigtrain.filehash import file_entry
+    from bigtrain.checkpoint.store import TrainState, save
+    from bigtrain.core.filehash import file_entry
     from bigtrain.cli import main
     from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
-    from bigtrain.errors import UserError
+    from bigtrain.core.errors import UserError
     from bigtrain.models import build_model
-    from bigtrain.optim import build_optimizer
-    from bigtrain.strategy import build_engine, init_distributed, open_weights
+    from bigtrain.train.optim import build_optimizer
+    from bigtrain.parallel import build_engine, init_distributed, open_weights
 
     torch.manual_seed(0)
     dist = init_distributed("cpu")
@@ -344,7 +344,7 @@ def test_one_process_fsdp_run_destroys_the_group_it_made(tmp_path, cache_dir):
     """A one-process fsdp run makes its own 1-rank group; run_training's shutdown destroys it (no leak into
     whatever runs next in the process)."""
     from bigtrain.config import build_config
-    from bigtrain.run import run_training
+    from bigtrain.train.run import run_training
 
     cfg = build_config(tiny_recipe(cache_dir, tmp_path, train={"max_steps": 1}, parallel={"strategy": "fsdp"},
                                    logging={"every": 1, "progress": False, "wandb": "disabled"}))

@@ -54,10 +54,10 @@ def _plan(recipe, world_size: int):
     """What `bigtrain check RECIPE --world-size N` plans on this CPU (fp32 recipes: no precision to resolve)."""
     from bigtrain.cli import _vocab_size
     from bigtrain.config import load_config
-    from bigtrain.memory_plan import plan_memory
+    from bigtrain.plan.memory import plan_memory
     from bigtrain.models import check_model
-    from bigtrain.run import padded_vocab_size
-    from bigtrain.strategy import precision_table, resolve_strategy
+    from bigtrain.train.run import padded_vocab_size
+    from bigtrain.parallel import precision_table, resolve_strategy
 
     cfg = load_config(recipe, world_size=world_size)
     spec = dataclasses.replace(check_model(cfg), vocab_size=padded_vocab_size(_vocab_size(cfg)))

@@ -89,9 +89,9 @@ def test_check_shows_what_auto_resolves_to_on_this_machine(tmp_path):
 PROBE = textwrap.dedent("""
     import json
     import sys
-    from bigtrain.hardware import CpuInfo
-    from bigtrain.strategy import init_distributed, shutdown
-    from bigtrain.strategy.precision import resolve_job_precision
+    from bigtrain.core.hardware import CpuInfo
+    from bigtrain.parallel import init_distributed, shutdown
+    from bigtrain.parallel.precision import resolve_job_precision
 
     dist = init_distributed("cpu")
     # Rank 0 sits on an AVX2 node, rank 1 on a node with native bf16: alone they would disagree.
@@ -105,8 +105,8 @@ PROBE = textwrap.dedent("""
 
 
 def test_every_rank_takes_rank_0s_resolution(tmp_path):
-    from bigtrain.hardware import CpuInfo
-    from bigtrain.strategy.precision import resolve_precision
+    from bigtrain.core.hardware import CpuInfo
+    from bigtrain.parallel.precision import resolve_precision
 
     assert resolve_precision("auto", "cpu", cpu=CpuInfo("x86_64", frozenset({"amx_bf16"}), "AVX512", None)).name == "bf16"
     script = tmp_path / "probe.py"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bigtrain import checkpoint
+from bigtrain.checkpoint import store as checkpoint
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 
@@ -44,7 +44,7 @@ def test_train_lowers_loss_and_writes_run_dir(tmp_path, cache_dir):
 
 
 def test_metrics_keys_tokens_per_sec_and_mfu_match_hand_calculation(tmp_path, cache_dir):
-    from bigtrain.hardware import peak_flops_per_sec
+    from bigtrain.core.hardware import peak_flops_per_sec
 
     result, run_dir = train(tmp_path, cache_dir, "train.max_steps=4")
     assert result.returncode == 0, result.stderr

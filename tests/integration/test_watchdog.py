@@ -1,4 +1,4 @@
-"""The hang watchdog (bigtrain/watchdog.py) in a real job: 2 gloo ranks under torchrun, one sleeping inside a step."""
+"""The hang watchdog (bigtrain/train/watchdog.py) in a real job: 2 gloo ranks under torchrun, one sleeping inside a step."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What a rank reads of a checkpoint (bigtrain/checkpoint.py, strategy readers): model.init_from verifies only the
+"""What a rank reads of a checkpoint (bigtrain/checkpoint/store.py, strategy readers): model.init_from verifies only the
 files it reads, each once, and finds a tensor's name without reading it; a DCP folder's .metadata is unpickled once
 per reader, not once per tensor."""
 
@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigtrain import checkpoint, filehash
+from bigtrain.checkpoint import store as checkpoint
+
+from bigtrain.core import filehash
 from bigtrain.cli import main
 from tests.conftest import tiny_recipe, write_recipe
 
@@ -110,7 +112,7 @@ def test_dcp_weights_unpickle_metadata_once_per_reader(tmp_path, monkeypatch):
     """DCPWeights reads a DCP folder's .metadata when opened, and every tensor it assembles after uses that."""
     import torch.distributed.checkpoint as dcp
 
-    from bigtrain.strategy import fsdp
+    from bigtrain.parallel import fsdp
 
     state = {f"model.layer{i}.weight": torch.full((4, 3), float(i)) for i in range(5)}
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
@@ -130,11 +132,12 @@ TWO_RANKS_SCRIPT = '''
 import json, os, sys
 from pathlib import Path
 import torch
-from bigtrain import checkpoint, filehash
+from bigtrain.checkpoint import store as checkpoint
+from bigtrain.core import filehash
 from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
 from bigtrain.models import build_model
-from bigtrain.optim import build_optimizer
-from bigtrain.strategy import barrier, build_engine, init_distributed
+from bigtrain.train.optim import build_optimizer
+from bigtrain.parallel import barrier, build_engine, init_distributed
 
 dist = init_distributed("cpu")
 out = Path(sys.argv[1])
@@ -236,11 +239,11 @@ def test_ddp_init_from_is_read_by_rank_0_and_broadcast(two_ranks):
 def test_an_fsdp_resume_unpickles_metadata_once(tmp_path, monkeypatch):
     """FSDPEngine.load_state reads .metadata once (it needs it to see whether the EMA was saved) and hands it to
     dcp.load, which would read it again."""
-    from bigtrain.checkpoint import TrainState, save
+    from bigtrain.checkpoint.store import TrainState, save
     from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
     from bigtrain.models import build_model
-    from bigtrain.optim import build_optimizer
-    from bigtrain.strategy import build_engine, fsdp, init_distributed
+    from bigtrain.train.optim import build_optimizer
+    from bigtrain.parallel import build_engine, fsdp, init_distributed
 
     torch.manual_seed(0)
     dist = init_distributed("cpu")

@@ -20,7 +20,7 @@ from bigtrain.data import shards as shards_module
 from bigtrain.data.sampler import IndexPermutation
 from bigtrain.data.shards import token_dtype
 from bigtrain.data.sources import DocumentStreams, held_out_by_index, held_out_rows, load_documents, resolve_source
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 
 SEQ_LEN = 64
 

@@ -1,4 +1,4 @@
-"""Eval results out of the process (bigtrain/eval_report.py): scalars to the logger, the eval file, the console table."""
+"""Eval results out of the process (bigtrain/eval/report.py): scalars to the logger, the eval file, the console table."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from bigtrain.eval_report import classification_table, console_text, report_eval, scalars, write_eval_file
+from bigtrain.eval.report import classification_table, console_text, report_eval, scalars, write_eval_file
 from bigtrain.tasks import classification_scores
 
 

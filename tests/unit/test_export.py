@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bigtrain.checkpoint import TrainState, save
+from bigtrain.checkpoint.store import TrainState, save
 from bigtrain.cli import main
 from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
-from bigtrain.export import export, write_safetensors
+from bigtrain.checkpoint.export import export, write_safetensors
 from bigtrain.models import build_model
-from bigtrain.optim import build_optimizer
-from bigtrain.strategy import build_engine, init_distributed, open_weights
+from bigtrain.train.optim import build_optimizer
+from bigtrain.parallel import build_engine, init_distributed, open_weights
 
 
 class DictReader:

@@ -1,4 +1,4 @@
-"""Tests for bigtrain/generate.py: greedy output equal to transformers' generate token for token (tiny random
+"""Tests for bigtrain/eval/generate.py: greedy output equal to transformers' generate token for token (tiny random
 GPT-2 and Llama with GQA and llama3 RoPE, KV cache on and off), batched equal to unbatched, seeded sampling,
 stop strings and streaming, the chat template, and `bigtrain generate` itself (in-process)."""
 
@@ -15,7 +15,7 @@ transformers.utils.logging.disable_progress_bar()
 
 from bigtrain.cli import main  # noqa: E402
 from bigtrain.config import Config, DataConfig, ModelConfig  # noqa: E402
-from bigtrain.generate import Completion, SamplingConfig, encode_prompts, generate_ids, load_generator, pick_next  # noqa: E402
+from bigtrain.eval.generate import Completion, SamplingConfig, encode_prompts, generate_ids, load_generator, pick_next  # noqa: E402
 from bigtrain.interop.hf_config import with_hf_model  # noqa: E402
 from tests.unit.test_interop import bigtrain_model, bpe, checkpoint_of, hf_folder  # noqa: E402, F401
 

@@ -1,4 +1,4 @@
-"""bigtrain/hardware.py and `parallel.precision: auto`: native bf16 from CPU facts (fed by hand), the resolution
+"""bigtrain/core/hardware.py and `parallel.precision: auto`: native bf16 from CPU facts (fed by hand), the resolution
 rules per device, and matmul peaks (datasheet, measured once and cached, replaced when a run beats them)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from bigtrain import hardware
-from bigtrain.hardware import CpuInfo, cpu_bf16_native, matmul_peak, peak_flops_per_sec, raised_peak
-from bigtrain.strategy.precision import resolve_precision
+from bigtrain.core import hardware
+from bigtrain.core.hardware import CpuInfo, cpu_bf16_native, matmul_peak, peak_flops_per_sec, raised_peak
+from bigtrain.parallel.precision import resolve_precision
 
 ZEN4 = CpuInfo("x86_64", frozenset({"avx2", "avx512f", "avx512_bf16"}), "AVX512", None)
 SAPPHIRE_RAPIDS = CpuInfo("x86_64", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}), "AVX512", None)
@@ -64,7 +64,7 @@ def test_auto_takes_the_launchers_choice_over_the_hardware():
 @pytest.mark.parametrize("section, expected", [("bf16", "bf16"), ("fp16", "fp16"), (None, "fp32")])
 def test_auto_under_deepspeed_takes_the_precision_its_config_file_enables(tmp_path, section, expected):
     from bigtrain.config import ParallelConfig
-    from bigtrain.strategy import launcher_precision
+    from bigtrain.parallel import launcher_precision
 
     extra = tmp_path / "ds.json"
     extra.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 5e7}, **({section: {"enabled": True}}

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
 
-from bigtrain.checkpoint import load_init_weights  # noqa: E402
+from bigtrain.checkpoint.store import load_init_weights  # noqa: E402
 from bigtrain.cli import main  # noqa: E402
 from bigtrain.config import Config, DataConfig, ModelConfig, TaskConfig  # noqa: E402
-from bigtrain.export import export_hf  # noqa: E402
+from bigtrain.checkpoint.export import export_hf  # noqa: E402
 from bigtrain.interop.hf_config import with_hf_model  # noqa: E402
 from bigtrain.models import build_model, count_params  # noqa: E402
 from tests.conftest import run_cli, tiny_recipe, write_recipe  # noqa: E402
@@ -125,7 +125,7 @@ def test_round_trip_hf_bigtrain_hf_is_bit_identical(tmp_path, name):
 
 
 def test_default_pre_norm_encoder_and_roberta_classifier_do_not_export(tmp_path):
-    from bigtrain.errors import UserError
+    from bigtrain.core.errors import UserError
 
     cfg = Config(model=ModelConfig(arch="encoder", preset="debug"))
     with pytest.raises(UserError, match="model.arch=encoder with norm_position=pre.*no exact Hugging Face class"):
@@ -218,9 +218,9 @@ def test_lora_bert_classifier_exports_a_peft_adapter_that_gives_its_logits(tmp_p
     `bigtrain export --format hf --adapter`: peft applies the folder (adapters on query/key/value/dense modules,
     the trained classifier and pooler as modules_to_save) to the original HF folder with bigtrain's logits."""
     peft = pytest.importorskip("peft")
-    from bigtrain.checkpoint import list_checkpoints
+    from bigtrain.checkpoint.store import list_checkpoints
     from bigtrain.config import LoraConfig
-    from bigtrain.strategy import open_weights
+    from bigtrain.parallel import open_weights
 
     folder = hf_encoder(tmp_path, "bert-classify", tokenizer=wordpiece, num_labels=2)
     lora = {"rank": 4, "alpha": 8.0}

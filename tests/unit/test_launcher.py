@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 from launcher.accelerate_env import accelerate_overrides
 from launcher.topology import parse_nodelist, resolve_topology
 from tests.conftest import REPO, tiny_recipe, write_recipe
@@ -309,7 +309,7 @@ def view(rank, nodes, node, per_node=1, world=2, master="127.0.0.1:29500"):
 
 
 def test_preflight_accepts_a_consistent_job_and_names_the_rank_that_differs():
-    from bigtrain.strategy.dist import preflight_problem
+    from bigtrain.parallel.dist import preflight_problem
 
     assert preflight_problem([view(0, 2, 0), view(1, 2, 1)], 2) is None
     assert preflight_problem([view(0, 2, 0), view(1, 3, 1)], 2) == (

@@ -1,4 +1,4 @@
-"""Tests for bigtrain/lease.py: one training job per run dir (owner.json), with real processes as the holders."""
+"""Tests for bigtrain/checkpoint/lease.py: one training job per run dir (owner.json), with real processes as the holders."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import time
 
 import pytest
 
-from bigtrain import checkpoint
-from bigtrain.checkpoint import Checkpointer, TrainState
+from bigtrain.checkpoint import store as checkpoint
+from bigtrain.checkpoint.store import Checkpointer, TrainState
 from bigtrain.config import Config, dump_yaml
-from bigtrain.errors import UserError
-from bigtrain.lease import LEASE_FILE, RunDirLease
+from bigtrain.core.errors import UserError
+from bigtrain.checkpoint.lease import LEASE_FILE, RunDirLease
 from tests.conftest import REPO, tiny_recipe, write_recipe
 from tests.unit.test_strategy import make_engine
 
-HOLD = ("import sys, time\nfrom bigtrain.lease import RunDirLease\n"
+HOLD = ("import sys, time\nfrom bigtrain.checkpoint.lease import RunDirLease\n"
         "lease = RunDirLease(sys.argv[1], float(sys.argv[2]))\nlease.acquire()\nlease.start_renewing()\n"
         "print('held', flush=True)\ntime.sleep(600)\n")
 

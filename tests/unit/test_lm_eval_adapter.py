@@ -1,4 +1,4 @@
-"""`bigtrain eval RUN --tasks` (bigtrain/lm_eval_adapter.py): on a trained debug decoder, two custom lm-eval
+"""`bigtrain eval RUN --tasks` (bigtrain/eval/lm_eval.py): on a trained debug decoder, two custom lm-eval
 tasks from local jsonl (multiple choice; loglikelihood with an empty and an over-long context) score as
 lm-eval's own `hf` backend scores them on the `bigtrain export --format hf` folder (each sample's
 log-likelihood within 1e-4, acc / acc_norm / perplexity equal); the report file and table; one-line errors."""
@@ -89,8 +89,8 @@ def test_scores_equal_lm_evals_hf_backend_on_the_exported_folder(trained, tasks_
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from bigtrain.generate import load_generator
-    from bigtrain.lm_eval_adapter import run_lm_eval, task_scores
+    from bigtrain.eval.generate import load_generator
+    from bigtrain.eval.lm_eval import run_lm_eval, task_scores
 
     run_dir, hf = trained
     tasks, manager = ["bt_mc", "bt_ll"], TaskManager(include_path=str(tasks_dir))
@@ -174,7 +174,7 @@ def test_unknown_task_is_a_one_line_error(trained, tasks_dir, capsys):
 
 def test_missing_lm_eval_names_the_extra(trained, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
-    monkeypatch.delitem(sys.modules, "bigtrain.lm_eval_adapter", raising=False)
+    monkeypatch.delitem(sys.modules, "bigtrain.eval.lm_eval", raising=False)
     assert main(["eval", str(trained[0]), "--tasks", "hellaswag"]) == 2
     assert "pip install 'bigtrain[eval]'" in one_error_line(capsys)
 

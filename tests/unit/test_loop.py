@@ -1,4 +1,4 @@
-"""The loop's gradient accumulation (bigtrain/loop.py): same global batch → same gradients and loss,
+"""The loop's gradient accumulation (bigtrain/train/loop.py): same global batch → same gradients and loss,
 whatever the micro-batch size — packed and padded LM data, ragged classification and SFT batches."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 
 from bigtrain.config import build_config
 from bigtrain.data import GlobalSampler
-from bigtrain.loop import accumulate_gradients
-from bigtrain.run import build
-from bigtrain.strategy import init_distributed
+from bigtrain.train.loop import accumulate_gradients
+from bigtrain.train.run import build
+from bigtrain.parallel import init_distributed
 from tests.conftest import tiny_recipe
 
 DOCSTRINGS = {"source": "python-stdlib-docstrings", "max_documents": 300, "validation_split": 0.1, "packing": False,
@@ -76,7 +76,7 @@ def test_activation_checkpointing_gives_the_same_gradients(cache_dir, tmp_path, 
 def test_prefetch_makes_the_next_batches_on_its_thread_and_gives_what_fetch_gives():
     import threading
 
-    from bigtrain.loop import Prefetch
+    from bigtrain.train.loop import Prefetch
 
     calls = []
 

@@ -10,11 +10,11 @@ import re
 import pytest
 import torch
 
-from bigtrain import memory_plan
+from bigtrain.plan import memory as memory_plan
 from bigtrain.config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig
-from bigtrain.memory_plan import plan_memory, trace_activations
+from bigtrain.plan.memory import plan_memory, trace_activations
 from bigtrain.models import resolve_model_spec
-from bigtrain.strategy import precision_table
+from bigtrain.parallel import precision_table
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 GPT2_STYLE = ModelConfig(preset="debug", n_layers=2, d_model=256, n_heads=4, d_ff=1024, max_seq_len=128)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 from bigtrain.models import (
     ARCHS, PRESETS, Decoder, Encoder, build_model, count_params, resolve_model_spec, spec_flops_per_token,
 )

@@ -1,4 +1,4 @@
-"""LR schedule and AdamW groups (bigtrain/optim.py)."""
+"""LR schedule and AdamW groups (bigtrain/train/optim.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bigtrain.config import OptimConfig
-from bigtrain.optim import build_optimizer, lr_at
+from bigtrain.train.optim import build_optimizer, lr_at
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])

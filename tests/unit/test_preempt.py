@@ -1,4 +1,4 @@
-"""PreemptionGuard (bigtrain/preempt.py) in a real process: signals seen while the main thread is blocked, a stop
+"""PreemptionGuard (bigtrain/train/preempt.py) in a real process: signals seen while the main thread is blocked, a stop
 outside the step loop, the deadline to reach a boundary, copies of one request, and a second SIGTERM."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tests.conftest import REPO
 # argv: unsaved (0/1), stop_within_s; it prints "ready", and before_exit prints "marker SIGNAL".
 GUARDED = """
 import sys, time
-from bigtrain.preempt import PreemptionGuard
+from bigtrain.train.preempt import PreemptionGuard
 with PreemptionGuard(stop_within_s=float(sys.argv[2])) as guard:
     guard.unsaved = sys.argv[1] == "1"
     guard.where = lambda: "step 7 'forward 1/1'"
@@ -81,7 +81,7 @@ def test_copies_of_one_sigterm_count_once_and_a_later_second_sigterm_exits_at_on
 def test_after_the_block_signals_are_ignored_once_one_asked_to_stop():
     code = """
 import os, signal, time
-from bigtrain.preempt import PreemptionGuard
+from bigtrain.train.preempt import PreemptionGuard
 with PreemptionGuard() as guard:
     guard.at_boundary()  # the loop reached the boundary: no deadline
     os.kill(os.getpid(), signal.SIGTERM)
@@ -100,7 +100,7 @@ def test_a_signal_still_stops_when_something_else_took_the_wakeup_fd():
     """An asyncio loop in the main thread may replace the wakeup fd: the handler itself takes the signal then."""
     code = """
 import os, signal, time
-from bigtrain.preempt import PreemptionGuard
+from bigtrain.train.preempt import PreemptionGuard
 with PreemptionGuard() as guard:
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)

@@ -1,6 +1,6 @@
 """`bigtrain prepare` killed at each file operation in turn: the next prepare finishes the same cache, byte for byte,
 tokenizing only the pieces the killed one had not finished, and nothing needs removing by hand (bigtrain/data/pieces.py,
-prepare.py, bigtrain/fsio.py).
+prepare.py, bigtrain/core/fsio.py).
 
 The kill is a real death: a forked copy of this process runs the prepare with its file operations counted (the
 opens for writing, renames, deletes of files under the cache key) and calls os._exit at the Nth. The rerun runs here.

@@ -1,4 +1,4 @@
-"""bigtrain/safe_load.py against crafted files: every case is refused with one line naming the file (exit 2 from the
+"""bigtrain/core/safe_load.py against crafted files: every case is refused with one line naming the file (exit 2 from the
 CLI), nothing in the file runs, and nothing that existed before the load changes (pathlib.Path, enum members)."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from bigtrain import safe_load
-from bigtrain.errors import UserError
-from bigtrain.filehash import file_entry
+from bigtrain.core import safe_load
+from bigtrain.core.errors import UserError
+from bigtrain.core.filehash import file_entry
 
 
 def _u(text: str) -> bytes:
@@ -33,11 +33,11 @@ META = "torch.distributed.checkpoint.metadata"
 @pytest.fixture(scope="module")
 def dcp_run(tmp_path_factory):
     """A real one-process fsdp checkpoint (DCP folder with manifest), made once."""
-    from bigtrain.checkpoint import TrainState, save
+    from bigtrain.checkpoint.store import TrainState, save
     from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
     from bigtrain.models import build_model
-    from bigtrain.optim import build_optimizer
-    from bigtrain.strategy import build_engine, init_distributed
+    from bigtrain.train.optim import build_optimizer
+    from bigtrain.parallel import build_engine, init_distributed
 
     root = tmp_path_factory.mktemp("dcp")
     torch.manual_seed(0)
@@ -134,7 +134,7 @@ def test_dcp_metadata_refusals_name_the_file_run_nothing_and_change_nothing(dcp_
 
 
 def test_the_genuine_metadata_still_loads_and_the_checkpoint_reads_back(dcp_run):
-    from bigtrain.strategy import open_weights
+    from bigtrain.parallel import open_weights
 
     metadata = safe_load.dcp_metadata(_genuine_metadata(dcp_run), folder=dcp_run, where=dcp_run / ".metadata")
     assert any(key.startswith("model.") for key in metadata.state_dict_metadata)

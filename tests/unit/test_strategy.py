@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
-from bigtrain.loop import TrainingError, _count_skip
-from bigtrain.checkpoint import TrainState
+from bigtrain.train.loop import TrainingError, _count_skip
+from bigtrain.checkpoint.store import TrainState
 from bigtrain.models import build_model
-from bigtrain.optim import build_optimizer
-from bigtrain.strategy import build_engine, init_distributed, precision_table
+from bigtrain.train.optim import build_optimizer
+from bigtrain.parallel import build_engine, init_distributed, precision_table
 
 
 def make_engine(precision: str):
@@ -60,7 +60,7 @@ def test_fp16_overflow_skips_the_update_and_backs_off_the_scale():
 def test_fp16_scale_halves_after_an_overflow_and_grows_only_after_growth_interval_finite_steps(local_overflow):
     """GradScaler semantics whether this rank saw the inf or only the shared decision says non-finite:
     halve the scale and restart the count of finite steps before it may grow again."""
-    from bigtrain.strategy.precision import scaled_optimizer_step
+    from bigtrain.parallel.precision import scaled_optimizer_step
 
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -79,7 +79,7 @@ def test_a_device_finite_flag_skips_a_fused_adamw_step_on_the_device(monkeypatch
     """The loop's finite flag is a device tensor: fused AdamW (CUDA's; CPU has it too) skips through found_inf —
     weights, moments and step count as if the step never ran — and a finite one updates exactly like a plain
     step; an optimizer that cannot skip on the device reads the flag."""
-    from bigtrain.strategy.precision import scaled_optimizer_step
+    from bigtrain.parallel.precision import scaled_optimizer_step
 
     def trained(finite_flags) -> tuple[torch.nn.Linear, torch.optim.AdamW]:
         torch.manual_seed(0)
@@ -148,8 +148,8 @@ def test_declared_torch_and_deepspeed_lower_bounds_have_the_apis_the_strategies_
 def test_deepspeed_strategy_without_deepspeed_installed_is_a_one_line_error(monkeypatch):
     import sys
 
-    from bigtrain.errors import UserError
-    from bigtrain.strategy.deepspeed import import_deepspeed
+    from bigtrain.core.errors import UserError
+    from bigtrain.parallel.deepspeed import import_deepspeed
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # what `import deepspeed` meets when it is not installed
     with pytest.raises(UserError, match=r"^parallel.strategy=deepspeed needs DeepSpeed, which is not installed — "
@@ -161,8 +161,8 @@ def test_deepspeed_bf16_config_accumulates_gradients_in_fp32_and_a_contradicting
     import json
 
     from bigtrain.config import build_config
-    from bigtrain.errors import UserError
-    from bigtrain.strategy.deepspeed_config import build_deepspeed_config
+    from bigtrain.core.errors import UserError
+    from bigtrain.parallel.deepspeed_config import build_deepspeed_config
     from tests.conftest import tiny_recipe
 
     def config(precision, **ds):
@@ -186,7 +186,7 @@ def test_deepspeed_buckets_and_zero3_live_limits_scale_with_the_model_below_thei
     import json
 
     from bigtrain.config import build_config
-    from bigtrain.strategy.deepspeed_config import build_deepspeed_config
+    from bigtrain.parallel.deepspeed_config import build_deepspeed_config
     from tests.conftest import tiny_recipe
 
     def zero(n_params, **ds):
@@ -230,8 +230,8 @@ def test_deepspeed_config_auto_values_take_the_recipes_and_one_it_cannot_fill_is
     import json
 
     from bigtrain.config import build_config
-    from bigtrain.errors import UserError
-    from bigtrain.strategy.deepspeed_config import build_deepspeed_config
+    from bigtrain.core.errors import UserError
+    from bigtrain.parallel.deepspeed_config import build_deepspeed_config
     from tests.conftest import tiny_recipe
 
     def config(ds, precision="bf16", **optim):
@@ -279,8 +279,8 @@ def test_ddp_skips_the_buffer_broadcast_and_keeps_gradients_as_bucket_views():
     """RoPE tables are identical on every rank (no broadcast each forward); gradients live in DDP's buckets."""
     import torch.distributed as torch_dist
 
-    from bigtrain.strategy.dist import Dist
-    from bigtrain.strategy.local import LocalEngine
+    from bigtrain.parallel.dist import Dist
+    from bigtrain.parallel.local import LocalEngine
 
     torch_dist.init_process_group("gloo", store=torch_dist.HashStore(), rank=0, world_size=1)
     try:
@@ -296,8 +296,8 @@ def test_ddp_skips_the_buffer_broadcast_and_keeps_gradients_as_bucket_views():
 
 
 def test_tf32_is_switched_on_cuda_only_as_parallel_tf32_says(monkeypatch):
-    from bigtrain.strategy import local
-    from bigtrain.strategy.dist import use_tf32
+    from bigtrain.parallel import local
+    from bigtrain.parallel.dist import use_tf32
 
     flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
     before = flags()
@@ -321,7 +321,7 @@ def test_tf32_is_switched_on_cuda_only_as_parallel_tf32_says(monkeypatch):
 
 def test_inductor_cache_folder_is_keyed_by_cpu_capability_once(monkeypatch, tmp_path):
     """A worker inherits its parent's keyed folder: no second capability level."""
-    from bigtrain.strategy.transforms import key_inductor_cache_by_cpu
+    from bigtrain.parallel.transforms import key_inductor_cache_by_cpu
 
     capability = f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "shared"))
@@ -339,7 +339,7 @@ def test_a_save_killed_at_any_filesystem_step_leaves_a_complete_checkpoint(tmp_p
     killed at each rename or delete in turn still leaves one complete checkpoint to resume from."""
     import shutil
 
-    from bigtrain import checkpoint
+    from bigtrain.checkpoint import store as checkpoint
     from bigtrain.config import Config, dump_yaml
 
     class Killed(Exception):
@@ -383,7 +383,7 @@ def test_a_save_killed_at_any_filesystem_step_leaves_a_complete_checkpoint(tmp_p
 
 
 def test_checkpoint_hashing_shares_every_file_once_balanced_by_size():
-    from bigtrain.checkpoint import _shares
+    from bigtrain.checkpoint.store import _shares
 
     files = [("a", 100), ("b", 60), ("c", 50), ("d", 40), ("e", 10), ("f", 0)]
     shares = _shares(files, 3)
@@ -401,10 +401,10 @@ def test_files_hashed_while_written_are_not_read_back_for_the_manifest(tmp_path)
 
     import torch.distributed.checkpoint as dcp
 
-    from bigtrain import filehash
-    from bigtrain.checkpoint import hash_files
-    from bigtrain.strategy import Dist
-    from bigtrain.strategy.fsdp import _hashing_writer
+    from bigtrain.core import filehash
+    from bigtrain.checkpoint.store import hash_files
+    from bigtrain.parallel import Dist
+    from bigtrain.parallel.fsdp import _hashing_writer
 
     def digest(path):
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -443,8 +443,8 @@ def test_deepspeed_checkpoint_files_are_hashed_as_deepspeed_writes_them(tmp_path
     pytest.importorskip("deepspeed")
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    from bigtrain import filehash
-    from bigtrain.strategy.deepspeed import _hashing_saves
+    from bigtrain.core import filehash
+    from bigtrain.parallel.deepspeed import _hashing_saves
 
     engine = TorchCheckpointEngine()
     engine.zipfile_serialization = True  # DeepSpeed's default serialization
@@ -462,9 +462,9 @@ def test_async_save_copies_the_state_at_the_call_and_the_next_save_waits_for_it(
     the one in flight first. A background failure is raised by wait(), publishes nothing, and close() reports it."""
     import threading
 
-    from bigtrain import checkpoint
+    from bigtrain.checkpoint import store as checkpoint
     from bigtrain.config import Config, dump_yaml
-    from bigtrain.strategy.local import in_background
+    from bigtrain.parallel.local import in_background
 
     engine = make_engine("fp32")
     engine.backward(engine.model(torch.randint(0, 128, (2, 16))).sum())
@@ -505,7 +505,7 @@ def test_async_save_copies_the_state_at_the_call_and_the_next_save_waits_for_it(
 def test_each_rank_verifies_the_files_it_loads_next():
     """A rank's own shard, partitions, rng and EMA files go to that rank (it reads them next when it loads them, so
     on separate nodes verification adds no second read); files of ranks this job lacks, and shared ones, by size."""
-    from bigtrain.checkpoint import _shares
+    from bigtrain.checkpoint.store import _shares
 
     files = [("__0_0.distcp", 500), ("__1_0.distcp", 520), (".metadata", 5), ("rng/rank-00000.pt", 1),
              ("rng/rank-00001.pt", 1), ("deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt", 300),

@@ -1,4 +1,4 @@
-"""Tests for bigtrain/watchdog.py's pure parts: step limits, positions, naming late ranks (CPU, fast)."""
+"""Tests for bigtrain/train/watchdog.py's pure parts: step limits, positions, naming late ranks (CPU, fast)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch.distributed as torch_dist
 
 import torch
 
-from bigtrain.strategy.dist import CollectiveNote
-from bigtrain.watchdog import (EXIT_HANG, MIN_TIMED_STEPS, Progress, is_collective_timeout, late_ranks, limit_cap, position,
+from bigtrain.parallel.dist import CollectiveNote
+from bigtrain.train.watchdog import (EXIT_HANG, MIN_TIMED_STEPS, Progress, is_collective_timeout, late_ranks, limit_cap, position,
                                stall, summary)
 
 

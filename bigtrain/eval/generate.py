@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Callable, TextIO
 
 import torch
 
-from bigtrain import safe_load
-from bigtrain.errors import UserError
+from bigtrain.core import safe_load
+from bigtrain.core.errors import UserError
 
 if TYPE_CHECKING:
     import tokenizers
@@ -84,7 +84,7 @@ class Generator:
 def load_generator(source: str | Path, *, dtype: str = "fp32", device: str = "cpu") -> Generator:
     """The model and tokenizer of a run dir (newest complete checkpoint), a checkpoint folder, an HF folder
     or a hub id (through the Hugging Face cache)."""
-    from bigtrain import checkpoint
+    from bigtrain.checkpoint import store as checkpoint
     from bigtrain.interop.hf_config import is_hf_folder, looks_like_hf_folder, read_config
     from bigtrain.interop.hub import local_folder
 
@@ -131,12 +131,12 @@ def _checkpoint_model_config(folder: Path):
 
 
 def _load(folder: Path, model_cfg, *, hf: bool, dtype: torch.dtype, device: str) -> Generator:
-    from bigtrain.checkpoint import load_init_weights
+    from bigtrain.checkpoint.store import load_init_weights
     from bigtrain.interop.chat_template import read_chat_template, special_tokens
     from bigtrain.interop.hf_weights import open_hf_weights
     from bigtrain.models import build_model
     from bigtrain.models.layers import RotaryEmbedding
-    from bigtrain.strategy import open_weights
+    from bigtrain.parallel import open_weights
 
     tokenizer_path = find_tokenizer_file(folder)
     tokenizer = _read_tokenizer(tokenizer_path)

@@ -138,7 +138,7 @@ def _traced(spec, n_layers: int, *, k: int, checkpointing: str, param_dtype, com
     blocks and widths / k, on `tokens` tokens of one sequence: activations and their gradients only (parameters,
     their autocast copies and their gradients are counted at full size by the plan)."""
     from bigtrain.models import _arch_class
-    from bigtrain.strategy.transforms import apply_activation_checkpointing
+    from bigtrain.parallel.transforms import apply_activation_checkpointing
 
     small = dataclasses.replace(
         spec, n_layers=n_layers, d_model=spec.d_model // k, d_ff=spec.d_ff // k,
@@ -220,7 +220,7 @@ def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type
     """The memory plan of training `spec` as the recipe `cfg` says, on `world_size` ranks under `strategy`
     (resolved: single | ddp | fsdp | deepspeed) with the precision `table`; `teacher`: a distillation teacher's
     ModelSpec."""
-    from bigtrain.strategy.deepspeed_config import _sized_to_model
+    from bigtrain.parallel.deepspeed_config import _sized_to_model
 
     p = cfg.parallel
     total, trained, block, root, largest, frozen = _trained_counts(spec, getattr(cfg.model, "lora", None))

@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 
 
 class ConfigError(UserError):

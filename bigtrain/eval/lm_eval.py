@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as torch_dist
 
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 
 try:
     import lm_eval
@@ -37,8 +37,8 @@ except ImportError:  # run_lm_eval names the fix
     TemplateLM = object
 
 if TYPE_CHECKING:
-    from bigtrain.generate import Generator
-    from bigtrain.strategy import Dist
+    from bigtrain.eval.generate import Generator
+    from bigtrain.parallel import Dist
 
 INSTALL_HINT = "pip install 'bigtrain[eval]'"
 REPORT_PREFIX = "lm-eval-"  # RUN/eval/lm-eval-step-NNNNNNN.json
@@ -58,8 +58,8 @@ class BigtrainLM(TemplateLM):
 
     def __init__(self, gen: Generator, batch_size: int = 16, dist: Dist | None = None, forward_context=None):
         super().__init__()
-        from bigtrain.export import find_special_tokens
-        from bigtrain.generate import find_tokenizer_file
+        from bigtrain.checkpoint.export import find_special_tokens
+        from bigtrain.eval.generate import find_tokenizer_file
 
         self.gen, self.model, self.batch_size = gen, gen.model, batch_size
         self.max_length = gen.model.spec.max_seq_len
@@ -246,8 +246,8 @@ class InLoopTasks:
         self._gen = None  # the tokenizer side, read from the run dir at the first eval only
 
     def __call__(self, model, forward_context=None) -> dict[str, Any]:
-        from bigtrain.generate import live_generator
-        from bigtrain.strategy import broadcast_object
+        from bigtrain.eval.generate import live_generator
+        from bigtrain.parallel import broadcast_object
 
         if self._gen is None or self._gen.model is not model:
             self._gen = live_generator(model, self.run_dir)

@@ -15,16 +15,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bigtrain.checkpoint import TrainState
+from bigtrain.checkpoint.store import TrainState
 from bigtrain.data import GlobalSampler, eval_busiest_count, eval_indices
-from bigtrain.ema import ema_weights
-from bigtrain.eval_report import report_eval
+from bigtrain.parallel.ema import ema_weights
+from bigtrain.eval.report import report_eval
 from bigtrain.metrics import PeakMemory, StepTimer, mfu
-from bigtrain.optim import lr_at, set_lr
-from bigtrain.preempt import Preempted, PreemptionGuard
-from bigtrain.strategy import all_reduce_host, all_reduce_sum
+from bigtrain.train.optim import lr_at, set_lr
+from bigtrain.train.preempt import Preempted, PreemptionGuard
+from bigtrain.parallel import all_reduce_host, all_reduce_sum
 from bigtrain.tasks import EVAL_KEY_OFFSET
-from bigtrain.watchdog import Progress
+from bigtrain.train.watchdog import Progress
 
 
 class TrainingError(Exception):
@@ -36,8 +36,8 @@ class LoopContext:
     """What the loop needs from run.py, built once in the build order run.py writes out."""
 
     cfg: object  # bigtrain.config.Config
-    dist: object  # bigtrain.strategy.Dist
-    engine: object  # bigtrain.strategy.Engine
+    dist: object  # bigtrain.parallel.Dist
+    engine: object  # bigtrain.parallel.Engine
     task: object  # bigtrain.tasks.Task
     train_data: object  # indexable dataset of token arrays
     val_data: object

@@ -33,20 +33,22 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from bigtrain import filehash, safe_load
-from bigtrain.ema import EMA_KEY
-from bigtrain.errors import UserError
-from bigtrain.strategy.dist import Dist, use_tf32
-from bigtrain.strategy.full_tensors import load_full_tensors
-from bigtrain.strategy.precision import (PrecisionTable, freeze_in, hold_frozen_linears_in, make_grad_scaler,
+from bigtrain.core import filehash
+
+from bigtrain.core import safe_load
+from bigtrain.parallel.ema import EMA_KEY
+from bigtrain.core.errors import UserError
+from bigtrain.parallel.dist import Dist, use_tf32
+from bigtrain.parallel.full_tensors import load_full_tensors
+from bigtrain.parallel.precision import (PrecisionTable, freeze_in, hold_frozen_linears_in, make_grad_scaler,
                                          scaled_optimizer_step)
-from bigtrain.strategy.transforms import apply_transforms, named_tensors
+from bigtrain.parallel.transforms import apply_transforms, named_tensors
 
 DCP_METADATA = ".metadata"  # written last by dcp.save; marks a DCP folder
 MODEL_KEY, OPTIM_KEY = "model", "optim"  # top-level keys of the DCP state: "model.<state-dict name>"
 
 class SafeReader(dcp.FileSystemReader):
-    """FileSystemReader whose .metadata goes through bigtrain/safe_load.py (DCP's metadata types only, every storage
+    """FileSystemReader whose .metadata goes through bigtrain/core/safe_load.py (DCP's metadata types only, every storage
     path inside the checkpoint folder)."""
 
     def read_metadata(self, *args, **kwargs):
@@ -63,7 +65,7 @@ class SafeReader(dcp.FileSystemReader):
 
 
 class SafeLoadPlanner(dcp.DefaultLoadPlanner):
-    """Loads saved non-tensor objects (optimizer param groups) through bigtrain/safe_load.py (weights only);
+    """Loads saved non-tensor objects (optimizer param groups) through bigtrain/core/safe_load.py (weights only);
     `folder`: the checkpoint, which a refusal names."""
 
     def __init__(self, folder=None, **kwargs):
@@ -116,7 +118,7 @@ def _load_full_tensor(target: torch.Tensor, full: torch.Tensor | None, dist: Dis
 
 
 def _hashing_writer(folder: Path) -> dcp.FileSystemWriter:
-    """DCP's file writer for `folder`, hashing each shard (and .metadata) as it writes it (bigtrain/filehash.py),
+    """DCP's file writer for `folder`, hashing each shard (and .metadata) as it writes it (bigtrain/core/filehash.py),
     so the manifest needs no second read of the checkpoint."""
     writer = dcp.FileSystemWriter(folder)
     writer.fs = filehash.hashing_filesystem()
@@ -143,7 +145,7 @@ class FSDPEngine:
 
     builds_on_meta = True
     checkpoint_format = "dcp"
-    ema = None  # bigtrain.ema.EMA over this rank's shards when optim.ema_decay is set (run.py attaches it)
+    ema = None  # bigtrain.parallel.ema.EMA over this rank's shards when optim.ema_decay is set (run.py attaches it)
     skip_saving = frozenset()  # a LoRA run's base tensors (run.py sets them; base.json names where they are)
 
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as torch_dist
 
-from bigtrain.errors import UserError, say
+from bigtrain.core.errors import UserError, say
 
 
 class CollectiveNote:

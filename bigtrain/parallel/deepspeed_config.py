@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 
 
 def recipe_deepspeed_config(recipe, world_size: int) -> dict[str, tuple[object, str]]:

@@ -12,29 +12,31 @@ from pathlib import Path
 
 import torch
 
-from bigtrain import checkpoint, safe_load
+from bigtrain.checkpoint import store as checkpoint
+
+from bigtrain.core import safe_load
 from bigtrain.config import Config, dump_yaml
 from bigtrain.config import recipe_warnings
 from bigtrain.data import load_prepared
 from bigtrain.data.prepare import cache_visible, prepare_sources, training_prepare_problem, verify_sources_once
 from bigtrain.data.tokenizer import tokenizer_file
-from bigtrain.ema import EMA
-from bigtrain.errors import UserError
-from bigtrain.loop import LoopContext, evaluate, train
-from bigtrain.hardware import matmul_peak, raised_peak
-from bigtrain.lease import RunDirLease
+from bigtrain.parallel.ema import EMA
+from bigtrain.core.errors import UserError
+from bigtrain.train.loop import LoopContext, evaluate, train
+from bigtrain.core.hardware import matmul_peak, raised_peak
+from bigtrain.checkpoint.lease import RunDirLease
 from bigtrain.interop.chat_template import TEMPLATE_FILE, TOKENIZER_CONFIG
 from bigtrain.metrics import MetricsLogger, PeakMemory
 from bigtrain.models import build_model, check_model, count_params
-from bigtrain.optim import build_optimizer
-from bigtrain.preempt import PREEMPTED_MARKER, Preempted, PreemptionGuard
-from bigtrain.strategy import (Dist, barrier, broadcast_object, build_engine, building, engine_class, open_weights,
+from bigtrain.train.optim import build_optimizer
+from bigtrain.train.preempt import PREEMPTED_MARKER, Preempted, PreemptionGuard
+from bigtrain.parallel import (Dist, barrier, broadcast_object, build_engine, building, engine_class, open_weights,
                                init_distributed, launcher_precision, resolve_strategy, shutdown)
-from bigtrain.strategy.dist import all_gather_object, on_main
-from bigtrain.strategy.precision import Resolved, resolve_job_precision, slow_precision_warning
+from bigtrain.parallel.dist import all_gather_object, on_main
+from bigtrain.parallel.precision import Resolved, resolve_job_precision, slow_precision_warning
 from bigtrain.tasks import build_task
-from bigtrain.teacher import KEY as TEACHER_KEY, check_same_labels, check_same_tokenizer, teacher_model_config
-from bigtrain.watchdog import Progress, Watchdog, enable_flight_recorder, position
+from bigtrain.tasks.teacher import KEY as TEACHER_KEY, check_same_labels, check_same_tokenizer, teacher_model_config
+from bigtrain.train.watchdog import Progress, Watchdog, enable_flight_recorder, position
 
 VOCAB_MULTIPLE = 64  # pad the embedding table so matmuls hit fast kernel sizes
 TOKENIZER_FILE = "tokenizer.json"
@@ -94,7 +96,7 @@ def model_vocab_size(cfg: Config, tokenizer_vocab_size: int) -> int:
 
 
 def init_job(cfg: Config) -> Dist:
-    """The process group for the recipe's parallel settings (see strategy/dist.py)."""
+    """The process group for the recipe's parallel settings (see parallel/dist.py)."""
     p = cfg.parallel
     return init_distributed(p.device, timeout_s=p.init_timeout_s, collective_timeout_s=p.collective_timeout_s)
 
@@ -214,7 +216,7 @@ def full_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def build_teacher(cfg: Config, dist: Dist, engine, data, head: str, folder: Path) -> torch.nn.Module:
-    """task.teacher (bigtrain/teacher.py) from `folder` (resolved and verified by `build`), built as the student was
+    """task.teacher (bigtrain/tasks/teacher.py) from `folder` (resolved and verified by `build`), built as the student was
     (meta device, ZeRO-3 partitioning) from its own config, its weights loaded and the whole model frozen in the
     compute dtype by the engine (`Engine.frozen`)."""
     check_same_tokenizer(folder, data.path / TOKENIZER_FILE)
@@ -249,7 +251,7 @@ def check_cache_shared(cfg: Config, dist: Dist) -> None:
 
 
 def resolve_for_job(cfg: Config, dist: Dist) -> tuple[Config, Resolved]:
-    """The recipe with `parallel.precision` resolved for this job (rank 0 decides; see strategy/precision.py)."""
+    """The recipe with `parallel.precision` resolved for this job (rank 0 decides; see parallel/precision.py)."""
     resolved = resolve_job_precision(dist, cfg.parallel.precision, launcher_choice=launcher_precision(cfg.parallel))
     return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, precision=resolved.name)), resolved
 
@@ -277,7 +279,7 @@ def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard |
     logger = b = saver = lease = None
     try:
         run_dir = cfg.run_dir()
-        # One job per run dir (bigtrain/lease.py): taken before anything is written there, held by rank 0.
+        # One job per run dir (bigtrain/checkpoint/lease.py): taken before anything is written there, held by rank 0.
         lease = on_main(dist, lambda: take_lease(run_dir, cfg.checkpoint.lease_timeout_s), what="the run dir's lease")
         job_cfg, resolved = resolve_for_job(cfg, dist)
         progress.enter("build: data, model, engine")
@@ -385,7 +387,7 @@ def in_loop_tasks(cfg: Config, dist: Dist, run_dir: Path):
     """eval.tasks' scorer (lm-eval, imported only when tasks are named), or None."""
     if not cfg.eval.tasks:
         return None
-    from bigtrain.lm_eval_adapter import InLoopTasks
+    from bigtrain.eval.lm_eval import InLoopTasks
 
     return InLoopTasks(cfg.eval, dist, run_dir, batch_size=cfg.eval.micro_batch_size or cfg.train.micro_batch_size)
 

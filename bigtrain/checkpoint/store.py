@@ -31,13 +31,15 @@ from pathlib import Path
 
 import torch
 
-from bigtrain import filehash, safe_load
-from bigtrain.errors import UserError, say
-from bigtrain.fsio import fsync_dir as _fsync_dir
-from bigtrain.fsio import fsync_file
-from bigtrain.fsio import write_atomic as _write_atomic
-from bigtrain.strategy import Dist, barrier, open_weights
-from bigtrain.strategy.dist import all_gather_object, new_background_group
+from bigtrain.core import filehash
+
+from bigtrain.core import safe_load
+from bigtrain.core.errors import UserError, say
+from bigtrain.core.fsio import fsync_dir as _fsync_dir
+from bigtrain.core.fsio import fsync_file
+from bigtrain.core.fsio import write_atomic as _write_atomic
+from bigtrain.parallel import Dist, barrier, open_weights
+from bigtrain.parallel.dist import all_gather_object, new_background_group
 
 MANIFEST = "manifest.json"
 TRAINER = "trainer.json"
@@ -77,7 +79,7 @@ def save(run_dir: Path, state: TrainState, engine, dist: Dist, *, config_yaml: s
 
     extra_files: name → file copied in (the tokenizer, the label set), so a checkpoint stands alone.
     verified: what retention knows of the run dir's checkpoints (the run's; None: a new record).
-    lease: rank 0's RunDirLease (bigtrain/lease.py); checked before anything is written and before publishing.
+    lease: rank 0's RunDirLease (bigtrain/checkpoint/lease.py); checked before anything is written and before publishing.
     """
     tmp, final = _start(run_dir, state.step, dist, lease)
     engine.save_state(tmp)
@@ -292,7 +294,7 @@ class VerifiedCheckpoints:
 
 # Files one rank of the saving job wrote and the same rank of a job of that size loads: DCP's shard (`__R_0.distcp`),
 # ZeRO's partitions (`zero_pp_rank_R_…`), the rank's rng and EMA files; and the single/ddp state rank 0 alone reads
-# and broadcasts (strategy/local.py `load_on_main`).
+# and broadcasts (parallel/local.py `load_on_main`).
 _RANK_FILE = re.compile(r"(?:^|/)(?:__(\d+)_\d+\.distcp|zero_pp_rank_(\d+)_[^/]*|rng/rank-(\d+)\.pt|ema-rank-(\d+)\.pt)$")
 _MAIN_FILES = {"model.pt", "optimizer.pt", "ema.pt"}
 
@@ -319,7 +321,7 @@ def _shares(names: list[tuple[str, int]], world_size: int) -> list[list[str]]:
 
 def hash_files(folder: Path, dist: Dist, group=None) -> dict[str, dict]:
     """{relative name: {bytes, sha256}} of every file under `folder` (collective). A file whose digest was taken
-    as it was written (bigtrain/filehash.py: torch.save files, DCP shards, DeepSpeed's) is not read again;
+    as it was written (bigtrain/core/filehash.py: torch.save files, DCP shards, DeepSpeed's) is not read again;
     the rest the ranks hash in parallel, each its share by size, so that part takes the time of 1/world
     of those bytes."""
     names = [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file()]
@@ -336,7 +338,7 @@ def hash_files(folder: Path, dist: Dist, group=None) -> dict[str, dict]:
 
 def _fsync_written(folder: Path, dist: Dist, group=None) -> None:
     """fsync each file under `folder` once, by the rank that wrote it (collective over `group`), so a rename after
-    it publishes data that is on disk: each rank the files it recorded as it wrote them (bigtrain/filehash.py:
+    it publishes data that is on disk: each rank the files it recorded as it wrote them (bigtrain/core/filehash.py:
     torch.save files, DCP shards, DeepSpeed's); rank 0 the files no rank recorded (it writes them itself:
     trainer.json, config.yaml, the tokenizer, layout files) and every folder. Not every rank every file: on a
     shared filesystem that is world size × the checkpoint's files opened, and another client's fsync would not
@@ -551,7 +553,7 @@ def verify_init_checkpoint(folder: Path, dist: Dist, *, also: tuple[str, ...] = 
     `also` (the tokenizer, its side files, the labels). The optimizer state, the rng files and the EMA are never read,
     so never checked: for a 70B model that is most of a checkpoint. A Hugging Face folder has no manifest."""
     from bigtrain.interop.hf_config import is_hf_folder
-    from bigtrain.strategy import holds_weights
+    from bigtrain.parallel import holds_weights
 
     if is_hf_folder(folder):
         return

@@ -20,14 +20,16 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bigtrain import filehash, safe_load
-from bigtrain.ema import EMA_FILE
-from bigtrain.errors import UserError
-from bigtrain.strategy.dist import Dist, broadcast_object, use_tf32
-from bigtrain.strategy.full_tensors import load_full_tensors, write_whole
-from bigtrain.strategy.precision import (PrecisionTable, autocast, freeze_in, hold_frozen_linears_in, make_grad_scaler,
+from bigtrain.core import filehash
+
+from bigtrain.core import safe_load
+from bigtrain.parallel.ema import EMA_FILE
+from bigtrain.core.errors import UserError
+from bigtrain.parallel.dist import Dist, broadcast_object, use_tf32
+from bigtrain.parallel.full_tensors import load_full_tensors, write_whole
+from bigtrain.parallel.precision import (PrecisionTable, autocast, freeze_in, hold_frozen_linears_in, make_grad_scaler,
                                          scaled_optimizer_step)
-from bigtrain.strategy.transforms import apply_transforms
+from bigtrain.parallel.transforms import apply_transforms
 
 
 def _no_forward_buffer_sync() -> dict[str, bool]:
@@ -41,7 +43,7 @@ class LocalEngine:
 
     builds_on_meta = False
     checkpoint_format = "local"
-    ema = None  # bigtrain.ema.EMA when optim.ema_decay is set (run.py attaches it)
+    ema = None  # bigtrain.parallel.ema.EMA when optim.ema_decay is set (run.py attaches it)
     skip_saving = frozenset()  # a LoRA run's base tensors (run.py sets them; base.json names where they are)
 
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg):
@@ -214,7 +216,7 @@ def load_leaving_out(model: nn.Module, state: dict, left_out: frozenset) -> None
 
 def copy_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], dist: Dist) -> None:
     """Full tensors by state-dict name into `model`, one at a time (a lazy mapping reads each only then): rank 0
-    reads each and broadcasts it into the other ranks' replicas (collective; strategy/full_tensors.py)."""
+    reads each and broadcasts it into the other ranks' replicas (collective; parallel/full_tensors.py)."""
     load_full_tensors(model.state_dict(keep_vars=True), weights, write_whole, dist)
 
 

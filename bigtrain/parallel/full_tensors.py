@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.distributed as torch_dist
 
-from bigtrain.strategy.dist import Dist
+from bigtrain.parallel.dist import Dist
 
 WriteFull = Callable[[torch.Tensor, "torch.Tensor | None", Dist], None]  # (target, full on rank 0 else None, dist)
 

@@ -47,7 +47,7 @@ def report_eval(logger, step: int, metrics: dict, run_dir: Path | None = None) -
     logger.message(console_text(step, metrics))
     report = metrics.get("lm_eval_report")  # eval.tasks: the file and table `bigtrain eval --tasks` writes
     if report is not None:
-        from bigtrain.lm_eval_adapter import REPORT_PREFIX, scores_table
+        from bigtrain.eval.lm_eval import REPORT_PREFIX, scores_table
 
         logger.message(scores_table(report["tasks"]))
         if run_dir is not None:

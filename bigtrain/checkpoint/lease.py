@@ -29,7 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bigtrain.errors import UserError, say
+from bigtrain.core.errors import UserError, say
 
 LEASE_FILE = "owner.json"
 JOB_ID_VARIABLES = ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")  # the first one set names the job

@@ -14,9 +14,9 @@ import dataclasses
 from pathlib import Path
 
 
-from bigtrain import safe_load
+from bigtrain.core import safe_load
 from bigtrain.config import Config, ModelConfig, build_config
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 
 KEY = "task.teacher"
 

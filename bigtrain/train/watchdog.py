@@ -2,7 +2,7 @@
 
 The watchdog is armed from the process group's creation to the exit (build, init_from, resume, the loop, the
 final barrier). The run and the loop mark where they are on a `Progress` (a tuple assignment per phase: no I/O,
-no collective); bigtrain's own collectives note what they are on `Dist.collectives` (strategy/dist.py). With
+no collective); bigtrain's own collectives note what they are on `Dist.collectives` (parallel/dist.py). With
 several processes a `Watchdog` thread per rank wakes every few seconds and compares the time since the step
 started with the limit, max(`parallel.hang_timeout_s`, `parallel.hang_step_factor` × the running median step
 time). The first steps (warm-up, compile), eval, checkpoints and the phases outside the loop may take up to
@@ -34,7 +34,7 @@ import traceback
 from collections import deque
 from pathlib import Path
 
-from bigtrain.errors import say
+from bigtrain.core.errors import say
 
 EXIT_HANG = 3  # a rank stopped making progress; RUN/hang/ has every rank's stacks
 HANG_DIR = "hang"

@@ -236,7 +236,7 @@ class Classification:
 
     def eval_metrics(self, sums: dict[str, float]) -> dict:
         """eval/loss plus classification_scores: scalars under eval/… and the labels / confusion_matrix /
-        per_class report (bigtrain/eval_report.py keeps those out of metrics.jsonl)."""
+        per_class report (bigtrain/eval/report.py keeps those out of metrics.jsonl)."""
         k = len(self.labels)
         confusion = np.array([sums[key] for key in self._confusion_keys], dtype=np.int64).reshape(k, k)
         return {"eval/loss": sums["loss_sum"] / max(sums["targets"], 1.0), **classification_scores(confusion, self.labels)}

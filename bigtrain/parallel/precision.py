@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bigtrain import hardware
-from bigtrain.strategy.dist import Dist, broadcast_object
+from bigtrain.core import hardware
+from bigtrain.parallel.dist import Dist, broadcast_object
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import pickle
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 
-from bigtrain.errors import UserError
+from bigtrain.core.errors import UserError
 
 
 class UnsafeFile(UserError):

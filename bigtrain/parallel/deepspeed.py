@@ -1,6 +1,6 @@
 """`deepspeed` strategy: ZeRO stage 1/2/3 (optionally offloaded) behind the Engine Protocol.
 
-The DeepSpeed config is generated from the recipe (bigtrain/strategy/deepspeed_config.py). bigtrain keeps the
+The DeepSpeed config is generated from the recipe (bigtrain/parallel/deepspeed_config.py). bigtrain keeps the
 optimizer (our AdamW, or DeepSpeedCPUAdam when the optimizer is offloaded, as DeepSpeed requires) and the LR
 schedule (the loop sets each group's lr on `engine.optimizer`, the optimizer DeepSpeed steps).
 
@@ -14,8 +14,8 @@ the loop's. Skipping a non-finite step at every ZeRO stage in fp32 and bf16 need
 stops the run rather than train on NaN weights.
 
 Checkpoints are DeepSpeed's own files (`save_checkpoint` under tag `deepspeed`), every rank writing
-into the folder bigtrain/checkpoint.py prepared. DeepSpeed unpickles them with `weights_only=False`, so
-before it reads any, every file is checked against bigtrain/safe_load.py's policy (`refuse_unsafe_files`), and
+into the folder bigtrain/checkpoint/store.py prepared. DeepSpeed unpickles them with `weights_only=False`, so
+before it reads any, every file is checked against bigtrain/core/safe_load.py's policy (`refuse_unsafe_files`), and
 DeepSpeed's own reads are forced through the same weights-only unpickler (`_deepspeed_reads`).
 Resuming on another world size goes through DeepSpeed's universal checkpoint (`ds_to_universal`,
 written next to the checkpoint and removed afterwards). `open_weights` consolidates the fp32 master weights without a process group.
@@ -48,13 +48,15 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from bigtrain import filehash, safe_load
-from bigtrain.errors import UserError
-from bigtrain.strategy.deepspeed_config import build_deepspeed_config
-from bigtrain.strategy.dist import Dist, barrier, broadcast_object, on_main, use_tf32
-from bigtrain.strategy.full_tensors import load_full_tensors, write_whole
-from bigtrain.strategy.precision import PrecisionTable, freeze_in
-from bigtrain.strategy.transforms import apply_transforms, named_tensors
+from bigtrain.core import filehash
+
+from bigtrain.core import safe_load
+from bigtrain.core.errors import UserError
+from bigtrain.parallel.deepspeed_config import build_deepspeed_config
+from bigtrain.parallel.dist import Dist, barrier, broadcast_object, on_main, use_tf32
+from bigtrain.parallel.full_tensors import load_full_tensors, write_whole
+from bigtrain.parallel.precision import PrecisionTable, freeze_in
+from bigtrain.parallel.transforms import apply_transforms, named_tensors
 
 TAG = "deepspeed"  # the one DeepSpeed tag folder inside a bigtrain checkpoint folder
 LAYOUT = "deepspeed.json"  # ZeRO stage and world size that wrote it: another layout loads via universal
@@ -136,7 +138,7 @@ def _ensure_process_group(dist: Dist) -> None:
 
 @contextlib.contextmanager
 def _hashing_saves(checkpoint_engine):
-    """DeepSpeed's own torch.save checkpoint engine (zip format) saving through bigtrain/filehash.py, so each
+    """DeepSpeed's own torch.save checkpoint engine (zip format) saving through bigtrain/core/filehash.py, so each
     rank's files are hashed as they are written; another checkpoint engine is left as it is (its files are
     hashed after the write)."""
     plain = type(checkpoint_engine).__name__ == "TorchCheckpointEngine" and getattr(
@@ -181,7 +183,7 @@ class DeepSpeedEngine:
     builds_on_meta = False  # DeepSpeed partitions a model built on the real device
     needs_recipe = True  # its config repeats batch sizes, accumulation and clipping
     checkpoint_format = "deepspeed"
-    ema = None  # bigtrain.ema.EMA over ema_sources() when optim.ema_decay is set (run.py attaches it)
+    ema = None  # bigtrain.parallel.ema.EMA over ema_sources() when optim.ema_decay is set (run.py attaches it)
     skip_saving = frozenset()  # a LoRA run's base tensors (run.py sets them; base.json names where they are)
 
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg,
@@ -527,7 +529,7 @@ def _to_universal(tag_folder: Path, output: Path) -> None:
 
 
 def refuse_unsafe_files(folder: Path) -> None:
-    """UserError naming the file unless every .pt file under folder/deepspeed passes bigtrain/safe_load.py's policy
+    """UserError naming the file unless every .pt file under folder/deepspeed passes bigtrain/core/safe_load.py's policy
     for DeepSpeed files (tensors, plain data, DeepSpeed's plain-data classes). Memory-mapped: only the pickles are
     read. DeepSpeed's own reads afterwards go through `_deepspeed_reads`: the same policy, so a file changed
     between this check and DeepSpeed's read is refused too."""

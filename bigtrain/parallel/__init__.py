@@ -2,7 +2,7 @@
 
 `parallel.strategy` picks the implementation from `STRATEGIES` (short names, never import paths).
 `auto` means ddp when several processes were started, else single. Each strategy module is
-imported only when chosen, so `deepspeed` loads only in `strategy/deepspeed.py`.
+imported only when chosen, so `deepspeed` loads only in `parallel/deepspeed.py`.
 
 A checkpoint's tensors are in the format of the strategy that wrote it (`Engine.checkpoint_format`,
 recorded in trainer.json). `open_weights(folder)` reads the model weights of any format without a
@@ -20,10 +20,10 @@ from typing import Callable, ContextManager, Iterator, Protocol
 import torch
 from torch import nn
 
-from bigtrain import safe_load
-from bigtrain.strategy.dist import (Dist, all_reduce_host, all_reduce_sum, barrier, broadcast_object, init_distributed,
+from bigtrain.core import safe_load
+from bigtrain.parallel.dist import (Dist, all_reduce_host, all_reduce_sum, barrier, broadcast_object, init_distributed,
                                    shutdown)
-from bigtrain.strategy.precision import PrecisionTable, precision_table, resolve_job_precision
+from bigtrain.parallel.precision import PrecisionTable, precision_table, resolve_job_precision
 
 __all__ = [
     "Dist", "Engine", "PrecisionTable", "STRATEGIES", "WeightsReader", "all_reduce_host", "all_reduce_sum", "barrier",
@@ -40,7 +40,7 @@ class Engine(Protocol):
     optimizer: torch.optim.Optimizer
     precision: PrecisionTable
     builds_on_meta: bool              # class attribute: run.py builds the model on the meta device
-    ema: object                       # bigtrain.ema.EMA (optim.ema_decay; run.py attaches it; saved and loaded with the state) or None
+    ema: object                       # bigtrain.parallel.ema.EMA (optim.ema_decay; run.py attaches it; saved and loaded with the state) or None
     checkpoint_format: str            # class attribute: key of READERS for its checkpoints
     skip_saving: frozenset            # state-dict names its checkpoints leave out (a LoRA run's base, base.json)
 
@@ -67,7 +67,7 @@ class WeightsReader(Protocol):
     def get(self, name: str) -> torch.Tensor: ...  # the full (unsharded) tensor on the CPU
 
 
-# Strategy name -> module under bigtrain.strategy and its Engine class (imported on first use).
+# Strategy name -> module under bigtrain.parallel and its Engine class (imported on first use).
 STRATEGIES: dict[str, tuple[str, str]] = {
     "single": ("local", "LocalEngine"),
     "ddp": ("local", "LocalEngine"),
@@ -75,7 +75,7 @@ STRATEGIES: dict[str, tuple[str, str]] = {
     "deepspeed": ("deepspeed", "DeepSpeedEngine"),
 }
 
-# checkpoint_format -> module under bigtrain.strategy with `open_weights(folder) -> WeightsReader`.
+# checkpoint_format -> module under bigtrain.parallel with `open_weights(folder) -> WeightsReader`.
 READERS: dict[str, str] = {"local": "local", "dcp": "fsdp", "deepspeed": "deepspeed"}
 
 
@@ -87,7 +87,7 @@ def resolve_strategy(name: str, world_size: int) -> str:
 
 def engine_class(parallel_cfg, world_size: int) -> type:
     module, cls = STRATEGIES[resolve_strategy(parallel_cfg.strategy, world_size)]
-    return getattr(importlib.import_module(f"bigtrain.strategy.{module}"), cls)
+    return getattr(importlib.import_module(f"bigtrain.parallel.{module}"), cls)
 
 
 def building(recipe, dist: Dist):
@@ -117,7 +117,7 @@ def launcher_precision(parallel_cfg) -> str | None:
     bf16 or fp16 enabled (accelerate's --mixed_precision arrives as an override before this)."""
     if parallel_cfg.strategy != "deepspeed" or not parallel_cfg.deepspeed_config:
         return None
-    from bigtrain.strategy.deepspeed_config import config_precision  # imports no deepspeed
+    from bigtrain.parallel.deepspeed_config import config_precision  # imports no deepspeed
 
     return config_precision(parallel_cfg.deepspeed_config)
 
@@ -130,9 +130,9 @@ def checkpoint_format(folder: Path) -> str:
 def open_weights(folder: Path, ema: bool = False) -> WeightsReader:
     """A reader of the model weights in checkpoint `folder`, whatever strategy wrote it (`ema`: its EMA weights)."""
     fmt = checkpoint_format(folder)
-    reader = importlib.import_module(f"bigtrain.strategy.{READERS[fmt]}").open_weights(Path(folder), ema=ema)
+    reader = importlib.import_module(f"bigtrain.parallel.{READERS[fmt]}").open_weights(Path(folder), ema=ema)
     if (Path(folder) / "base.json").is_file():  # a LoRA run's adapters only: the base's tensors come from the base
-        from bigtrain.checkpoint import with_base
+        from bigtrain.checkpoint.store import with_base
 
         reader = with_base(reader, folder)
     return reader
@@ -141,7 +141,7 @@ def open_weights(folder: Path, ema: bool = False) -> WeightsReader:
 def holds_weights(name: str) -> bool:
     """Whether checkpoint file `name` (relative to its folder) is one that `open_weights(folder)` reads, in whichever
     format (their file names differ): what init_from verifies, leaving out optimizer state, rng and EMA files."""
-    return any(importlib.import_module(f"bigtrain.strategy.{module}").holds_weights(name)
+    return any(importlib.import_module(f"bigtrain.parallel.{module}").holds_weights(name)
                for module in sorted(set(READERS.values())))
 
 
