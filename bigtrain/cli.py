@@ -230,7 +230,8 @@ def _check_one(args) -> int:
 
     from bigtrain.config import describe, recipe_warnings
     from bigtrain.plan.memory import plan_memory
-    from bigtrain.models import check_model, count_params, spec_flops_per_token
+    from bigtrain.models import count_params, spec_flops_per_token
+    from bigtrain.plan.model_check import check_model
     from bigtrain.train.run import padded_vocab_size
     from bigtrain.parallel import launcher_precision, precision_table, resolve_strategy
     from bigtrain.parallel.precision import Resolved, resolve_precision, slow_precision_warning

@@ -71,7 +71,7 @@ class Launch:
 def build_command(argv: list[str], env: dict[str, str]) -> Launch:
     """What `bigtrain launch ARGV` under `env` runs: the launcher's argv, the environment variables to add, etc."""
     from bigtrain.config import load_config  # no torch: config is stdlib + yaml
-    from bigtrain.models import check_model  # no torch until a model is built
+    from bigtrain.plan.model_check import check_model  # no torch until a model is built
 
     args = _parser().parse_intermixed_args(argv)
     topo = resolve_topology(env, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, node_rank=args.node_rank,

@@ -125,7 +125,7 @@ def assert_ema_follows_weights(run_dir: Path, steps: list[int], decay: float, st
     """The EMA weights saved in the run's consecutive checkpoints `steps` (optim.ema_decay) equal the average
     computed here from their model weights: from the first checkpoint's saved EMA on, ema_t = w_t while
     t < start_step, else decay · ema_(t-1) + (1 − decay) · w_t (float64 here, fp32 there)."""
-    from bigtrain.parallel import open_weights
+    from bigtrain.checkpoint.store import open_weights
 
     def read(step: int, ema: bool) -> dict[str, torch.Tensor]:
         reader = open_weights(run_dir / f"checkpoints/step-{step:07d}", ema=ema)

@@ -9,7 +9,7 @@ error. Both stream one tensor at a time.
 
 OUT gets model.safetensors (every model tensor, full and unsharded, under its state-dict name),
 config.yaml (the run's resolved recipe), tokenizer.json and, for classifiers, labels.json.
-The checkpoint is read through `bigtrain.parallel.open_weights`, one tensor at a time, and the file
+The checkpoint is read through `checkpoint.store.open_weights`, one tensor at a time, and the file
 is written streaming (header first, then each tensor's bytes), so peak host memory is about one
 shard plus the largest tensor, never the whole model.
 
@@ -21,7 +21,6 @@ works with strict=True (loading re-ties nothing: the model's own tie makes both 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -33,18 +32,11 @@ from bigtrain.checkpoint import store as checkpoint
 from bigtrain.core import safe_load
 from bigtrain.core.errors import UserError
 from bigtrain.interop.chat_template import TEMPLATE_FILE, TOKENIZER_CONFIG, read_tokenizer_config, special_tokens_of
-from bigtrain.parallel import open_weights
+from bigtrain.interop.safetensors_file import write_safetensors
+from bigtrain.checkpoint.store import open_weights
 
 WEIGHTS_FILE = "model.safetensors"
 COPIED_FILES = ("config.yaml", "tokenizer.json", "labels.json")  # labels.json: classifiers only
-
-# torch dtype -> safetensors dtype name
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
 
 def find_checkpoint(source: str | Path) -> Path:
     """A checkpoint folder, or a run dir's newest complete checkpoint; verified against its manifest."""
@@ -234,45 +226,3 @@ def find_special_tokens(path: Path, encoder: bool = False, named: dict | None = 
         if token is not None:
             found[role] = (token, added[token])
     return found
-
-
-def write_safetensors(path: Path, reader, metadata: dict[str, str] | None = None) -> None:
-    """Stream `reader`'s tensors into one safetensors file: an 8-byte little-endian header length, a JSON
-    header (dtype, shape, data_offsets per tensor; padded with spaces to 8 bytes), then the raw bytes in
-    header order. Written to PATH.part and renamed, so a failed export leaves no half file behind."""
-    entries, offset = {}, 0
-    for name, (dtype, shape) in reader.tensors().items():
-        if dtype not in SAFETENSORS_DTYPES:
-            raise UserError(f"export: tensor '{name}' has dtype {dtype}, which safetensors cannot store")
-        nbytes = _numel(shape) * dtype.itemsize
-        entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                         "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header = {**({"__metadata__": metadata} if metadata else {}), **entries}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for name, entry in entries.items():
-            tensor = reader.get(name).detach().to("cpu").contiguous()
-            if tensor.dtype != _dtype_of(entry["dtype"]) or list(tensor.shape) != entry["shape"]:
-                raise UserError(f"export: tensor '{name}' read back as {tensor.dtype} {tuple(tensor.shape)}, its "
-                                f"metadata says {entry['dtype']} {tuple(entry['shape'])} — the checkpoint is damaged")
-            f.write(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
-            del tensor  # one tensor in memory at a time
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for size in shape:
-        n *= int(size)
-    return n
-
-
-def _dtype_of(name: str) -> torch.dtype:
-    return next(dtype for dtype, st in SAFETENSORS_DTYPES.items() if st == name)

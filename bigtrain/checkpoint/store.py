@@ -38,7 +38,7 @@ from bigtrain.core.errors import UserError, say
 from bigtrain.core.fsio import fsync_dir as _fsync_dir
 from bigtrain.core.fsio import fsync_file
 from bigtrain.core.fsio import write_atomic as _write_atomic
-from bigtrain.parallel import Dist, barrier, open_weights
+from bigtrain.parallel import Dist, barrier, open_format_weights
 from bigtrain.parallel.dist import all_gather_object, new_background_group
 
 MANIFEST = "manifest.json"
@@ -674,6 +674,13 @@ def check_base(folder: Path, current: dict | None = None) -> dict:
         raise CheckpointError(f"{trained_on}, but model.init_from is now {current['init_from']} (sha256 "
                               f"{current['sha256'][:12]}) — resume with the base it was trained on")
     return saved
+
+
+def open_weights(folder: Path, ema: bool = False):
+    """A reader of the model weights in checkpoint `folder`, whatever strategy wrote it (`ema`: its EMA weights); a
+    LoRA run's adapters-only checkpoint (base.json) with its base's tensors read from the base."""
+    reader = open_format_weights(folder, ema=ema)
+    return with_base(reader, folder) if (Path(folder) / BASE_FILE).is_file() else reader
 
 
 def with_base(reader, folder: Path):

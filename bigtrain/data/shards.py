@@ -191,11 +191,3 @@ def _check_sha256(path: Path, expected: str, cache_path: Path, *, what: str) -> 
 def _fix_hint(cache_path: Path) -> str:
     return f"delete {cache_path} and run 'bigtrain prepare RECIPE'"
 
-
-def __getattr__(name: str):
-    # TokenDataset moved to dataset.py; `from bigtrain.data.shards import TokenDataset` keeps working.
-    if name == "TokenDataset":
-        from bigtrain.data.dataset import TokenDataset
-
-        return TokenDataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

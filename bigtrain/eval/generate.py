@@ -136,7 +136,7 @@ def _load(folder: Path, model_cfg, *, hf: bool, dtype: torch.dtype, device: str)
     from bigtrain.interop.hf_weights import open_hf_weights
     from bigtrain.models import build_model
     from bigtrain.models.layers import RotaryEmbedding
-    from bigtrain.parallel import open_weights
+    from bigtrain.checkpoint.store import open_weights
 
     tokenizer_path = find_tokenizer_file(folder)
     tokenizer = _read_tokenizer(tokenizer_path)

@@ -11,6 +11,7 @@ and `write_hf_weights` streams it into model.safetensors (or shards plus an inde
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 
 from bigtrain.core import safe_load
 from bigtrain.core.errors import UserError
-from bigtrain.checkpoint.export import SAFETENSORS_DTYPES, _numel, write_safetensors
+from bigtrain.interop.safetensors_file import SAFETENSORS_DTYPES, write_safetensors
 from bigtrain.interop.hf_encoders import (BASE_PREFIX, ENCODER_CLASSES, HEAD_PREFIXES, TIED_DUPLICATES,
                                           encoder_tensor_map, hf_num_labels, is_encoder_family)
 from bigtrain.models.presets import ModelSpec
@@ -296,7 +297,7 @@ def write_hf_weights(out: Path, reader: HFExportWeights, max_shard_bytes: int) -
     shards: list[list[str]] = [[]]
     size, total = 0, 0
     for name, (dtype, shape) in reader.tensors().items():
-        nbytes = dtype.itemsize * _numel(shape)
+        nbytes = dtype.itemsize * math.prod(int(size) for size in shape)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from bigtrain.metrics.sinks import METRICS_FILE
+from bigtrain.metrics.files import METRICS_FILE
 
 CURVES_FILE = "curves.png"
 INSTALL_HINT = "pip install 'bigtrain[plot]'"

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from bigtrain.metrics.files import METRICS_FILE
 from bigtrain.metrics.progress import DISPLAY_KEYS, ProgressDisplay, stderr_is_tty
 
-METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:

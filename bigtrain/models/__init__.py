@@ -4,7 +4,7 @@ Resolves the recipe's `model:` section (a named preset plus overrides) and the t
 (language model or classifier) into a ModelSpec, builds the architecture on the requested
 device and initialises its weights.
 
-Checking a recipe's model (`resolve_model_spec`, `check_model`) needs no torch, so `bigtrain launch`
+Resolving a recipe's model spec (`resolve_model_spec`; plan/model_check.py checks it) needs no torch, so `bigtrain launch`
 validates it before starting any process; torch and the model classes load on first use of
 `build_model`, `ARCHS`, `Decoder` or `Encoder`.
 """
@@ -23,13 +23,13 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from bigtrain.config import Config, ModelConfig
+    from bigtrain.config import ModelConfig
 
 # Arch name -> (module under bigtrain.models, class): short names, imported on first use.
 ARCH_CLASSES: dict[str, tuple[str, str]] = {"decoder": ("decoder", "Decoder"), "encoder": ("encoder", "Encoder")}
 
 __all__ = [
-    "ARCHS", "ARCH_CLASSES", "PRESETS", "Decoder", "Encoder", "ModelSpec", "build_model", "check_model",
+    "ARCHS", "ARCH_CLASSES", "PRESETS", "Decoder", "Encoder", "ModelSpec", "build_model",
     "count_params", "resolve_model_spec", "spec_flops_per_token",
 ]
 
@@ -108,29 +108,3 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, device: torch.device | str
         apply_lora(model, lora)
     model.init_weights()
     return model
-
-
-def check_model(cfg: Config, num_labels: int = 2) -> ModelSpec | None:
-    """Resolve the recipe's model spec and check it against the data and task settings (no weights, no torch).
-    Classification specs carry num_labels (the real count is known once the data is prepared). With a
-    Hugging Face folder or hub id as model.init_from, the model keys come from its config.json
-    (bigtrain/interop); None when that is a hub id not in the local cache (nothing to check yet: the run
-    downloads it and checks then)."""
-    if cfg.model.init_from:
-        from bigtrain.interop.hf_config import with_hf_model  # torch-free; unchanged unless an HF folder
-        from bigtrain.interop.hub import is_hub_id, local_folder
-
-        m = cfg.model
-        if is_hub_id(m.init_from) and local_folder(m.init_from, m.init_revision, download=False) is None:
-            return None
-        cfg = with_hf_model(cfg, download=False)
-    classify = cfg.task.data_task == "classification"
-    spec = resolve_model_spec(cfg.model, cfg.model.vocab_size, head="classify" if classify else "lm",
-                              num_labels=num_labels if classify else None, pooling=cfg.task.pooling)
-    if cfg.data.seq_len > spec.max_seq_len:
-        raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={spec.max_seq_len} "
-                        f"(set model.max_seq_len or lower data.seq_len)")
-    needs = {"causal_lm": "decoder", "sft": "decoder", "masked_lm": "encoder"}.get(cfg.task.data_task)
-    if needs and spec.arch != needs:
-        raise UserError(f"task.name={cfg.task.name} needs model.arch: {needs}, got '{spec.arch}'")
-    return spec

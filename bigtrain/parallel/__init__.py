@@ -5,8 +5,8 @@
 imported only when chosen, so `deepspeed` loads only in `parallel/deepspeed.py`.
 
 A checkpoint's tensors are in the format of the strategy that wrote it (`Engine.checkpoint_format`,
-recorded in trainer.json). `open_weights(folder)` reads the model weights of any format without a
-process group, one tensor at a time: `model.init_from` and `bigtrain export` use it.
+recorded in trainer.json). `open_format_weights(folder)` reads the tensors of any format without a
+process group, one tensor at a time (checkpoint/store.py's `open_weights` adds a LoRA run's base).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from bigtrain.parallel.precision import PrecisionTable, precision_table, resolve
 __all__ = [
     "Dist", "Engine", "PrecisionTable", "STRATEGIES", "WeightsReader", "all_reduce_host", "all_reduce_sum", "barrier",
     "broadcast_object", "build_engine", "engine_class", "holds_weights", "init_distributed", "launcher_precision",
-    "open_weights", "precision_table", "resolve_strategy", "shutdown",
+    "open_format_weights", "precision_table", "resolve_strategy", "shutdown",
 ]
 
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
@@ -127,15 +127,12 @@ def checkpoint_format(folder: Path) -> str:
     return safe_load.read_json(trainer).get("format", "local") if trainer.is_file() else "local"
 
 
-def open_weights(folder: Path, ema: bool = False) -> WeightsReader:
-    """A reader of the model weights in checkpoint `folder`, whatever strategy wrote it (`ema`: its EMA weights)."""
+def open_format_weights(folder: Path, ema: bool = False) -> WeightsReader:
+    """A reader of the tensors checkpoint `folder` holds itself, in the format of the strategy that wrote it (`ema`:
+    its EMA weights). A LoRA run's checkpoint holds only what it trained: checkpoint/store.py's `open_weights`
+    puts its base back."""
     fmt = checkpoint_format(folder)
-    reader = importlib.import_module(f"bigtrain.parallel.{READERS[fmt]}").open_weights(Path(folder), ema=ema)
-    if (Path(folder) / "base.json").is_file():  # a LoRA run's adapters only: the base's tensors come from the base
-        from bigtrain.checkpoint.store import with_base
-
-        reader = with_base(reader, folder)
-    return reader
+    return importlib.import_module(f"bigtrain.parallel.{READERS[fmt]}").open_weights(Path(folder), ema=ema)
 
 
 def holds_weights(name: str) -> bool:

@@ -27,10 +27,12 @@ from bigtrain.core.hardware import matmul_peak, raised_peak
 from bigtrain.checkpoint.lease import RunDirLease
 from bigtrain.interop.chat_template import TEMPLATE_FILE, TOKENIZER_CONFIG
 from bigtrain.metrics import MetricsLogger, PeakMemory
-from bigtrain.models import build_model, check_model, count_params
+from bigtrain.checkpoint.store import open_weights
+from bigtrain.models import build_model, count_params
+from bigtrain.plan.model_check import check_model
 from bigtrain.train.optim import build_optimizer
 from bigtrain.train.preempt import PREEMPTED_MARKER, Preempted, PreemptionGuard
-from bigtrain.parallel import (Dist, barrier, broadcast_object, build_engine, building, engine_class, open_weights,
+from bigtrain.parallel import (Dist, barrier, broadcast_object, build_engine, building, engine_class,
                                init_distributed, launcher_precision, resolve_strategy, shutdown)
 from bigtrain.parallel.dist import all_gather_object, on_main
 from bigtrain.parallel.precision import Resolved, resolve_job_precision, slow_precision_warning

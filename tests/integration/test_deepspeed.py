@@ -43,7 +43,8 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def final_weights(run_dir, step=STEPS) -> dict[str, torch.Tensor]:
     """The model weights of a run's checkpoint, whatever strategy wrote it (the reader export and init_from use)."""
-    from bigtrain.parallel import iter_weights, open_weights
+    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.parallel import iter_weights
 
     return dict(iter_weights(open_weights(run_dir / "checkpoints" / f"step-{step:07d}")))
 

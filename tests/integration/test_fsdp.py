@@ -68,7 +68,7 @@ def runs(tmp_path_factory, cache_dir) -> Runs:
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The last checkpoint's full model tensors, whatever strategy wrote it (DCP: one tensor at a time)."""
-    from bigtrain.parallel import open_weights
+    from bigtrain.checkpoint.store import open_weights
 
     reader = open_weights(run_dir / FINAL)
     return {name: reader.get(name) for name in reader.tensors()}
@@ -307,7 +307,8 @@ def test_dcp_checkpoint_reads_back_exactly_and_a_code_running_metadata_pickle_is
     from bigtrain.core.errors import UserError
     from bigtrain.models import build_model
     from bigtrain.train.optim import build_optimizer
-    from bigtrain.parallel import build_engine, init_distributed, open_weights
+    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.parallel import build_engine, init_distributed
 
     torch.manual_seed(0)
     dist = init_distributed("cpu")

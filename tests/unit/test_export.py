@@ -12,10 +12,12 @@ from safetensors.torch import load_file
 from bigtrain.checkpoint.store import TrainState, save
 from bigtrain.cli import main
 from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
-from bigtrain.checkpoint.export import export, write_safetensors
+from bigtrain.checkpoint.export import export
+from bigtrain.interop.safetensors_file import write_safetensors
 from bigtrain.models import build_model
 from bigtrain.train.optim import build_optimizer
-from bigtrain.parallel import build_engine, init_distributed, open_weights
+from bigtrain.checkpoint.store import open_weights
+from bigtrain.parallel import build_engine, init_distributed
 
 
 class DictReader:

@@ -397,7 +397,7 @@ def test_cli_train_from_hf_folder_then_export_hf_loads_in_transformers(tmp_path,
     assert (out / "model.safetensors.index.json").is_file()
 
     from bigtrain.checkpoint.store import list_checkpoints
-    from bigtrain.parallel import open_weights
+    from bigtrain.checkpoint.store import open_weights
 
     reader = open_weights(list_checkpoints(run_dir)[-1])
     trained = {name: reader.get(name) for name in reader.tensors()}

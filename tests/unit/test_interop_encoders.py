@@ -220,7 +220,7 @@ def test_lora_bert_classifier_exports_a_peft_adapter_that_gives_its_logits(tmp_p
     peft = pytest.importorskip("peft")
     from bigtrain.checkpoint.store import list_checkpoints
     from bigtrain.config import LoraConfig
-    from bigtrain.parallel import open_weights
+    from bigtrain.checkpoint.store import open_weights
 
     folder = hf_encoder(tmp_path, "bert-classify", tokenizer=wordpiece, num_labels=2)
     lora = {"rank": 4, "alpha": 8.0}

@@ -88,7 +88,7 @@ def test_a_bf16_lora_run_checkpoints_its_base_in_bf16_and_exports_it_merged_in_f
 
     from bigtrain.checkpoint.store import list_checkpoints
     from bigtrain.models.lora import merged_weight
-    from bigtrain.parallel import open_weights
+    from bigtrain.checkpoint.store import open_weights
 
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs", model={"lora": LORA},
                                                            train={"max_steps": 2}, parallel={"precision": "bf16"}))
@@ -116,7 +116,8 @@ def test_lora_fine_tune_of_an_hf_model_exports_merged_and_as_a_peft_adapter(tmp_
     GPT-2 has fused Conv1D modules (fan_in_fan_out); Llama's q/k/v and gate/up are separate HF modules that
     share bigtrain's fused adapter A."""
     from bigtrain.checkpoint.store import list_checkpoints, load_init_weights
-    from bigtrain.parallel import local, open_weights
+    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.parallel import local
 
     folder = hf_folder(tmp_path, family, tokenizer=bpe)
     recipe = write_recipe(tmp_path / "lora.yaml", tiny_recipe(cache_dir, tmp_path / "runs", model={"lora": LORA},
@@ -181,7 +182,7 @@ def test_lora_trains_alike_under_single_ddp_and_fsdp_with_checkpointing(tmp_path
     """The adapters replicated (ddp) or sharded with the frozen base (fsdp), with activation checkpointing: the
     losses of one process, and the base weights unchanged in every checkpoint."""
     from bigtrain.checkpoint.store import list_checkpoints
-    from bigtrain.parallel import open_weights
+    from bigtrain.checkpoint.store import open_weights
     from tests.conftest import run_torchrun
     from tests.integration.test_train import read_metrics
 
@@ -217,7 +218,8 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly_on_any_world
     (single: bit for bit; fsdp from 2 processes to 1: DCP reshards) log the losses of an uninterrupted run, export
     gives the whole model back, and a resume on another base is a one-line error, exit 2."""
     from bigtrain.checkpoint.store import list_checkpoints
-    from bigtrain.parallel import fsdp as fsdp_strategy, local, open_weights
+    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.parallel import fsdp as fsdp_strategy, local
     from tests.conftest import run_torchrun
     from tests.integration.test_train import read_metrics
 
@@ -322,7 +324,8 @@ def trained_lora_model(run_dir):
 
     from bigtrain.checkpoint.store import list_checkpoints
     from bigtrain.config import build_config
-    from bigtrain.parallel import iter_weights, open_weights
+    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.parallel import iter_weights
 
     folder = list_checkpoints(run_dir)[-1]
     cfg = build_config(yaml.safe_load((folder / "config.yaml").read_text()))
