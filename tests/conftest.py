@@ -141,3 +141,21 @@ def assert_ema_follows_weights(run_dir: Path, steps: list[int], decay: float, st
             torch.testing.assert_close(tensor.double(), expected[name], rtol=0, atol=1e-6, msg=f"step {step} {name}")
     # The average lags the weights once it averages (a copy of them would pass the loop above only before start_step).
     assert steps[-1] >= start_step and max((saved[n] - weights[n]).abs().max().item() for n in saved) > 1e-4
+
+
+def one_process_fsdp_checkpoint(run_dir: Path):
+    """(checkpoint folder, engine) of a real one-process fsdp save of the debug preset at step 1 (a DCP folder with
+    its manifest); the caller destroys the 1-rank process group it made."""
+    from bigtrain.checkpoint.store import TrainState, save
+    from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
+    from bigtrain.models import build_model
+    from bigtrain.parallel import build_engine, init_distributed
+    from bigtrain.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    dist = init_distributed("cpu")
+    model = build_model(ModelConfig(preset="debug"), 128, device="meta")
+    engine = build_engine(ParallelConfig(strategy="fsdp", precision="fp32"), model,
+                          lambda m: build_optimizer(OptimConfig(), m, dist.device), dist)
+    folder = save(run_dir, TrainState(step=1), engine, dist, config_yaml="model: {preset: debug}\n", keep_last=0)
+    return folder, engine

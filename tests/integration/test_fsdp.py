@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import assert_ema_follows_weights, run_cli, run_torchrun, tiny_recipe, write_recipe
+from tests.conftest import (assert_ema_follows_weights, one_process_fsdp_checkpoint, run_cli, run_torchrun, tiny_recipe,
+                            write_recipe)
 from tests.integration.test_train import read_metrics
 
 FSDP = "parallel.strategy=fsdp"
@@ -300,22 +301,12 @@ def test_dcp_checkpoint_reads_back_exactly_and_a_code_running_metadata_pickle_is
     import os
     import pickle
 
-    from bigtrain.checkpoint.store import TrainState, save
-    from bigtrain.core.filehash import file_entry
-    from bigtrain.cli import main
-    from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
-    from bigtrain.core.errors import UserError
-    from bigtrain.models import build_model
-    from bigtrain.train.optim import build_optimizer
     from bigtrain.checkpoint.store import open_weights
-    from bigtrain.parallel import build_engine, init_distributed
+    from bigtrain.cli import main
+    from bigtrain.core.errors import UserError
+    from bigtrain.core.filehash import file_entry
 
-    torch.manual_seed(0)
-    dist = init_distributed("cpu")
-    model = build_model(ModelConfig(preset="debug"), 128, device="meta")
-    engine = build_engine(ParallelConfig(strategy="fsdp", precision="fp32"), model,
-                          lambda m: build_optimizer(OptimConfig(), m, dist.device), dist)
-    folder = save(tmp_path / "run", TrainState(step=1), engine, dist, config_yaml="model: {preset: debug}\n", keep_last=0)
+    folder, engine = one_process_fsdp_checkpoint(tmp_path / "run")
     reader = open_weights(folder)
     expected = {k: v.full_tensor() for k, v in engine.module.state_dict().items()}
     assert reader.tensors() == {k: (v.dtype, tuple(v.shape)) for k, v in expected.items()}

@@ -19,6 +19,7 @@ import torch
 from bigtrain.core import safe_load
 from bigtrain.core.errors import UserError
 from bigtrain.core.filehash import file_entry
+from tests.conftest import one_process_fsdp_checkpoint
 
 
 def _u(text: str) -> bytes:
@@ -33,19 +34,7 @@ META = "torch.distributed.checkpoint.metadata"
 @pytest.fixture(scope="module")
 def dcp_run(tmp_path_factory):
     """A real one-process fsdp checkpoint (DCP folder with manifest), made once."""
-    from bigtrain.checkpoint.store import TrainState, save
-    from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
-    from bigtrain.models import build_model
-    from bigtrain.train.optim import build_optimizer
-    from bigtrain.parallel import build_engine, init_distributed
-
-    root = tmp_path_factory.mktemp("dcp")
-    torch.manual_seed(0)
-    dist = init_distributed("cpu")
-    model = build_model(ModelConfig(preset="debug"), 128, device="meta")
-    engine = build_engine(ParallelConfig(strategy="fsdp", precision="fp32"), model,
-                          lambda m: build_optimizer(OptimConfig(), m, dist.device), dist)
-    folder = save(root / "run", TrainState(step=1), engine, dist, config_yaml="model: {preset: debug}\n", keep_last=0)
+    folder, _ = one_process_fsdp_checkpoint(tmp_path_factory.mktemp("dcp") / "run")
     yield folder
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
