@@ -1,4 +1,4 @@
-"""Recipe loading, overrides and validation (bigtrain/config/__init__.py), and every shipped recipe."""
+"""Recipe loading, overrides and validation (bigtrain/config/: schema, load, validate), and every shipped recipe."""
 
 from __future__ import annotations
 
