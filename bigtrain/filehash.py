@@ -125,7 +125,8 @@ def known(path: str | os.PathLike) -> dict | None:
     record = _current(path)
     if record is None:
         return None
-    return {"bytes": record.stat_key[0], "sha256": record.sha256, **({"parts": dict(record.parts)} if record.parts else {})}
+    entry = {"bytes": record.stat_key[0], "sha256": record.sha256}
+    return {**entry, "parts": dict(record.parts)} if record.parts else entry
 
 
 def segments(path: str | os.PathLike) -> dict[tuple[int, int], bytes]:

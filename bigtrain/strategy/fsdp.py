@@ -138,7 +138,8 @@ class _HashingWriter(dcp.FileSystemWriter):
             path = self.fs.concat_path(self.path, name)
             segments = filehash.segments(path)
             if all(span in segments for span in items):  # else no part: the whole file is verified, never a wrong one
-                filehash.record_part(path, filehash.WEIGHTS_PART, weights_digest(segments[span] for span in sorted(items)))
+                digest = weights_digest(segments[span] for span in sorted(items))
+                filehash.record_part(path, filehash.WEIGHTS_PART, digest)
         return future
 
 
