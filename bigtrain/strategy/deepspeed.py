@@ -601,6 +601,9 @@ class DeepSpeedEMAWeights:
         return torch.cat([f[name].reshape(-1) for f in self._files])[:math.prod(shape)].reshape(shape).clone()
 
 
+_HASH_PIECE_BYTES = 1 << 26  # a GPU partition is hashed in 64 MB host copies, not one copy of the whole
+
+
 def _weights_part(state) -> str | None:
     """The "weights" part of a ZeRO optimizer-state file holding `state` (as saved, or memory-mapped back): sha256
     over what DeepSpeedWeights (zero_to_fp32) reads of it — the ZeRO stage, partition count and alignment paddings,
@@ -620,8 +623,10 @@ def _weights_part(state) -> str | None:
     digest = hashlib.sha256(json.dumps(plain, default=int).encode())
     for tensor in partitions:
         digest.update(f"{tensor.dtype} {tuple(tensor.shape)}\n".encode())
-        # its bytes in place (a memory-mapped file: only these pages are read); a copy only off the CPU
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        # in place on the CPU (memory-mapped: only these pages are read); off it, in pieces
+        for start in range(0, flat.numel(), _HASH_PIECE_BYTES):
+            digest.update(flat[start:start + _HASH_PIECE_BYTES].cpu().numpy())
     return digest.hexdigest()
 
 
