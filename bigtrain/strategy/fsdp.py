@@ -22,6 +22,7 @@ from concurrent.futures import Future
 import contextlib
 import hashlib
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -164,8 +165,12 @@ def weights_digests(folder: Path, names: list[str]) -> dict[str, str]:
 
 
 def _range_digests(path: Path, spans: list[tuple[int, int]]):
-    """sha256 digest of each (offset, length) range of `path`, read in 4 MB pieces."""
+    """sha256 digest of each (offset, length) range of `path`, read in 4 MB pieces. Without the kernel's readahead,
+    which would read on past each range into the optimizer item after it (~7% more here: each model item of a shard
+    is followed by others' bytes)."""
     with open(path, "rb") as f:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
         for offset, length in spans:
             f.seek(offset)
             digest = hashlib.sha256()
