@@ -196,6 +196,21 @@ def sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def range_digests(path: str | os.PathLike, spans: list[tuple[int, int]]):
+    """sha256 digest of each (offset, length) range of `path`, read in 4 MB pieces. Without the kernel's readahead,
+    which would read on past each range into bytes nobody asked for (8 MB on the disk this was measured on)."""
+    with open(path, "rb") as f:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        for offset, length in spans:
+            f.seek(offset)
+            digest = hashlib.sha256()
+            while length > 0 and (chunk := f.read(min(length, 1 << 22))):
+                digest.update(chunk)
+                length -= len(chunk)
+            yield digest.digest()
+
+
 def file_entry(path: Path) -> dict:
     """{bytes, sha256} of `path`: the digest recorded as it was written when there is one, else read back."""
     return known(path) or {"bytes": path.stat().st_size, "sha256": sha256(path)}

@@ -22,7 +22,6 @@ from concurrent.futures import Future
 import contextlib
 import hashlib
 import io
-import os
 import warnings
 from pathlib import Path
 
@@ -120,7 +119,7 @@ def _load_full_tensor(target: torch.Tensor, full: torch.Tensor | None, dist: Dis
 class _HashingWriter(dcp.FileSystemWriter):
     """DCP's file writer for `folder`, hashing each shard (and .metadata) as it writes it (bigtrain/filehash.py),
     so the manifest needs no second read of the checkpoint; and each item on its own, so that each shard file's
-    manifest entry also has a "weights" part: the digest of its `model.*` items (`weights_digest`), which init_from
+    manifest entry also has a "weights" part: the digest of its `model.*` items (`_weights_digest`), which init_from
     checks without reading the optimizer state beside them. Its write_data runs where DCP writes (async_save: DCP's
     thread), and gives this rank's items, with where each landed."""
 
@@ -139,12 +138,12 @@ class _HashingWriter(dcp.FileSystemWriter):
             path = self.fs.concat_path(self.path, name)
             segments = filehash.segments(path)
             if all(span in segments for span in items):  # else no part: the whole file is verified, never a wrong one
-                digest = weights_digest(segments[span] for span in sorted(items))
+                digest = _weights_digest(segments[span] for span in sorted(items))
                 filehash.record_part(path, filehash.WEIGHTS_PART, digest)
         return future
 
 
-def weights_digest(item_digests) -> str:
+def _weights_digest(item_digests) -> str:
     """A shard file's "weights" part: sha256 over its model items' sha256 digests, in the order of their offsets."""
     digest = hashlib.sha256()
     for item in item_digests:
@@ -161,23 +160,7 @@ def weights_digests(folder: Path, names: list[str]) -> dict[str, str]:
     for index, where in metadata.storage_data.items():
         if index.fqn.startswith(f"{MODEL_KEY}.") and where.relative_path in spans:
             spans[where.relative_path].append((where.offset, where.length))
-    return {name: weights_digest(_range_digests(folder / name, sorted(items))) for name, items in spans.items()}
-
-
-def _range_digests(path: Path, spans: list[tuple[int, int]]):
-    """sha256 digest of each (offset, length) range of `path`, read in 4 MB pieces. Without the kernel's readahead,
-    which would read on past each range into the optimizer item after it (~7% more here: each model item of a shard
-    is followed by others' bytes)."""
-    with open(path, "rb") as f:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-        for offset, length in spans:
-            f.seek(offset)
-            digest = hashlib.sha256()
-            while length > 0 and (chunk := f.read(min(length, 1 << 22))):
-                digest.update(chunk)
-                length -= len(chunk)
-            yield digest.digest()
+    return {name: _weights_digest(filehash.range_digests(folder / name, sorted(spans[name]))) for name in names}
 
 
 def build_mesh(dist: Dist, shard_group_size: int | None) -> DeviceMesh:
