@@ -448,7 +448,11 @@ def _weights_problems(folder: Path, names: list[str], files: dict, parts: dict[s
     """The problems of files `names` checked by their weights part: the size, then the part's digest, which the
     format that wrote them computes reading only the weights (`strategy.weights_digests`)."""
     problems = {n: p for n in names if (p := _file_problem(folder, n, files[n][0], None))}
-    digests = weights_digests(folder, [n for n in names if n not in problems])
+    rest = [n for n in names if n not in problems]
+    try:
+        digests = weights_digests(folder, rest)
+    except UserError as e:  # e.g. a crafted .metadata refused: a problem every rank then raises, none left waiting
+        return {**problems, **{n: str(e) for n in rest}}
     problems.update({n: f"corrupted checkpoint file {folder / n}: sha256 of its weights does not match the manifest"
                      for n, digest in digests.items() if digest != parts[n]})
     return problems

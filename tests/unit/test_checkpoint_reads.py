@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import warnings
@@ -141,6 +142,32 @@ def test_fsdp_init_from_verifies_only_the_weights_of_a_shard(tmp_path, cache_dir
     assert err.rstrip().splitlines()[-1] == (
         f"bigtrain: error: model.init_from: corrupted checkpoint file {shard}: sha256 of its weights does not match "
         f"the manifest — point model.init_from at an intact checkpoint")
+
+    # A crafted .metadata (with a consistent manifest), which the weights check reads for the items' ranges: refused,
+    # as one line on every rank.
+    manifest, metadata = (folder / "manifest.json").read_text(), (folder / ".metadata").read_bytes()
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(tmp_path / "ran")))
+    crafted = json.loads(manifest)
+    crafted["files"][".metadata"] = filehash.file_entry(folder / ".metadata")
+    (folder / "manifest.json").write_text(json.dumps(crafted))
+    try:
+        code, _ = start_from(tmp_path / "c", cache_dir, fsdp_run, monkeypatch)
+    finally:
+        (folder / ".metadata").write_bytes(metadata)
+        (folder / "manifest.json").write_text(manifest)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "ran").exists()
+    assert "which is not allowed in a DCP .metadata" in err.rstrip().splitlines()[-1]
+
+
+class RunsCode:
+    """Unpickled, it would create a file (a crafted checkpoint's payload)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
 
 
 def test_init_from_a_checkpoint_without_weights_parts_verifies_whole_shards(tmp_path, cache_dir, fsdp_run,
