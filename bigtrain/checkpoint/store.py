@@ -38,7 +38,7 @@ from bigtrain.core.errors import UserError, say
 from bigtrain.core.fsio import fsync_dir as _fsync_dir
 from bigtrain.core.fsio import fsync_file
 from bigtrain.core.fsio import write_atomic as _write_atomic
-from bigtrain.parallel import Dist, barrier, open_format_weights
+from bigtrain.parallel import Dist, barrier, open_format_weights, weights_digests
 from bigtrain.parallel.dist import all_gather_object, new_background_group
 
 MANIFEST = "manifest.json"
@@ -394,39 +394,70 @@ def _step_of(name: str) -> int | None:
     return int(digits) if digits != name.removeprefix(".old-") and digits.isdigit() else None
 
 
-def verify(folder: Path, dist: Dist | None = None, group=None, only=None) -> dict:
+def verify(folder: Path, dist: Dist | None = None, group=None, only=None, weights_parts: bool = False) -> dict:
     """Check the manifest and every file's size and sha256; return the manifest or raise CheckpointError.
     With `dist` it is collective (over `group`): the ranks check the files in parallel, each its share (by
     size), and every rank raises the same error. `only(name) -> bool`: check just those files (init_from: what it
-    reads)."""
+    reads). `weights_parts` (init_from, which reads only the model weights): a file whose manifest entry has a
+    "weights" part (the model weights of a shard that holds optimizer state beside them) is checked by that part
+    alone, and after the other files (its format finds its weights through them, e.g. DCP's .metadata)."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"incomplete checkpoint {folder}: no {MANIFEST}")
     try:
         manifest = json.loads(manifest_path.read_text())
         files = {str(name): (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+        parts = {str(name): str(entry["parts"][filehash.WEIGHTS_PART]) for name, entry in manifest["files"].items()
+                 if weights_parts and filehash.WEIGHTS_PART in entry.get("parts", {})}
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"corrupted checkpoint {folder}: unreadable {MANIFEST}") from None
     files = {name: entry for name, entry in files.items() if only is None or only(name)}
+    parts = {name: part for name, part in parts.items() if name in files}
+    _raise_first_problem({n: e for n, e in files.items() if n not in parts}, dist, group,
+                         lambda mine: {n: p for n in mine if (p := _file_problem(folder, n, *files[n]))})
+    if parts:
+        _raise_first_problem({n: files[n] for n in parts}, dist, group,
+                             lambda mine: _weights_problems(folder, mine, files, parts))
+    return manifest
+
+
+def _raise_first_problem(files: dict[str, tuple[int, str]], dist: Dist | None, group, problems_in) -> None:
+    """Check `files` (name -> (bytes, sha256)) with `problems_in(names) -> {name: problem}`, each rank its share with
+    `dist` (collective), and raise the first problem in manifest order on every rank."""
     mine = list(files) if dist is None else _shares([(n, size) for n, (size, _) in files.items()], dist.world_size)[dist.rank]
-    problems = {name: problem for name in mine if (problem := _file_problem(folder, name, *files[name]))}
+    problems = problems_in(mine)
     if dist is not None:
         problems = {k: v for part in all_gather_object(dist, problems, group) for k, v in part.items()}
     first = next((name for name in files if name in problems), None)
     if first is not None:
         raise CheckpointError(problems[first])
-    return manifest
 
 
-def _file_problem(folder: Path, name: str, size: int, sha256: str) -> str | None:
+def _file_problem(folder: Path, name: str, size: int, sha256: str | None) -> str | None:
+    """What is wrong with file `name` of checkpoint `folder` (missing, another size, another sha256), or None.
+    `sha256` None: its size alone is checked (its weights part is, after)."""
     path = safe_load.inside(folder, name, where=folder / MANIFEST)
     if not path.is_file():
         return f"incomplete checkpoint {folder}: missing {name}"
     if path.stat().st_size != size:
         return f"truncated checkpoint file {path}: {path.stat().st_size} bytes, manifest says {size}"
-    if filehash.sha256(path) != sha256:
+    if sha256 is not None and filehash.sha256(path) != sha256:
         return f"corrupted checkpoint file {path}: sha256 does not match the manifest"
     return None
+
+
+def _weights_problems(folder: Path, names: list[str], files: dict, parts: dict[str, str]) -> dict[str, str]:
+    """The problems of files `names` checked by their weights part: the size, then the part's digest, which the
+    format that wrote them computes reading only the weights (`parallel.weights_digests`)."""
+    problems = {n: p for n in names if (p := _file_problem(folder, n, files[n][0], None))}
+    rest = [n for n in names if n not in problems]
+    try:
+        digests = weights_digests(folder, rest)
+    except UserError as e:  # e.g. a crafted .metadata refused: a problem every rank then raises, none left waiting
+        return {**problems, **{n: str(e) for n in rest}}
+    problems.update({n: f"corrupted checkpoint file {folder / n}: sha256 of its weights does not match the manifest"
+                     for n, digest in digests.items() if digest != parts[n]})
+    return problems
 
 
 def find_resume_checkpoint(resume: str, run_dir: Path, warn=print, dist: Dist | None = None) -> Path | None:
@@ -549,9 +580,12 @@ INIT_READS = (TRAINER, "config.yaml", BASE_FILE)  # what init_from reads of a ch
 def verify_init_checkpoint(folder: Path, dist: Dist, *, also: tuple[str, ...] = (), key: str = "model.init_from"
                            ) -> None:
     """Check against its manifest what init_from reads of checkpoint `folder` (collective: each rank its share by
-    size, as a resume does): the files its format's weights reader opens (`strategy.holds_weights`), INIT_READS and
+    size, as a resume does): the files its format's weights reader opens (`parallel.holds_weights`), INIT_READS and
     `also` (the tokenizer, its side files, the labels). The optimizer state, the rng files and the EMA are never read,
-    so never checked: for a 70B model that is most of a checkpoint. A Hugging Face folder has no manifest."""
+    so never checked: for a 70B model that is most of a checkpoint. A shard that holds optimizer state beside the
+    weights (DCP's `__R_0.distcp`, ZeRO's `*_optim_states.pt`) is checked by its manifest's "weights" part when it
+    has one (checkpoints saved before parts existed: whole), each rank the shard it wrote, reading just the weights.
+    A Hugging Face folder has no manifest."""
     from bigtrain.interop.hf_config import is_hf_folder
     from bigtrain.parallel import holds_weights
 
@@ -559,7 +593,7 @@ def verify_init_checkpoint(folder: Path, dist: Dist, *, also: tuple[str, ...] = 
         return
     small = {*INIT_READS, *also}
     try:
-        verify(folder, dist, only=lambda name: name in small or holds_weights(name))
+        verify(folder, dist, only=lambda name: name in small or holds_weights(name), weights_parts=True)
     except CheckpointError as e:
         raise CheckpointError(f"{key}: {e} — point {key} at an intact checkpoint") from None
 

@@ -28,7 +28,7 @@ from bigtrain.parallel.precision import PrecisionTable, precision_table, resolve
 __all__ = [
     "Dist", "Engine", "PrecisionTable", "STRATEGIES", "WeightsReader", "all_reduce_host", "all_reduce_sum", "barrier",
     "broadcast_object", "build_engine", "engine_class", "holds_weights", "init_distributed", "launcher_precision",
-    "open_format_weights", "precision_table", "resolve_strategy", "shutdown",
+    "open_format_weights", "precision_table", "resolve_strategy", "shutdown", "weights_digests",
 ]
 
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
@@ -140,6 +140,16 @@ def holds_weights(name: str) -> bool:
     format (their file names differ): what init_from verifies, leaving out optimizer state, rng and EMA files."""
     return any(importlib.import_module(f"bigtrain.parallel.{module}").holds_weights(name)
                for module in sorted(set(READERS.values())))
+
+
+def weights_digests(folder: Path, names: list[str]) -> dict[str, str | None]:
+    """The "weights" part of each checkpoint file `names` (its manifest entry's `parts`, recorded at save), computed
+    from the file by the format that wrote `folder`, reading only the model weights in it: init_from's check of a
+    shard that also holds optimizer state. None for a file that has no such part in that format."""
+    if not names:
+        return {}
+    module = importlib.import_module(f"bigtrain.parallel.{READERS[checkpoint_format(folder)]}")
+    return module.weights_digests(Path(folder), names)
 
 
 def iter_weights(reader: WeightsReader) -> Iterator[tuple[str, torch.Tensor]]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -139,8 +140,9 @@ def _ensure_process_group(dist: Dist) -> None:
 @contextlib.contextmanager
 def _hashing_saves(checkpoint_engine):
     """DeepSpeed's own torch.save checkpoint engine (zip format) saving through bigtrain/core/filehash.py, so each
-    rank's files are hashed as they are written; another checkpoint engine is left as it is (its files are
-    hashed after the write)."""
+    rank's files are hashed as they are written, an optimizer-state file with a "weights" part too (`_weights_part`:
+    init_from verifies its fp32 master weights without reading the Adam moments beside them); another checkpoint
+    engine is left as it is (its files are hashed after the write, whole)."""
     plain = type(checkpoint_engine).__name__ == "TorchCheckpointEngine" and getattr(
         checkpoint_engine, "zipfile_serialization", False)
     if not plain:
@@ -149,6 +151,9 @@ def _hashing_saves(checkpoint_engine):
 
     def save(state_dict, path: str) -> None:  # DeepSpeed passes both by keyword
         filehash.save(state_dict, path)
+        weights = _weights_part(state_dict)
+        if weights is not None:
+            filehash.record_part(path, filehash.WEIGHTS_PART, weights)
 
     checkpoint_engine.save = save
     try:
@@ -596,6 +601,52 @@ class DeepSpeedEMAWeights:
     def get(self, name: str) -> torch.Tensor:
         shape = self.shapes[name]
         return torch.cat([f[name].reshape(-1) for f in self._files])[:math.prod(shape)].reshape(shape).clone()
+
+
+_HASH_PIECE_BYTES = 1 << 26  # a GPU partition is hashed in 64 MB host copies, not one copy of the whole
+
+
+def _weights_part(state) -> str | None:
+    """The "weights" part of a ZeRO optimizer-state file holding `state` (as saved, or memory-mapped back): sha256
+    over what DeepSpeedWeights (zero_to_fp32) reads of it — the ZeRO stage, partition count and alignment paddings,
+    then each fp32 master partition's dtype, shape and bytes — and not the Adam moments beside them. None for any
+    other file."""
+    from deepspeed.checkpoint.constants import (FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT, PARAM_ALIGNMENT_PADDINGS,
+                                                PARTITION_COUNT, SINGLE_PARTITION_OF_FP32_GROUPS, ZERO_STAGE)
+
+    zero = state.get(OPTIMIZER_STATE_DICT) if isinstance(state, dict) else None
+    if not isinstance(zero, dict) or ZERO_STAGE not in zero:
+        return None
+    stage = int(zero[ZERO_STAGE])
+    partitions = zero.get(FP32_FLAT_GROUPS if stage == 3 else SINGLE_PARTITION_OF_FP32_GROUPS)
+    if not isinstance(partitions, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in partitions):
+        return None
+    plain = [stage, zero.get(PARTITION_COUNT), zero.get(PARAM_ALIGNMENT_PADDINGS)]
+    digest = hashlib.sha256(json.dumps(plain, default=int).encode())
+    for tensor in partitions:
+        digest.update(f"{tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        # in place on the CPU (memory-mapped: only these pages are read); off it, in pieces
+        for start in range(0, flat.numel(), _HASH_PIECE_BYTES):
+            digest.update(flat[start:start + _HASH_PIECE_BYTES].cpu().numpy())
+    return digest.hexdigest()
+
+
+def weights_digests(folder: Path, names: list[str]) -> dict[str, str | None]:
+    """The "weights" part of each ZeRO optimizer-state file `names` of checkpoint `folder`, computed from the file
+    (memory-mapped: the pickle and the fp32 partitions are read, not the moments); None for a file that no longer
+    reads as one."""
+    import_deepspeed()
+    allowed = safe_load.deepspeed_classes()
+    digests = {}
+    for name in names:
+        try:
+            state = safe_load.torch_file(folder / name, where=f"DeepSpeed checkpoint file {folder / name}",
+                                         allowed=allowed, mmap=True)
+        except safe_load.UnsafeFile:  # damaged (or changed) since the manifest was written
+            state = None
+        digests[name] = _weights_part(state)
+    return digests
 
 
 def holds_weights(name: str) -> bool:

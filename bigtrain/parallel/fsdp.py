@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from concurrent.futures import Future
 import contextlib
+import hashlib
 import io
 import warnings
 from pathlib import Path
@@ -117,12 +118,51 @@ def _load_full_tensor(target: torch.Tensor, full: torch.Tensor | None, dist: Dis
     local.copy_(buffer)
 
 
-def _hashing_writer(folder: Path) -> dcp.FileSystemWriter:
+class _HashingWriter(dcp.FileSystemWriter):
     """DCP's file writer for `folder`, hashing each shard (and .metadata) as it writes it (bigtrain/core/filehash.py),
-    so the manifest needs no second read of the checkpoint."""
-    writer = dcp.FileSystemWriter(folder)
-    writer.fs = filehash.hashing_filesystem()
-    return writer
+    so the manifest needs no second read of the checkpoint; and each item on its own, so that each shard file's
+    manifest entry also has a "weights" part: the digest of its `model.*` items (`_weights_digest`), which init_from
+    checks without reading the optimizer state beside them. Its write_data runs where DCP writes (async_save: DCP's
+    thread), and gives this rank's items, with where each landed."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        self.fs = filehash.hashing_filesystem(segments=True)
+
+    def write_data(self, plan, planner):
+        future = super().write_data(plan, planner)
+        spans: dict[str, list[tuple[int, int]]] = {}  # shard file -> (offset, length) of each model item in it
+        for result in future.wait():  # done: the files are written and closed
+            where = result.storage_data
+            if result.index.fqn.startswith(f"{MODEL_KEY}."):
+                spans.setdefault(where.relative_path, []).append((where.offset, where.length))
+        for name, items in spans.items():
+            path = self.fs.concat_path(self.path, name)
+            segments = filehash.segments(path)
+            if all(span in segments for span in items):  # else no part: the whole file is verified, never a wrong one
+                digest = _weights_digest(segments[span] for span in sorted(items))
+                filehash.record_part(path, filehash.WEIGHTS_PART, digest)
+        return future
+
+
+def _weights_digest(item_digests) -> str:
+    """A shard file's "weights" part: sha256 over its model items' sha256 digests, in the order of their offsets."""
+    digest = hashlib.sha256()
+    for item in item_digests:
+        digest.update(item)
+    return digest.hexdigest()
+
+
+def weights_digests(folder: Path, names: list[str]) -> dict[str, str]:
+    """The "weights" part of each DCP shard file `names` of checkpoint `folder`, computed from the file: the bytes of
+    the `model.*` items its .metadata (verified whole before: it says where they are) places in it, and nothing
+    else of the file."""
+    metadata = SafeReader(str(folder)).read_metadata()
+    spans: dict[str, list[tuple[int, int]]] = {name: [] for name in names}
+    for index, where in metadata.storage_data.items():
+        if index.fqn.startswith(f"{MODEL_KEY}.") and where.relative_path in spans:
+            spans[where.relative_path].append((where.offset, where.length))
+    return {name: _weights_digest(filehash.range_digests(folder / name, sorted(spans[name]))) for name in names}
 
 
 def build_mesh(dist: Dist, shard_group_size: int | None) -> DeviceMesh:
@@ -262,14 +302,14 @@ class FSDPEngine:
 
     def save_state(self, folder: Path) -> None:
         """Every rank writes its shards of model and optimizer state into `folder` (synchronous DCP save)."""
-        dcp.save(self._state(), storage_writer=_hashing_writer(folder))
+        dcp.save(self._state(), storage_writer=_HashingWriter(folder))
         if self.scaler and self.dist.is_main:
             filehash.save(self.scaler.state_dict(), folder / "scaler.pt")
 
     def save_state_async(self, folder: Path, group=None) -> Future:
         """DCP's async_save: this rank's shards are copied to host memory now, then written by DCP's thread,
         planned over `group` (a gloo group of its own, so its collectives never meet the training loop's)."""
-        future = dcp.async_save(self._state(), storage_writer=_hashing_writer(folder), process_group=group)
+        future = dcp.async_save(self._state(), storage_writer=_HashingWriter(folder), process_group=group)
         if self.scaler and self.dist.is_main:
             filehash.save(self.scaler.state_dict(), folder / "scaler.pt")
         return future

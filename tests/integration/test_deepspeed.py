@@ -6,6 +6,7 @@ test) on first use; tests/integration/conftest.py keeps TORCH_EXTENSIONS_DIR in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -96,6 +97,10 @@ def test_deepspeed_zero_on_two_processes_matches_single_process(tmp_path, single
     table = json.loads((run_dir / "precision.json").read_text())
     assert table["param"] == {"fp32": "float32", "bf16": "bfloat16"}[precision] and table["master_weights"] == "float32"
     assert_deepspeed_tools_read(run_dir / f"checkpoints/step-{STEPS:07d}")
+    # Each rank's optimizer-state file (fp32 master weights beside the moments) has a "weights" part: init_from's check.
+    files = json.loads((run_dir / f"checkpoints/step-{STEPS:07d}/manifest.json").read_text())["files"]
+    with_parts = sorted(name for name, entry in files.items() if "weights" in entry.get("parts", {}))
+    assert len(with_parts) == 2 and all(name.endswith("_optim_states.pt") for name in with_parts)
 
 
 def assert_deepspeed_tools_read(folder):
@@ -232,6 +237,56 @@ def test_init_from_loads_full_weights_into_zero3_on_two_processes(tmp_path, sing
     assert a[0]["train/loss"] < fresh[0]["train/loss"] - 0.05  # trained weights really were loaded
     for ra, rb in zip(a, b, strict=True):
         assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5)
+
+
+def test_zero3_init_from_verifies_only_the_fp32_weights_in_its_optimizer_files(tmp_path, cache_dir, capsys):
+    """ZeRO-3 keeps the fp32 master weights in each rank's optimizer-state file, beside the Adam moments. init_from
+    checks just those weights (memory-mapped) against the manifest's "weights" part: a damaged moment does not stop it
+    (a resume still refuses the checkpoint), a damaged weight is the one-line exit 2 naming the file. (One process
+    saves; the starts are in-process single runs, which read a ZeRO checkpoint the same way.)"""
+    from bigtrain.checkpoint import store as checkpoint
+    from bigtrain.core import safe_load
+    from bigtrain.cli import main
+
+    ok(run_cli("train", str(recipe_for(tmp_path, cache_dir, "zero3", checkpoint={"every": 1, "keep_last": 0})),
+               "run.name=zero3", "train.max_steps=1", *deepspeed_args(3)))
+    run_dir = tmp_path / "runs/zero3"
+    folder = run_dir / "checkpoints/step-0000001"
+    name = "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    assert [n for n, entry in files.items() if "parts" in entry] == [name]
+    path = folder / name
+    zero = safe_load.torch_file(path, allowed=safe_load.deepspeed_classes())["optimizer_state_dict"]
+    raw = path.read_bytes()
+
+    @contextlib.contextmanager
+    def damaged(inside: torch.Tensor):
+        """The file with a byte in the middle of tensor `inside` flipped, put back after."""
+        found = raw.find(inside.detach().numpy().tobytes())
+        assert found >= 0
+        at = found + inside.numel() * inside.element_size() // 2
+        path.write_bytes(raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1:])
+        try:
+            yield
+        finally:
+            path.write_bytes(raw)
+
+    def start(tag: str) -> int:
+        """A 1-step single run from the checkpoint's run dir."""
+        recipe = recipe_for(tmp_path, cache_dir, tag)
+        return main(["train", str(recipe), f"run.name={tag}", f"model.init_from={run_dir}", "train.max_steps=1"])
+
+    with damaged(zero["optimizer_state_dict"]["state"][0]["exp_avg"]):
+        assert start("from-damaged-moment") == 0
+        with pytest.raises(checkpoint.CheckpointError, match=f"corrupted checkpoint file {path}: sha256 does not"):
+            checkpoint.verify(folder)
+    capsys.readouterr()
+    with damaged(zero["fp32_flat_groups"][0]):
+        assert start("from-damaged-weight") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.rstrip().splitlines()[-1] == (
+        f"bigtrain: error: model.init_from: corrupted checkpoint file {path}: sha256 of its weights does not match "
+        f"the manifest — point model.init_from at an intact checkpoint")
 
 
 def test_export_of_ddp_fsdp_and_zero3_checkpoints_gives_identical_tensors(tmp_path, cache_dir):

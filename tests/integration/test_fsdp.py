@@ -207,7 +207,12 @@ def test_export_of_ddp_and_fsdp_checkpoints_of_the_same_training_agree(runs, tmp
 @pytest.mark.slow
 def test_init_from_an_fsdp_run_loads_its_weights_under_single_and_fsdp(runs):
     """Two runs start from checkpoints of the same training: one process from the ddp checkpoint, fsdp × 2
-    from the fsdp (DCP) checkpoint. They load every tensor and then train alike."""
+    from the fsdp (DCP) checkpoint. They load every tensor and then train alike. Each rank's shard of the fsdp
+    checkpoint (saved in the background) has a "weights" part in the manifest, which is what the fsdp × 2 start
+    verifies of it, each rank its own shard."""
+    files = json.loads((runs("fsdp") / FINAL / "manifest.json").read_text())["files"]
+    assert sorted(name for name, entry in files.items() if "weights" in entry.get("parts", {})) == [
+        "__0_0.distcp", "__1_0.distcp"]
     out = {}
     for name, nproc, source, extra in [("from-ddp", 1, "ddp", ["train.micro_batch_size=4"]),
                                        ("from-fsdp", 2, "fsdp", [FSDP])]:

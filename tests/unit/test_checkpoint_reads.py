@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import warnings
@@ -38,6 +39,7 @@ def start_from(tmp_path: Path, cache_dir: Path, init_from: Path, monkeypatch, ke
     hashed, real = [], filehash.sha256
     monkeypatch.setattr(filehash, "sha256", lambda path: hashed.append(Path(path)) or real(path))
     task = {"name": "distill"} if key == "task.teacher" else {}
+    tmp_path.mkdir(exist_ok=True)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs", train={"max_steps": 1},
                                                            task=task))
     code = main(["train", str(recipe), "run.name=fine", f"{key}={init_from}"])
@@ -83,6 +85,117 @@ def test_a_damaged_weights_file_to_start_from_is_one_line_exit_2(tmp_path, cache
         f"bigtrain: error: {key}: corrupted checkpoint file {folder / 'model.pt'}: sha256 does not match "
         f"the manifest — point {key} at an intact checkpoint")
     assert not (tmp_path / "runs" / "fine" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, cache_dir) -> Path:
+    """A 1-step fsdp run (one process) with its checkpoint: a DCP shard holding model and Adam state together."""
+    root = tmp_path_factory.mktemp("fsdp-run")
+    recipe = write_recipe(root / "r.yaml", tiny_recipe(cache_dir, root / "runs", train={"max_steps": 1},
+                                                       checkpoint={"every": 1, "async_save": False}))
+    assert main(["train", str(recipe), "run.name=base", "parallel.strategy=fsdp"]) == 0
+    return root / "runs" / "base"
+
+
+def dcp_item_middle(folder: Path, prefix: str) -> int:
+    """The offset of the middle of the first item of `folder`'s DCP shard whose name starts with `prefix`."""
+    from bigtrain.parallel.fsdp import SafeReader
+
+    where = next(w for index, w in SafeReader(str(folder)).read_metadata().storage_data.items()
+                 if index.fqn.startswith(prefix))
+    assert where.relative_path == "__0_0.distcp"
+    return where.offset + where.length // 2
+
+
+def flip(path: Path, at: int) -> bytes:
+    """Flip the byte at offset `at` of `path` (same size); returns the original bytes."""
+    data = path.read_bytes()
+    path.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:])
+    return data
+
+
+def test_fsdp_init_from_verifies_only_the_weights_of_a_shard(tmp_path, cache_dir, fsdp_run, monkeypatch, capsys):
+    """A DCP shard holds the model and its Adam state; init_from checks just its model items against the manifest's
+    "weights" part (the shard is never sha256-read whole), so a damaged optimizer byte does not stop it, though a
+    resume still refuses the checkpoint; a damaged weights byte is the one-line exit 2 naming the shard."""
+    folder = checkpoint.list_checkpoints(fsdp_run)[-1]
+    shard = folder / "__0_0.distcp"
+    entry = json.loads((folder / "manifest.json").read_text())["files"]["__0_0.distcp"]
+    assert set(entry["parts"]) == {"weights"} and len(entry["parts"]["weights"]) == 64
+
+    original = flip(shard, dcp_item_middle(folder, "optim.state."))
+    try:
+        code, hashed = start_from(tmp_path / "a", cache_dir, fsdp_run, monkeypatch)
+        with pytest.raises(checkpoint.CheckpointError, match="corrupted checkpoint file .*__0_0.distcp: sha256 does"):
+            checkpoint.verify(folder)
+    finally:
+        shard.write_bytes(original)
+    assert code == 0
+    assert shard not in hashed and folder / ".metadata" in hashed
+
+    original = flip(shard, dcp_item_middle(folder, "model."))
+    try:
+        capsys.readouterr()
+        code, _ = start_from(tmp_path / "b", cache_dir, fsdp_run, monkeypatch)
+    finally:
+        shard.write_bytes(original)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.rstrip().splitlines()[-1] == (
+        f"bigtrain: error: model.init_from: corrupted checkpoint file {shard}: sha256 of its weights does not match "
+        f"the manifest — point model.init_from at an intact checkpoint")
+
+    # A crafted .metadata (with a consistent manifest), which the weights check reads for the items' ranges: refused,
+    # as one line on every rank.
+    manifest, metadata = (folder / "manifest.json").read_text(), (folder / ".metadata").read_bytes()
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(tmp_path / "ran")))
+    crafted = json.loads(manifest)
+    crafted["files"][".metadata"] = filehash.file_entry(folder / ".metadata")
+    (folder / "manifest.json").write_text(json.dumps(crafted))
+    try:
+        code, _ = start_from(tmp_path / "c", cache_dir, fsdp_run, monkeypatch)
+    finally:
+        (folder / ".metadata").write_bytes(metadata)
+        (folder / "manifest.json").write_text(manifest)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "ran").exists()
+    assert "which is not allowed in a DCP .metadata" in err.rstrip().splitlines()[-1]
+
+
+class RunsCode:
+    """Unpickled, it would create a file (a crafted checkpoint's payload)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_init_from_a_checkpoint_without_weights_parts_verifies_whole_shards(tmp_path, cache_dir, fsdp_run,
+                                                                           monkeypatch, capsys):
+    """A checkpoint saved before manifests had parts: init_from loads it as before, checking each shard whole, so a
+    damaged optimizer byte in it is refused (one line, exit 2)."""
+    folder = checkpoint.list_checkpoints(fsdp_run)[-1]
+    manifest = (folder / "manifest.json").read_text()
+    old = json.loads(manifest)
+    assert [name for name, entry in old["files"].items() if entry.pop("parts", None)] == ["__0_0.distcp"]
+    (folder / "manifest.json").write_text(json.dumps(old))
+    try:
+        code, hashed = start_from(tmp_path / "a", cache_dir, fsdp_run, monkeypatch)
+        assert code == 0 and folder / "__0_0.distcp" in hashed
+        original = flip(folder / "__0_0.distcp", dcp_item_middle(folder, "optim.state."))
+        try:
+            capsys.readouterr()
+            code, _ = start_from(tmp_path / "b", cache_dir, fsdp_run, monkeypatch)
+        finally:
+            (folder / "__0_0.distcp").write_bytes(original)
+    finally:
+        (folder / "manifest.json").write_text(manifest)
+    assert code == 2
+    assert capsys.readouterr().err.rstrip().splitlines()[-1] == (
+        f"bigtrain: error: model.init_from: corrupted checkpoint file {folder / '__0_0.distcp'}: sha256 does not "
+        f"match the manifest — point model.init_from at an intact checkpoint")
 
 
 class CountingReader:

@@ -404,7 +404,7 @@ def test_files_hashed_while_written_are_not_read_back_for_the_manifest(tmp_path)
     from bigtrain.core import filehash
     from bigtrain.checkpoint.store import hash_files
     from bigtrain.parallel import Dist
-    from bigtrain.parallel.fsdp import _hashing_writer
+    from bigtrain.parallel.fsdp import _HashingWriter
 
     def digest(path):
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -413,7 +413,7 @@ def test_files_hashed_while_written_are_not_read_back_for_the_manifest(tmp_path)
     folder = tmp_path / "ckpt"
     folder.mkdir()
     filehash.save({"w": torch.arange(1000.0)}, folder / "model.pt")
-    dcp.save({"m": {"w": torch.ones(64, 8)}}, storage_writer=_hashing_writer(folder / "dcp"), no_dist=True)
+    dcp.save({"m": {"w": torch.ones(64, 8)}}, storage_writer=_HashingWriter(folder / "dcp"), no_dist=True)
     (folder / "trainer.json").write_text("{}")  # written plainly: read back
     written = {name: digest(folder / name) for name in ("model.pt", "dcp/.metadata", "dcp/__0_0.distcp", "trainer.json")}
     assert {name: filehash.known(folder / name) for name in written} == {
