@@ -52,7 +52,7 @@ def test_planned_peak_is_within_15_percent_of_the_measured_one(config, checkpoin
 
 def _plan(recipe, world_size: int):
     """What `bigtrain check RECIPE --world-size N` plans on this CPU (fp32 recipes: no precision to resolve)."""
-    from bigtrain.cli import _vocab_size
+    from bigtrain.cli.check import _vocab_size
     from bigtrain.config import load_config
     from bigtrain.plan.memory import plan_memory
     from bigtrain.plan.model_check import check_model

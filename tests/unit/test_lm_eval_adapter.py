@@ -184,7 +184,7 @@ def test_scores_go_to_the_runs_wandb_run_at_the_checkpoints_step(tmp_path, monke
     metrics.jsonl is left alone."""
     import wandb
 
-    from bigtrain.cli import _log_lm_eval_to_wandb
+    from bigtrain.cli.evaluate import _log_lm_eval_to_wandb
 
     calls = []
 
