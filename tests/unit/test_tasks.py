@@ -1,4 +1,4 @@
-"""Task collate/loss/metrics (bigtrain/tasks/__init__.py) on hand-made samples."""
+"""Task collate/loss/metrics (bigtrain/tasks/) on hand-made samples."""
 
 from __future__ import annotations
 
