@@ -270,7 +270,7 @@ def generate_ids(model: Transformer, prompts: list[list[int]], sampling: Samplin
         generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
     cache = None
     if use_cache:
-        from bigtrain.models.layers import KVCache
+        from bigtrain.models.attention import KVCache
 
         cache = KVCache(model.spec, B, L + max_new, dtype=model.tok_emb.weight.dtype, device=device)
 
