@@ -66,7 +66,7 @@ def cmd_lm_eval(args) -> int:
                                           scores_table, task_manager, task_scores)
 
     require_lm_eval()
-    from bigtrain.eval.generate import load_generator
+    from bigtrain.eval.generator import load_generator
 
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
     manager = task_manager(args.include_path)
@@ -124,7 +124,8 @@ def _eval_checkpoint(run_dir, name: str | None):
 def cmd_generate(args) -> int:
     import json
 
-    from bigtrain.eval.generate import SamplingConfig, generate_text, load_generator, read_prompts
+    from bigtrain.eval.generate import SamplingConfig, generate_text, read_prompts
+    from bigtrain.eval.generator import load_generator
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)

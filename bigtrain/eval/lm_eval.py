@@ -37,7 +37,7 @@ except ImportError:  # run_lm_eval names the fix
     TemplateLM = object
 
 if TYPE_CHECKING:
-    from bigtrain.eval.generate import Generator
+    from bigtrain.eval.generator import Generator
     from bigtrain.parallel import Dist
 
 INSTALL_HINT = "pip install 'bigtrain[eval]'"
@@ -59,7 +59,7 @@ class BigtrainLM(TemplateLM):
     def __init__(self, gen: Generator, batch_size: int = 16, dist: Dist | None = None, forward_context=None):
         super().__init__()
         from bigtrain.checkpoint.export import find_special_tokens
-        from bigtrain.eval.generate import find_tokenizer_file
+        from bigtrain.eval.generator import find_tokenizer_file
 
         self.gen, self.model, self.batch_size = gen, gen.model, batch_size
         self.max_length = gen.model.spec.max_seq_len
@@ -246,7 +246,7 @@ class InLoopTasks:
         self._gen = None  # the tokenizer side, read from the run dir at the first eval only
 
     def __call__(self, model, forward_context=None) -> dict[str, Any]:
-        from bigtrain.eval.generate import live_generator
+        from bigtrain.eval.generator import live_generator
         from bigtrain.parallel import broadcast_object
 
         if self._gen is None or self._gen.model is not model:

@@ -1,7 +1,7 @@
 """The trunk every arch shares, and the head chosen at build time.
 
-Owns: token (and learned position) embeddings, the stack of pre-norm blocks and the final
-norm, under the same state-dict keys for every arch and head (`tok_emb`, `pos_emb`,
+Owns: token (and learned position) embeddings, the stack of `Block`s (pre-norm, or post-norm as BERT) and
+the final norm, under the same state-dict keys for every arch and head (`tok_emb`, `pos_emb`,
 `blocks.N.*`, `norm.*`), so a checkpoint of one loads into another by name; BERT's options
 (spec.norm_position="post" blocks and no final norm, `emb_norm`, token-type `type_emb`, a
 `position_offset` into `pos_emb`, a `pooler` before the classifier); the two heads
@@ -10,7 +10,9 @@ weight init (safe after `to_empty()` from the meta device); parameter and FLOPs 
 
 `Decoder` and `Encoder` differ only in data they declare: whether attention is causal, and
 the name and builder of their language-model head. Everything runs through `forward`
-(DDP syncs gradients through forward only). Knows nothing about distribution or precision.
+(DDP syncs gradients through forward only). Knows nothing about distribution or precision. Every block
+holds all of its own state, so strategies can wrap each one (activation checkpointing, FSDP) and call it as
+`block(x, attn_mask=None)`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from bigtrain.models.layers import Block, KVCache, build_norm, document_attention, init_module, prepare_attn_mask
+from bigtrain.models.attention import Attention, KVCache, LayerKV, document_attention, prepare_attn_mask
+from bigtrain.models.layers import MLPS, build_norm, init_module
 from bigtrain.models.presets import ModelSpec, spec_flops_per_token
 
 
@@ -62,6 +65,37 @@ def _lengths_vary(T: int, *tensors: torch.Tensor) -> None:
         for dim, size in enumerate(tensor.shape):
             if size == T and dim > 0:
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); with
+    spec.norm_position="post" (BERT): norm(x + attn(x)), then norm(x + mlp(x)). The norms keep
+    their names (attn_norm, mlp_norm) either way."""
+
+    def __init__(self, spec: ModelSpec, causal: bool):
+        super().__init__()
+        self.post_norm = spec.norm_position == "post"
+        self.attn_norm = build_norm(spec)
+        self.attn = Attention(spec, causal=causal)
+        self.mlp_norm = build_norm(spec)
+        self.mlp = MLPS[spec.mlp](spec)
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
+        if self.post_norm:
+            h = self.attn(x, attn_mask, positions=positions, cache=cache)  # (B, T, C)
+            x = self.attn_norm(x + (self.dropout(h) if self.dropout is not None else h))
+            h = self.mlp(x)  # (B, T, C)
+            return self.mlp_norm(x + (self.dropout(h) if self.dropout is not None else h))
+        h = self.attn(self.attn_norm(x), attn_mask, positions=positions, cache=cache)  # (B, T, C)
+        x = x + (self.dropout(h) if self.dropout is not None else h)
+        h = self.mlp(self.mlp_norm(x))  # (B, T, C)
+        return x + (self.dropout(h) if self.dropout is not None else h)
+
+    def residual_projections(self) -> tuple[nn.Linear, nn.Linear]:
+        """The Linears that write into the residual stream (GPT-2 scales their init)."""
+        return self.attn.out_proj, self.mlp.out_proj
 
 
 class Transformer(nn.Module):
@@ -113,7 +147,7 @@ class Transformer(nn.Module):
                 lengths: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, labels: torch.Tensor | None = None, loss_chunk: int = 0,
                 documents: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T); attn_mask None or bool, True = may attend (see layers.prepare_attn_mask):
+        """input_ids (B, T); attn_mask None or bool, True = may attend (see attention.prepare_attn_mask):
         (B, 1, T, T) / (B, T, T), or (B, 1, 1, T) key padding. None: causal for the decoder,
         everywhere for the encoder. lengths (B,) real lengths: needed by pooling="last",
         ignored otherwise. Returns (B, T, V) for head="lm", (B, num_labels) for head="classify".
@@ -158,18 +192,22 @@ class Transformer(nn.Module):
             else:
                 x = block(x, attn_mask=attn_mask, positions=positions, cache=None if cache is None else cache.layers[i])
         if self.spec.head == "classify":
-            h = pool(x, self.spec.pooling, lengths)  # (B, C)
-            if self.norm is not None:
-                h = self.norm(h)  # the norm is per position
-            if self.pooler is not None:
-                h = torch.tanh(self.pooler(h))
-            if self.classifier_dropout is not None:
-                h = self.classifier_dropout(h)
-            return self.classifier(h)  # (B, K)
+            return self._classify(x, lengths)  # (B, K)
         head, h = getattr(self, self.lm_head_name), x if self.norm is None else self.norm(x)
         if labels is not None:  # the loss, never the whole (B, T, V) logits
             return chunked_loss_sum(head, h, labels, loss_chunk)
         return head(h)  # (B, T, V)
+
+    def _classify(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """The classifier head: (B, T, C) -> (B, K) logits from one pooled position."""
+        h = pool(x, self.spec.pooling, lengths)  # (B, C)
+        if self.norm is not None:
+            h = self.norm(h)  # the norm is per position
+        if self.pooler is not None:
+            h = torch.tanh(self.pooler(h))
+        if self.classifier_dropout is not None:
+            h = self.classifier_dropout(h)
+        return self.classifier(h)  # (B, K)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

@@ -28,7 +28,7 @@ def test_document_mask_on_cuda_runs_flex_attention_equal_to_the_dense_mask():
     mask) whose loss and every gradient equal the dense-mask SDPA path's (fp32), with grouped-query attention."""
     from bigtrain.config import ModelConfig
     from bigtrain.models import build_model
-    from bigtrain.models.layers import document_attention
+    from bigtrain.models.attention import document_attention
     from bigtrain.tasks import CausalLM
 
     torch.manual_seed(0)

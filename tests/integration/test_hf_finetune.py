@@ -56,7 +56,7 @@ def source(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_imported_llama_fine_tunes_on_chats_and_exports_to_transformers(tmp_path, cache_dir, source, strategy):
     from bigtrain.checkpoint.export import export_hf
-    from bigtrain.eval.generate import load_generator
+    from bigtrain.eval.generator import load_generator
 
     init_from = HUB_ID if strategy == "ddp" else str(source["folder"])
     recipe = write_recipe(tmp_path / "sft.yaml", tiny_recipe(

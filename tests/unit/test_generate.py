@@ -15,7 +15,8 @@ transformers.utils.logging.disable_progress_bar()
 
 from bigtrain.cli import main  # noqa: E402
 from bigtrain.config import Config, DataConfig, ModelConfig  # noqa: E402
-from bigtrain.eval.generate import Completion, SamplingConfig, encode_prompts, generate_ids, load_generator, pick_next  # noqa: E402
+from bigtrain.eval.generate import Completion, SamplingConfig, encode_prompts, generate_ids, pick_next  # noqa: E402
+from bigtrain.eval.generator import load_generator  # noqa: E402
 from bigtrain.interop.hf_config import with_hf_model  # noqa: E402
 from tests.unit.test_interop import bigtrain_model, bpe, checkpoint_of, hf_folder  # noqa: E402, F401
 

@@ -89,7 +89,7 @@ def test_scores_equal_lm_evals_hf_backend_on_the_exported_folder(trained, tasks_
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from bigtrain.eval.generate import load_generator
+    from bigtrain.eval.generator import load_generator
     from bigtrain.eval.lm_eval import run_lm_eval, task_scores
 
     run_dir, hf = trained

@@ -345,7 +345,8 @@ def test_generate_eval_and_lm_eval_of_a_lora_run_use_the_model_it_trained(lora_r
     from lm_eval.api.instance import Instance
 
     from bigtrain.cli import main
-    from bigtrain.eval.generate import SamplingConfig, generate_text, load_generator
+    from bigtrain.eval.generate import SamplingConfig, generate_text
+    from bigtrain.eval.generator import load_generator
     from bigtrain.eval.lm_eval import BigtrainLM
     from tests.integration.test_train import read_metrics
     from tests.unit.test_lm_eval_adapter import LL_DOCS, task_yaml

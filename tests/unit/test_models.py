@@ -12,7 +12,7 @@ from bigtrain.core.errors import UserError
 from bigtrain.models import (
     ARCHS, PRESETS, Decoder, Encoder, build_model, count_params, resolve_model_spec, spec_flops_per_token,
 )
-from bigtrain.models.layers import prepare_attn_mask
+from bigtrain.models.attention import prepare_attn_mask
 from bigtrain.models.presets import PRESET_ARCH, SPEC_FIELDS
 
 VOCAB = 97

@@ -1,4 +1,4 @@
-"""Task collate/loss/metrics (bigtrain/tasks/__init__.py) on hand-made samples."""
+"""Task collate/loss/metrics (bigtrain/tasks/) on hand-made samples."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def test_document_mask_gives_each_packed_document_its_own_logits_and_loss(positi
     nothing)."""
     from bigtrain.config import ModelConfig
     from bigtrain.models import build_model
-    from bigtrain.models.layers import document_attention
+    from bigtrain.models.attention import document_attention
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset="debug", max_seq_len=32, position=position), 50).eval()
