@@ -55,7 +55,7 @@ def sizes_worker(sizes: list[str], out: str) -> None:
     """(In each torchrun process.) Per size: FSDP engine, one step, timed sync save and collective verify."""
     import torch
 
-    from bigtrain.checkpoint import store as checkpoint
+    from bigtrain import checkpoint
 
     from bigtrain.core import filehash
     from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig, dump_yaml, Config

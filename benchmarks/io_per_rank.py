@@ -49,7 +49,7 @@ def measure_worker(out: str, argv: list[str]) -> None:
     import bigtrain.parallel.deepspeed  # noqa: F401 — imported before the phases, so that reading their
     import bigtrain.parallel.fsdp  # noqa: F401 — source files (torch.distributed's: ~20 MB) is not counted
     import bigtrain.parallel.local  # noqa: F401
-    from bigtrain.checkpoint import store as checkpoint
+    from bigtrain import checkpoint
     from bigtrain.train import run
     from bigtrain.cli import main
 

@@ -104,7 +104,7 @@ def in_process(precision: str, steps: int, warmup: int, tmp: Path) -> None:
     import torch
 
     from benchmarks.bare import bare_optimizer, bare_step
-    from bigtrain.checkpoint.store import TrainState
+    from bigtrain.checkpoint import TrainState
     from bigtrain.config import build_config
     from bigtrain.train.loop import LoopContext, train
     from bigtrain.core.hardware import peak_flops_per_sec
@@ -173,7 +173,7 @@ def slow_read(precision: str, steps: int, warmup: int, rounds: int, fraction: fl
     import torch
 
     from benchmarks.bare import bare_optimizer, bare_step
-    from bigtrain.checkpoint.store import TrainState
+    from bigtrain.checkpoint import TrainState
     from bigtrain.config import build_config
     from bigtrain.core.hardware import peak_flops_per_sec
     from bigtrain.train.loop import LoopContext, train

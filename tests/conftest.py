@@ -125,7 +125,7 @@ def assert_ema_follows_weights(run_dir: Path, steps: list[int], decay: float, st
     """The EMA weights saved in the run's consecutive checkpoints `steps` (optim.ema_decay) equal the average
     computed here from their model weights: from the first checkpoint's saved EMA on, ema_t = w_t while
     t < start_step, else decay · ema_(t-1) + (1 − decay) · w_t (float64 here, fp32 there)."""
-    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.checkpoint import open_weights
 
     def read(step: int, ema: bool) -> dict[str, torch.Tensor]:
         reader = open_weights(run_dir / f"checkpoints/step-{step:07d}", ema=ema)
@@ -146,7 +146,7 @@ def assert_ema_follows_weights(run_dir: Path, steps: list[int], decay: float, st
 def one_process_fsdp_checkpoint(run_dir: Path):
     """(checkpoint folder, engine) of a real one-process fsdp save of the debug preset at step 1 (a DCP folder with
     its manifest); the caller destroys the 1-rank process group it made."""
-    from bigtrain.checkpoint.store import TrainState, save
+    from bigtrain.checkpoint import TrainState, save
     from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
     from bigtrain.models import build_model
     from bigtrain.parallel import build_engine, init_distributed

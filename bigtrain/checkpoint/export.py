@@ -9,7 +9,7 @@ error. Both stream one tensor at a time.
 
 OUT gets model.safetensors (every model tensor, full and unsharded, under its state-dict name),
 config.yaml (the run's resolved recipe), tokenizer.json and, for classifiers, labels.json.
-The checkpoint is read through `checkpoint.store.open_weights`, one tensor at a time, and the file
+The checkpoint is read through `checkpoint.open_weights`, one tensor at a time, and the file
 is written streaming (header first, then each tensor's bytes), so peak host memory is about one
 shard plus the largest tensor, never the whole model.
 
@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from bigtrain.checkpoint import store as checkpoint
+from bigtrain import checkpoint
 
 from bigtrain.core import safe_load
 from bigtrain.core.errors import UserError
 from bigtrain.interop.chat_template import TEMPLATE_FILE, TOKENIZER_CONFIG, read_tokenizer_config, special_tokens_of
 from bigtrain.interop.safetensors_file import write_safetensors
-from bigtrain.checkpoint.store import open_weights
+from bigtrain.checkpoint.weights import open_weights
 
 WEIGHTS_FILE = "model.safetensors"
 COPIED_FILES = ("config.yaml", "tokenizer.json", "labels.json")  # labels.json: classifiers only

@@ -36,7 +36,7 @@ def _size_bytes(text: str) -> int:
 def cmd_verify(args) -> int:
     from pathlib import Path
 
-    from bigtrain.checkpoint import store as checkpoint
+    from bigtrain import checkpoint
 
     source = Path(args.source)
     folders = [source] if (source / checkpoint.MANIFEST).exists() else checkpoint.list_checkpoints(source)

@@ -16,7 +16,7 @@ def cmd_eval(args) -> int:
     import json
     from pathlib import Path
 
-    from bigtrain.checkpoint import store as checkpoint
+    from bigtrain import checkpoint
     from bigtrain.config import load_config
     from bigtrain.eval.report import console_text, eval_file, scalars, write_eval_file
     from bigtrain.train.run import TOKENIZER_FILE, run_eval
@@ -49,7 +49,7 @@ def cmd_lm_eval(args) -> int:
     import json
     from pathlib import Path
 
-    from bigtrain.checkpoint import store as checkpoint
+    from bigtrain import checkpoint
     from bigtrain.eval.report import EVAL_DIR, write_eval_file
 
     source = Path(args.run_dir)
@@ -105,7 +105,7 @@ def _log_lm_eval_to_wandb(run_dir, folder, step: int, run_id: str | None, scores
 def _eval_checkpoint(run_dir, name: str | None):
     from pathlib import Path
 
-    from bigtrain.checkpoint import store as checkpoint
+    from bigtrain import checkpoint
 
     if name is None:
         folder = checkpoint.find_resume_checkpoint("auto", run_dir, warn=lambda m: print(m, file=sys.stderr))

@@ -2,7 +2,7 @@
 
 Writers that go through here (`save` for torch.save files, DeepSpeed's checkpoint engine included,
 `HashingFileSystem` for DCP's shards and metadata) record each file's size and digest in this process
-when the file is closed. The checkpoint manifest (checkpoint.hash_files) takes a recorded digest as long
+when the file is closed. The checkpoint manifest (checkpoint/manifest.py: hash_files) takes a recorded digest as long
 as the file still has the size, mtime and inode it had when written, and reads back only the files
 nobody recorded. Records are per process: each rank knows the files it wrote.
 

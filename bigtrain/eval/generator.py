@@ -46,7 +46,7 @@ class Generator:
 def load_generator(source: str | Path, *, dtype: str = "fp32", device: str = "cpu") -> Generator:
     """The model and tokenizer of a run dir (newest complete checkpoint), a checkpoint folder, an HF folder
     or a hub id (through the Hugging Face cache)."""
-    from bigtrain.checkpoint import store as checkpoint
+    from bigtrain import checkpoint
     from bigtrain.interop.hf_config import is_hf_folder, looks_like_hf_folder, read_config
     from bigtrain.interop.hub import local_folder
 
@@ -93,12 +93,12 @@ def _checkpoint_model_config(folder: Path):
 
 
 def _load(folder: Path, model_cfg, *, hf: bool, dtype: torch.dtype, device: str) -> Generator:
-    from bigtrain.checkpoint.store import load_init_weights
+    from bigtrain.checkpoint import load_init_weights
     from bigtrain.interop.chat_template import read_chat_template, special_tokens
     from bigtrain.interop.hf_weights import open_hf_weights
     from bigtrain.models import build_model
     from bigtrain.models.layers import RotaryEmbedding
-    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.checkpoint import open_weights
 
     tokenizer_path = find_tokenizer_file(folder)
     tokenizer = _read_tokenizer(tokenizer_path)

@@ -6,7 +6,7 @@ imported only when chosen, so `deepspeed` loads only in `parallel/deepspeed.py`.
 
 A checkpoint's tensors are in the format of the strategy that wrote it (`Engine.checkpoint_format`,
 recorded in trainer.json). `open_format_weights(folder)` reads the tensors of any format without a
-process group, one tensor at a time (checkpoint/store.py's `open_weights` adds a LoRA run's base).
+process group, one tensor at a time (checkpoint/weights.py's `open_weights` adds a LoRA run's base).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def checkpoint_format(folder: Path) -> str:
 
 def open_format_weights(folder: Path, ema: bool = False) -> WeightsReader:
     """A reader of the tensors checkpoint `folder` holds itself, in the format of the strategy that wrote it (`ema`:
-    its EMA weights). A LoRA run's checkpoint holds only what it trained: checkpoint/store.py's `open_weights`
+    its EMA weights). A LoRA run's checkpoint holds only what it trained: checkpoint/weights.py's `open_weights`
     puts its base back."""
     fmt = checkpoint_format(folder)
     return importlib.import_module(f"bigtrain.parallel.{READERS[fmt]}").open_weights(Path(folder), ema=ema)

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bigtrain.checkpoint.store import TrainState
+from bigtrain.checkpoint import TrainState
 from bigtrain.data import GlobalSampler, eval_busiest_count, eval_indices
 from bigtrain.parallel.ema import ema_weights
 from bigtrain.eval.report import report_eval

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bigtrain.checkpoint import store as checkpoint
+from bigtrain import checkpoint
 
 from bigtrain.core import safe_load
 from bigtrain.config import Config, dump_yaml
@@ -27,7 +27,7 @@ from bigtrain.core.hardware import matmul_peak, raised_peak
 from bigtrain.checkpoint.lease import RunDirLease
 from bigtrain.interop.chat_template import TEMPLATE_FILE, TOKENIZER_CONFIG
 from bigtrain.metrics import MetricsLogger, PeakMemory
-from bigtrain.checkpoint.store import open_weights
+from bigtrain.checkpoint import open_weights
 from bigtrain.models import build_model, count_params
 from bigtrain.plan.model_check import check_model
 from bigtrain.train.optim import build_optimizer

@@ -95,8 +95,8 @@ def install_slow_tasks(fault: dict) -> None:
 
 
 # where each stall goes: (module, function name) the phase calls
-STALLS = {"prepare": (bigtrain.train.run, "prepare_sources"), "init_from": (bigtrain.checkpoint.store, "load_init_weights"),
-          "resume": (bigtrain.checkpoint.store, "resume"), "final-barrier": (bigtrain.train.run, "barrier")}
+STALLS = {"prepare": (bigtrain.train.run, "prepare_sources"), "init_from": (bigtrain.checkpoint, "load_init_weights"),
+          "resume": (bigtrain.checkpoint, "resume"), "final-barrier": (bigtrain.train.run, "barrier")}
 
 
 def install_stall(fault: dict) -> None:

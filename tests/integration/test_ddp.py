@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from bigtrain.checkpoint.store import list_checkpoints, verify
+from bigtrain.checkpoint import list_checkpoints, verify
 from tests.conftest import REPO, assert_ema_follows_weights, run_cli, run_torchrun, tiny_recipe, write_recipe
 from tests.integration.test_train import read_metrics
 

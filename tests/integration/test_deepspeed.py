@@ -44,7 +44,7 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def final_weights(run_dir, step=STEPS) -> dict[str, torch.Tensor]:
     """The model weights of a run's checkpoint, whatever strategy wrote it (the reader export and init_from use)."""
-    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.checkpoint import open_weights
     from bigtrain.parallel import iter_weights
 
     return dict(iter_weights(open_weights(run_dir / "checkpoints" / f"step-{step:07d}")))
@@ -108,7 +108,7 @@ def assert_deepspeed_tools_read(folder):
     which the manifest covers, names it): the very tensors bigtrain's reader gives."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from bigtrain.checkpoint import store as checkpoint
+    from bigtrain import checkpoint
 
     assert (folder / "latest").read_text() == "deepspeed" and "latest" in checkpoint.verify(folder)["files"]
     theirs = get_fp32_state_dict_from_zero_checkpoint(str(folder))
@@ -244,7 +244,7 @@ def test_zero3_init_from_verifies_only_the_fp32_weights_in_its_optimizer_files(t
     checks just those weights (memory-mapped) against the manifest's "weights" part: a damaged moment does not stop it
     (a resume still refuses the checkpoint), a damaged weight is the one-line exit 2 naming the file. (One process
     saves; the starts are in-process single runs, which read a ZeRO checkpoint the same way.)"""
-    from bigtrain.checkpoint import store as checkpoint
+    from bigtrain import checkpoint
     from bigtrain.core import safe_load
     from bigtrain.cli import main
 

@@ -69,7 +69,7 @@ def runs(tmp_path_factory, cache_dir) -> Runs:
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The last checkpoint's full model tensors, whatever strategy wrote it (DCP: one tensor at a time)."""
-    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.checkpoint import open_weights
 
     reader = open_weights(run_dir / FINAL)
     return {name: reader.get(name) for name in reader.tensors()}
@@ -139,7 +139,7 @@ def test_fsdp_chunked_loss_trains_as_the_whole_logits_loss(runs):
 def test_fsdp_async_saves_write_the_shards_a_synchronous_save_writes(runs):
     """Every step checkpointed by DCP's async_save ("fsdp") and by a synchronous save ("fsdp-ac", whose arithmetic
     is the same to the bit): the same complete checkpoints, each rank's shard file byte for byte."""
-    from bigtrain.checkpoint.store import list_checkpoints, verify
+    from bigtrain.checkpoint import list_checkpoints, verify
 
     sync_dir, async_dir = runs("fsdp-ac"), runs("fsdp")
     steps = [f"step-{step:07d}" for step in range(1, STEPS + 1)]
@@ -306,7 +306,7 @@ def test_dcp_checkpoint_reads_back_exactly_and_a_code_running_metadata_pickle_is
     import os
     import pickle
 
-    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.checkpoint import open_weights
     from bigtrain.cli import main
     from bigtrain.core.errors import UserError
     from bigtrain.core.filehash import file_entry

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bigtrain.checkpoint import store as checkpoint
+from bigtrain import checkpoint
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 

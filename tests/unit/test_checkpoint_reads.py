@@ -1,4 +1,4 @@
-"""What a rank reads of a checkpoint (bigtrain/checkpoint/store.py, strategy readers): model.init_from verifies only the
+"""What a rank reads of a checkpoint (bigtrain/checkpoint/manifest.py and weights.py, the format readers): model.init_from verifies only the
 files it reads, each once, and finds a tensor's name without reading it; a DCP folder's .metadata is unpickled once
 per reader, not once per tensor."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigtrain.checkpoint import store as checkpoint
+from bigtrain import checkpoint
 
 from bigtrain.core import filehash
 from bigtrain.cli import main
@@ -245,7 +245,8 @@ TWO_RANKS_SCRIPT = '''
 import json, os, sys
 from pathlib import Path
 import torch
-from bigtrain.checkpoint import store as checkpoint
+from bigtrain import checkpoint
+from bigtrain.checkpoint.store import _publish, _start
 from bigtrain.core import filehash
 from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
 from bigtrain.models import build_model
@@ -256,14 +257,14 @@ dist = init_distributed("cpu")
 out = Path(sys.argv[1])
 
 # A save: which files each rank fsyncs.
-tmp, final = checkpoint._start(out / "run", 1, dist)
+tmp, final = _start(out / "run", 1, dist)
 filehash.save({"x": torch.ones(3) * dist.rank}, tmp / f"shard-{dist.rank}.pt")  # each rank its file, recorded
 if dist.is_main:
     (tmp / "trainer.json").write_text("{}")  # rank 0's own, not recorded
 synced, real = [], os.fsync
 os.fsync = lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd)
-checkpoint._publish(tmp, final, checkpoint.TrainState(step=1), dist, keep_last=0,
-                    verified=checkpoint.VerifiedCheckpoints())
+_publish(tmp, final, checkpoint.TrainState(step=1), dist, keep_last=0,
+         verified=checkpoint.VerifiedCheckpoints())
 os.fsync = real
 names = [os.path.relpath(p, tmp) if p.startswith(str(tmp)) else os.path.relpath(p, final) for p in synced]
 
@@ -352,7 +353,7 @@ def test_ddp_init_from_is_read_by_rank_0_and_broadcast(two_ranks):
 def test_an_fsdp_resume_unpickles_metadata_once(tmp_path, monkeypatch):
     """FSDPEngine.load_state reads .metadata once (it needs it to see whether the EMA was saved) and hands it to
     dcp.load, which would read it again."""
-    from bigtrain.checkpoint.store import TrainState, save
+    from bigtrain.checkpoint import TrainState, save
     from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
     from bigtrain.models import build_model
     from bigtrain.train.optim import build_optimizer

@@ -1,12 +1,12 @@
-"""Tests for bigtrain/checkpoint/store.py's retention and resume choice: which checkpoints `keep_last` keeps, in what
+"""Tests for bigtrain/checkpoint/store.py and resume.py: retention and the resume choice: which checkpoints `keep_last` keeps, in what
 order steps sort, what a damaged or vanished checkpoint does to a resume."""
 
 from __future__ import annotations
 
 import pytest
 
-from bigtrain.checkpoint import store as checkpoint
-from bigtrain.checkpoint.store import CheckpointError, Checkpointer, TrainState, VerifiedCheckpoints
+from bigtrain import checkpoint
+from bigtrain.checkpoint import CheckpointError, Checkpointer, TrainState, VerifiedCheckpoints
 from bigtrain.config import Config, dump_yaml
 from tests.unit.test_strategy import make_engine
 
@@ -87,7 +87,7 @@ def test_a_dcp_shard_missing_at_load_is_recognised(tmp_path):
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from bigtrain.checkpoint.store import _missing_file
+    from bigtrain.checkpoint.resume import _missing_file
 
     dcp.save({"w": torch.ones(4)}, checkpoint_id=str(tmp_path), no_dist=True)
     shard = next(tmp_path.glob("*.distcp"))

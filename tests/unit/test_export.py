@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bigtrain.checkpoint.store import TrainState, save
+from bigtrain.checkpoint import TrainState, save
 from bigtrain.cli import main
 from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig
 from bigtrain.checkpoint.export import export
 from bigtrain.interop.safetensors_file import write_safetensors
 from bigtrain.models import build_model
 from bigtrain.train.optim import build_optimizer
-from bigtrain.checkpoint.store import open_weights
+from bigtrain.checkpoint import open_weights
 from bigtrain.parallel import build_engine, init_distributed
 
 

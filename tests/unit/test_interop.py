@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
 
-from bigtrain.checkpoint.store import TrainState, load_init_weights, save  # noqa: E402
+from bigtrain.checkpoint import TrainState, load_init_weights, save  # noqa: E402
 from bigtrain.cli import main  # noqa: E402
 from bigtrain.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, dump_yaml  # noqa: E402
 from bigtrain.checkpoint.export import export_hf  # noqa: E402
@@ -396,8 +396,8 @@ def test_cli_train_from_hf_folder_then_export_hf_loads_in_transformers(tmp_path,
     assert result.returncode == 0, result.stderr
     assert (out / "model.safetensors.index.json").is_file()
 
-    from bigtrain.checkpoint.store import list_checkpoints
-    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.checkpoint import list_checkpoints
+    from bigtrain.checkpoint import open_weights
 
     reader = open_weights(list_checkpoints(run_dir)[-1])
     trained = {name: reader.get(name) for name in reader.tensors()}

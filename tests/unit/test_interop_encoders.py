@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
 
-from bigtrain.checkpoint.store import load_init_weights  # noqa: E402
+from bigtrain.checkpoint import load_init_weights  # noqa: E402
 from bigtrain.cli import main  # noqa: E402
 from bigtrain.config import Config, DataConfig, ModelConfig, TaskConfig  # noqa: E402
 from bigtrain.checkpoint.export import export_hf  # noqa: E402
@@ -218,9 +218,9 @@ def test_lora_bert_classifier_exports_a_peft_adapter_that_gives_its_logits(tmp_p
     `bigtrain export --format hf --adapter`: peft applies the folder (adapters on query/key/value/dense modules,
     the trained classifier and pooler as modules_to_save) to the original HF folder with bigtrain's logits."""
     peft = pytest.importorskip("peft")
-    from bigtrain.checkpoint.store import list_checkpoints
+    from bigtrain.checkpoint import list_checkpoints
     from bigtrain.config import LoraConfig
-    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.checkpoint import open_weights
 
     folder = hf_encoder(tmp_path, "bert-classify", tokenizer=wordpiece, num_labels=2)
     lora = {"rank": 4, "alpha": 8.0}

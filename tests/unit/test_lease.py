@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from bigtrain.checkpoint import store as checkpoint
-from bigtrain.checkpoint.store import Checkpointer, TrainState
+from bigtrain import checkpoint
+from bigtrain.checkpoint import Checkpointer, TrainState
 from bigtrain.config import Config, dump_yaml
 from bigtrain.core.errors import UserError
 from bigtrain.checkpoint.lease import LEASE_FILE, RunDirLease

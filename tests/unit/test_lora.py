@@ -86,9 +86,9 @@ def test_a_bf16_lora_run_checkpoints_its_base_in_bf16_and_exports_it_merged_in_f
     fp32 weights."""
     from safetensors.torch import load_file
 
-    from bigtrain.checkpoint.store import list_checkpoints
+    from bigtrain.checkpoint import list_checkpoints
     from bigtrain.models.lora import merged_weight
-    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.checkpoint import open_weights
 
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(cache_dir, tmp_path / "runs", model={"lora": LORA},
                                                            train={"max_steps": 2}, parallel={"precision": "bf16"}))
@@ -115,8 +115,8 @@ def test_lora_fine_tune_of_an_hf_model_exports_merged_and_as_a_peft_adapter(tmp_
     model.init_from of the run gives a plain model those logits (the adapters merged).
     GPT-2 has fused Conv1D modules (fan_in_fan_out); Llama's q/k/v and gate/up are separate HF modules that
     share bigtrain's fused adapter A."""
-    from bigtrain.checkpoint.store import list_checkpoints, load_init_weights
-    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.checkpoint import list_checkpoints, load_init_weights
+    from bigtrain.checkpoint import open_weights
     from bigtrain.parallel import local
 
     folder = hf_folder(tmp_path, family, tokenizer=bpe)
@@ -181,8 +181,8 @@ def test_lora_fine_tune_of_an_hf_model_exports_merged_and_as_a_peft_adapter(tmp_
 def test_lora_trains_alike_under_single_ddp_and_fsdp_with_checkpointing(tmp_path, cache_dir):
     """The adapters replicated (ddp) or sharded with the frozen base (fsdp), with activation checkpointing: the
     losses of one process, and the base weights unchanged in every checkpoint."""
-    from bigtrain.checkpoint.store import list_checkpoints
-    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.checkpoint import list_checkpoints
+    from bigtrain.checkpoint import open_weights
     from tests.conftest import run_torchrun
     from tests.integration.test_train import read_metrics
 
@@ -217,8 +217,8 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly_on_any_world
     base's folder and sha256), not the frozen base: its checkpoint files are a fraction of the base's. Resumes
     (single: bit for bit; fsdp from 2 processes to 1: DCP reshards) log the losses of an uninterrupted run, export
     gives the whole model back, and a resume on another base is a one-line error, exit 2."""
-    from bigtrain.checkpoint.store import list_checkpoints
-    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.checkpoint import list_checkpoints
+    from bigtrain.checkpoint import open_weights
     from bigtrain.parallel import fsdp as fsdp_strategy, local
     from tests.conftest import run_torchrun
     from tests.integration.test_train import read_metrics
@@ -279,7 +279,7 @@ def test_base_reference_reads_a_local_hf_base_again_only_when_a_file_changes_siz
     import hashlib
     import os
 
-    from bigtrain.checkpoint.store import base_reference
+    from bigtrain.checkpoint import base_reference
 
     folder = tmp_path / "hf"
     folder.mkdir()
@@ -322,9 +322,9 @@ def trained_lora_model(run_dir):
     """The model a LoRA run trained, as it trained it: built with model.lora, the adapters not merged."""
     import yaml
 
-    from bigtrain.checkpoint.store import list_checkpoints
+    from bigtrain.checkpoint import list_checkpoints
     from bigtrain.config import build_config
-    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.checkpoint import open_weights
     from bigtrain.parallel import iter_weights
 
     folder = list_checkpoints(run_dir)[-1]
@@ -402,7 +402,7 @@ def test_every_reader_of_a_lora_checkpoint_refuses_a_changed_or_missing_base(lor
     naming the checkpoint and the base, and write nothing (no export folder, no eval report, no checkpoint)."""
     import shutil
 
-    from bigtrain.checkpoint.store import list_checkpoints
+    from bigtrain.checkpoint import list_checkpoints
     from bigtrain.cli import main
 
     run_dir, base = lora_runs / "lora", list_checkpoints(lora_runs / "scratch")[-1]
@@ -442,7 +442,7 @@ def test_check_base_reuses_a_local_files_digest_only_at_the_size_and_mtime_it_wa
     same bytes' file touched is read again, and other bytes then are a CheckpointError naming the base."""
     import os
 
-    from bigtrain.checkpoint.store import BASE_FILE, CheckpointError, base_reference, check_base
+    from bigtrain.checkpoint import BASE_FILE, CheckpointError, base_reference, check_base
 
     base, folder = tmp_path / "hf", tmp_path / "step-0000002"
     base.mkdir()

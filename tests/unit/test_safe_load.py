@@ -123,7 +123,7 @@ def test_dcp_metadata_refusals_name_the_file_run_nothing_and_change_nothing(dcp_
 
 
 def test_the_genuine_metadata_still_loads_and_the_checkpoint_reads_back(dcp_run):
-    from bigtrain.checkpoint.store import open_weights
+    from bigtrain.checkpoint import open_weights
 
     metadata = safe_load.dcp_metadata(_genuine_metadata(dcp_run), folder=dcp_run, where=dcp_run / ".metadata")
     assert any(key.startswith("model.") for key in metadata.state_dict_metadata)

@@ -9,7 +9,7 @@ import torch
 
 from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from bigtrain.train.loop import TrainingError, _count_skip
-from bigtrain.checkpoint.store import TrainState
+from bigtrain.checkpoint import TrainState
 from bigtrain.models import build_model
 from bigtrain.train.optim import build_optimizer
 from bigtrain.parallel import build_engine, init_distributed, precision_table
@@ -339,7 +339,7 @@ def test_a_save_killed_at_any_filesystem_step_leaves_a_complete_checkpoint(tmp_p
     killed at each rename or delete in turn still leaves one complete checkpoint to resume from."""
     import shutil
 
-    from bigtrain.checkpoint import store as checkpoint
+    from bigtrain import checkpoint
     from bigtrain.config import Config, dump_yaml
 
     class Killed(Exception):
@@ -383,7 +383,7 @@ def test_a_save_killed_at_any_filesystem_step_leaves_a_complete_checkpoint(tmp_p
 
 
 def test_checkpoint_hashing_shares_every_file_once_balanced_by_size():
-    from bigtrain.checkpoint.store import _shares
+    from bigtrain.checkpoint.manifest import _shares
 
     files = [("a", 100), ("b", 60), ("c", 50), ("d", 40), ("e", 10), ("f", 0)]
     shares = _shares(files, 3)
@@ -402,7 +402,7 @@ def test_files_hashed_while_written_are_not_read_back_for_the_manifest(tmp_path)
     import torch.distributed.checkpoint as dcp
 
     from bigtrain.core import filehash
-    from bigtrain.checkpoint.store import hash_files
+    from bigtrain.checkpoint import hash_files
     from bigtrain.parallel import Dist
     from bigtrain.parallel.fsdp import _HashingWriter
 
@@ -462,7 +462,7 @@ def test_async_save_copies_the_state_at_the_call_and_the_next_save_waits_for_it(
     the one in flight first. A background failure is raised by wait(), publishes nothing, and close() reports it."""
     import threading
 
-    from bigtrain.checkpoint import store as checkpoint
+    from bigtrain import checkpoint
     from bigtrain.config import Config, dump_yaml
     from bigtrain.parallel.local import in_background
 
@@ -505,7 +505,7 @@ def test_async_save_copies_the_state_at_the_call_and_the_next_save_waits_for_it(
 def test_each_rank_verifies_the_files_it_loads_next():
     """A rank's own shard, partitions, rng and EMA files go to that rank (it reads them next when it loads them, so
     on separate nodes verification adds no second read); files of ranks this job lacks, and shared ones, by size."""
-    from bigtrain.checkpoint.store import _shares
+    from bigtrain.checkpoint.manifest import _shares
 
     files = [("__0_0.distcp", 500), ("__1_0.distcp", 520), (".metadata", 5), ("rng/rank-00000.pt", 1),
              ("rng/rank-00001.pt", 1), ("deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt", 300),
