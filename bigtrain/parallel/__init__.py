@@ -76,7 +76,7 @@ STRATEGIES: dict[str, tuple[str, str]] = {
 }
 
 # checkpoint_format -> module under bigtrain.parallel with `open_weights(folder) -> WeightsReader`.
-READERS: dict[str, str] = {"local": "local", "dcp": "fsdp", "deepspeed": "deepspeed"}
+READERS: dict[str, str] = {"local": "local", "dcp": "fsdp", "deepspeed": "deepspeed_checkpoint"}
 
 
 def resolve_strategy(name: str, world_size: int) -> str:

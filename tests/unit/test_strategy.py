@@ -149,7 +149,7 @@ def test_deepspeed_strategy_without_deepspeed_installed_is_a_one_line_error(monk
     import sys
 
     from bigtrain.core.errors import UserError
-    from bigtrain.parallel.deepspeed import import_deepspeed
+    from bigtrain.parallel.deepspeed_checkpoint import import_deepspeed
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # what `import deepspeed` meets when it is not installed
     with pytest.raises(UserError, match=r"^parallel.strategy=deepspeed needs DeepSpeed, which is not installed — "
@@ -444,7 +444,7 @@ def test_deepspeed_checkpoint_files_are_hashed_as_deepspeed_writes_them(tmp_path
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     from bigtrain.core import filehash
-    from bigtrain.parallel.deepspeed import _hashing_saves
+    from bigtrain.parallel.deepspeed_checkpoint import _hashing_saves
 
     engine = TorchCheckpointEngine()
     engine.zipfile_serialization = True  # DeepSpeed's default serialization
