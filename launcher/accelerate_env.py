@@ -82,7 +82,7 @@ CHOICES: tuple[Choice, ...] = (
 # Recipe values that leave the decision open (so an accelerate choice is no contradiction).
 _OPEN = {"strategy": "auto", "device": "auto", "precision": "auto"}
 # Accelerate value → recipe values it agrees with, beyond equality.
-_AGREES = {("precision", "bf16"): {"bf16-pure"}}
+_AGREES: dict[tuple[str, object], set[str]] = {("precision", "bf16"): {"bf16-pure"}}
 # Flags that take no value on accelerate's command line.
 _SWITCHES = {"--cpu", "--use_deepspeed", "--use_fsdp"}
 

@@ -140,7 +140,8 @@ def run_forwarding_signals(command: list[str], env: dict[str, str]) -> int | Non
               file=sys.stderr, flush=True)
         return None
 
-    forwarded, pending = [], []
+    forwarded: list[int] = []  # signal numbers
+    pending: list[int] = []
 
     def deliver():
         """The pending signals to the training processes; kept while none has started yet."""

@@ -179,10 +179,10 @@ def export_peft_adapter(reader, cfg, spec, family: str, out: Path, dtype: torch.
     heads = set()
     for name in reader.tensors():
         if encoder and name.startswith(TRAINED_HEADS) and name in entries:
-            op, (theirs,) = entries[name]
+            op, (their_name,) = entries[name]
             tensor = reader.get(name).detach().cpu()
-            tensors[f"base_model.model.{theirs}"] = (tensor.t() if op == "t" else tensor).to(dtype).contiguous()
-            heads.add(theirs.rsplit(".", 1)[0])  # the module: classifier, bert.pooler.dense
+            tensors[f"base_model.model.{their_name}"] = (tensor.t() if op == "t" else tensor).to(dtype).contiguous()
+            heads.add(their_name.rsplit(".", 1)[0])  # the module: classifier, bert.pooler.dense
     task_type = "SEQ_CLS" if spec.head == "classify" else None if encoder else "CAUSAL_LM"
     base = cfg.model.init_from if cfg.model.init_from else None
     config = {"peft_type": "LORA", "task_type": task_type, "r": lora.rank, "lora_alpha": lora.alpha,

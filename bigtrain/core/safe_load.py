@@ -33,6 +33,7 @@ import os
 import pickle
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath
+from typing import Any, Callable
 
 from bigtrain.core.errors import UserError
 
@@ -194,6 +195,11 @@ class _Opcodes(dict):
 
 class _PlainDataUnpickler(pickle._Unpickler):
     """The pure-Python unpickler with its dispatch table cut down to plain data and checked object creation."""
+
+    # pickle._Unpickler's own, which typeshed's stub leaves out: load() sets the stack and append, pop_mark is a method
+    stack: list[Any]
+    append: Callable[[Any], None]
+    pop_mark: Callable[[], list[Any]]
 
     dispatch = _Opcodes({code: fn for code, fn in pickle._Unpickler.dispatch.items() if bytes([code]) in _PLAIN_OPS})
 

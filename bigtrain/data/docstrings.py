@@ -23,18 +23,19 @@ import ast
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Sequence
 
 NUM_FAMILIES = 8
 TEST_FOLDERS = frozenset({"test", "tests", "idle_test"})  # test/, tests/, idlelib/idle_test/, lib2to3/tests/
 COLUMNS = ("text", "label", "prompt", "response", "path")
 
 
-def docstring_files(files: tuple[Path, ...], root: Path) -> list[Path]:
+def docstring_files(files: Sequence[Path], root: Path) -> list[Path]:
     """The files that may hold rows: not inside a test folder."""
     return [p for p in files if not TEST_FOLDERS.intersection(p.relative_to(root).parts[:-1])]
 
 
-def docstring_rows(files: list[Path], root: Path) -> dict[str, list[str]]:
+def docstring_rows(files: Sequence[Path], root: Path) -> dict[str, list[str]]:
     """Columns of the rows of `files` (in file order, then source order), the top families only."""
     rows = [row for path in files for row in _file_rows(path, root)]
     top = top_families(rows)

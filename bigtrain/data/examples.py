@@ -39,7 +39,7 @@ TASKS = ("causal_lm", "masked_lm", "classification", "sft")
 ROLE_HEADER = "<|{role}|>\n"  # before each turn's content; turns after the first start on a new line
 LABELS_FILE, LOSS_SPANS_FILE = "labels.npy", "loss_spans.npy"
 # Per-task arrays written beside the shards, as {name: empty array} (an empty split still gets each file).
-TASK_ARRAYS = {
+TASK_ARRAYS: dict[str, dict[str, np.ndarray]] = {
     "classification": {"labels": np.zeros(0, np.int64)},
     "sft": {"loss_spans": np.zeros((0, 2), np.int64)},
 }
@@ -161,6 +161,7 @@ def encode_batch(rows: dict[str, list], cfg, task: str, tok, ids, *, label_ids: 
     """Encode one batch of rows for `task` (ids: the tokenizer's `SpecialIds`)."""
     columns = task_columns(cfg, task)
     if task == "classification":
+        assert label_ids is not None  # a classification prepare gives the training split's label set
         return _encode_classification(rows, columns, cfg.seq_len, tok, ids, label_ids)
     if task == "sft":
         return _encode_sft(rows, columns, tok, sft_chat_template(cfg, task))
@@ -217,7 +218,8 @@ def _encode_sft(rows, columns, tok, template: ChatTemplate | None) -> EncodedBat
         per_piece = (_tokens_in_turns(pieces, enc) for pieces, enc in zip(rendered, whole))
     examples, spans, pos = [], [], 0
     for pieces in per_piece:
-        tokens, own = [], []  # own: this example's spans (never merged with the previous example's)
+        tokens: list[int] = []
+        own: list[list[int]] = []  # this example's spans (never merged with the previous example's)
         for piece, is_loss in pieces:
             if is_loss and piece:
                 _add_span(own, pos + len(tokens), pos + len(tokens) + len(piece))

@@ -22,11 +22,15 @@ every source alike, and eval logs each source's loss.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bigtrain.data.sampler import IndexPermutation
 from bigtrain.core.errors import UserError
+
+if TYPE_CHECKING:
+    from bigtrain.config import DataConfig
 
 BLOCK = 1000
 
@@ -35,7 +39,7 @@ BLOCK = 1000
 class MixturePart:
     name: str
     weight: float
-    cfg: object  # the DataConfig this source is prepared with
+    cfg: DataConfig  # the DataConfig this source is prepared with
 
 
 def mixture_parts(cfg) -> list[MixturePart]:

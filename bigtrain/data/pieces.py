@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -118,6 +118,7 @@ def _tokenize_piece(k: int, piece_docs: int, folder: Path | None = None, rows: d
     """Tokenize documents [k·piece_docs, …) of the job's split into the piece's own files in `folder` (default the
     job's), its json last; `rows`: the piece's documents themselves (column -> list; a stream's)."""
     job = _job
+    assert job is not None  # set before the workers fork (tokenize_split, tokenize_streams)
     folder = folder or job.folder
     for stale in folder.glob(f"{_piece_prefix(k)}*"):  # a killed prepare's half-written piece
         stale.unlink()
@@ -204,7 +205,7 @@ def tokenize_streams(job: PieceJob, streams, piece_docs: int, workers: int, log:
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     count = dict.fromkeys(SPLITS, 0)  # pieces started per split
-    buffers = {name: {c: [] for c in columns} for name in SPLITS}
+    buffers: dict[str, dict[str, list]] = {name: {c: [] for c in columns} for name in SPLITS}
     joined = {name: _joined(folder) for name, folder in folders.items()}
     if all(info is not None for info in joined.values()):
         log("data: train and validation joined by an interrupted prepare, kept")
@@ -263,7 +264,7 @@ def tokenize_streams(job: PieceJob, streams, piece_docs: int, workers: int, log:
     return splits
 
 
-def _checked_batches(stream, columns: list[str], cfg) -> "Iterator[dict]":
+def _checked_batches(stream, columns: Sequence[str], cfg) -> "Iterator[dict]":
     """A stream's documents in batches of their columns `columns`, the first batch checked to have them."""
     for batch in stream.iter(batch_size=_ENCODE_BATCH_DOCS):
         missing = [c for c in columns if c not in batch]
@@ -291,6 +292,7 @@ def join_pieces(job: PieceJob, pieces: int) -> dict:
         offsets[at:at + info["num_docs"]] = piece[:-1] + token_starts[k]
         at += info["num_docs"]
     offsets[num_docs] = token_starts[-1]
+    assert isinstance(offsets, np.memmap)  # num_docs + 1 rows: never the empty shape _new_npy writes at once
     offsets.flush()
     del offsets
     fsync_file(folder / DOC_OFFSETS)

@@ -163,13 +163,15 @@ def _build(cfg, task: str, source: Source, root: Path, tmp: Path, num_proc, work
     dtype = token_dtype(vocab_size)
 
     if streams is not None:  # documents are counted as they come: pieces of a fixed size
-        plan = {"streaming": True, "piece_docs": STREAM_PIECE_DOCS}
+        plan: dict = {"streaming": True, "piece_docs": STREAM_PIECE_DOCS}
         keep = read_plan(tmp) == plan if tmp.exists() else False
     else:
+        assert docs is not None  # not streaming: load_documents gave them
         plan = {name: piece_plan(len(split_docs), workers) for name, split_docs in zip(SPLITS, (docs.train, docs.validation))}
         kept = read_plan(tmp) if tmp.exists() else None
         keep = kept is not None and all(kept.get(name, {}).get("num_docs") == plan[name]["num_docs"] for name in SPLITS)
-        plan = kept if keep else plan  # a killed prepare's pieces, whatever number of workers cut them
+        # a killed prepare's pieces, whatever number of workers cut them
+        plan = kept if keep and kept is not None else plan
     if tmp.exists() and not keep:
         shutil.rmtree(tmp)  # not pieces of these documents
     tmp.mkdir(parents=True, exist_ok=True)
@@ -181,6 +183,7 @@ def _build(cfg, task: str, source: Source, root: Path, tmp: Path, num_proc, work
             splits = tokenize_streams(PieceJob(None, cfg, task, tok, ids, tmp, dtype, label_ids), streams,
                                        plan["piece_docs"], workers, log)
         else:
+            assert docs is not None  # not streaming: load_documents gave them
             splits = {}
             for name, split_docs in zip(SPLITS, (docs.train, docs.validation)):
                 job = PieceJob(split_docs, cfg, task, tok, ids, tmp / name, dtype, label_ids)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -63,8 +64,8 @@ class SplitWriter:
         self.arrays: dict[str, list[np.ndarray]] = {name: [empty] for name, empty in (arrays or {}).items()}
         self.num_tokens = 0  # written so far: stream position of the next document
         self.shards: list[dict] = []
-        self._file = None
-        self._hash = None
+        self._file: BinaryIO | None = None  # the open shard's
+        self._hash = hashlib.sha256()  # the open shard's (each _open_shard starts a new one)
         self._shard_tokens = 0
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -80,6 +81,7 @@ class SplitWriter:
         while tokens.size:
             if self._file is None:
                 self._open_shard()
+            assert self._file is not None  # _open_shard opened it
             take = min(tokens.size, self.max_shard_tokens - self._shard_tokens)
             data = tokens[:take].tobytes()
             self._file.write(data)

@@ -27,7 +27,7 @@ import sysconfig
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -113,6 +113,7 @@ def load_documents(
     if by_file:
         splits = {"train": _load_stdlib(source, cfg.max_documents)}
     elif source.kind == "disk":
+        assert source.root is not None  # a "disk" source is its save_to_disk folder
         splits = _as_dict(_load_from_disk(source.root, cfg.source))
     else:
         splits = _as_dict(_load_dataset(cfg, source, cache_dir=cache_dir, num_proc=num_proc))
@@ -127,6 +128,8 @@ def load_documents(
         check_columns(validation, cfg, task, cfg.source)
         return DocumentSplits(train, validation)
 
+    val_rows: list | np.ndarray  # row indices: ints (an int array when split by index)
+    train_rows: list | np.ndarray
     if by_file:  # every row of a file on the same side
         paths = list(train["path"])
         files = sorted(set(paths))
@@ -135,8 +138,8 @@ def load_documents(
         val_set = set(val_rows)
         train_rows = [i for i in range(len(train)) if i not in val_set]
     else:
-        held = held_out_by_index(len(train), cfg.validation_split)
-        val_rows, train_rows = np.flatnonzero(held), np.flatnonzero(~held)
+        held_mask = held_out_by_index(len(train), cfg.validation_split)
+        val_rows, train_rows = np.flatnonzero(held_mask), np.flatnonzero(~held_mask)
     if source.kind == "docstrings":  # a family the split left without training rows is dropped
         labels = list(train["label"])
         trained = {labels[i] for i in train_rows}
@@ -298,13 +301,15 @@ def _load_stdlib(source: Source, max_documents: int | None) -> "datasets.Dataset
     """python-stdlib: one row per file; python-stdlib-docstrings: one row per documented function."""
     import datasets
 
-    files = _stdlib_files(source.root)
+    root = source.root
+    assert root is not None  # a stdlib source's folder
+    files: Sequence[Path] = _stdlib_files(root)
     if source.kind == "docstrings":
-        files = docstring_files(files, source.root)[:max_documents]
+        files = docstring_files(files, root)[:max_documents]
         features = datasets.Features({column: datasets.Value("string") for column in DOCSTRING_COLUMNS})
-        return datasets.Dataset.from_dict(docstring_rows(files, source.root), features=features)
+        return datasets.Dataset.from_dict(docstring_rows(files, root), features=features)
     files = files[:max_documents]
-    paths = [p.relative_to(source.root).as_posix() for p in files]
+    paths = [p.relative_to(root).as_posix() for p in files]
     texts = [p.read_bytes().decode("utf-8", errors="replace") for p in files]
     return datasets.Dataset.from_dict({"text": texts, "path": paths})
 

@@ -87,7 +87,11 @@ def build_tokenizer(
     need = _BYTE_ALPHABET + len(SPECIAL_TOKENS)
     if cfg.vocab_size < need:
         raise UserError(f"data.vocab_size={cfg.vocab_size} is too small for a byte-level BPE (need >= {need})")
-    what = f"{len(train_docs)} documents" if text_batches is None else "the stream's first documents"
+    if text_batches is None:
+        assert train_docs is not None  # the documents, unless a stream's text_batches are given
+        what = f"{len(train_docs)} documents"
+    else:
+        what = "the stream's first documents"
     log(f"data: training a byte-level BPE (vocab_size={cfg.vocab_size}) on {what}")
     t0 = time.perf_counter()
     text = sampled_text(train_docs, cfg, task) if text_batches is None else _capped(text_batches, cfg)

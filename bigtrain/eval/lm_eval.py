@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as torch_dist
@@ -149,7 +149,7 @@ class BigtrainLM(TemplateLM):
                 results[i] = answer
                 if request is not None:
                     self.cache_hook.add_partial("loglikelihood", request, answer)
-        return results
+        return cast("list[tuple[float, bool]]", results)  # every request answered: batches cover `order`
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole text: disjoint windows of max_length tokens (perplexity tasks)."""
@@ -243,7 +243,7 @@ class InLoopTasks:
         self.cfg, self.dist, self.run_dir, self.batch_size = eval_cfg, dist, Path(run_dir), batch_size
         self.manager = task_manager(eval_cfg.tasks_include_path)
         self.tasks = check_tasks(list(eval_cfg.tasks), self.manager)
-        self._gen = None  # the tokenizer side, read from the run dir at the first eval only
+        self._gen: Generator | None = None  # the tokenizer side, read from the run dir at the first eval only
 
     def __call__(self, model, forward_context=None) -> dict[str, Any]:
         from bigtrain.eval.generator import live_generator

@@ -79,14 +79,17 @@ def classification_table(metrics: dict) -> str:
         cells = "".join(f"{'' if v is None else f'{v:.4f}':>10}" for v in (p, r, f))
         return f"{name:<{width}}{cells}{n:>9}"
 
+    def scores(prefix: str) -> tuple[float, float, float]:
+        """Precision, recall and F1 under `prefix` (eval/macro, eval/positive, ...)."""
+        return metrics[f"{prefix}/precision"], metrics[f"{prefix}/recall"], metrics[f"{prefix}/f1"]
+
     lines = [f"{'label':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
     lines += [row(_short(c["label"], _LABEL_WIDTH), c["precision"], c["recall"], c["f1"], c["support"]) for c in per_class]
     lines.append(row("accuracy", None, None, metrics["eval/accuracy"], total))
     for average in ("macro", "weighted", "micro"):
-        lines.append(row(f"{average} avg", *(metrics[f"eval/{average}/{m}"] for m in ("precision", "recall", "f1")), total))
+        lines.append(row(f"{average} avg", *scores(f"eval/{average}"), total))
     if positive:
-        lines.append(row(positive, *(metrics[f"eval/positive/{m}"] for m in ("precision", "recall", "f1")),
-                         per_class[1]["support"]))
+        lines.append(row(positive, *scores("eval/positive"), per_class[1]["support"]))
     if len(matrix) > MAX_MATRIX_LABELS:
         lines.append(f"confusion matrix: {len(matrix)}×{len(matrix)}, in eval/step-NNNNNNN.json")
         return "\n".join(lines)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from bigtrain.core.errors import UserError
 from bigtrain.interop.hub import local_folder
@@ -44,7 +44,7 @@ GPT2_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "no
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 # The class defaults of keys save_pretrained may leave out (transformers' *Config defaults).
-_DEFAULTS = {
+_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt2": dict(n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None, activation_function="gelu_new",
                  resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5, initializer_range=0.02,
                  tie_word_embeddings=True),
@@ -283,7 +283,7 @@ def _show(value) -> str:
 
 def export_family(spec: ModelSpec) -> str:
     """The HF family that computes exactly what `spec` does, or a UserError naming what does not map."""
-    def refuse(what: str) -> None:
+    def refuse(what: str) -> NoReturn:
         raise UserError(f"export --format hf: {what} has no exact Hugging Face class — bigtrain exports "
                         f"GPT-2 style (layernorm, learned positions, gelu, biases) and Llama / Qwen2 / Qwen3 style "
                         f"(rmsnorm, rope, swiglu) decoders, and BERT / RoBERTa style encoders (norm_position post, "

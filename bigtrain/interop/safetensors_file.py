@@ -8,6 +8,8 @@ import math
 import os
 from pathlib import Path
 
+from typing import Any
+
 import torch
 
 from bigtrain.core.errors import UserError
@@ -24,7 +26,8 @@ def write_safetensors(path: Path, reader, metadata: dict[str, str] | None = None
     """Stream `reader`'s tensors into one safetensors file: an 8-byte little-endian header length, a JSON
     header (dtype, shape, data_offsets per tensor; padded with spaces to 8 bytes), then the raw bytes in
     header order. Written to PATH.part and renamed, so a failed export leaves no half file behind."""
-    entries, offset = {}, 0
+    entries: dict[str, dict[str, Any]] = {}  # name -> its header entry: dtype name, shape, data_offsets
+    offset = 0
     for name, (dtype, shape) in reader.tensors().items():
         if dtype not in SAFETENSORS_DTYPES:
             raise UserError(f"export: tensor '{name}' has dtype {dtype}, which safetensors cannot store")

@@ -84,6 +84,7 @@ class ProgressDisplay:
 
     def _push(self, now: float) -> None:
         self._record_rate_sample(now)
+        assert self._bar is not None  # pushed only to a live bar
         self._bar.update(self._task, completed=self.step, stats=self._stats())
 
     def _print_line(self) -> None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from bigtrain.config import ModelConfig
+    from bigtrain.models.transformer import Transformer
 
 # Arch name -> (module under bigtrain.models, class): short names, imported on first use.
 ARCH_CLASSES: dict[str, tuple[str, str]] = {"decoder": ("decoder", "Decoder"), "encoder": ("encoder", "Encoder")}
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 
-def _arch_class(arch: str) -> type[nn.Module]:
+def _arch_class(arch: str) -> type[Transformer]:
     module, cls = ARCH_CLASSES[arch]
     return getattr(importlib.import_module(f"bigtrain.models.{module}"), cls)
 
@@ -75,11 +76,11 @@ def skip_default_init():
     saved = {cls: cls.reset_parameters for cls in classes}
     try:
         for cls in classes:
-            cls.reset_parameters = lambda self: None
+            setattr(cls, "reset_parameters", lambda self: None)  # setattr: a deliberate, undone method swap
         yield
     finally:
         for cls, method in saved.items():
-            cls.reset_parameters = method
+            setattr(cls, "reset_parameters", method)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, *, device: torch.device | str = "cpu",

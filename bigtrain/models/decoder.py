@@ -16,6 +16,7 @@ from bigtrain.models.transformer import Transformer
 
 def build_lm_head(spec: ModelSpec) -> nn.Linear:
     """d_model -> vocab, no bias (GPT-2 and Llama have none)."""
+    assert spec.vocab_size is not None  # resolve_spec gives an LM head's spec its vocab_size
     return nn.Linear(spec.d_model, spec.vocab_size, bias=False)
 
 

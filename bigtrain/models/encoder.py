@@ -39,6 +39,7 @@ class MLMHead(nn.Module):
         super().__init__()
         self.transform = nn.Linear(spec.d_model, spec.d_model, bias=spec.bias)
         self.norm = build_norm(spec)
+        assert spec.vocab_size is not None  # resolve_spec gives an LM head's spec its vocab_size
         self.proj = nn.Linear(spec.d_model, spec.vocab_size, bias=spec.bias)
         self.approximate = spec.gelu_approximate  # as the blocks' MLP
 

@@ -16,12 +16,16 @@ A classifier head (and its pooler) is new, so it trains in full.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.models.layers import constant_init_, normal_init_, param_seed, state_dict_name
+
+if TYPE_CHECKING:
+    from bigtrain.models.transformer import Transformer
 
 TARGETS = {"qkv": ("attn.qkv",), "out": ("attn.out_proj",), "mlp": ("mlp.in_proj", "mlp.out_proj")}
 TRAINED_HEADS = ("classifier.", "pooler.")  # new heads of a fine-tuned classifier: trained whole
@@ -50,7 +54,7 @@ class LoRALinear(nn.Linear):
         constant_init_(self.lora_B, 0.0)
 
 
-def apply_lora(model: nn.Module, lora) -> None:
+def apply_lora(model: Transformer, lora) -> None:
     """Swap the targeted Linears of every block for LoRALinears sharing their weight and bias, then freeze all
     but the adapters (and a classifier head). Works on the meta device (init_weights draws the adapters)."""
     paths = [path for target in lora.targets for path in TARGETS[target]]

@@ -210,7 +210,7 @@ def _check(spec: ModelSpec) -> None:
         fail("gelu_approximate", f"unknown approximation '{spec.gelu_approximate}' — choose one of "
                                  f"{', '.join(GELU_APPROXIMATIONS)}")
     if spec.rope_scaling is not None:
-        _check_rope_scaling(spec, fail)
+        _check_rope_scaling(spec, spec.rope_scaling, fail)
     if spec.norm_position not in NORM_POSITIONS:
         fail("norm_position", f"unknown norm_position '{spec.norm_position}' — choose one of {', '.join(NORM_POSITIONS)}")
     for key in ("type_vocab_size", "position_offset"):
@@ -228,17 +228,17 @@ def _check(spec: ModelSpec) -> None:
         raise ValueError(f"vocab_size must be positive, got {spec.vocab_size}")  # from the tokenizer, not the user
 
 
-def _check_rope_scaling(spec: ModelSpec, fail) -> None:
+def _check_rope_scaling(spec: ModelSpec, scaling: tuple[float, float, float, int], fail) -> None:
     """llama3 scaling: factor >= 1, 0 < low_freq_factor < high_freq_factor, a positive original length."""
     if spec.position != "rope":
         fail("rope_scaling", "needs position: rope")
-    if len(spec.rope_scaling) != 4:
+    if len(scaling) != 4:
         fail("rope_scaling", f"expected [factor, low_freq_factor, high_freq_factor, original_max_seq_len], "
-                             f"got {list(spec.rope_scaling)}")
-    factor, low, high, original = spec.rope_scaling
+                             f"got {list(scaling)}")
+    factor, low, high, original = scaling
     if not (factor >= 1 and 0 < low < high and int(original) == original and original >= 1):
         fail("rope_scaling", f"need factor >= 1, 0 < low_freq_factor < high_freq_factor and a positive integer "
-                             f"original_max_seq_len, got {list(spec.rope_scaling)}")
+                             f"original_max_seq_len, got {list(scaling)}")
 
 
 def _block_matmul_weights(spec: ModelSpec) -> int:
@@ -262,6 +262,7 @@ def _head_matmul_weights(spec: ModelSpec) -> int:
     encoder's MLM head adds its d x d transform). A tied projection counts: it is a matmul."""
     d = spec.d_model
     if spec.head == "classify":
+        assert spec.num_labels is not None  # _resolve_head gives a "classify" spec its num_labels
         return d * spec.num_labels + (d * d if spec.pooler else 0)
     return d * _require_vocab(spec) + (d * d if spec.arch == "encoder" else 0)
 
@@ -283,6 +284,7 @@ def count_params(spec: ModelSpec) -> int:
     if spec.position == "learned":
         total += (spec.max_seq_len + spec.position_offset) * d
     if spec.head == "classify":
+        assert spec.num_labels is not None  # _resolve_head gives a "classify" spec its num_labels
         pooler = (d * d + bias * d) if spec.pooler else 0
         return total + pooler + d * spec.num_labels + bias * spec.num_labels  # classifier; no LM head at all
     if spec.arch == "encoder":

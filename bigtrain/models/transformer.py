@@ -18,10 +18,11 @@ holds all of its own state, so strategies can wrap each one (activation checkpoi
 from __future__ import annotations
 
 import math
-from typing import Callable, ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from bigtrain.models.attention import Attention, KVCache, LayerKV, document_attention, prepare_attn_mask
 from bigtrain.models.layers import MLPS, build_norm, init_module
@@ -108,7 +109,11 @@ class Transformer(nn.Module):
 
     causal: ClassVar[bool]
     lm_head_name: ClassVar[str]
-    build_lm_head: ClassVar[Callable[[ModelSpec], nn.Module]]
+
+    @staticmethod
+    def build_lm_head(spec: ModelSpec) -> nn.Module:
+        """Set by each arch subclass (a static method, or the head's class itself)."""
+        raise NotImplementedError
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -128,6 +133,7 @@ class Transformer(nn.Module):
             # BERT's pooler: Linear + tanh over the pooled token
             self.pooler = nn.Linear(spec.d_model, spec.d_model, bias=spec.bias) if spec.pooler else None
             self.classifier_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
+            assert spec.num_labels is not None  # resolve_spec gives a "classify" spec its num_labels
             self.classifier = nn.Linear(spec.d_model, spec.num_labels, bias=spec.bias)
         else:
             setattr(self, self.lm_head_name, type(self).build_lm_head(spec))
@@ -169,9 +175,10 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {past + T} exceeds max_seq_len {self.spec.max_seq_len}")
         if cache is not None and positions is None:
             positions = torch.arange(past, past + T, device=input_ids.device)  # (T,)
+        mask: torch.Tensor | BlockMask | None = attn_mask  # documents' may be a FlexAttention BlockMask
         if documents is not None:
-            attn_mask = document_attention(documents, flex=documents.is_cuda and self.spec.dropout == 0)
-        attn_mask = prepare_attn_mask(attn_mask, causal=self.causal, n_queries=T if cache is not None else None)
+            mask = document_attention(documents, flex=documents.is_cuda and self.spec.dropout == 0)
+        mask = prepare_attn_mask(mask, causal=self.causal, n_queries=T if cache is not None else None)
         x = self.tok_emb(input_ids)  # (B, T, C)
         if self.type_emb is not None:
             x = x + self.type_emb.weight[0]  # (C,): token type 0 everywhere
@@ -184,13 +191,13 @@ class Transformer(nn.Module):
             x = self.emb_norm(x)
         if self.dropout is not None:
             x = self.dropout(x)
-        if isinstance(attn_mask, torch.Tensor) and cache is None:
-            _lengths_vary(T, x, attn_mask)
+        if isinstance(mask, torch.Tensor) and cache is None:
+            _lengths_vary(T, x, mask)
         for i, block in enumerate(self.blocks):
             if positions is None:  # training's call, which strategies' wrappers see
-                x = block(x, attn_mask=attn_mask)  # (B, T, C)
+                x = block(x, attn_mask=mask)  # (B, T, C)
             else:
-                x = block(x, attn_mask=attn_mask, positions=positions, cache=None if cache is None else cache.layers[i])
+                x = block(x, attn_mask=mask, positions=positions, cache=None if cache is None else cache.layers[i])
         if self.spec.head == "classify":
             return self._classify(x, lengths)  # (B, K)
         head, h = getattr(self, self.lm_head_name), x if self.norm is None else self.norm(x)
@@ -200,6 +207,7 @@ class Transformer(nn.Module):
 
     def _classify(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
         """The classifier head: (B, T, C) -> (B, K) logits from one pooled position."""
+        assert self.spec.pooling is not None  # resolve_spec gives a "classify" spec its pooling
         h = pool(x, self.spec.pooling, lengths)  # (B, C)
         if self.norm is not None:
             h = self.norm(h)  # the norm is per position
@@ -220,7 +228,7 @@ class Transformer(nn.Module):
         head, so it also finishes a model made with `to_empty()`."""
         base_seed = torch.initial_seed() if seed is None else seed
         self._tie_weights()  # to_empty() gives each module its own new Parameter, untying them
-        residual = {id(proj) for block in self.blocks for proj in block.residual_projections()}
+        residual = {id(proj) for block in self.blocks for proj in cast(Block, block).residual_projections()}
         residual_std = self.spec.init_std / math.sqrt(2 * self.spec.n_layers)
         done: set[int] = set()  # a tied weight is drawn once, under its first name (tok_emb.weight)
         for name, module in self.named_modules():

@@ -176,8 +176,8 @@ def build_deepspeed_config(recipe, world_size: int, n_params: int | None = None)
     from_recipe = recipe_deepspeed_config(recipe, world_size)
     sized = _sized_to_model(n_params)
     config: dict = {}
-    for key, value in {**_DEFAULTS, **sized}.items():
-        _set_dotted(config, key, value)
+    for key, default in {**_DEFAULTS, **sized}.items():
+        _set_dotted(config, key, default)
     path = recipe.parallel.deepspeed_config
     if path:
         user = _read_user_config(path)

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -89,7 +90,7 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 600, collective
     if world_size > 1:
         backend = "cuda:nccl,cpu:gloo" if use_cuda else "gloo"
         if not torch_dist.is_initialized():
-            kwargs = {"device_id": dev} if use_cuda else {}
+            kwargs: dict[str, Any] = {"device_id": dev} if use_cuda else {}
             try:  # joining and the preflight are bounded by timeout_s; collectives after by collective_timeout_s
                 store = _job_store(rank, world_size, timeout_s)
                 views = _exchange_views(store, rank, world_size, timeout_s)
@@ -275,7 +276,11 @@ def on_main(dist: Dist, fn, *, what: str = "rank 0's work", poll_s: float = 1.0)
         threading.Thread(target=work, name="bigtrain-on-main", daemon=True).start()
     start = said = time.monotonic()
     while True:
-        finished = done.wait(timeout=poll_s) if dist.is_main else time.sleep(poll_s)
+        if dist.is_main:
+            finished = done.wait(timeout=poll_s)
+        else:
+            time.sleep(poll_s)
+            finished = False
         flag = torch.tensor([1.0 if finished else 0.0])
         if all_reduce_max(dist, flag).item() > 0:
             break

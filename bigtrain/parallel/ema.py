@@ -64,7 +64,8 @@ class EMA:
         self.step += 1
         if isinstance(applied, torch.Tensor):
             weight = applied.float() * (1.0 if self.step < self.start_step else 1.0 - self.decay)
-            torch._foreach_lerp_(self._shadows, self._float_params(), weight)  # weight 1 is a copy, 0 no change
+            # weight 1 is a copy, 0 no change; torch's stub lacks the tensor-weight overload the op has
+            torch._foreach_lerp_(self._shadows, self._float_params(), weight)  # type: ignore[call-overload]
             return
         if not applied:
             return

@@ -33,6 +33,7 @@ def write_whole(target: torch.Tensor, full: torch.Tensor | None, dist: Dist) -> 
     broadcasts it into the other ranks' copies."""
     target = target.data  # a Parameter's storage, written without autograd
     if dist.is_main:
+        assert full is not None  # rank 0 is given the full tensor (WriteFull)
         target.copy_(full)
     if dist.distributed:
         buffer = target if target.is_contiguous() else target.contiguous()

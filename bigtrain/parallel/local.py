@@ -14,6 +14,7 @@ import copy
 from dataclasses import dataclass
 import inspect
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.distributed as torch_dist
@@ -32,7 +33,7 @@ from bigtrain.parallel.precision import (PrecisionTable, autocast, freeze_in, ho
 from bigtrain.parallel.transforms import apply_transforms
 
 
-def _no_forward_buffer_sync() -> dict[str, bool]:
+def _no_forward_buffer_sync() -> dict[str, Any]:
     """DDP's broadcast_buffers=False under the name this torch uses (newer ones warn on the old name)."""
     new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
     return {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
@@ -44,7 +45,8 @@ class LocalEngine:
     builds_on_meta = False
     checkpoint_format = "local"
     ema = None  # bigtrain.parallel.ema.EMA when optim.ema_decay is set (run.py attaches it)
-    skip_saving = frozenset()  # a LoRA run's base tensors (run.py sets them; base.json names where they are)
+    # a LoRA run's base tensors (run.py sets them; base.json names where they are)
+    skip_saving: frozenset[str] = frozenset()
 
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg):
         self.dist = dist
@@ -61,8 +63,8 @@ class LocalEngine:
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
             # Buffers (the RoPE tables) are computed identically on every rank: no broadcast before each forward.
             # Gradients are views into DDP's buckets: no copy in or out of them, one gradient-sized buffer less.
-            self.model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
-                                                 **_no_forward_buffer_sync())
+            self.model: nn.Module = DistributedDataParallel(model, device_ids=device_ids,
+                                                            gradient_as_bucket_view=True, **_no_forward_buffer_sync())
         else:
             self.model = model
 
@@ -75,7 +77,7 @@ class LocalEngine:
         """Skip the gradient all-reduce unless `sync` (the last micro-batch of the step)."""
         if sync or not self.dist.distributed:
             return contextlib.nullcontext()
-        return self.model.no_sync()
+        return cast(DistributedDataParallel, self.model).no_sync()  # distributed: the DDP wrapper
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -137,7 +139,12 @@ class LocalEngine:
         if not self.dist.is_main:
             return _done()
         staged = copy_to_host(self._state_files())
-        return in_background(lambda: [filehash.save(state, folder / name) for name, state in staged.items()])
+
+        def write() -> None:
+            for name, state in staged.items():
+                filehash.save(state, folder / name)
+
+        return in_background(write)
 
     def load_state(self, folder: Path) -> None:
         """Model, optimizer (and scaler, EMA) state, read by rank 0 and broadcast to the other replicas
@@ -181,7 +188,7 @@ def _structure(obj):
     if isinstance(obj, dict):  # an OrderedDict keeps its type and its `_metadata` (module versions)
         out = type(obj)((k, _structure(v)) for k, v in obj.items())
         if hasattr(obj, "_metadata"):
-            out._metadata = copy.deepcopy(obj._metadata)
+            setattr(out, "_metadata", copy.deepcopy(obj._metadata))  # not a dict attribute: torch sets it
         return out
     if isinstance(obj, (list, tuple)):
         return type(obj)(_structure(v) for v in obj)
@@ -199,7 +206,7 @@ def _filled(structure, state, dist: Dist):
     if isinstance(structure, dict):
         out = type(structure)((k, _filled(v, state[k] if dist.is_main else None, dist)) for k, v in structure.items())
         if hasattr(structure, "_metadata"):
-            out._metadata = structure._metadata
+            setattr(out, "_metadata", structure._metadata)  # not a dict attribute: torch sets it
         return out
     if isinstance(structure, (list, tuple)):
         return type(structure)(_filled(v, state[i] if dist.is_main else None, dist) for i, v in enumerate(structure))
@@ -227,6 +234,7 @@ def copy_to_host(obj, _memo: dict | None = None):
     memo = {} if _memo is None else _memo
     if id(obj) in memo:
         return memo[id(obj)]
+    out: object
     if isinstance(obj, torch.Tensor):
         storage = obj.untyped_storage()
         key = (storage.device, storage.data_ptr(), storage.nbytes())
@@ -237,7 +245,7 @@ def copy_to_host(obj, _memo: dict | None = None):
     elif isinstance(obj, dict):  # an OrderedDict keeps its type and its `_metadata` (module versions)
         out = type(obj)((k, copy_to_host(v, memo)) for k, v in obj.items())
         if hasattr(obj, "_metadata"):
-            out._metadata = copy.deepcopy(obj._metadata)
+            setattr(out, "_metadata", copy.deepcopy(obj._metadata))  # not a dict attribute: torch sets it
     elif isinstance(obj, (list, tuple)):
         out = type(obj)(copy_to_host(v, memo) for v in obj)
     else:
@@ -254,8 +262,8 @@ def in_background(work) -> Future:
     return future
 
 
-def _done() -> Future:
-    future = Future()
+def _done() -> Future[None]:
+    future: Future[None] = Future()
     future.set_result(None)
     return future
 

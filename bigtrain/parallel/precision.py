@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 
@@ -68,7 +69,7 @@ def hold_frozen_linears_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
     precision) casts them there at every use anyway, so forward and gradients are unchanged, while the frozen base
     takes half the memory and keeps no fp32 copy. Embeddings and norms keep the parameter dtype (the residual
     stream and the norms' statistics stay fp32)."""
-    for block in model.blocks:
+    for block in cast(torch.nn.ModuleList, model.blocks):  # a Transformer's (nn.Module: typed Tensor | Module)
         for module in block.modules():
             if isinstance(module, torch.nn.Linear):
                 for param in (module.weight, module.bias):
@@ -175,11 +176,11 @@ def scaled_optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.Gr
     scaler (AdamW on CUDA) then skips on the device: its `found_inf` input leaves the weights, moments and step
     count as they were, with no host sync. Anything else reads the flag here, the step's one host sync."""
     if isinstance(finite, torch.Tensor) and scaler is None and _skips_on_device(optimizer):
-        optimizer.found_inf = (~finite).float()  # read by fused Adam/AdamW's step
+        setattr(optimizer, "found_inf", (~finite).float())  # read by fused Adam/AdamW's step (not an Optimizer field)
         try:
             optimizer.step()
         finally:
-            del optimizer.found_inf
+            delattr(optimizer, "found_inf")
         optimizer.zero_grad(set_to_none=True)
         return
     finite = bool(finite)

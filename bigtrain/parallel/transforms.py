@@ -6,6 +6,7 @@ import getpass
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -48,9 +49,10 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> None
     outputs (selective). State-dict keys stay unchanged."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    extra = {"context_fn": _selective_context} if mode == "selective" else {}
-    for i, block in enumerate(model.blocks):
-        model.blocks[i] = checkpoint_wrapper(block, **extra)
+    extra: dict[str, Any] = {"context_fn": _selective_context} if mode == "selective" else {}
+    blocks = cast(nn.ModuleList, model.blocks)  # a Transformer's (nn.Module types attributes Tensor | Module)
+    for i, block in enumerate(blocks):
+        blocks[i] = checkpoint_wrapper(block, **extra)
 
 
 def key_inductor_cache_by_cpu() -> Path:
@@ -76,7 +78,7 @@ def key_inductor_cache_by_cpu() -> Path:
 def apply_compile(model: nn.Module) -> None:
     """torch.compile each block in place (per-block compile keeps state-dict keys and compiles fast)."""
     key_inductor_cache_by_cpu()
-    for block in model.blocks:
+    for block in cast(nn.ModuleList, model.blocks):  # a Transformer's (nn.Module types attributes Tensor | Module)
         block.compile()
 
 

@@ -19,8 +19,8 @@ def check_model(cfg: Config, num_labels: int = 2) -> ModelSpec | None:
         from bigtrain.interop.hf_config import with_hf_model  # torch-free; unchanged unless an HF folder
         from bigtrain.interop.hub import is_hub_id, local_folder
 
-        m = cfg.model
-        if is_hub_id(m.init_from) and local_folder(m.init_from, m.init_revision, download=False) is None:
+        m, init_from = cfg.model, cfg.model.init_from
+        if is_hub_id(init_from) and local_folder(init_from, m.init_revision, download=False) is None:
             return None
         cfg = with_hf_model(cfg, download=False)
     classify = cfg.task.data_task == "classification"

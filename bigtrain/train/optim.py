@@ -11,7 +11,8 @@ from torch import nn
 
 def build_optimizer(cfg, model: nn.Module, device: torch.device) -> torch.optim.AdamW:
     """AdamW; matrices decay, vectors (biases, norm weights) do not. Fused on CUDA."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:  # a ZeRO-3 partition is flat: its real shape is ds_shape
             (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)

@@ -22,7 +22,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable
+from types import FrameType
+from typing import Any, Callable
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" — the run continues from its checkpoint when restarted
@@ -30,6 +31,8 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # a second SIGTERM: what the shell repor
 PREEMPTED_MARKER = "preempted.json"  # in the run dir, by rank 0 after the checkpoint: `bigtrain launch` requeues on it
 STOP_WITHIN_S = 50.0  # from the signal to the step boundary's save; Slurm's KillWait is 30 s by default, plus its grace
 REPEAT_AFTER_S = 2.0  # a SIGTERM sooner than this after the first is a copy of the same request
+# What signal.signal takes and returns: a function, SIG_DFL / SIG_IGN, or None (a handler not set from Python).
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class Preempted(Exception):
@@ -61,7 +64,7 @@ class PreemptionGuard:
         self.held: Callable[[], bool] = lambda: False
         self._signalled_at: float | None = None
         self._boundary = False
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, _Handler] = {}
         self._previous_wakeup = -1
         self._pipe: tuple[int, int] | None = None
         self._closing = threading.Event()
@@ -88,25 +91,30 @@ class PreemptionGuard:
             return  # another signal with a Python handler (SIGINT) writes to the wakeup fd too
         if self.signal_name is None:
             self.signal_name, self._signalled_at = signal.Signals(signum).name, now
-        elif signum == signal.SIGTERM and now - self._signalled_at >= self.repeat_after_s:
-            self._exit(EXIT_TERMINATED, f"a second SIGTERM ({now - self._signalled_at:.0f} s after the first "
+        elif signum == signal.SIGTERM and self._since_signal(now) >= self.repeat_after_s:
+            self._exit(EXIT_TERMINATED, f"a second SIGTERM ({self._since_signal(now):.0f} s after the first "
                                         f"{self.signal_name}) at {self.where()}: exiting at once, without a checkpoint "
                                         f"of the steps since the last")
 
+    def _since_signal(self, now: float) -> float:
+        assert self._signalled_at is not None  # set with signal_name
+        return now - self._signalled_at
+
     def _check_deadline(self, now: float) -> None:
-        if self.signal_name is None or self._boundary:
+        name = self.signal_name
+        if name is None or self._boundary:
             return
         if not self.unsaved:
-            self._stop_outside_loop(f"preempted by {self.signal_name} at {self.where()}; nothing new to save")
-        elif now - self._signalled_at > self.stop_within_s:
-            self._stop_outside_loop(f"preempted by {self.signal_name}, but no step boundary came within "
+            self._stop_outside_loop(name, f"preempted by {self.signal_name} at {self.where()}; nothing new to save")
+        elif self._since_signal(now) > self.stop_within_s:
+            self._stop_outside_loop(name, f"preempted by {self.signal_name}, but no step boundary came within "
                                     f"{self.stop_within_s:g} s (at {self.where()}): exiting without a checkpoint of "
                                     f"the steps since the last")
 
-    def _stop_outside_loop(self, message: str) -> None:
+    def _stop_outside_loop(self, signal_name: str, message: str) -> None:
         try:
             if self.before_exit is not None:
-                self.before_exit(self.signal_name)
+                self.before_exit(signal_name)
         finally:
             self._exit(EXIT_PREEMPTED, message + " — run the same command to continue (checkpoint.resume: auto)")
 
@@ -154,6 +162,7 @@ class PreemptionGuard:
         if self._pipe is not None:
             signal.set_wakeup_fd(self._previous_wakeup)
             self._closing.set()
+            assert self._thread is not None  # started with the pipe
             self._thread.join()
             for fd in self._pipe:
                 os.close(fd)

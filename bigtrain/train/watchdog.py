@@ -366,7 +366,8 @@ def _dump_nccl_trace(dist, hang_dir: Path) -> None:
     try:
         import torch
 
-        dump = torch._C._distributed_c10d._dump_nccl_trace  # no public API yet; absent in builds without NCCL
+        # no public API yet (nor in torch's stubs); absent in builds without NCCL
+        dump = torch._C._distributed_c10d._dump_nccl_trace  # type: ignore[attr-defined]
         (hang_dir / f"nccl-trace-rank-{dist.rank}.pkl").write_bytes(dump())
     except Exception as e:
         print(f"bigtrain: no NCCL flight recorder dump ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr, flush=True)
