@@ -216,26 +216,86 @@ def _trained_counts(spec, lora=None) -> tuple[int, int, int, int, int, int]:
     return total, trained, block, root, max(p.numel() for p in unique if p.requires_grad), frozen_linears
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """How a strategy lays the model's state over the ranks: `shards` ranks share what is sharded."""
+
+    strategy: str  # single | ddp | fsdp | deepspeed
+    zero: int  # DeepSpeed's ZeRO stage; 0 for the others
+    shards: int
+
+    def share(self, n: int) -> int:
+        """One rank's share of n elements (rounded up)."""
+        return -(-n // self.shards)
+
+    def weights(self, n: int) -> int:
+        """The elements of n weights one rank holds: its share where the weights are sharded, else all."""
+        return self.share(n) if self.strategy == "fsdp" or self.zero == 3 else n
+
+
 def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type: str, teacher=None) -> MemoryPlan:
     """The memory plan of training `spec` as the recipe `cfg` says, on `world_size` ranks under `strategy`
     (resolved: single | ddp | fsdp | deepspeed) with the precision `table`; `teacher`: a distillation teacher's
     ModelSpec."""
-    from bigtrain.parallel.deepspeed_config import _sized_to_model
-
     p = cfg.parallel
-    total, trained, block, root, largest, frozen = _trained_counts(spec, getattr(cfg.model, "lora", None))
-    param_b, compute_b, grad_b = table.param.itemsize, table.compute.itemsize, table.grad_accum.itemsize
     zero = p.zero_stage if strategy == "deepspeed" else 0
     shards = {"fsdp": p.shard_group_size or world_size, "deepspeed": world_size}.get(strategy, 1)
-    sharded = lambda n: -(-n // shards)  # noqa: E731  (one rank's share)
-    notes = []
+    layout = _Layout(strategy, zero, shards)
+    counts = _trained_counts(spec, getattr(cfg.model, "lora", None))
+    state = _state_bytes(cfg, spec, counts, layout, table)
+    grads_made = state.pop("gradients made")
 
+    t = cfg.train
+    tokens = t.micro_batch_size * cfg.data.seq_len
+    dense_mask = cfg.task.name == "sft" or (cfg.data.document_mask and device_type != "cuda")
+    acts = trace_activations(spec, tokens=tokens, seq_len=cfg.data.seq_len, checkpointing=p.activation_checkpointing,
+                             param_dtype=table.param, compute_dtype=table.compute,
+                             loss_chunk=getattr(cfg.task, "loss_chunk_tokens", 0) or 0, dense_mask=dense_mask)
+    saved = spec.n_layers * acts.saved_per_block + acts.outside + acts.masks
+    teacher_weights = 0
+    if teacher is not None:
+        teacher_weights, teacher_saved = _teacher_bytes(cfg, teacher, layout, table, tokens, state["gathered"])
+        saved += teacher_saved
+    accumulating = t.accum_steps(world_size) > 1
+    casts = state.pop("autocast copies")
+    # (activations, gradients made in backward) at the moments the peak can be: backward's start holds every
+    # saved activation and the loss's gradients (and, accumulating, the gradients so far); its end every
+    # gradient, the first block's saved input, recompute and working memory; the optimizer step every gradient.
+    moments = {
+        "the start of backward": (saved + acts.backward_extra, grads_made if accumulating else 0, casts),
+        "the end of backward": (acts.saved_per_block + 2 * acts.block + acts.masks, grads_made, casts),
+        "the optimizer step": (_step_temporaries(counts, layout, table, device_type), grads_made, 0),
+    }
+    when = max(moments, key=lambda m: sum(moments[m]))
+    activations, grads_then, casts_then = moments[when]
+    pieces = {
+        "weights": state["weights"], "master weights": state["master weights"],
+        "gradients": state["gradients"] + grads_then, "optimizer state": state["optimizer state"],
+        "buckets": state["buckets"], "gathered": state["gathered"], "autocast copies": casts_then,
+        "teacher": teacher_weights, "activations": activations,
+        "runtime": CPU_RUNTIME_BYTES if device_type == "cpu" else 0,
+    }
+    notes = [f"the peak comes at {when}"]
+    for name in _offloaded(p, strategy):
+        notes.append(f"{name}: offloaded to host memory ({pieces[name] / 1e9:.3f} GB there, not counted)")
+        pieces[name] = 0
+    return MemoryPlan(pieces, sum(pieces.values()), tuple(notes))
+
+
+def _state_bytes(cfg, spec, counts, layout: _Layout, table) -> dict[str, int]:
+    """Bytes per rank of the training state: weights, master weights, optimizer state, the gradients kept between
+    steps and those made in backward and freed by the step, DeepSpeed's buckets, what is gathered while a block
+    runs, and autocast's copies."""
+    from bigtrain.parallel.deepspeed_config import _sized_to_model
+
+    total, trained, block, root, _, frozen = counts
+    param_b, compute_b, grad_b = table.param.itemsize, table.compute.itemsize, table.grad_accum.itemsize
+    strategy, zero, share = layout.strategy, layout.zero, layout.share
     # Mixed precision holds a LoRA base's frozen block Linears in the compute dtype (single, ddp, fsdp).
     frozen = frozen if strategy != "deepspeed" and table.compute != table.param else 0
-    weights = sum((sharded(n) if strategy == "fsdp" or zero == 3 else n) * nbytes
-                  for n, nbytes in ((total - frozen, param_b), (frozen, compute_b)))
-    master = sharded(trained) * 4 if strategy == "deepspeed" else 0
-    optimizer = 2 * sharded(trained) * table.optimizer_state.itemsize
+    weights = sum(layout.weights(n) * nbytes for n, nbytes in ((total - frozen, param_b), (frozen, compute_b)))
+    master = share(trained) * 4 if strategy == "deepspeed" else 0
+    optimizer = 2 * share(trained) * table.optimizer_state.itemsize
     grads_kept, grads_made = 0, 0  # always there | made in backward, freed by the step
     buckets = gathered = 0
     # single/ddp under mixed precision: autocast keeps a compute-dtype copy of every weight from its first use in
@@ -246,21 +306,28 @@ def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type
     elif strategy == "ddp":
         grads_kept = trained * grad_b
     elif strategy == "fsdp":
-        grads_made = sharded(trained) * grad_b
+        grads_made = share(trained) * grad_b
         gathered = root * compute_b + 2 * block * compute_b + block * table.grad_reduce.itemsize
     else:
         limits = _sized_to_model(total)
         bucket = limits["zero_optimization.reduce_bucket_size"]
         if zero == 3:
-            grads_kept = sharded(trained) * grad_b
+            grads_kept = share(trained) * grad_b
             buckets = bucket * param_b
             gathered = (min(total, limits["zero_optimization.stage3_prefetch_bucket_size"])
                         + min(total, limits["zero_optimization.stage3_max_live_parameters"])) * compute_b
-            if p.activation_checkpointing == "selective":  # torch's linear: the head's gathered weight stays saved
+            # torch's linear under selective checkpointing: the head's gathered weight stays saved
+            if cfg.parallel.activation_checkpointing == "selective":
                 gathered += spec.vocab_size * spec.d_model * compute_b
         else:
-            grads_kept = (sharded(trained) * 4) if zero == 2 else trained * param_b
+            grads_kept = (share(trained) * 4) if zero == 2 else trained * param_b
             buckets = 2 * bucket * param_b
+    return {"weights": weights, "master weights": master, "optimizer state": optimizer, "gradients": grads_kept,
+            "gradients made": grads_made, "buckets": buckets, "gathered": gathered, "autocast copies": casts}
+
+
+def _offloaded(p, strategy: str) -> list[str]:
+    """The pieces the recipe offloads to host memory (not counted on the device)."""
     offloaded = []
     if strategy == "fsdp" and p.offload_params == "cpu":
         offloaded = ["weights", "gradients", "optimizer state"]
@@ -268,54 +335,33 @@ def plan_memory(cfg, spec, *, world_size: int, table, strategy: str, device_type
         offloaded = ["master weights", "optimizer state"]
     if strategy == "deepspeed" and p.offload_params != "none":
         offloaded.append("weights")
+    return offloaded
 
-    # AdamW's step: fused on CUDA (no temporaries); elsewhere a tensor at a time, with two temporaries the size of
-    # the tensor it updates: a parameter (its shard under fsdp), or under DeepSpeed the rank's whole flat partition.
+
+def _step_temporaries(counts, layout: _Layout, table, device_type: str) -> int:
+    """AdamW's step: fused on CUDA (no temporaries); elsewhere a tensor at a time, with two temporaries the size of
+    the tensor it updates: a parameter (its shard under fsdp), or under DeepSpeed the rank's whole flat partition."""
     if device_type == "cuda":
-        step_temporaries = 0
-    else:
-        updated = sharded(trained) if strategy == "deepspeed" else sharded(largest) if strategy == "fsdp" else largest
-        step_temporaries = 2 * updated * table.optimizer_state.itemsize
+        return 0
+    _, trained, _, _, largest, _ = counts
+    strategy = layout.strategy
+    updated = {"deepspeed": layout.share(trained), "fsdp": layout.share(largest)}.get(strategy, largest)
+    return 2 * updated * table.optimizer_state.itemsize
 
+
+def _teacher_bytes(cfg, teacher, layout: _Layout, table, tokens: int, gathered: int) -> tuple[int, int]:
+    """(its weights, what it adds to the saved activations) of a distillation teacher: its forward's gathered
+    weights and logits, or the KL's saved fp32 tensors, whichever is more."""
+    compute_b = table.compute.itemsize
+    n, _, t_block, t_root, _, _ = _trained_counts(teacher)
+    weights = layout.weights(n) * compute_b
+    classify = cfg.task.data_task == "classification"  # one position per example, over its labels
     t = cfg.train
-    tokens = t.micro_batch_size * cfg.data.seq_len
-    dense_mask = cfg.task.name == "sft" or (cfg.data.document_mask and device_type != "cuda")
-    acts = trace_activations(spec, tokens=tokens, seq_len=cfg.data.seq_len, checkpointing=p.activation_checkpointing,
-                             param_dtype=table.param, compute_dtype=table.compute,
-                             loss_chunk=getattr(cfg.task, "loss_chunk_tokens", 0) or 0, dense_mask=dense_mask)
-    saved = spec.n_layers * acts.saved_per_block + acts.outside + acts.masks
-    teacher_weights = teacher_forward = 0
-    if teacher is not None:
-        n, _, t_block, t_root, _, _ = _trained_counts(teacher)
-        teacher_weights = (sharded(n) if strategy == "fsdp" or zero == 3 else n) * compute_b
-        classify = cfg.task.data_task == "classification"  # one position per example, over its labels
-        positions, classes = (t.micro_batch_size, teacher.num_labels or 2) if classify else (tokens, teacher.vocab_size)
-        if strategy == "fsdp":  # its root and two blocks gathered while it runs
-            teacher_forward = (t_root + 2 * t_block) * compute_b
-        elif zero == 3:
-            teacher_forward = gathered
-        teacher_forward += positions * classes * compute_b  # its logits, then the KL's saved fp32 tensors
-        saved += max(teacher_forward, 2 * positions * classes * 4)
-    accumulating = t.accum_steps(world_size) > 1
-    # (activations, gradients made in backward) at the moments the peak can be: backward's start holds every
-    # saved activation and the loss's gradients (and, accumulating, the gradients so far); its end every
-    # gradient, the first block's saved input, recompute and working memory; the optimizer step every gradient.
-    moments = {
-        "the start of backward": (saved + acts.backward_extra, grads_made if accumulating else 0, casts),
-        "the end of backward": (acts.saved_per_block + 2 * acts.block + acts.masks, grads_made, casts),
-        "the optimizer step": (step_temporaries, grads_made, 0),
-    }
-    when = max(moments, key=lambda m: sum(moments[m]))
-    activations, grads_then, casts_then = moments[when]
-    pieces = {
-        "weights": weights, "master weights": master, "gradients": grads_kept + grads_then, "optimizer state": optimizer,
-        "buckets": buckets, "gathered": gathered, "autocast copies": casts_then, "teacher": teacher_weights,
-        "activations": activations,
-        "runtime": CPU_RUNTIME_BYTES if device_type == "cpu" else 0,
-    }
-    notes.append(f"the peak comes at {when}")
-    for name in offloaded:
-        notes.append(f"{name}: offloaded to host memory ({pieces[name] / 1e9:.3f} GB there, not counted)")
-        pieces[name] = 0
-    peak = sum(pieces.values())
-    return MemoryPlan(pieces, peak, tuple(notes))
+    positions, classes = (t.micro_batch_size, teacher.num_labels or 2) if classify else (tokens, teacher.vocab_size)
+    forward = 0
+    if layout.strategy == "fsdp":  # its root and two blocks gathered while it runs
+        forward = (t_root + 2 * t_block) * compute_b
+    elif layout.zero == 3:
+        forward = gathered
+    forward += positions * classes * compute_b  # its logits, then the KL's saved fp32 tensors
+    return weights, max(forward, 2 * positions * classes * 4)
