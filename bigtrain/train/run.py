@@ -22,7 +22,9 @@ from bigtrain.data.prepare import cache_visible, prepare_sources, training_prepa
 from bigtrain.data.tokenizer import tokenizer_file
 from bigtrain.parallel.ema import EMA
 from bigtrain.core.errors import UserError
-from bigtrain.train.loop import LoopContext, evaluate, train
+from bigtrain.train.context import LoopContext
+from bigtrain.train.evaluate import evaluate
+from bigtrain.train.loop import train
 from bigtrain.core.hardware import matmul_peak, raised_peak
 from bigtrain.checkpoint.lease import RunDirLease
 from bigtrain.interop.chat_template import TEMPLATE_FILE, TOKENIZER_CONFIG
