@@ -111,7 +111,7 @@ def in_process(precision: str, steps: int, warmup: int, tmp: Path) -> None:
     from bigtrain.core.hardware import peak_flops_per_sec
     from bigtrain.metrics import MetricsLogger
     from bigtrain.models import build_model
-    from bigtrain.train.run import build, padded_vocab_size
+    from bigtrain.train.build import build, padded_vocab_size
     from bigtrain.parallel import init_distributed
 
     cfg = build_config(recipe(tmp, precision, warmup + steps))
@@ -181,7 +181,7 @@ def slow_read(precision: str, steps: int, warmup: int, rounds: int, fraction: fl
     from bigtrain.train.loop import train
     from bigtrain.metrics import MetricsLogger
     from bigtrain.models import build_model
-    from bigtrain.train.run import build, padded_vocab_size
+    from bigtrain.train.build import build, padded_vocab_size
     from bigtrain.parallel import init_distributed
 
     cfg = build_config(recipe(tmp, precision, warmup + steps))

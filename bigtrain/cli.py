@@ -186,7 +186,7 @@ def cmd_prepare(args) -> int:
 
     cfg = _config(args)
     if (cfg.model.init_from or cfg.task.teacher) and not cfg.data.tokenizer:  # its tokenizer; only this needs torch
-        from bigtrain.train.run import with_init_tokenizer
+        from bigtrain.train.build import with_init_tokenizer
 
         cfg = with_init_tokenizer(cfg)
     workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
@@ -231,7 +231,7 @@ def _check_one(args) -> int:
     from bigtrain.config import describe, recipe_warnings
     from bigtrain.plan.memory import plan_memory
     from bigtrain.models import check_model, count_params, spec_flops_per_token
-    from bigtrain.train.run import padded_vocab_size
+    from bigtrain.train.build import padded_vocab_size
     from bigtrain.parallel import launcher_precision, precision_table, resolve_strategy
     from bigtrain.parallel.precision import Resolved, resolve_precision, slow_precision_warning
 
@@ -358,7 +358,8 @@ def cmd_eval(args) -> int:
     from bigtrain.checkpoint import store as checkpoint
     from bigtrain.config import load_config
     from bigtrain.eval.report import console_text, eval_file, scalars, write_eval_file
-    from bigtrain.train.run import TOKENIZER_FILE, run_eval
+    from bigtrain.train.build import TOKENIZER_FILE
+    from bigtrain.train.run import run_eval
 
     if args.tasks is not None:
         return cmd_lm_eval(args)

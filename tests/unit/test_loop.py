@@ -11,7 +11,7 @@ import torch
 from bigtrain.config import build_config
 from bigtrain.data import GlobalSampler
 from bigtrain.train.loop import accumulate_gradients
-from bigtrain.train.run import build
+from bigtrain.train.build import build
 from bigtrain.parallel import init_distributed
 from tests.conftest import tiny_recipe
 
