@@ -105,7 +105,7 @@ class Built:
     task: Task
     model: torch.nn.Module
     engine: Engine
-    extra_files: dict  # run-dir files every checkpoint carries (tokenizer, labels)
+    extra_files: dict[str, Path]  # run-dir files every checkpoint carries (tokenizer, labels)
     memory: PeakMemory  # peak memory from just before the model is built (what `bigtrain check` plans)
     base: dict | None = None  # a LoRA run's base.json (checkpoint.base_reference): what its checkpoints leave out
 
@@ -120,8 +120,8 @@ def build(cfg: Config, dist: Dist, folders: dict[str, Path] | None = None) -> Bu
     data = build_data(cfg, dist)
     task = build_task(cfg.task, data, seed=cfg.run.seed, document_mask=cfg.data.document_mask)
     extra_files = write_run_files(cfg, dist, data)
-    torch.manual_seed(cfg.run.seed)
-    memory = PeakMemory(dist.device)
+    torch.manual_seed(cfg.run.seed)  # the model's initial weights follow run.seed
+    memory = PeakMemory(dist.device)  # from just before the model is built (what `bigtrain check` plans)
     model = build_trained_model(cfg, dist, data)
     init_weights = load_init_from(cfg, dist, model, folders[INIT_KEY]) if cfg.model.init_from else None
     engine = build_engine(cfg.parallel, model, lambda m: build_optimizer(cfg.optim, m, dist.device), dist, recipe=cfg)
