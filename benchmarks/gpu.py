@@ -81,7 +81,7 @@ from benchmarks.bare import bare_optimizer, bare_step
 from bigtrain.config import build_config
 from bigtrain.data import load_prepared
 from bigtrain.models import build_model
-from bigtrain.train.run import padded_vocab_size
+from bigtrain.train.build import padded_vocab_size
 
 cfg = build_config(json.loads(sys.argv[1]))
 warmup, steps = int(sys.argv[2]), int(sys.argv[3])
@@ -152,7 +152,7 @@ def main() -> None:
     from bigtrain.config import build_config
     from bigtrain.core.hardware import peak_flops_per_sec
     from bigtrain.models import resolve_model_spec, spec_flops_per_token
-    from bigtrain.train.run import padded_vocab_size
+    from bigtrain.train.build import padded_vocab_size
 
     shapes = SMOKE if args.smoke else SHAPES
     device, precision = ("cpu", "fp32") if args.smoke else ("cuda", "bf16")

@@ -50,7 +50,7 @@ def measure_worker(out: str, argv: list[str]) -> None:
     import bigtrain.parallel.fsdp  # noqa: F401 — source files (torch.distributed's: ~20 MB) is not counted
     import bigtrain.parallel.local  # noqa: F401
     from bigtrain import checkpoint
-    from bigtrain.train import run
+    from bigtrain.train import build
     from bigtrain.cli import main
 
     totals = {"init_from": {"read_bytes": 0, "rchar": 0, "s": 0.0}, "resume": {"read_bytes": 0, "rchar": 0, "s": 0.0}}
@@ -73,14 +73,14 @@ def measure_worker(out: str, argv: list[str]) -> None:
         checkpoint.verify_init_checkpoint = counted("init_from", checkpoint.verify_init_checkpoint)
     checkpoint.load_init_weights = counted("init_from", checkpoint.load_init_weights)
     checkpoint.resume = counted("resume", checkpoint.resume)
-    build_engine = run.build_engine
+    build_engine = build.build_engine
 
     def build_counted_engine(*args, **kwargs):
         engine = build_engine(*args, **kwargs)
         engine.load_model_weights = counted("init_from", engine.load_model_weights)
         return engine
 
-    run.build_engine = build_counted_engine
+    build.build_engine = build_counted_engine
     code = main(argv)
     rank = int(os.environ.get("RANK", "0"))
     with open(out, "a") as f:

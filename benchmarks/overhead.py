@@ -106,11 +106,12 @@ def in_process(precision: str, steps: int, warmup: int, tmp: Path) -> None:
     from benchmarks.bare import bare_optimizer, bare_step
     from bigtrain.checkpoint import TrainState
     from bigtrain.config import build_config
-    from bigtrain.train.loop import LoopContext, train
+    from bigtrain.train.context import LoopContext
+    from bigtrain.train.loop import train
     from bigtrain.core.hardware import peak_flops_per_sec
     from bigtrain.metrics import MetricsLogger
     from bigtrain.models import build_model
-    from bigtrain.train.run import build, padded_vocab_size
+    from bigtrain.train.build import build, padded_vocab_size
     from bigtrain.parallel import init_distributed
 
     cfg = build_config(recipe(tmp, precision, warmup + steps))
@@ -176,10 +177,11 @@ def slow_read(precision: str, steps: int, warmup: int, rounds: int, fraction: fl
     from bigtrain.checkpoint import TrainState
     from bigtrain.config import build_config
     from bigtrain.core.hardware import peak_flops_per_sec
-    from bigtrain.train.loop import LoopContext, train
+    from bigtrain.train.context import LoopContext
+    from bigtrain.train.loop import train
     from bigtrain.metrics import MetricsLogger
     from bigtrain.models import build_model
-    from bigtrain.train.run import build, padded_vocab_size
+    from bigtrain.train.build import build, padded_vocab_size
     from bigtrain.parallel import init_distributed
 
     cfg = build_config(recipe(tmp, precision, warmup + steps))

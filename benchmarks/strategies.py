@@ -30,8 +30,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ = 128
@@ -128,8 +132,9 @@ class AnonPeak:
 def build_only(cfg, out: str) -> None:
     """(In each torchrun process.) Build data, model and engine as training does (with init_from's weights),
     then stop: rank r writes out.r.json with the peak anonymous memory of each part of the build."""
-    import bigtrain.train.run
-    from bigtrain.train.run import build, init_job, resolve_for_job, with_init_from
+    import bigtrain.train.build
+    from bigtrain.train.build import build, with_init_from
+    from bigtrain.train.run import init_job, resolve_for_job
     from bigtrain.parallel import shutdown
 
     cfg = with_init_from(cfg)
@@ -137,7 +142,7 @@ def build_only(cfg, out: str) -> None:
     job_cfg, _ = resolve_for_job(cfg, dist)
     anon = AnonPeak()
     peaks = {"start": anon.phase()}
-    build_engine = bigtrain.train.run.build_engine
+    build_engine = bigtrain.train.build.build_engine
 
     def timed_build_engine(*args, **kwargs):  # the model is built (init_from's tensors not read yet)
         peaks["model"] = anon.phase()
@@ -145,7 +150,7 @@ def build_only(cfg, out: str) -> None:
         peaks["engine"] = anon.phase()
         return engine
 
-    bigtrain.train.run.build_engine = timed_build_engine
+    bigtrain.train.build.build_engine = timed_build_engine
     built = build(job_cfg, dist)
     peaks["load"] = anon.phase()  # loading init_from's weights into the engine
     # One training step (one micro-batch): ddp and fsdp allocate gradients and Adam's moments here, DeepSpeed

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # TrainingError and friends: one clear line, keep the traceback for bugs
-        from bigtrain.train.loop import TrainingError
+        from bigtrain.train.accounting import TrainingError
 
         if isinstance(e, TrainingError):
             say(f"bigtrain: training stopped: {e}")

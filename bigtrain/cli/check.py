@@ -35,7 +35,7 @@ def _check_one(args) -> int:
     from bigtrain.config import describe, recipe_warnings
     from bigtrain.plan.memory import plan_memory
     from bigtrain.plan.model_check import check_model
-    from bigtrain.train.run import padded_vocab_size
+    from bigtrain.train.build import padded_vocab_size
     from bigtrain.parallel import precision_table, resolve_strategy
     from bigtrain.parallel.precision import slow_precision_warning
 
@@ -121,7 +121,7 @@ def _print_teacher(cfg, spec, table):
     """task.teacher's shape and parameters; returns its spec for the memory plan (None: not there yet)."""
     from bigtrain.models import count_params
     from bigtrain.tasks.teacher import planned_teacher
-    from bigtrain.train.run import padded_vocab_size
+    from bigtrain.train.build import padded_vocab_size
 
     teacher = planned_teacher(cfg, spec.vocab_size if spec is not None else padded_vocab_size(_vocab_size(cfg)))
     if teacher is None:

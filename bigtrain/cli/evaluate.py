@@ -19,7 +19,8 @@ def cmd_eval(args) -> int:
     from bigtrain import checkpoint
     from bigtrain.config import load_config
     from bigtrain.eval.report import console_text, eval_file, scalars, write_eval_file
-    from bigtrain.train.run import TOKENIZER_FILE, run_eval
+    from bigtrain.train.build import TOKENIZER_FILE
+    from bigtrain.train.run import run_eval
 
     if args.tasks is not None:
         return cmd_lm_eval(args)

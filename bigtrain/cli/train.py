@@ -39,7 +39,7 @@ def cmd_prepare(args) -> int:
 
     cfg = recipe_config(args)
     if (cfg.model.init_from or cfg.task.teacher) and not cfg.data.tokenizer:  # its tokenizer; only this needs torch
-        from bigtrain.train.run import with_init_tokenizer
+        from bigtrain.train.build import with_init_tokenizer
 
         cfg = with_init_tokenizer(cfg)
     workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))

@@ -22,7 +22,9 @@ import os
 import sys
 import time
 
+import bigtrain.checkpoint
 import bigtrain.checkpoint.store
+import bigtrain.train.build
 import bigtrain.train.loop
 import bigtrain.train.run
 from bigtrain.cli import main
@@ -95,7 +97,7 @@ def install_slow_tasks(fault: dict) -> None:
 
 
 # where each stall goes: (module, function name) the phase calls
-STALLS = {"prepare": (bigtrain.train.run, "prepare_sources"), "init_from": (bigtrain.checkpoint, "load_init_weights"),
+STALLS = {"prepare": (bigtrain.train.build, "prepare_sources"), "init_from": (bigtrain.checkpoint, "load_init_weights"),
           "resume": (bigtrain.checkpoint, "resume"), "final-barrier": (bigtrain.train.run, "barrier")}
 
 
@@ -125,7 +127,7 @@ def install(fault: dict) -> None:
     if fault["kind"] in OTHER_FAULTS:
         OTHER_FAULTS[fault["kind"]](fault)
         return
-    fetch, build_task = bigtrain.train.loop.fetch_micro_batches, bigtrain.train.run.build_task
+    fetch, build_task = bigtrain.train.loop.fetch_micro_batches, bigtrain.train.build.build_task
 
     def fetch_with_step(ctx, sampler, consumed):  # (made a step ahead, on the loop's batch thread)
         batches = fetch(ctx, sampler, consumed)
@@ -146,7 +148,7 @@ def install(fault: dict) -> None:
         return task
 
     bigtrain.train.loop.fetch_micro_batches = fetch_with_step
-    bigtrain.train.run.build_task = build_faulty_task
+    bigtrain.train.build.build_task = build_faulty_task
 
 
 if __name__ == "__main__":

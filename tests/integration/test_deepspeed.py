@@ -341,7 +341,7 @@ def probe_precision(recipe: str, out: str) -> None:
     the Engine API, recording the real dtypes DeepSpeed keeps, against precision_table(name, 'deepspeed')."""
     from bigtrain.config import load_config
     from bigtrain.core.errors import UserError
-    from bigtrain.train.run import build
+    from bigtrain.train.build import build
     from bigtrain.parallel import init_distributed, precision_table
 
     dist = init_distributed("cpu")

@@ -58,7 +58,7 @@ def test_document_mask_on_cuda_runs_flex_attention_equal_to_the_dense_mask():
 def test_prefetch_copies_pinned_batches_on_its_own_stream_and_the_compute_stream_waits_for_them():
     """On CUDA the batch thread pins the host batches and copies them on a side stream; get() gives the same
     values on the device, and the compute stream's work on them starts only after the copies (an event)."""
-    from bigtrain.train.loop import Prefetch
+    from bigtrain.train.batches import Prefetch
 
     device = torch.device("cuda")
     host = {p: [{"input_ids": torch.arange(p, p + 4096).view(2, -1), "num_targets": 8}] for p in (0, 8)}

@@ -56,7 +56,7 @@ def _plan(recipe, world_size: int):
     from bigtrain.config import load_config
     from bigtrain.plan.memory import plan_memory
     from bigtrain.plan.model_check import check_model
-    from bigtrain.train.run import padded_vocab_size
+    from bigtrain.train.build import padded_vocab_size
     from bigtrain.parallel import precision_table, resolve_strategy
 
     cfg = load_config(recipe, world_size=world_size)

@@ -11,7 +11,7 @@ import torch
 from bigtrain.config import build_config
 from bigtrain.data import GlobalSampler
 from bigtrain.train.loop import accumulate_gradients
-from bigtrain.train.run import build
+from bigtrain.train.build import build
 from bigtrain.parallel import init_distributed
 from tests.conftest import tiny_recipe
 
@@ -76,7 +76,7 @@ def test_activation_checkpointing_gives_the_same_gradients(cache_dir, tmp_path, 
 def test_prefetch_makes_the_next_batches_on_its_thread_and_gives_what_fetch_gives():
     import threading
 
-    from bigtrain.train.loop import Prefetch
+    from bigtrain.train.batches import Prefetch
 
     calls = []
 

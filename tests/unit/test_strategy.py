@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bigtrain.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
-from bigtrain.train.loop import TrainingError, _count_skip
+from bigtrain.train.accounting import TrainingError, _count_skip
 from bigtrain.checkpoint import TrainState
 from bigtrain.models import build_model
 from bigtrain.train.optim import build_optimizer
