@@ -27,6 +27,8 @@ def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+Precision = Literal["auto", "fp32", "bf16", "fp16", "bf16-pure"]  # parallel.precision
+
 @dataclass(frozen=True)
 class RunConfig:
     name: Optional[str] = _opt(None, "run name; the run dir is output_dir/name (default: the recipe file's stem)")
@@ -178,7 +180,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = _opt("auto", "auto (ddp when started with several processes, else single) | single | ddp | fsdp (FSDP2) | deepspeed (ZeRO)")
-    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-pure"] = _opt("auto", "auto (from the hardware: bf16 on GPUs that have it, else fp16; on CPUs bf16 only where bf16 matmul is native, else fp32) | fp32 | bf16 (bf16 compute, fp32 master weights) | fp16 (+ dynamic loss scaling) | bf16-pure (everything bf16)")
+    precision: Precision = _opt("auto", "auto (from the hardware: bf16 on GPUs that have it, else fp16; on CPUs bf16 only where bf16 matmul is native, else fp32) | fp32 | bf16 (bf16 compute, fp32 master weights) | fp16 (+ dynamic loss scaling) | bf16-pure (everything bf16)")
     device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto (cuda when available) | cpu | cuda")
     activation_checkpointing: Literal["none", "full", "selective"] = _opt("none", "recompute activations in backward to save memory: none | full (each block's, all of them; true means full) | selective (each block keeps its matmul and attention outputs and recomputes the cheap ops between them)")
     compile: bool = _opt(False, "torch.compile each block")

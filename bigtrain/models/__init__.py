@@ -21,7 +21,6 @@ from bigtrain.models.presets import PRESETS, ModelSpec, count_params, resolve_sp
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
     from bigtrain.config import ModelConfig
     from bigtrain.models.transformer import Transformer
@@ -84,7 +83,7 @@ def skip_default_init():
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, *, device: torch.device | str = "cpu",
-                head: str = "lm", num_labels: int | None = None, pooling: str = "auto") -> nn.Module:
+                head: str = "lm", num_labels: int | None = None, pooling: str = "auto") -> Transformer:
     """Build and initialise the model cfg describes, its parameters on `device`.
 
     head="lm": decoder -> next-token logits, encoder -> masked-token logits, both (B, T, V).

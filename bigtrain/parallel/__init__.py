@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import contextlib
 import importlib
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -24,6 +24,10 @@ from bigtrain.core import safe_load
 from bigtrain.parallel.dist import (Dist, all_reduce_host, all_reduce_sum, barrier, broadcast_object, init_distributed,
                                    shutdown)
 from bigtrain.parallel.precision import PrecisionTable, precision_table, resolve_job_precision
+
+if TYPE_CHECKING:
+    from bigtrain.config import ParallelConfig
+    from bigtrain.parallel.ema import EMA
 
 __all__ = [
     "Dist", "Engine", "PrecisionTable", "STRATEGIES", "WeightsReader", "all_reduce_host", "all_reduce_sum", "barrier",
@@ -35,21 +39,25 @@ MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 
 
 class Engine(Protocol):
+    dist: Dist
     module: nn.Module                 # the bare model (possibly sharded): FLOPs, eval forward
     model: nn.Module                  # what the loop calls forward on (may be a DDP/FSDP/DeepSpeed wrapper)
     optimizer: torch.optim.Optimizer
     precision: PrecisionTable
     builds_on_meta: bool              # class attribute: run.py builds the model on the meta device
-    ema: object                       # bigtrain.parallel.ema.EMA (optim.ema_decay; run.py attaches it; saved and loaded with the state) or None
+    ema: EMA | None                   # optim.ema_decay's average (run.py attaches it; saved and loaded with the state)
     checkpoint_format: str            # class attribute: key of READERS for its checkpoints
     skip_saving: frozenset            # state-dict names its checkpoints leave out (a LoRA run's base, base.json)
 
+    def __init__(self, model: nn.Module, make_optimizer: MakeOptimizer, *, dist: Dist, precision: PrecisionTable,
+                 parallel_cfg: ParallelConfig, **extra: object) -> None: ...  # extra: `recipe` (needs_recipe)
     def autocast(self) -> ContextManager: ...
     def no_sync(self, sync: bool) -> ContextManager: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor: ...
     def step(self, finite: bool | torch.Tensor) -> None: ...  # a device flag: skipped without a host read where it can be
     def load_model_weights(self, weights: Mapping[str, torch.Tensor]) -> None: ...  # full tensors by name, read lazily (init_from)
+    def frozen(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module: ...  # a teacher, laid out as the model
     def save_state(self, folder: Path) -> None: ...  # collective: every rank calls it
     # Optional, `save_state_async(folder, group) -> Future` (single, ddp, fsdp; DeepSpeed saves synchronously):
     # copies the state to host memory on the calling thread; the Future is done once this rank's files are written.
@@ -85,7 +93,7 @@ def resolve_strategy(name: str, world_size: int) -> str:
     return name
 
 
-def engine_class(parallel_cfg, world_size: int) -> type:
+def engine_class(parallel_cfg, world_size: int) -> type[Engine]:
     module, cls = STRATEGIES[resolve_strategy(parallel_cfg.strategy, world_size)]
     return getattr(importlib.import_module(f"bigtrain.parallel.{module}"), cls)
 

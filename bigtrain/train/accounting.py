@@ -97,7 +97,7 @@ def log_train(ctx: LoopContext, state: TrainState, window: dict, times: dict, lr
         metrics["perf/compiled_graphs"] = compiled_graphs()
     if hasattr(ctx.train_data, "metrics"):  # a mixture: what each source has given so far
         metrics.update(ctx.train_data.metrics(state.samples_consumed))
-    ctx.logger.log(state.step, metrics)
+    ctx.log.log(state.step, metrics)
     ctx.history.append({"step": state.step, **metrics})
 
 

@@ -3,6 +3,7 @@ step ahead on a thread of their own and, on CUDA, copied to the device on a stre
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -39,7 +40,7 @@ class Prefetch:
         self.fetch, self.device = fetch, device
         self.copies = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigtrain-batches")
-        self.pending: tuple[int, object] | None = None  # (position, Future)
+        self.pending: tuple[int, Future] | None = None  # (position, the batches being made)
 
     def _make(self, position: int) -> tuple[list[dict], object]:
         batches = self.fetch(position)

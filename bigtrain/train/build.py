@@ -11,6 +11,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -29,8 +30,12 @@ from bigtrain.parallel import Dist, Engine, broadcast_object, build_engine, buil
 from bigtrain.parallel.dist import all_gather_object, on_main
 from bigtrain.parallel.ema import EMA
 from bigtrain.tasks import Task, build_task
+from bigtrain.tasks.distill import Distill, DistillClassification
 from bigtrain.tasks.teacher import KEY as TEACHER_KEY, check_same_labels, check_same_tokenizer, teacher_model_config
 from bigtrain.train.optim import build_optimizer
+
+if TYPE_CHECKING:
+    from bigtrain.models.transformer import Transformer
 
 VOCAB_MULTIPLE = 64  # pad the embedding table so matmuls hit fast kernel sizes
 TOKENIZER_FILE = "tokenizer.json"
@@ -47,9 +52,11 @@ INIT_KEY = "model.init_from"
 
 def init_folder(cfg: Config, key: str) -> Path:
     """The folder recipe key `key` (INIT_KEY or TEACHER_KEY) names, resolved (checkpoint.resolve_init_checkpoint)."""
+    source = cfg.model.init_from if key == INIT_KEY else cfg.task.teacher
+    assert source, f"{key} is not set"  # asked only for a key the recipe sets
     if key == INIT_KEY:
-        return checkpoint.resolve_init_checkpoint(cfg.model.init_from, cfg.model.init_revision, key=key)
-    return checkpoint.resolve_init_checkpoint(cfg.task.teacher, key=key)
+        return checkpoint.resolve_init_checkpoint(source, cfg.model.init_revision, key=key)
+    return checkpoint.resolve_init_checkpoint(source, key=key)
 
 
 def init_folders(cfg: Config) -> dict[str, Path]:
@@ -103,7 +110,7 @@ class Built:
     dist: Dist
     data: PreparedData
     task: Task
-    model: torch.nn.Module
+    model: Transformer
     engine: Engine
     extra_files: dict[str, Path]  # run-dir files every checkpoint carries (tokenizer, labels)
     memory: PeakMemory  # peak memory from just before the model is built (what `bigtrain check` plans)
@@ -131,12 +138,13 @@ def build(cfg: Config, dist: Dist, folders: dict[str, Path] | None = None) -> Bu
     if cfg.model.lora is not None and init_weights is not None:  # checkpoints leave the frozen base in the base
         base = leave_out_base(cfg, dist, engine, init_weights, folders[INIT_KEY], extra_files)
     if cfg.task.teacher:
+        assert isinstance(task, (Distill, DistillClassification))  # validate: task.teacher only with these
         task.teacher = build_teacher(cfg, dist, engine, data, model_head(cfg), folders[TEACHER_KEY])
     if cfg.optim.ema_decay:  # averaged from the weights training starts from (a resume loads the saved average)
         sources = engine.ema_sources() if hasattr(engine, "ema_sources") else engine.module  # DeepSpeed: its partitions
         engine.ema = EMA(sources, cfg.optim.ema_decay, cfg.optim.ema_start_step,
                          after_swap=getattr(engine, "release_gathered", None))
-    return Built(cfg, dist, data, task, engine.module, engine, extra_files, memory, base)
+    return Built(cfg, dist, data, task, cast("Transformer", engine.module), engine, extra_files, memory, base)
 
 
 def build_data(cfg: Config, dist: Dist) -> PreparedData:
@@ -189,7 +197,7 @@ def model_head(cfg: Config) -> str:
     return {"classification": "classify"}.get(cfg.task.data_task, "lm")
 
 
-def build_trained_model(cfg: Config, dist: Dist, data: PreparedData) -> torch.nn.Module:
+def build_trained_model(cfg: Config, dist: Dist, data: PreparedData) -> Transformer:
     """The model the run trains, initialised (init_from's weights come later, through the engine)."""
     # Sharding strategies build on the meta device and initialise after sharding (fsdp), or partition each
     # module as it is built (ZeRO-3): no full copy per rank.
@@ -197,7 +205,7 @@ def build_trained_model(cfg: Config, dist: Dist, data: PreparedData) -> torch.nn
     on_meta = engine_class(cfg.parallel, dist.world_size).builds_on_meta
     with building(cfg, dist):
         model = build_model(cfg.model, model_vocab_size(cfg, data.vocab_size), device="meta" if on_meta else dist.device,
-                            head=head, num_labels=len(data.labels) if head == "classify" else None,
+                            head=head, num_labels=len(data.labels or ()) if head == "classify" else None,
                             pooling=cfg.task.pooling)
     if cfg.model.lora is not None:
         sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: partitioned
@@ -247,12 +255,12 @@ def build_teacher(cfg: Config, dist: Dist, engine: Engine, data: PreparedData, h
     compute dtype by the engine (`Engine.frozen`)."""
     check_same_tokenizer(folder, data.path / TOKENIZER_FILE)
     if head == "classify":
-        check_same_labels(folder, data.labels)
+        check_same_labels(folder, data.labels or [])
     model_cfg, pooling = teacher_model_config(cfg, folder)
     with building(cfg, dist):
         model = build_model(model_cfg, model_cfg.vocab_size or padded_vocab_size(data.vocab_size),
                             device="meta" if engine.builds_on_meta else dist.device, head=head,
-                            num_labels=len(data.labels) if head == "classify" else None, pooling=pooling)
+                            num_labels=len(data.labels or ()) if head == "classify" else None, pooling=pooling)
     report, weights = checkpoint.load_init_weights(folder, full_shapes(model), arch=model_cfg.arch, key=TEACHER_KEY)
     if report["new"]:
         raise UserError(f"{TEACHER_KEY}: {folder} has no weights for {', '.join(report['new'][:4])}"

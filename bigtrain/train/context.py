@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from bigtrain.tasks import Task
 
 # eval.tasks' scorer (bigtrain.eval.lm_eval.InLoopTasks): (model, forward_context) -> metrics; collective
-InLoopScorer = Callable[[nn.Module, Callable[[], ContextManager]], dict[str, object]]
+InLoopScorer = Callable[[nn.Module, Callable[[], ContextManager]], dict[str, float]]
 
 
 @dataclass
@@ -47,3 +47,10 @@ class LoopContext:
     lm_eval: InLoopScorer | None = None  # eval.tasks: eval/lm_eval.py's InLoopTasks, run by evaluate (collective)
     state: TrainState | None = None  # the final state, once train() returns
     memory: PeakMemory | None = None  # peak memory since the model was built (perf/max_memory_gb)
+
+    @property
+    def log(self) -> MetricsLogger:
+        """The run's logger: every context but run_eval's (which scores and returns, logging nothing) has one."""
+        if self.logger is None:
+            raise RuntimeError("this LoopContext logs nothing (run_eval's)")
+        return self.logger

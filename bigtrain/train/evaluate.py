@@ -26,7 +26,8 @@ class _EvalAbandoned(Exception):
 
 def preemption_agreed(ctx: LoopContext) -> bool:
     """Whether any rank got a preemption signal (one host all-reduce; every rank calls it at the same point)."""
-    return bool(all_reduce_host(ctx.dist, [float(ctx.preempt.requested)])[0])
+    requested = ctx.preempt is not None and ctx.preempt.requested
+    return bool(all_reduce_host(ctx.dist, [float(requested)])[0])
 
 
 def evaluate_and_report(ctx: LoopContext, step: int) -> bool:
@@ -35,8 +36,8 @@ def evaluate_and_report(ctx: LoopContext, step: int) -> bool:
     metrics = evaluate(ctx, stoppable=ctx.preempt is not None)
     if metrics is None:
         return False
-    report_eval(ctx.logger, step, metrics, run_dir=ctx.cfg.run_dir() if ctx.dist.is_main else None)
-    ctx.logger.write_curves()  # RUN/curves.png redrawn from metrics.jsonl (rank 0; never stops training)
+    report_eval(ctx.log, step, metrics, run_dir=ctx.cfg.run_dir() if ctx.dist.is_main else None)
+    ctx.log.write_curves()  # RUN/curves.png redrawn from metrics.jsonl (rank 0; never stops training)
     return True
 
 
@@ -119,7 +120,7 @@ def _reduced_metrics(ctx: LoopContext, sums: dict[str | None, dict[str, float]])
     return metrics
 
 
-def _lm_eval_scores(ctx: LoopContext, model: nn.Module, stoppable: bool) -> dict[str, object] | None:
+def _lm_eval_scores(ctx: LoopContext, model: nn.Module, stoppable: bool) -> dict[str, float] | None:
     """eval.tasks' scores of `model` (every rank a share); None when the ranks agreed to stop."""
 
     def forward_context():  # each forward is a phase: a long task is progress, not a hang
@@ -130,7 +131,9 @@ def _lm_eval_scores(ctx: LoopContext, model: nn.Module, stoppable: bool) -> dict
             raise _EvalAbandoned
         return ctx.engine.autocast()
 
+    scorer = ctx.lm_eval
+    assert scorer is not None  # _evaluate asks only with eval.tasks set
     try:
-        return ctx.lm_eval(model, forward_context)
+        return scorer(model, forward_context)
     except _EvalAbandoned:
         return None

@@ -40,7 +40,7 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
     engine.model.train()
     saved_step = state.step  # resumed from (or nothing to save at step 0)
     if not len(ctx.val_data) and not ctx.bench:  # an empty split would log eval/loss 0, ppl 1: no eval at all
-        ctx.logger.message("warning: the validation split is empty (data.validation_split=0?) — training without eval")
+        ctx.log.message("warning: the validation split is empty (data.validation_split=0?) — training without eval")
 
     with Prefetch(lambda consumed: fetch_micro_batches(ctx, sampler, consumed), ctx.dist.device) as batches_at:
         while state.step < end_step:
@@ -77,7 +77,7 @@ def train(ctx: LoopContext, state: TrainState) -> TrainState:
             save_now = not ctx.bench and ((cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == end_step)
             if log_now or save_now:  # the host reads the steps since the last: skips counted, losses summed
                 records.settle(cfg, state, window)
-            ctx.logger.progress(step, loss=records.last_loss if log_now or save_now else None, lr=lr,
+            ctx.log.progress(step, loss=records.last_loss if log_now or save_now else None, lr=lr,
                                 tokens_per_sec=tokens / max(step_time_s, 1e-9))
             if log_now:
                 log_train(ctx, state, window, timer.window(), lr, records.last_grad_norm)
@@ -153,17 +153,20 @@ def accumulate_gradients(engine: Engine, task: Task, batches: list[dict], scale:
 def stop_for_preemption(ctx: LoopContext, state: TrainState, saved_step: int, records: StepRecords,
                         window: dict) -> None:
     """Every rank agreed to stop here: checkpoint the steps since the last save (synchronously) and raise Preempted."""
-    ctx.preempt.at_boundary()
+    preempt = ctx.preempt
+    assert preempt is not None  # only a run with a guard agrees to stop
+    preempt.at_boundary()
     if state.step != saved_step:
         records.settle(ctx.cfg, state, window)
         # durable before the exit (75), whatever async_save says
         save(ctx, state, "checkpoint save (preemption)", sync=True)
-    raise Preempted(ctx.preempt.signal_name or "a signal to another rank", state.step)
+    raise Preempted(preempt.signal_name or "a signal to another rank", state.step)
 
 
 def save(ctx: LoopContext, state: TrainState, phase: str, **how: bool) -> None:
     """Checkpoint `state` (collective), with the wandb run it logs to; `phase`: what the hang watchdog names.
     `how`: save_checkpoint's options (sync=True: durable on return)."""
-    state.wandb_run_id = ctx.logger.wandb_run_id
+    state.wandb_run_id = ctx.log.wandb_run_id
+    assert ctx.save_checkpoint is not None  # set for every run that saves (a bench run never does)
     ctx.progress.enter(phase)
     ctx.save_checkpoint(state, **how)

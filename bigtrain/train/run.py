@@ -7,11 +7,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import cast
 
 from bigtrain import checkpoint
 from bigtrain.checkpoint import open_weights
 from bigtrain.checkpoint.lease import RunDirLease
 from bigtrain.config import Config, dump_yaml, recipe_warnings
+from bigtrain.config.schema import Precision
 from bigtrain.core.errors import UserError
 from bigtrain.core.hardware import Peak, matmul_peak, raised_peak
 from bigtrain.metrics import MetricsLogger
@@ -37,7 +39,8 @@ def init_job(cfg: Config) -> Dist:
 def resolve_for_job(cfg: Config, dist: Dist) -> tuple[Config, Resolved]:
     """The recipe with `parallel.precision` resolved for this job (rank 0 decides; see parallel/precision.py)."""
     resolved = resolve_job_precision(dist, cfg.parallel.precision, launcher_choice=launcher_precision(cfg.parallel))
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, precision=resolved.name)), resolved
+    precision = cast(Precision, resolved.name)  # never `auto`: one of the names the recipe key takes
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, precision=precision)), resolved
 
 
 def run_training(cfg: Config, *, bench: bool = False, preempt: PreemptionGuard | None = None) -> LoopContext:
@@ -156,7 +159,7 @@ def announce(cfg: Config, b: Built, state: checkpoint.TrainState, resolved: Reso
                    + (f" · resuming at step {state.step}" if state.step else ""))
     log_main(dist, f"precision {resolved.describe()}")
     log_main(dist, table.format())
-    if dist.is_main:
+    if peak is not None:  # rank 0's
         log_main(dist, f"MFU {peak.describe()}")
         for line in [*recipe_warnings(cfg), slow_precision_warning(resolved, dist.device)]:
             if line:
@@ -172,6 +175,7 @@ def loop_context(cfg: Config, b: Built, logger: MetricsLogger, saver: checkpoint
 
     def raise_peak(achieved_flops_per_sec: float) -> float:
         nonlocal peak
+        assert peak is not None  # rank 0's, which alone raises it
         peak = raised_peak(peak, achieved_flops_per_sec, dist.device, table.compute, table.param)
         logger.message(f"bigtrain: this run went faster than the MFU peak; now {peak.describe()}")
         return peak.flops_per_sec
@@ -179,7 +183,7 @@ def loop_context(cfg: Config, b: Built, logger: MetricsLogger, saver: checkpoint
     return LoopContext(
         cfg=cfg, dist=dist, engine=b.engine, task=b.task, train_data=b.data.train, val_data=b.data.validation,
         logger=logger, flops_per_token=b.model.flops_per_token(cfg.data.seq_len),
-        peak_flops_per_sec=peak.flops_per_sec if dist.is_main else 1.0,
+        peak_flops_per_sec=peak.flops_per_sec if peak is not None else 1.0,  # rank 0's; the others log no MFU
         raise_peak=raise_peak if dist.is_main else None,
         save_checkpoint=saver.save,
         bench=bench, preempt=preempt, lm_eval=in_loop_tasks(cfg, dist, cfg.run_dir()) if not bench else None,
@@ -189,10 +193,10 @@ def loop_context(cfg: Config, b: Built, logger: MetricsLogger, saver: checkpoint
 
 def write_preempted_marker(run_dir: Path, signal_name: str, step: int) -> None:
     """RUN/preempted.json (rank 0): what `bigtrain launch` requeues on, naming the checkpoint to continue from."""
-    folder = checkpoint.list_checkpoints(run_dir)[-1:] or [None]
+    saved = checkpoint.list_checkpoints(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / PREEMPTED_MARKER).write_text(json.dumps(
-        {"signal": signal_name, "step": step, "checkpoint": str(folder[0]) if folder[0] else None}, indent=1))
+        {"signal": signal_name, "step": step, "checkpoint": str(saved[-1]) if saved else None}, indent=1))
 
 
 def take_lease(run_dir: Path, timeout_s: float) -> RunDirLease:
@@ -232,6 +236,8 @@ def run_eval(cfg: Config, folder: Path) -> dict[str, float]:
         ctx = LoopContext(cfg=cfg, dist=dist, engine=b.engine, task=b.task, train_data=b.data.train,
                           val_data=b.data.validation, logger=None, flops_per_token=0.0, peak_flops_per_sec=1.0,
                           save_checkpoint=None)
-        return evaluate(ctx)
+        metrics = evaluate(ctx)
+        assert metrics is not None  # None only when a preemption stops a stoppable eval; this one is not
+        return metrics
     finally:
         shutdown(dist)
