@@ -50,7 +50,7 @@ class HashingFile:
         self.path = os.path.abspath(path)
         self._file = open(self.path, "wb")
         self._digest = hashlib.sha256()
-        self._segments = {} if segments else None
+        self._segments: dict[tuple[int, int], bytes] | None = {} if segments else None
         self._segment_start, self._segment = 0, hashlib.sha256()
 
     def write(self, data) -> int:
@@ -103,7 +103,7 @@ def save(obj, path: str | os.PathLike) -> None:
     import torch
 
     with HashingFile(path) as f:
-        torch.save(obj, f)
+        torch.save(obj, f)  # type: ignore[arg-type]  # any object with write/flush takes IO[bytes]'s place; torch's hint says IO
 
 
 def _current(path: str | os.PathLike) -> _Record | None:

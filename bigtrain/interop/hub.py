@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
+from typing import Literal, overload
 
 from bigtrain.core.errors import UserError
 
@@ -26,6 +27,12 @@ def is_hub_id(value: str) -> bool:
     return bool(HUB_ID.match(value)) and not Path(value).expanduser().exists()
 
 
+@overload
+def local_folder(init_from: str, revision: str | None = None, *, download: Literal[True] = True,
+                 where: str = "model.init_from") -> Path: ...
+@overload
+def local_folder(init_from: str, revision: str | None = None, *, download: bool,
+                 where: str = "model.init_from") -> Path | None: ...
 def local_folder(init_from: str, revision: str | None = None, *, download: bool = True,
                  where: str = "model.init_from") -> Path | None:
     """The local folder `init_from` names: itself, or a hub id's snapshot. With download=False a hub id

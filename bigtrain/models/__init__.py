@@ -84,7 +84,7 @@ def skip_default_init():
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, *, device: torch.device | str = "cpu",
-                head: str = "lm", num_labels: int | None = None, pooling: str = "auto") -> nn.Module:
+                head: str = "lm", num_labels: int | None = None, pooling: str = "auto") -> Transformer:
     """Build and initialise the model cfg describes, its parameters on `device`.
 
     head="lm": decoder -> next-token logits, encoder -> masked-token logits, both (B, T, V).
