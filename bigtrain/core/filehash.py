@@ -103,7 +103,8 @@ def save(obj, path: str | os.PathLike) -> None:
     import torch
 
     with HashingFile(path) as f:
-        torch.save(obj, f)  # type: ignore[arg-type]  # any object with write/flush takes IO[bytes]'s place; torch's hint says IO
+        # torch.save writes to any object with write/flush; its hint asks for a str, a path or an IO[bytes]
+        torch.save(obj, f)  # type: ignore[arg-type]
 
 
 def _current(path: str | os.PathLike) -> _Record | None:

@@ -40,7 +40,7 @@ class MetricsLogger:
         run_dir: Path,
         *,
         enabled: bool,
-        run_name: str,
+        run_name: str | None,  # the wandb run's name (None: wandb picks one)
         config: dict,
         total_steps: int,
         start_step: int = 0,
@@ -181,7 +181,7 @@ class MetricsLogger:
 
     # -- wandb ------------------------------------------------------------------------------
 
-    def _start_wandb(self, cfg, run_dir: Path, run_name: str, config: dict, run_id: str | None):
+    def _start_wandb(self, cfg, run_dir: Path, run_name: str | None, config: dict, run_id: str | None):
         """Start a wandb run, or return None (with one warning) when it is off or fails."""
         mode = cfg.wandb
         if mode == "disabled":
