@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from bigtrain.core import filehash
 
 from bigtrain.core import safe_load
-from bigtrain.parallel.ema import EMA_KEY
+from bigtrain.parallel.ema import EMA, EMA_KEY
 from bigtrain.core.errors import UserError
 from bigtrain.parallel.dist import Dist, use_tf32
 from bigtrain.parallel.full_tensors import load_full_tensors
@@ -196,7 +196,7 @@ class FSDPEngine:
 
     builds_on_meta = True
     checkpoint_format = "dcp"
-    ema = None  # bigtrain.parallel.ema.EMA over this rank's shards when optim.ema_decay is set (run.py attaches it)
+    ema: EMA | None = None  # over this rank's shards when optim.ema_decay is set (run.py attaches it)
     # a LoRA run's base tensors (run.py sets them; base.json names where they are)
     skip_saving: frozenset[str] = frozenset()
 
