@@ -160,7 +160,7 @@ def _check_type(value: Any, tp: Any, path: str, where: str) -> Any:
             return tuple(_check_type(v, args[0], path, where) for v in value)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(_check_type(v, a, path, where) for v, a in zip(value, args))
-    elif isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a mapping of the dataclass's keys (data.mixture's entries)
+    elif isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a mapping of its keys (data.mixture's entries)
         if isinstance(value, dict):
             hints = typing.get_type_hints(tp)
             for key in value:

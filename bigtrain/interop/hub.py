@@ -27,12 +27,17 @@ def is_hub_id(value: str) -> bool:
     return bool(HUB_ID.match(value)) and not Path(value).expanduser().exists()
 
 
+# download=True gives a folder or raises: only a cache look-up (download=False) may find nothing.
 @overload
 def local_folder(init_from: str, revision: str | None = None, *, download: Literal[True] = True,
                  where: str = "model.init_from") -> Path: ...
+
+
 @overload
 def local_folder(init_from: str, revision: str | None = None, *, download: bool,
                  where: str = "model.init_from") -> Path | None: ...
+
+
 def local_folder(init_from: str, revision: str | None = None, *, download: bool = True,
                  where: str = "model.init_from") -> Path | None:
     """The local folder `init_from` names: itself, or a hub id's snapshot. With download=False a hub id

@@ -59,11 +59,11 @@ from bigtrain.parallel.deepspeed_config import build_deepspeed_config
 from bigtrain.parallel.dist import Dist, barrier, broadcast_object, on_main, use_tf32
 from bigtrain.parallel.full_tensors import load_full_tensors, write_whole
 from bigtrain.parallel.precision import PrecisionTable, freeze_in
+from bigtrain.parallel.transforms import apply_transforms, named_tensors
 
 if TYPE_CHECKING:
     from bigtrain.models.layers import ZeroParameter
     from bigtrain.parallel.ema import EMA
-from bigtrain.parallel.transforms import apply_transforms, named_tensors
 
 # --------------------------------------------------------------------------- engine
 
