@@ -35,7 +35,8 @@ def _shares(names: list[tuple[str, int]], world_size: int) -> list[list[str]]:
     """Split files among ranks, each read once: a rank's own file (`_RANK_FILE`, when that rank exists here; single/ddp
     state to rank 0) to that rank, so verifying it reads what the rank loads next anyway; the rest largest first to
     the least loaded rank."""
-    shares, loads, rest = [[] for _ in range(world_size)], [0] * world_size, []
+    shares: list[list[str]] = [[] for _ in range(world_size)]
+    loads, rest = [0] * world_size, []
     for name, size in names:
         match = _RANK_FILE.search(name)
         owner = int(next(g for g in match.groups() if g is not None)) if match else 0 if name in _MAIN_FILES else None
@@ -83,8 +84,8 @@ def _fsync_written(folder: Path, dist: Dist, group=None) -> None:
     for path in mine:
         fsync_file(path)
     if dist.is_main:
-        for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
-            _fsync_dir(path)
+        for directory in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+            _fsync_dir(directory)
 
 
 def verify(folder: Path, dist: Dist | None = None, group=None, only=None, weights_parts: bool = False) -> dict:

@@ -99,7 +99,8 @@ def resume(resume_setting: str, run_dir: Path, engine, dist: Dist, warn=print, b
 
 def _missing_file(error: BaseException) -> str | None:
     """The file a load failed to find, from `error`, its causes, or the per-rank failures DCP collects."""
-    seen, todo = set(), [error]
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:

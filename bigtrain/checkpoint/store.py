@@ -104,7 +104,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         self.wait()
         final = step_dir(self.run_dir, state.step)
-        record = {"step": state.step, "async": self.async_save and not sync}
+        record: dict[str, int | bool | float] = {"step": state.step, "async": self.async_save and not sync}
         if not record["async"]:
             save(self.run_dir, state, self.engine, self.dist, config_yaml=self.config_yaml, keep_last=self.keep_last,
                  extra_files=self.extra_files, verified=self.verified, lease=self.lease)
@@ -303,7 +303,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     folders = {p.name: p for p in root.iterdir() if p.is_dir() and _step_of(p.name) is not None}
     steps = [p for name, p in folders.items() if name.startswith("step-")]
     steps += [p for name, p in folders.items() if name.startswith(".old-step-") and name[5:] not in folders]
-    return sorted(steps, key=lambda p: _step_of(p.name))  # by number: step-10000000 comes after step-9999999
+    # by number: step-10000000 comes after step-9999999 (`or 0` for the type only: every name listed has a step)
+    return sorted(steps, key=lambda p: _step_of(p.name) or 0)
 
 
 def _step_of(name: str) -> int | None:

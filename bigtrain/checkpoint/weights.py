@@ -62,7 +62,7 @@ def verify_init_checkpoint(folder: Path, dist: Dist, *, also: tuple[str, ...] = 
 
 
 def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arch: str, key: str = "model.init_from"
-                      ) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
+                      ) -> tuple[dict[str, list[str]], LazyWeights]:
     """Weights of checkpoint `folder` (any strategy's format, or a Hugging Face folder) that match the
     model's tensors `expected` (name -> shape); weights only: no optimizer, no step. A LoRA run's weights come
     with its adapters merged in (a model with model.lora starts new adapters on them).
@@ -91,7 +91,7 @@ def load_init_weights(folder: Path, expected: dict[str, tuple[int, ...]], *, arc
     tied = [k for k in ("lm_head.weight", "mlm_head.proj.weight") if is_hf_folder(folder) and k in expected
             and k not in saved and "tok_emb.weight" in saved]
     loaded = [k for k in expected if (k in saved and k not in other_head) or k in tied]
-    report = {"loaded": loaded, "new": [k for k in expected if k not in loaded],
+    report: dict[str, list[str]] = {"loaded": loaded, "new": [k for k in expected if k not in loaded],
               "unused": [k for k in saved if k not in loaded]}
     return report, LazyWeights(reader, {k: "tok_emb.weight" if k in tied else k for k in loaded})
 
@@ -104,8 +104,8 @@ def open_init_reader(folder: Path, key: str = "model.init_from"):
     if is_hf_folder(folder):
         from bigtrain.interop.hf_weights import open_hf_weights
 
-        reader = open_hf_weights(folder, where=key)
-        return reader, reader.arch
+        hf_reader = open_hf_weights(folder, where=key)
+        return hf_reader, hf_reader.arch
     reader = open_weights(folder)
     saved_model = safe_load.read_yaml(folder / "config.yaml").get("model", {})
     if saved_model.get("lora"):
@@ -213,7 +213,7 @@ def load_base(folder: Path, engine) -> None:
     engine.load_model_weights(LazyWeights(open_weights(folder), {name: name for name in names}))
 
 
-class LazyWeights(Mapping):
+class LazyWeights(Mapping[str, torch.Tensor]):
     """{model tensor name: full tensor} whose values a WeightsReader reads on lookup (never kept)."""
 
     def __init__(self, reader, names: dict[str, str]):

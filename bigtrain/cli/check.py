@@ -72,9 +72,9 @@ def _check_one(args) -> int:
         fits = args.device_memory_gb is None or plan.fits(args.device_memory_gb)
     print(f"precision    {resolved.describe()}")
     print("             " + "  ".join(f"{k}={v}" for k, v in table.as_strings().items() if k != "name"))
-    for line in [*recipe_warnings(cfg), slow_precision_warning(resolved, device)]:
-        if line:
-            print(line)
+    for warning in [*recipe_warnings(cfg), slow_precision_warning(resolved, device)]:
+        if warning:
+            print(warning)
     if args.keys:
         print(describe())
     return 0 if fits else 1

@@ -25,6 +25,7 @@ def cmd_train(args) -> int:
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"bigtrain: {e}", file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
+    assert ctx.state is not None  # run_training returns once train() has set it
     if ctx.dist.is_main:
         print(f"bigtrain: finished step {ctx.state.step} · run dir {ctx.cfg.run_dir()}", file=sys.stderr)
     return 0

@@ -15,7 +15,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 
@@ -32,7 +32,7 @@ class _UnknownKey(ConfigError):
 
 
 
-def load_config(recipe: str | os.PathLike, overrides: list[str] = (), *, world_size: int | None = None) -> Config:
+def load_config(recipe: str | os.PathLike, overrides: Sequence[str] = (), *, world_size: int | None = None) -> Config:
     """Read a recipe, apply `section.key=value` overrides, validate, and return a frozen Config.
 
     world_size defaults to $WORLD_SIZE (set by torchrun/accelerate/deepspeed) or 1.
@@ -48,7 +48,7 @@ def load_config(recipe: str | os.PathLike, overrides: list[str] = (), *, world_s
     return cfg
 
 
-def load_raw(recipe: str | os.PathLike, overrides: list[str] = ()) -> dict:
+def load_raw(recipe: str | os.PathLike, overrides: Sequence[str] = ()) -> dict:
     """The recipe's YAML mapping with the overrides merged in, before defaults and checks: the keys a user set."""
     path = Path(recipe)
     if not path.is_file():
@@ -160,7 +160,7 @@ def _check_type(value: Any, tp: Any, path: str, where: str) -> Any:
             return tuple(_check_type(v, args[0], path, where) for v in value)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(_check_type(v, a, path, where) for v, a in zip(value, args))
-    elif dataclasses.is_dataclass(tp):  # a mapping of the dataclass's keys (data.mixture's entries)
+    elif isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a mapping of its keys (data.mixture's entries)
         if isinstance(value, dict):
             hints = typing.get_type_hints(tp)
             for key in value:

@@ -50,7 +50,7 @@ class HashingFile:
         self.path = os.path.abspath(path)
         self._file = open(self.path, "wb")
         self._digest = hashlib.sha256()
-        self._segments = {} if segments else None
+        self._segments: dict[tuple[int, int], bytes] | None = {} if segments else None
         self._segment_start, self._segment = 0, hashlib.sha256()
 
     def write(self, data) -> int:
@@ -103,7 +103,8 @@ def save(obj, path: str | os.PathLike) -> None:
     import torch
 
     with HashingFile(path) as f:
-        torch.save(obj, f)
+        # torch.save writes to any object with write/flush; its hint asks for a str, a path or an IO[bytes]
+        torch.save(obj, f)  # type: ignore[arg-type]
 
 
 def _current(path: str | os.PathLike) -> _Record | None:

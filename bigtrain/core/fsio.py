@@ -34,7 +34,7 @@ def remove_partial_writes(folder: Path) -> None:
             part.unlink(missing_ok=True)
 
 
-def fsync_file(path: Path) -> None:
+def fsync_file(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -63,9 +63,10 @@ def load_generator(source: str | Path, *, dtype: str = "fp32", device: str = "cp
         checkpoint.verify(where)
         folder = where
     elif checkpoint.checkpoints_dir(where).is_dir():
-        folder = checkpoint.find_resume_checkpoint("auto", where, warn=lambda m: print(m, file=sys.stderr))
-        if folder is None:
+        newest = checkpoint.find_resume_checkpoint("auto", where, warn=lambda m: print(m, file=sys.stderr))
+        if newest is None:
             raise UserError(f"generate: no complete checkpoint in '{checkpoint.checkpoints_dir(where)}'")
+        folder = newest
     else:
         raise UserError(f"generate: '{source}' is not a run dir, checkpoint or Hugging Face folder "
                         f"(no checkpoints/, manifest.json or config.json in it)")

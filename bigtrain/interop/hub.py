@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
+from typing import Literal, overload
 
 from bigtrain.core.errors import UserError
 
@@ -24,6 +25,17 @@ IMPORT_FILES = ["config.json", "generation_config.json", "*.safetensors", "model
 def is_hub_id(value: str) -> bool:
     """An "org/name" (or "name") that is not a path on this machine."""
     return bool(HUB_ID.match(value)) and not Path(value).expanduser().exists()
+
+
+# download=True gives a folder or raises: only a cache look-up (download=False) may find nothing.
+@overload
+def local_folder(init_from: str, revision: str | None = None, *, download: Literal[True] = True,
+                 where: str = "model.init_from") -> Path: ...
+
+
+@overload
+def local_folder(init_from: str, revision: str | None = None, *, download: bool,
+                 where: str = "model.init_from") -> Path | None: ...
 
 
 def local_folder(init_from: str, revision: str | None = None, *, download: bool = True,

@@ -40,7 +40,7 @@ class MetricsLogger:
         run_dir: Path,
         *,
         enabled: bool,
-        run_name: str | None,
+        run_name: str | None,  # the wandb run's name (None: wandb picks one)
         config: dict,
         total_steps: int,
         start_step: int = 0,

@@ -10,12 +10,29 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.models.presets import ModelSpec
+
+
+class ZeroParameter(Protocol):
+    """What DeepSpeed ZeRO-3 adds to a parameter it partitions (`param.data` is then empty); deepspeed ships no
+    types for them."""
+
+    ds_tensor: torch.Tensor  # this rank's slice of the flattened tensor, padded to an equal share
+    ds_shape: torch.Size  # the full tensor's shape
+    ds_process_group: Any  # the group the parameter is partitioned over
+
+
+@runtime_checkable
+class _HasAdapters(Protocol):
+    """A module with LoRA adapters to initialise (LoRALinear: models/lora.py imports this module, not the reverse)."""
+
+    def reset_adapters(self, base_seed: int, prefix: str) -> None: ...
 
 
 def build_norm(spec: ModelSpec, dim: int | None = None) -> nn.Module:
@@ -33,6 +50,9 @@ class RotaryEmbedding(nn.Module):
     `reset_buffers()` recomputes them after `to_empty()` from the meta device. `scaling`, when
     given, is Llama 3.1's (factor, low_freq_factor, high_freq_factor, original_max_seq_len).
     """
+
+    cos: torch.Tensor  # (max_seq_len, head_dim/2) buffers, registered in __init__
+    sin: torch.Tensor
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float,
                  scaling: tuple[float, float, float, int] | None = None):
@@ -110,7 +130,7 @@ class SwiGLU(nn.Module):
         return self.out_proj(F.silu(gate) * up)
 
 
-MLPS: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "swiglu": SwiGLU}
+MLPS: dict[str, type[GeluMLP | SwiGLU]] = {"gelu": GeluMLP, "swiglu": SwiGLU}
 
 
 def state_dict_name(name: str) -> str:
@@ -183,10 +203,11 @@ def write_rows_(param: torch.Tensor, rows) -> None:
         return
     partition = getattr(param, "ds_tensor", None)
     if partition is not None:
-        numel, size = math.prod(param.ds_shape), partition.ds_numel
-        start = min(size * torch.distributed.get_rank(group=param.ds_process_group), numel)
+        zero = cast(ZeroParameter, param)
+        numel, size = math.prod(zero.ds_shape), partition.ds_numel
+        start = min(size * torch.distributed.get_rank(group=zero.ds_process_group), numel)
         stop = min(start + size, numel)
-        row_numel = numel // param.ds_shape[0] if stop > start else 1
+        row_numel = numel // zero.ds_shape[0] if stop > start else 1
         for first, last in _row_blocks(start // row_numel, -(-stop // row_numel), row_numel):
             lo, hi = max(start, first * row_numel), min(stop, last * row_numel)  # flat range of these rows we hold
             flat = rows(first, last).reshape(-1)
@@ -241,5 +262,5 @@ def init_module(module: nn.Module, std: float, *, base_seed: int, prefix: str = 
         constant_init_(module.bias, 0.0)
     if isinstance(module, RotaryEmbedding):
         module.reset_buffers()
-    if hasattr(module, "reset_adapters"):  # a LoRALinear's adapters (models/lora.py)
+    if isinstance(module, _HasAdapters):  # a LoRALinear's adapters (models/lora.py)
         module.reset_adapters(base_seed, prefix)

@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as torch_dist
@@ -60,6 +61,10 @@ from bigtrain.parallel.full_tensors import load_full_tensors, write_whole
 from bigtrain.parallel.precision import PrecisionTable, freeze_in
 from bigtrain.parallel.transforms import apply_transforms, named_tensors
 
+if TYPE_CHECKING:
+    from bigtrain.models.layers import ZeroParameter
+    from bigtrain.parallel.ema import EMA
+
 # --------------------------------------------------------------------------- engine
 
 
@@ -73,7 +78,7 @@ def _partitioning_init(deepspeed):
     tensor: the largest one (embedding or head) then sets the build's peak. Partitioning directly copies only
     this rank's rows. `_zero_init_param` is DeepSpeed's per-parameter hook (broadcast, then partition) in the
     versions we allow; should it go, the plain Init is used, which is correct, only heavier."""
-    init = deepspeed.zero.Init
+    init: Any = deepspeed.zero.Init  # a class (deepspeed ships no types): subclassed below
     if not callable(getattr(init, "_zero_init_param", None)):
         return init
 
@@ -120,8 +125,9 @@ class DeepSpeedEngine:
     builds_on_meta = False  # DeepSpeed partitions a model built on the real device
     needs_recipe = True  # its config repeats batch sizes, accumulation and clipping
     checkpoint_format = "deepspeed"
-    ema = None  # bigtrain.parallel.ema.EMA over ema_sources() when optim.ema_decay is set (run.py attaches it)
-    skip_saving = frozenset()  # a LoRA run's base tensors (run.py sets them; base.json names where they are)
+    ema: EMA | None = None  # over ema_sources() when optim.ema_decay is set (run.py attaches it)
+    # a LoRA run's base tensors (run.py sets them; base.json names where they are)
+    skip_saving: frozenset[str] = frozenset()
 
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg,
                  recipe):
@@ -158,7 +164,7 @@ class DeepSpeedEngine:
             _fetch_outside_selective_checkpointing(self.ds.optimizer.parameter_offload)
         self._config = config
         self._built_at = time.time()  # universal copies older than this are an earlier start's (load_state)
-        self._frozen = []  # DeepSpeed engines of frozen models (frozen(), ZeRO-3): destroyed with this one
+        self._frozen: list[Any] = []  # DeepSpeed engines of frozen models (frozen(), ZeRO-3): destroyed with this one
         self.module = model  # the bare model (ZeRO-3: its parameters are partitioned)
         self.model = self.ds  # forward through the DeepSpeed engine (ZeRO-3 gathers parameters)
         self.optimizer = self.ds.basic_optimizer  # the optimizer DeepSpeed steps: its groups carry the lr
@@ -230,7 +236,7 @@ class DeepSpeedEngine:
         named = {}
         for name, param in self.module.named_parameters(remove_duplicate=False):
             if param.requires_grad:
-                named[name.replace(_WRAPPED, "")] = param.ds_tensor if stage3 else param
+                named[name.replace(_WRAPPED, "")] = cast("ZeroParameter", param).ds_tensor if stage3 else param
         return named
 
     def release_gathered(self) -> None:
@@ -289,6 +295,7 @@ class DeepSpeedEngine:
             return
         with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
             if dist.is_main:
+                assert full is not None  # rank 0's
                 tensor.data.copy_(full)
 
     def frozen(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -325,18 +332,18 @@ class DeepSpeedEngine:
             (folder / LAYOUT).write_text(json.dumps(layout))
             (folder / LATEST).write_text(TAG)
         if self.ema:
-            self._save_ema(folder)
+            self._save_ema(folder, self.ema)
 
-    def _save_ema(self, folder: Path) -> None:
+    def _save_ema(self, folder: Path, ema: EMA) -> None:
         """ZeRO-3: each rank writes its EMA partitions (ema-rank-NNNNN.pt); ZeRO-1/2: rank 0 the whole tensors, as
         one "rank". ema-layout.json names every tensor's shape and how many files share it."""
         stage3 = self.ds.zero_optimization_partition_weights()
         if stage3 or self.dist.is_main:
-            filehash.save(self.ema.state_dict(), folder / EMA_RANK_FILE.format(rank=self.dist.rank if stage3 else 0))
+            filehash.save(ema.state_dict(), folder / EMA_RANK_FILE.format(rank=self.dist.rank if stage3 else 0))
         if self.dist.is_main:
             params = dict(self.module.named_parameters(remove_duplicate=False))
             shapes = {name: list(getattr(params[raw], "ds_shape", params[raw].shape))
-                      for raw in params for name in [raw.replace(_WRAPPED, "")] if name in self.ema.averages}
+                      for raw in params for name in [raw.replace(_WRAPPED, "")] if name in ema.averages}
             (folder / EMA_LAYOUT).write_text(json.dumps({"files": self.dist.world_size if stage3 else 1,
                                                          "shapes": shapes}))
 
@@ -360,8 +367,8 @@ class DeepSpeedEngine:
                             f"zero_stage={layout['zero_stage']} (on any number of processes), or start from its "
                             f"weights with model.init_from")
         saved_ema = self.ema is not None and (folder / EMA_LAYOUT).is_file()
-        if saved_ema:  # loaded here, whatever the layout; DeepSpeed's own state below
-            self._load_ema(folder)
+        if saved_ema and self.ema is not None:  # loaded here, whatever the layout; DeepSpeed's own state below
+            self._load_ema(folder, self.ema)
         restart_ema = self.ema is not None and not saved_ema  # saved without EMA: it starts from the loaded weights
         if layout.get("world_size", saved.get("world_size")) == self.dist.world_size and \
                 layout.get("zero_stage", self.parallel_cfg.zero_stage) == self.parallel_cfg.zero_stage:
@@ -389,13 +396,13 @@ class DeepSpeedEngine:
             if self.dist.is_main:
                 shutil.rmtree(universal, ignore_errors=True)
 
-    def _load_ema(self, folder: Path) -> None:
+    def _load_ema(self, folder: Path, ema: EMA) -> None:
         """This rank's EMA from the checkpoint's EMA files (any number of them: each tensor reassembled whole, then
         this rank's partition taken)."""
         reader = DeepSpeedEMAWeights(folder)
         stage3 = self.ds.zero_optimization_partition_weights()
         state = {}
-        for name, average in self.ema.averages.items():
+        for name, average in ema.averages.items():
             full = reader.get(name).reshape(-1)
             if stage3:
                 share = average.numel()
@@ -403,7 +410,7 @@ class DeepSpeedEngine:
                 padded[:full.numel()] = full
                 full = padded[self.dist.rank * share:(self.dist.rank + 1) * share]
             state[name] = full.reshape(average.shape)
-        self.ema.load_state_dict(state)
+        ema.load_state_dict(state)
 
     def _leaves_out_frozen(self) -> bool:
         """Whether checkpoints leave out the frozen parameters (DeepSpeed's exclude_frozen_parameters, all or
@@ -429,7 +436,7 @@ class DeepSpeedEngine:
         for state in self.optimizer.state.values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].clone()
-        if restart_ema:
+        if restart_ema and self.ema is not None:  # restart_ema: there is one
             self.ema.restart_from_weights()
 
 

@@ -24,6 +24,7 @@ import hashlib
 import io
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as torch_dist
@@ -31,19 +32,22 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from bigtrain.core import filehash
 
 from bigtrain.core import safe_load
-from bigtrain.parallel.ema import EMA_KEY
+from bigtrain.parallel.ema import EMA, EMA_KEY
 from bigtrain.core.errors import UserError
 from bigtrain.parallel.dist import Dist, use_tf32
 from bigtrain.parallel.full_tensors import load_full_tensors
 from bigtrain.parallel.precision import (PrecisionTable, freeze_in, hold_frozen_linears_in, make_grad_scaler,
                                          scaled_optimizer_step)
 from bigtrain.parallel.transforms import apply_transforms, named_tensors
+
+if TYPE_CHECKING:
+    from bigtrain.models.transformer import Transformer
 
 DCP_METADATA = ".metadata"  # written last by dcp.save; marks a DCP folder
 MODEL_KEY, OPTIM_KEY = "model", "optim"  # top-level keys of the DCP state: "model.<state-dict name>"
@@ -90,19 +94,23 @@ def _load_full_tensor(target: torch.Tensor, full: torch.Tensor | None, dist: Dis
     """Copy `full` (given on rank 0 only) into `target`, a DTensor shard or a plain tensor (collective)."""
     local = target.to_local() if isinstance(target, DTensor) else target
     if not dist.distributed:
+        assert full is not None  # the one rank is rank 0
         local.copy_(full)
         return
     rows, world = target.shape[0] if target.dim() else 0, dist.world_size
     if isinstance(target, DTensor) and target.device_mesh.ndim == 1 and target.placements[0] == Shard(0):
         chunk = -(-rows // world)  # torch.chunk's split, as fully_shard uses: rank r holds rows [r·chunk, …)
-        source = full.to(device=local.device, dtype=local.dtype) if dist.is_main else None  # no copy if it matches
+        source = None
+        if dist.is_main:
+            assert full is not None  # rank 0's
+            source = full.to(device=local.device, dtype=local.dtype)  # no copy if it matches
         row_numel = max(1, target.numel() // max(rows, 1))
         per_piece = max(1, _SCATTER_ELEMENTS // row_numel)  # rows each rank receives per scatter
         for at in range(0, chunk, per_piece):
             n = min(per_piece, chunk - at)
             received = torch.empty((n, *target.shape[1:]), dtype=local.dtype, device=local.device)
             pieces = None
-            if dist.is_main:  # rank r's rows [r·chunk + at, +n), clipped at the end and padded to n (equal sizes)
+            if source is not None:  # rank 0: rank r's rows [r·chunk + at, +n), clipped at the end, padded to n
                 pieces = [source[min(r * chunk + at, rows):min(r * chunk + at + n, rows)] for r in range(world)]
                 pieces = [p if p.shape[0] == n else torch.cat([p, received.new_zeros((n - p.shape[0], *p.shape[1:]))])
                           for p in pieces]
@@ -110,8 +118,11 @@ def _load_full_tensor(target: torch.Tensor, full: torch.Tensor | None, dist: Dis
             mine = max(0, min(n, local.shape[0] - at))
             local[at:at + mine].copy_(received[:mine])
         return
-    buffer = (full.to(device=local.device, dtype=local.dtype).contiguous() if dist.is_main else
-              torch.empty(target.shape, dtype=local.dtype, device=local.device))
+    if dist.is_main:
+        assert full is not None  # rank 0's
+        buffer = full.to(device=local.device, dtype=local.dtype).contiguous()
+    else:
+        buffer = torch.empty(target.shape, dtype=local.dtype, device=local.device)
     torch_dist.broadcast(buffer, src=0)
     if isinstance(target, DTensor):
         buffer = distribute_tensor(buffer, target.device_mesh, target.placements, src_data_rank=None).to_local()
@@ -185,8 +196,9 @@ class FSDPEngine:
 
     builds_on_meta = True
     checkpoint_format = "dcp"
-    ema = None  # bigtrain.parallel.ema.EMA over this rank's shards when optim.ema_decay is set (run.py attaches it)
-    skip_saving = frozenset()  # a LoRA run's base tensors (run.py sets them; base.json names where they are)
+    ema: EMA | None = None  # over this rank's shards when optim.ema_decay is set (run.py attaches it)
+    # a LoRA run's base tensors (run.py sets them; base.json names where they are)
+    skip_saving: frozenset[str] = frozenset()
 
     def __init__(self, model: nn.Module, make_optimizer, *, dist: Dist, precision: PrecisionTable, parallel_cfg):
         if parallel_cfg.offload_params == "nvme":
@@ -213,12 +225,13 @@ class FSDPEngine:
         allocate this rank's shards (on the CPU with parallel.offload_params=cpu) and initialise them."""
         offload = self.parallel_cfg.offload_params == "cpu"
         offload_policy = CPUOffloadPolicy(pin_memory=self.dist.device.type == "cuda") if offload else OffloadPolicy()
-        shard = dict(mesh=self.mesh, mp_policy=mp, offload_policy=offload_policy)
-        for block in model.blocks:
+        shard: dict[str, Any] = dict(mesh=self.mesh, mp_policy=mp, offload_policy=offload_policy)
+        transformer = cast("Transformer", model)  # build_model's (the student, a teacher)
+        for block in transformer.blocks:
             fully_shard(block, **shard)
         fully_shard(model, **shard)
         model.to_empty(device="cpu" if offload else self.dist.device)  # allocates this rank's shards only
-        model.init_weights()
+        transformer.init_weights()
         if offload:  # buffers (rotary tables) are not offloaded: they live where the compute is
             for module in model.modules():
                 for name, buffer in module.named_buffers(recurse=False):
@@ -244,7 +257,7 @@ class FSDPEngine:
         parallel.fsdp_no_sync, only at the last one (`sync`): until then each rank holds the unsharded
         gradient of every parameter (+4 bytes × parameters per rank)."""
         if self.parallel_cfg.fsdp_no_sync:
-            self.model.set_requires_gradient_sync(sync)
+            cast(FSDPModule, self.model).set_requires_gradient_sync(sync)  # fully_shard made it one
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -256,7 +269,7 @@ class FSDPEngine:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # partial sums of the shards → the full norm, the same on every rank
         if max_norm > 0:
@@ -312,7 +325,7 @@ class FSDPEngine:
         future = dcp.async_save(self._state(), storage_writer=_HashingWriter(folder), process_group=group)
         if self.scaler and self.dist.is_main:
             filehash.save(self.scaler.state_dict(), folder / "scaler.pt")
-        return future
+        return future  # type: ignore[return-value]  # a Future without an async_stager; torch's hint says either
 
     def load_state(self, folder: Path) -> None:
         """Load model + optimizer state resharded onto this world size (DCP plans the reads)."""

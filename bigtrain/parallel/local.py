@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from bigtrain.core import filehash
 
 from bigtrain.core import safe_load
-from bigtrain.parallel.ema import EMA_FILE
+from bigtrain.parallel.ema import EMA, EMA_FILE
 from bigtrain.core.errors import UserError
 from bigtrain.parallel.dist import Dist, broadcast_object, use_tf32
 from bigtrain.parallel.full_tensors import load_full_tensors, write_whole
@@ -44,7 +44,7 @@ class LocalEngine:
 
     builds_on_meta = False
     checkpoint_format = "local"
-    ema = None  # bigtrain.parallel.ema.EMA when optim.ema_decay is set (run.py attaches it)
+    ema: EMA | None = None  # when optim.ema_decay is set (run.py attaches it)
     # a LoRA run's base tensors (run.py sets them; base.json names where they are)
     skip_saving: frozenset[str] = frozenset()
 

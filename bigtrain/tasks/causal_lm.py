@@ -35,7 +35,7 @@ class CausalLM:
     is not its continuation), so each document's logits and loss are those of running it alone."""
 
     name = "causal_lm"
-    eval_keys = ("loss_sum", "targets")
+    eval_keys: tuple[str, ...] = ("loss_sum", "targets")
 
     def __init__(self, *, pad_id: int, eos_id: int | None = None, document_mask: bool = False, loss_chunk: int = 0,
                  **_):
@@ -47,6 +47,7 @@ class CausalLM:
         tokens = int((labels != IGNORE_INDEX).sum())  # non-padding inputs, counted on the host: no device sync
         extra = {}
         if self.document_mask:
+            assert self.eos_id is not None  # build_task gives the prepared data's EOS (documents are packed on it)
             labels[inputs == self.eos_id] = IGNORE_INDEX
             extra = packed_documents(inputs, self.eos_id, device)
         targets = int((labels != IGNORE_INDEX).sum())

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,7 +60,7 @@ class Classification:
         return {"eval/loss": sums["loss_sum"] / max(sums["targets"], 1.0), **classification_scores(confusion, self.labels)}
 
 
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+def _ratio(numerator: npt.ArrayLike, denominator: npt.ArrayLike) -> np.ndarray:
     """Elementwise numerator / denominator, 0.0 where the denominator is 0."""
     out = np.zeros(np.shape(numerator), dtype=np.float64)
     return np.divide(numerator, denominator, out=out, where=np.asarray(denominator) > 0)
@@ -80,7 +81,7 @@ def classification_scores(confusion: np.ndarray, labels: Sequence) -> dict:
     tp, predicted, support = np.diag(confusion), confusion.sum(0), confusion.sum(1)  # each (K,)
     precision, recall, f1 = _ratio(tp, predicted), _ratio(tp, support), _ratio(2 * tp, predicted + support)
     total, present = int(support.sum()), (predicted + support) > 0
-    scores = {"eval/accuracy": float(_ratio(tp.sum(), total)),
+    scores: dict[str, Any] = {"eval/accuracy": float(_ratio(tp.sum(), total)),
               "eval/f1": float(f1[present].mean()) if present.any() else 0.0}
     for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
         scores[f"eval/macro/{name}"] = float(values[present].mean()) if present.any() else 0.0

@@ -39,10 +39,14 @@ class _Distilling:
     """The distillation half of Distill / DistillClassification: `teacher` (set by run.py once built: frozen,
     in the compute dtype, sharded like the student) gives the soft targets; `_logits` is the student task's."""
 
-    teacher = None
+    teacher: nn.Module | None = None
 
     def _init_distill(self, alpha: float, temperature: float, classes: int) -> None:
         self.alpha, self.temperature, self.classes = alpha, temperature, classes
+
+    def _teacher_logits(self, batch: dict) -> torch.Tensor:
+        """The teacher's logits for the batch's positions (Distill, DistillClassification)."""
+        raise NotImplementedError
 
     def _distill_sum(self, student: torch.Tensor, batch: dict) -> torch.Tensor:
         with torch.no_grad():
@@ -65,6 +69,7 @@ class Distill(_Distilling, CausalLM):
         self._init_distill(alpha, temperature, vocab_size)
 
     def _teacher_logits(self, batch: dict) -> torch.Tensor:
+        assert self.teacher is not None  # set by run.py before the first batch
         return self.teacher(batch["input_ids"])
 
     def loss_sum(self, model: nn.Module, batch: dict) -> torch.Tensor:
@@ -92,6 +97,7 @@ class DistillClassification(_Distilling, Classification):
         self.eval_keys = (*self.eval_keys, "distill_sum")
 
     def _teacher_logits(self, batch: dict) -> torch.Tensor:
+        assert self.teacher is not None  # set by run.py before the first batch
         return self._logits(self.teacher, batch)
 
     def loss_sum(self, model: nn.Module, batch: dict) -> torch.Tensor:

@@ -74,6 +74,7 @@ def planned_teacher(cfg: Config, vocab_size: int):
     from bigtrain.interop.hub import local_folder
     from bigtrain.models import resolve_model_spec
 
+    assert cfg.task.teacher is not None  # asked for by `bigtrain check` only when the recipe names a teacher
     folder = local_folder(cfg.task.teacher, None, download=False, where=KEY)
     if folder is None or not Path(folder).exists():
         return None
