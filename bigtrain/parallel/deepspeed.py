@@ -13,20 +13,10 @@ the loop's. Skipping a non-finite step at every ZeRO stage in fp32 and bf16 need
 (earlier versions check only fp16 at some stages and apply a NaN update); an applied non-finite step
 stops the run rather than train on NaN weights.
 
-Checkpoints are DeepSpeed's own files (`save_checkpoint` under tag `deepspeed`), every rank writing
-into the folder bigtrain/checkpoint/store.py prepared. DeepSpeed unpickles them with `weights_only=False`, so
-before it reads any, every file is checked against bigtrain/core/safe_load.py's policy (`refuse_unsafe_files`), and
-DeepSpeed's own reads are forced through the same weights-only unpickler (`_deepspeed_reads`).
-Resuming on another world size goes through DeepSpeed's universal checkpoint (`ds_to_universal`,
-written next to the checkpoint and removed afterwards). The files, that trust boundary, the conversion and the weights
-reader (`open_weights`: the fp32 master weights without a process group) are parallel/deepspeed_checkpoint.py's.
-A LoRA run's checkpoints leave its frozen base parameters out (`exclude_frozen_parameters`; base.json names the base).
-`import deepspeed` happens only here and there, inside functions.
-
-Rank 0 writes DeepSpeed's `latest` file (naming the tag) in save_state, before bigtrain's manifest, which covers
-it (DeepSpeed's save_latest would write it after, under a decoupled checkpoint engine), so DeepSpeed's own tools
-read a checkpoint folder as its docs show. Rank 0 converts to the universal checkpoint inside on_main: the other
-ranks wait in short polls, not in one collective; a copy a crashed start left is removed at the next.
+Checkpoints are DeepSpeed's own files (`save_checkpoint` under tag `deepspeed`), every rank writing into the folder
+bigtrain/checkpoint/store.py prepared; parallel/deepspeed_checkpoint.py holds their layout, the trust boundary
+around DeepSpeed's reads, the conversion for another world size and the weights reader. A LoRA run's checkpoints
+leave its frozen base parameters out (`exclude_frozen_parameters`; base.json names the base).
 """
 
 from __future__ import annotations
@@ -38,7 +28,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -48,15 +37,13 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from bigtrain.core import filehash
-
-from bigtrain.core import safe_load
 from bigtrain.core.errors import UserError
-from bigtrain.parallel.deepspeed_checkpoint import (EMA_LAYOUT, EMA_RANK_FILE, LATEST, LAYOUT, TAG, UNIVERSAL_PREFIX,
-                                                  _WRAPPED, DeepSpeedEMAWeights, _deepspeed_reads, _hashing_saves,
-                                                  _remove_stale_conversions, _to_universal, import_deepspeed,
-                                                  refuse_unsafe_files)
+from bigtrain.parallel.deepspeed_checkpoint import (EMA_LAYOUT, EMA_RANK_FILE, LATEST, LAYOUT, TAG, _WRAPPED,
+                                                  _deepspeed_reads, _hashing_saves, _remove_stale_conversions,
+                                                  import_deepspeed, load_ema_partition, resumable_layout,
+                                                  universal_copy)
 from bigtrain.parallel.deepspeed_config import build_deepspeed_config
-from bigtrain.parallel.dist import Dist, barrier, broadcast_object, on_main, use_tf32
+from bigtrain.parallel.dist import Dist, barrier, use_tf32
 from bigtrain.parallel.full_tensors import load_full_tensors, write_whole
 from bigtrain.parallel.precision import PrecisionTable, freeze_in
 from bigtrain.parallel.transforms import apply_transforms, named_tensors
@@ -352,65 +339,22 @@ class DeepSpeedEngine:
         folder = Path(folder)
         if self.dist.is_main:
             _remove_stale_conversions(folder.parent, older_than=self._built_at)
-        refuse_unsafe_files(folder)
-        trainer = folder / "trainer.json"
-        saved = safe_load.read_json(trainer) if trainer.is_file() else {}
-        if saved.get("format", "deepspeed") != "deepspeed" or not (folder / TAG).is_dir():
-            raise UserError(f"checkpoint {folder} was written by another strategy (format "
-                            f"'{saved.get('format', 'local')}'); resume it with that strategy, or start from its "
-                            f"weights with model.init_from")
-        layout = safe_load.read_json(folder / LAYOUT) if (folder / LAYOUT).is_file() else {}
-        stages = {layout.get("zero_stage", self.parallel_cfg.zero_stage), self.parallel_cfg.zero_stage}
-        if len(stages) > 1 and 3 in stages:  # DeepSpeed's universal checkpoint does not cross ZeRO-3's layout
-            raise UserError(f"checkpoint {folder} was written with parallel.zero_stage={layout['zero_stage']}, which "
-                            f"does not resume under parallel.zero_stage={self.parallel_cfg.zero_stage} — resume with "
-                            f"zero_stage={layout['zero_stage']} (on any number of processes), or start from its "
-                            f"weights with model.init_from")
+        saved, layout = resumable_layout(folder, self.parallel_cfg.zero_stage)
         saved_ema = self.ema is not None and (folder / EMA_LAYOUT).is_file()
         if saved_ema and self.ema is not None:  # loaded here, whatever the layout; DeepSpeed's own state below
-            self._load_ema(folder, self.ema)
+            load_ema_partition(folder, self.ema, self.ds.zero_optimization_partition_weights(), self.dist)
         restart_ema = self.ema is not None and not saved_ema  # saved without EMA: it starts from the loaded weights
         if layout.get("world_size", saved.get("world_size")) == self.dist.world_size and \
                 layout.get("zero_stage", self.parallel_cfg.zero_stage) == self.parallel_cfg.zero_stage:
             self._load(folder, universal=False, restart_ema=restart_ema)
             return
-        # One conversion on rank 0, next to the checkpoint (visible to every node), removed after. It may take
-        # hours for a large model: the other ranks wait in on_main's short polls, not in one collective.
-        def convert() -> str:
-            universal = Path(tempfile.mkdtemp(prefix=f"{UNIVERSAL_PREFIX}{folder.name}-", dir=folder.parent))
-            try:
-                with _deepspeed_reads(folder):
-                    _to_universal(folder / TAG, universal / TAG)
-            except Exception as e:  # one line on every rank (on_main), nothing half-written left
-                shutil.rmtree(universal, ignore_errors=True)
-                raise UserError(f"checkpoint {folder}: converting it for {self.dist.world_size} processes / ZeRO "
-                                f"stage {self.parallel_cfg.zero_stage} failed: {type(e).__name__}: {e}") from None
-            return str(universal)
-
-        path = on_main(self.dist, convert, what=f"the conversion of {folder} to a universal checkpoint")
-        universal = Path(broadcast_object(self.dist, path))  # rank 0's result, once it is done
+        universal = universal_copy(folder, self.dist, self.parallel_cfg.zero_stage)
         try:
             self._load(universal, universal=True, restart_ema=restart_ema)
         finally:
             barrier(self.dist)
             if self.dist.is_main:
                 shutil.rmtree(universal, ignore_errors=True)
-
-    def _load_ema(self, folder: Path, ema: EMA) -> None:
-        """This rank's EMA from the checkpoint's EMA files (any number of them: each tensor reassembled whole, then
-        this rank's partition taken)."""
-        reader = DeepSpeedEMAWeights(folder)
-        stage3 = self.ds.zero_optimization_partition_weights()
-        state = {}
-        for name, average in ema.averages.items():
-            full = reader.get(name).reshape(-1)
-            if stage3:
-                share = average.numel()
-                padded = torch.zeros(share * self.dist.world_size, dtype=full.dtype)
-                padded[:full.numel()] = full
-                full = padded[self.dist.rank * share:(self.dist.rank + 1) * share]
-            state[name] = full.reshape(average.shape)
-        ema.load_state_dict(state)
 
     def _leaves_out_frozen(self) -> bool:
         """Whether checkpoints leave out the frozen parameters (DeepSpeed's exclude_frozen_parameters, all or

@@ -1,7 +1,17 @@
 """A DeepSpeed checkpoint inside a bigtrain checkpoint folder: its layout (the tag folder, `latest`, the EMA files),
 its files hashed as DeepSpeed writes them (an optimizer-state file with a "weights" part), the trust boundary around
 DeepSpeed's own reads, the conversion to a universal checkpoint, and the weights reader (`open_weights`, no process
-group). `import deepspeed` happens only here and in parallel/deepspeed.py, inside functions (`import_deepspeed`)."""
+group). `import deepspeed` happens only here and in parallel/deepspeed.py, inside functions (`import_deepspeed`).
+
+DeepSpeed unpickles its files with `weights_only=False`, so before it reads any, every file is checked against
+bigtrain/core/safe_load.py's policy (`refuse_unsafe_files`), and DeepSpeed's own reads are forced through the same
+weights-only unpickler (`_deepspeed_reads`). Resuming on another world size goes through DeepSpeed's universal
+checkpoint (`ds_to_universal`, written next to the checkpoint and removed afterwards): rank 0 converts inside
+on_main, the other ranks wait in short polls, not in one collective; a copy a crashed start left is removed at the
+next. Rank 0 writes DeepSpeed's `latest` file (naming the tag) in save_state, before bigtrain's manifest, which covers
+it (DeepSpeed's save_latest would write it after, under a decoupled checkpoint engine), so DeepSpeed's own tools read
+a checkpoint folder as its docs show.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +23,18 @@ import math
 import pickle
 import shutil
 import sys
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from bigtrain.core import filehash, safe_load
 from bigtrain.core.errors import UserError
+from bigtrain.parallel.dist import Dist, broadcast_object, on_main
+
+if TYPE_CHECKING:
+    from bigtrain.parallel.ema import EMA
 
 TAG = "deepspeed"  # the one DeepSpeed tag folder inside a bigtrain checkpoint folder
 LAYOUT = "deepspeed.json"  # ZeRO stage and world size that wrote it: another layout loads via universal
@@ -106,6 +122,61 @@ def _to_universal(tag_folder: Path, output: Path) -> None:
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
     with contextlib.redirect_stdout(sys.stderr):
         ds_to_universal.main(args)
+
+
+def resumable_layout(folder: Path, zero_stage: int) -> tuple[dict, dict]:
+    """(trainer.json, the DeepSpeed layout file) of checkpoint `folder`, which a DeepSpeed engine at ZeRO stage
+    `zero_stage` can resume (its files checked first); else a one-line error saying what to do instead."""
+    refuse_unsafe_files(folder)
+    trainer = folder / "trainer.json"
+    saved = safe_load.read_json(trainer) if trainer.is_file() else {}
+    if saved.get("format", "deepspeed") != "deepspeed" or not (folder / TAG).is_dir():
+        raise UserError(f"checkpoint {folder} was written by another strategy (format "
+                        f"'{saved.get('format', 'local')}'); resume it with that strategy, or start from its "
+                        f"weights with model.init_from")
+    layout = safe_load.read_json(folder / LAYOUT) if (folder / LAYOUT).is_file() else {}
+    stages = {layout.get("zero_stage", zero_stage), zero_stage}
+    if len(stages) > 1 and 3 in stages:  # DeepSpeed's universal checkpoint does not cross ZeRO-3's layout
+        raise UserError(f"checkpoint {folder} was written with parallel.zero_stage={layout['zero_stage']}, which "
+                        f"does not resume under parallel.zero_stage={zero_stage} — resume with "
+                        f"zero_stage={layout['zero_stage']} (on any number of processes), or start from its "
+                        f"weights with model.init_from")
+    return saved, layout
+
+
+def universal_copy(folder: Path, dist: Dist, zero_stage: int) -> Path:
+    """Checkpoint `folder` converted to DeepSpeed's universal checkpoint (collective), to load on another world size or
+    ZeRO stage: one conversion on rank 0, next to the checkpoint (visible to every node); the caller removes it after.
+    It may take hours for a large model: the other ranks wait in on_main's short polls, not in one collective."""
+    def convert() -> str:
+        universal = Path(tempfile.mkdtemp(prefix=f"{UNIVERSAL_PREFIX}{folder.name}-", dir=folder.parent))
+        try:
+            with _deepspeed_reads(folder):
+                _to_universal(folder / TAG, universal / TAG)
+        except Exception as e:  # one line on every rank (on_main), nothing half-written left
+            shutil.rmtree(universal, ignore_errors=True)
+            raise UserError(f"checkpoint {folder}: converting it for {dist.world_size} processes / ZeRO "
+                            f"stage {zero_stage} failed: {type(e).__name__}: {e}") from None
+        return str(universal)
+
+    path = on_main(dist, convert, what=f"the conversion of {folder} to a universal checkpoint")
+    return Path(broadcast_object(dist, path))  # rank 0's result, once it is done
+
+
+def load_ema_partition(folder: Path, ema: EMA, stage3: bool, dist: Dist) -> None:
+    """This rank's EMA from checkpoint `folder`'s EMA files (any number of them: each tensor reassembled whole, then
+    this rank's partition taken under ZeRO-3)."""
+    reader = DeepSpeedEMAWeights(folder)
+    state = {}
+    for name, average in ema.averages.items():
+        full = reader.get(name).reshape(-1)
+        if stage3:
+            share = average.numel()
+            padded = torch.zeros(share * dist.world_size, dtype=full.dtype)
+            padded[:full.numel()] = full
+            full = padded[dist.rank * share:(dist.rank + 1) * share]
+        state[name] = full.reshape(average.shape)
+    ema.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------- trust boundary
