@@ -128,24 +128,31 @@ def model_keys(config: dict, where: str = "model.init_from") -> dict[str, Any]:
         return _need(c, key, family, where)
 
     keys: dict[str, Any] = {"arch": "decoder", "vocab_size": need("vocab_size")}
-    if family == "gpt2":
-        act = c["activation_function"]
-        if act not in GPT2_ACTIVATIONS:
-            refuse("activation_function", act, f"one of {', '.join(GPT2_ACTIVATIONS)}")
-        for key, wanted in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                            ("add_cross_attention", False)):
-            if c.get(key, wanted) != wanted:
-                refuse(key, c[key], f"needs {json.dumps(wanted)}")
-        dropouts = {float(c[k]) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
-        d = need("n_embd")
-        keys.update(n_layers=need("n_layer"), d_model=d, n_heads=need("n_head"), n_kv_heads=need("n_head"),
-                    d_ff=c["n_inner"] or 4 * d, max_seq_len=c["n_positions"], norm="layernorm", position="learned",
-                    mlp="gelu", gelu_approximate=GPT2_ACTIVATIONS[act], tie_embeddings=bool(c["tie_word_embeddings"]),
-                    bias=True, qkv_bias=True, qk_norm=False, d_head=None, rope_scaling=None,
-                    dropout=dropouts.pop() if len(dropouts) == 1 else None, norm_eps=float(c["layer_norm_epsilon"]),
-                    init_std=float(c["initializer_range"]), sliding_window=None)
-        return keys
+    keys.update(_gpt2_keys(c, refuse, need) if family == "gpt2" else _swiglu_keys(c, family, refuse, need))
+    return keys
 
+
+def _gpt2_keys(c: dict, refuse, need) -> dict[str, Any]:
+    """GPT-2's ModelSpec fields from its (defaults-filled) config `c`."""
+    act = c["activation_function"]
+    if act not in GPT2_ACTIVATIONS:
+        refuse("activation_function", act, f"one of {', '.join(GPT2_ACTIVATIONS)}")
+    for key, wanted in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                        ("add_cross_attention", False)):
+        if c.get(key, wanted) != wanted:
+            refuse(key, c[key], f"needs {json.dumps(wanted)}")
+    dropouts = {float(c[k]) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    d = need("n_embd")
+    return dict(n_layers=need("n_layer"), d_model=d, n_heads=need("n_head"), n_kv_heads=need("n_head"),
+                d_ff=c["n_inner"] or 4 * d, max_seq_len=c["n_positions"], norm="layernorm", position="learned",
+                mlp="gelu", gelu_approximate=GPT2_ACTIVATIONS[act], tie_embeddings=bool(c["tie_word_embeddings"]),
+                bias=True, qkv_bias=True, qk_norm=False, d_head=None, rope_scaling=None,
+                dropout=dropouts.pop() if len(dropouts) == 1 else None, norm_eps=float(c["layer_norm_epsilon"]),
+                init_std=float(c["initializer_range"]), sliding_window=None)
+
+
+def _swiglu_keys(c: dict, family: str, refuse, need) -> dict[str, Any]:
+    """The ModelSpec fields of a Llama / Mistral / Qwen2 / Qwen3 config `c` (defaults filled): SwiGLU, RMSNorm, RoPE."""
     if c["hidden_act"] != "silu":
         refuse("hidden_act", c["hidden_act"], "SwiGLU needs silu")
     d, heads = need("hidden_size"), need("num_attention_heads")
@@ -164,14 +171,13 @@ def model_keys(config: dict, where: str = "model.init_from") -> dict[str, Any]:
         bias = qkv_bias = attention_bias
     window = _sliding_window(family, c)
     max_seq_len = c["max_position_embeddings"] if window is None else min(c["max_position_embeddings"], window)
-    keys.update(n_layers=need("num_hidden_layers"), d_model=d, n_heads=heads,
+    return dict(n_layers=need("num_hidden_layers"), d_model=d, n_heads=heads,
                 n_kv_heads=c.get("num_key_value_heads") or heads, d_ff=need("intermediate_size"),
                 max_seq_len=max_seq_len, norm="rmsnorm", position="rope", mlp="swiglu", gelu_approximate="tanh",
                 tie_embeddings=bool(c["tie_word_embeddings"]), bias=bias, qkv_bias=qkv_bias,
                 qk_norm=family == "qwen3", d_head=None if head_dim * heads == d else head_dim, rope_theta=theta,
                 rope_scaling=scaling, dropout=float(c["attention_dropout"]), norm_eps=float(c["rms_norm_eps"]),
                 init_std=float(c["initializer_range"]), sliding_window=window)
-    return keys
 
 
 def _refuse(where: str, key: str, value, wanted: str) -> None:
