@@ -141,39 +141,13 @@ def _build(cfg, task: str, source: Source, root: Path, tmp: Path, num_proc, work
     index.json last, once everything it lists is fsynced."""
     if cfg.tokenizer is not None:  # a missing mask token is known before any document is read
         require_mask(find_special_ids(load_tokenizer_file(cfg.tokenizer, where="data.tokenizer")), cfg, task)
-
-    labels = docs = streams = None
-    if cfg.streaming:
-        streams = stream_documents(cfg, source, cache_dir=root)
-        log(f"data: streaming '{cfg.source}'")
-        tok = build_tokenizer(cfg, source, None, cache_dir=root, task=task, log=log,
-                              text_batches=stream_text(streams, cfg, task))
-    else:
-        docs = load_documents(cfg, source, cache_dir=root, num_proc=num_proc, task=task)
-        log(f"data: {len(docs.train)} train and {len(docs.validation)} validation documents from '{cfg.source}'")
-        if task == "classification":  # fixed by the training split; checked before anything is tokenized
-            labels = label_set(list(docs.train[cfg.label_column]), cfg.label_column)
-            check_labels(list(docs.validation[cfg.label_column]), labels, cfg.label_column, "validation")
-            log(f"data: {len(labels)} labels from the training split")
-        tok = build_tokenizer(cfg, source, docs.train, cache_dir=root, task=task, log=log)
+    docs, streams, labels, tok = _documents_and_tokenizer(cfg, task, source, root, num_proc, log)
     tokenizer_path = tokenizer_file(cfg.tokenizer) if cfg.tokenizer else trained_tokenizer_path(cfg, source, root, task)
     ids = find_special_ids(tok)
     require_mask(ids, cfg, task)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
-
-    if streams is not None:  # documents are counted as they come: pieces of a fixed size
-        plan: dict = {"streaming": True, "piece_docs": STREAM_PIECE_DOCS}
-        keep = read_plan(tmp) == plan if tmp.exists() else False
-    else:
-        assert docs is not None  # not streaming: load_documents gave them
-        plan = {name: piece_plan(len(split_docs), workers) for name, split_docs in zip(SPLITS, (docs.train, docs.validation))}
-        kept = read_plan(tmp) if tmp.exists() else None
-        keep = kept is not None and all(kept.get(name, {}).get("num_docs") == plan[name]["num_docs"] for name in SPLITS)
-        # a killed prepare's pieces, whatever number of workers cut them
-        plan = kept if keep and kept is not None else plan
-    if tmp.exists() and not keep:
-        shutil.rmtree(tmp)  # not pieces of these documents
+    plan = _kept_or_new_plan(tmp, docs, workers)
     tmp.mkdir(parents=True, exist_ok=True)
     write_json_atomic(tmp / PLAN, plan)
     try:
@@ -214,6 +188,44 @@ def _build(cfg, task: str, source: Source, root: Path, tmp: Path, num_proc, work
         if not kept_work(tmp):  # nothing finished worth keeping for the next prepare
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _documents_and_tokenizer(cfg, task: str, source: Source, root: Path, num_proc, log):
+    """(documents, streams, labels, tokenizer): the source's documents (streamed: an iterator of each split's, counted
+    as they come), a classifier's label set (fixed by the training split, checked before anything is tokenized),
+    and the tokenizer (data.tokenizer's, or trained on the training text)."""
+    labels = docs = streams = None
+    if cfg.streaming:
+        streams = stream_documents(cfg, source, cache_dir=root)
+        log(f"data: streaming '{cfg.source}'")
+        tok = build_tokenizer(cfg, source, None, cache_dir=root, task=task, log=log,
+                              text_batches=stream_text(streams, cfg, task))
+    else:
+        docs = load_documents(cfg, source, cache_dir=root, num_proc=num_proc, task=task)
+        log(f"data: {len(docs.train)} train and {len(docs.validation)} validation documents from '{cfg.source}'")
+        if task == "classification":
+            labels = label_set(list(docs.train[cfg.label_column]), cfg.label_column)
+            check_labels(list(docs.validation[cfg.label_column]), labels, cfg.label_column, "validation")
+            log(f"data: {len(labels)} labels from the training split")
+        tok = build_tokenizer(cfg, source, docs.train, cache_dir=root, task=task, log=log)
+    return docs, streams, labels, tok
+
+
+def _kept_or_new_plan(tmp: Path, docs, workers: int) -> dict:
+    """The piece plan of build folder `tmp`: a killed prepare's, when it cut these documents (its pieces are kept,
+    whatever number of workers cut them), else a new one (`tmp` emptied). `docs` None: streamed documents, counted
+    as they come, in pieces of a fixed size."""
+    if docs is None:
+        plan: dict = {"streaming": True, "piece_docs": STREAM_PIECE_DOCS}
+        keep = read_plan(tmp) == plan if tmp.exists() else False
+    else:
+        plan = {name: piece_plan(len(split_docs), workers) for name, split_docs in zip(SPLITS, (docs.train, docs.validation))}
+        kept = read_plan(tmp) if tmp.exists() else None
+        keep = kept is not None and all(kept.get(name, {}).get("num_docs") == plan[name]["num_docs"] for name in SPLITS)
+        plan = kept if keep and kept is not None else plan
+    if tmp.exists() and not keep:
+        shutil.rmtree(tmp)  # not pieces of these documents
+    return plan
 
 
 def source_configs(cfg, *, task: str = "causal_lm") -> list:
