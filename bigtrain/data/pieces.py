@@ -204,37 +204,15 @@ def tokenize_streams(job: PieceJob, streams, piece_docs: int, workers: int, log:
     folders = {name: job.folder / name for name in SPLITS}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
-    count = dict.fromkeys(SPLITS, 0)  # pieces started per split
-    buffers: dict[str, dict[str, list]] = {name: {c: [] for c in columns} for name in SPLITS}
     joined = {name: _joined(folder) for name, folder in folders.items()}
     if all(info is not None for info in joined.values()):
         log("data: train and validation joined by an interrupted prepare, kept")
         return joined
     progress = _Progress("train + validation", None, done_docs=0, log=log)
-    pending: list = []
     _job = job
     pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_start)
             if workers > 1 else None)
-
-    def flush(name: str) -> None:
-        rows, k = buffers[name], count[name]
-        buffers[name], count[name] = {c: [] for c in columns}, k + 1
-        if joined[name] is not None or _piece_done(folders[name], k).is_file():
-            return  # done before the kill
-        if pool is None:
-            progress.add(_tokenize_piece(k, piece_docs, folders[name], rows))
-            return
-        pending.append(pool.submit(_tokenize_piece, k, piece_docs, folders[name], rows))
-        while len(pending) > 2 * workers:  # read no further ahead than that
-            progress.add(pending.pop(0).result())
-
-    def add(name: str, batch: dict) -> None:
-        for i in range(len(batch[columns[0]])):
-            for c in columns:
-                buffers[name][c].append(batch[c][i])
-            if len(buffers[name][columns[0]]) == piece_docs:
-                flush(name)
-
+    pieces = _StreamPieces(columns, folders, joined, piece_docs, workers, pool, progress)
     try:
         row = 0
         for batch in _checked_batches(streams.train, columns, job.cfg):
@@ -242,26 +220,64 @@ def tokenize_streams(job: PieceJob, streams, piece_docs: int, workers: int, log:
             held = streams.held_out(row, n)
             for name, keep in (("train", ~held), ("validation", held)):
                 if keep.any():
-                    add(name, {c: [v for v, k in zip(batch[c], keep) if k] for c in columns})
+                    pieces.add(name, {c: [v for v, k in zip(batch[c], keep) if k] for c in columns})
             row += n
         if streams.validation is not None:
             for batch in _checked_batches(streams.validation, columns, job.cfg):
-                add("validation", batch)
-        for name in SPLITS:
-            if buffers[name][columns[0]]:
-                flush(name)
-        for future in pending:
-            progress.add(future.result())
+                pieces.add("validation", batch)
+        pieces.finish()
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         _job = None
     splits = {}
     for name in SPLITS:
-        splits[name] = join_pieces(dataclasses.replace(job, folder=folders[name]), count[name])
+        splits[name] = join_pieces(dataclasses.replace(job, folder=folders[name]), pieces.count[name])
     log(f"data: {splits['train']['num_tokens']:,} train and {splits['validation']['num_tokens']:,} validation tokens "
         f"streamed in {progress.seconds():.1f}s ({workers} worker{'s' if workers > 1 else ''})")
     return splits
+
+
+class _StreamPieces:
+    """Streamed rows gathered into pieces of `piece_docs` documents per split, each tokenized once full (on the
+    pool's workers, at most two pieces each waiting; in this process without a pool); a piece a killed prepare
+    finished, or a split it joined, is counted and skipped."""
+
+    def __init__(self, columns: list[str], folders: dict[str, Path], joined: dict, piece_docs: int, workers: int,
+                 pool: ProcessPoolExecutor | None, progress: _Progress):
+        self.columns, self.folders, self.joined, self.piece_docs = columns, folders, joined, piece_docs
+        self.workers, self.pool, self.progress = workers, pool, progress
+        self.count = dict.fromkeys(SPLITS, 0)  # pieces started per split
+        self.buffers: dict[str, dict[str, list]] = {name: {c: [] for c in columns} for name in SPLITS}
+        self.pending: list = []
+
+    def add(self, name: str, batch: dict) -> None:
+        columns = self.columns
+        for i in range(len(batch[columns[0]])):
+            for c in columns:
+                self.buffers[name][c].append(batch[c][i])
+            if len(self.buffers[name][columns[0]]) == self.piece_docs:
+                self.flush(name)
+
+    def flush(self, name: str) -> None:
+        rows, k = self.buffers[name], self.count[name]
+        self.buffers[name], self.count[name] = {c: [] for c in self.columns}, k + 1
+        if self.joined[name] is not None or _piece_done(self.folders[name], k).is_file():
+            return  # done before the kill
+        if self.pool is None:
+            self.progress.add(_tokenize_piece(k, self.piece_docs, self.folders[name], rows))
+            return
+        self.pending.append(self.pool.submit(_tokenize_piece, k, self.piece_docs, self.folders[name], rows))
+        while len(self.pending) > 2 * self.workers:  # read no further ahead than that
+            self.progress.add(self.pending.pop(0).result())
+
+    def finish(self) -> None:
+        """The last, partial piece of each split; then every piece tokenized."""
+        for name in SPLITS:
+            if self.buffers[name][self.columns[0]]:
+                self.flush(name)
+        for future in self.pending:
+            self.progress.add(future.result())
 
 
 def _checked_batches(stream, columns: Sequence[str], cfg) -> "Iterator[dict]":
