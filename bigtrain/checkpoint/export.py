@@ -81,7 +81,7 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
     `ema`: its EMA weights (optim.ema_decay). A LoRA run (model.lora) is written with its adapters merged into
     the base weights, or (`adapter`) as a PEFT adapter folder only (`export_peft_adapter`)."""
     from bigtrain.config import build_config
-    from bigtrain.interop.hf_config import export_family, hf_config
+    from bigtrain.interop.hf_config import export_family
     from bigtrain.interop.hf_weights import DTYPES, SAFETENSORS_INDEX, HFExportWeights, write_hf_weights
     from bigtrain.models import resolve_model_spec
 
@@ -101,7 +101,6 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
                               num_labels=saved["classifier.weight"][1][0] if classify else None,
                               pooling=cfg.task.pooling)
     family = export_family(spec)
-    encoder = spec.arch == "encoder"
     if adapter:
         if cfg.model.lora is None:
             raise UserError(f"export --adapter: {folder} is not a LoRA run (no model.lora in its config.yaml) — "
@@ -115,6 +114,19 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    _write_hf_side_files(folder, out, spec, family, dtype, labels)
+    for stale in [*out.glob("model*.safetensors"), out / SAFETENSORS_INDEX]:  # an earlier export's shards
+        stale.unlink(missing_ok=True)
+    write_hf_weights(out, HFExportWeights(reader, family, spec, DTYPES[dtype]), max_shard_bytes)
+    return out
+
+
+def _write_hf_side_files(folder: Path, out: Path, spec, family: str, dtype: str, labels) -> None:
+    """OUT's config.json, generation_config.json (decoders), tokenizer files and chat template, from checkpoint
+    `folder`: everything an HF folder holds but its weights."""
+    from bigtrain.interop.hf_config import hf_config
+
+    encoder = spec.arch == "encoder"
     source_config = read_tokenizer_config(folder)  # an imported model's tokenizer settings, carried by the run
     tokens = find_special_tokens(folder / "tokenizer.json", encoder=encoder, named=source_config)
     ids = {f"{role}_token_id": token_id for role, (_, token_id) in tokens.items()}
@@ -135,10 +147,6 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32",
     (out / TEMPLATE_FILE).unlink(missing_ok=True)
     if (folder / TEMPLATE_FILE).is_file():
         shutil.copyfile(folder / TEMPLATE_FILE, out / TEMPLATE_FILE)
-    for stale in [*out.glob("model*.safetensors"), out / SAFETENSORS_INDEX]:  # an earlier export's shards
-        stale.unlink(missing_ok=True)
-    write_hf_weights(out, HFExportWeights(reader, family, spec, DTYPES[dtype]), max_shard_bytes)
-    return out
 
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
