@@ -102,3 +102,17 @@ def test_launcher_imports_only_what_starts_a_job():
     allowed = {"core", "config", "models", "plan", "train"}
     used = {(_layer(name), f"{p.name}:{line}") for p in (REPO / "launcher").glob("*.py") for line, name in _imports(p)}
     assert {layer for layer, _ in used} <= allowed, sorted(used)
+
+
+def test_no_file_over_400_lines_and_no_function_over_60():
+    """Files and functions a reader takes in whole (a longer one splits by job: see the code map)."""
+    long_files, long_functions = [], []
+    for path in MODULES + sorted((REPO / "launcher").glob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            long_files.append(f"{path.relative_to(REPO)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long_functions.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: "
+                                      f"{node.end_lineno - node.lineno + 1} lines")
+    assert not long_files and not long_functions, "\n".join(long_files + long_functions)
