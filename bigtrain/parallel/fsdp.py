@@ -42,8 +42,8 @@ from bigtrain.parallel.ema import EMA, EMA_KEY
 from bigtrain.core.errors import UserError
 from bigtrain.parallel.dist import Dist, use_tf32
 from bigtrain.parallel.full_tensors import load_full_tensors
-from bigtrain.parallel.precision import (PrecisionTable, freeze_in, hold_frozen_linears_in, make_grad_scaler,
-                                         scaled_optimizer_step)
+from bigtrain.parallel.precision import PrecisionTable, freeze_in, hold_frozen_linears_in, make_grad_scaler
+from bigtrain.parallel.steps import ScaledSteps
 from bigtrain.parallel.transforms import apply_transforms, named_tensors
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ def build_mesh(dist: Dist, shard_group_size: int | None) -> DeviceMesh:
                             mesh_dim_names=("replicate", "shard"))
 
 
-class FSDPEngine:
+class FSDPEngine(ScaledSteps):
     """Forward/backward/step on a model whose parameters are sharded DTensors (FSDP2)."""
 
     builds_on_meta = True
@@ -260,14 +260,10 @@ class FSDPEngine:
             cast(FSDPModule, self.model).set_requires_gradient_sync(sync)  # fully_shard made it one
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global gradient norm over every rank's shards, before clipping (inf/nan when non-finite), as a plain
         tensor; clips when max_norm > 0."""
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
+        self.unscale_gradients()
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
         if isinstance(norm, DTensor):
@@ -275,21 +271,6 @@ class FSDPEngine:
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         return norm
-
-    def step(self, finite: bool | torch.Tensor) -> None:
-        """Apply the update when gradients are finite (the same decision on every rank); always advance the scaler."""
-        scaled_optimizer_step(self.optimizer, self.scaler, finite)
-        if self.ema:
-            self.ema.update(finite)
-
-    def step_loss_scale(self) -> torch.Tensor | None:
-        """The scale this step's backward used, as the scaler's device tensor (a copy; not read)."""
-        scale = self.scaler._get_scale_async() if self.scaler else None
-        return None if scale is None else scale.detach().clone()
-
-    @property
-    def loss_scale(self) -> float | None:
-        return self.scaler.get_scale() if self.scaler else None
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -28,8 +28,8 @@ from bigtrain.parallel.ema import EMA, EMA_FILE
 from bigtrain.core.errors import UserError
 from bigtrain.parallel.dist import Dist, broadcast_object, use_tf32
 from bigtrain.parallel.full_tensors import load_full_tensors, write_whole
-from bigtrain.parallel.precision import (PrecisionTable, autocast, freeze_in, hold_frozen_linears_in, make_grad_scaler,
-                                         scaled_optimizer_step)
+from bigtrain.parallel.precision import PrecisionTable, autocast, freeze_in, hold_frozen_linears_in, make_grad_scaler
+from bigtrain.parallel.steps import ScaledSteps
 from bigtrain.parallel.transforms import apply_transforms
 
 
@@ -39,7 +39,7 @@ def _no_forward_buffer_sync() -> dict[str, Any]:
     return {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
 
 
-class LocalEngine:
+class LocalEngine(ScaledSteps):
     """Forward/backward/step for one full model replica per rank (single process or DDP)."""
 
     builds_on_meta = False
@@ -79,30 +79,11 @@ class LocalEngine:
             return contextlib.nullcontext()
         return cast(DistributedDataParallel, self.model).no_sync()  # distributed: the DDP wrapper
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global gradient norm before clipping (inf/nan when non-finite); clips when max_norm > 0."""
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
+        self.unscale_gradients()
         limit = max_norm if max_norm > 0 else float("inf")
         return torch.nn.utils.clip_grad_norm_(self.module.parameters(), limit, foreach=True)
-
-    def step(self, finite: bool | torch.Tensor) -> None:
-        """Apply the update when gradients are finite; always advance the loss scaler."""
-        scaled_optimizer_step(self.optimizer, self.scaler, finite)
-        if self.ema:
-            self.ema.update(finite)
-
-    def step_loss_scale(self) -> torch.Tensor | None:
-        """The scale this step's backward used, as the scaler's device tensor (a copy; not read)."""
-        scale = self.scaler._get_scale_async() if self.scaler else None
-        return None if scale is None else scale.detach().clone()
-
-    @property
-    def loss_scale(self) -> float | None:
-        return self.scaler.get_scale() if self.scaler else None
 
     # ---------------------------------------------------------------- checkpoints
 
