@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bigtrain.core.fsio import write_atomic
+
 PEAK_CACHE_FILE = "peak_flops.json"
 PEAK_PATH_VERSION = "linear-v2"  # in the cache key: peaks measured another way (plain torch.mm) are not reused
 
@@ -245,10 +247,8 @@ def _read_json(path: Path) -> dict:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     """Best effort: a cache that cannot be written only costs a re-measurement next time."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass

@@ -11,8 +11,9 @@ write the file through `write_eval_file`, so it has one format:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from bigtrain.core.fsio import write_atomic
 
 EVAL_DIR = "eval"
 MAX_MATRIX_LABELS = 20  # a wider confusion matrix is only in the file, not on the console
@@ -30,13 +31,11 @@ def scalars(metrics: dict) -> dict[str, float]:
 
 
 def write_eval_file(path: Path, step: int, metrics: dict, checkpoint: Path | str | None = None) -> Path:
-    """Write `metrics` of the eval at `step` to `path` (tmp file + rename: a reader never sees half)."""
+    """Write `metrics` of the eval at `step` to `path` (atomically: a reader never sees half)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "checkpoint": None if checkpoint is None else str(checkpoint),
-                               **metrics}, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"step": step, "checkpoint": None if checkpoint is None else str(checkpoint),
+                                   **metrics}, indent=1))
     return path
 
 

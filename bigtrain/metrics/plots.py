@@ -12,10 +12,11 @@ says whether it is installed.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
-import os
 from pathlib import Path
 
+from bigtrain.core.fsio import write_atomic
 from bigtrain.metrics.files import METRICS_FILE
 
 CURVES_FILE = "curves.png"
@@ -81,9 +82,9 @@ def plot_runs(runs: dict[str, Series], keys: list[str], out: Path, *, log_steps:
     """Draw `keys` of every run (name -> series) to the PNG `out` (written to a tmp file, then renamed)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    figure(runs, keys, log_steps=log_steps).savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, out)  # a viewer never reads half a picture
+    picture = io.BytesIO()
+    figure(runs, keys, log_steps=log_steps).savefig(picture, format="png", dpi=100)
+    write_atomic(out, picture.getvalue())  # a viewer never reads half a picture
     return out
 
 
